@@ -1,0 +1,110 @@
+//! Resource limits: what one request may consume, and how many may run.
+//!
+//! The defaults are named constants so that they can be read, measured and
+//! argued about in one place.
+
+use std::time::Duration;
+
+/// Fuel for one request. A product fan-out (wstd + serde_json) burns about
+/// 150k units, measured with `fuel_consumed` in the tests; the limit leaves
+/// headroom for larger answers while still stopping a runaway loop in a few
+/// milliseconds of CPU.
+pub const DEFAULT_FUEL: u64 = 10_000_000;
+
+/// Linear memory one instance may grow to. The guest needs about 1.2 MiB.
+pub const DEFAULT_MEMORY_BYTES: usize = 64 << 20;
+
+/// Wall-clock limit for one request, instantiation to the last body byte.
+/// It sits above the guest's own 200 ms budget so that the guest can answer
+/// its own 504 with a useful body; the host limit is the backstop.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Instances that may run at once; also the size of the instance pool.
+pub const DEFAULT_MAX_INSTANCES: u32 = 256;
+
+/// Period of the epoch ticker. Epoch deadlines are counted in these ticks, so
+/// a guest spinning on the CPU is stopped at most one tick after its deadline.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Core instances a Rust std component creates per instantiation (the main
+/// module plus wasm-component-ld's shims). The pool must hold this many per
+/// concurrent request or instantiation fails with "maximum concurrent limit
+/// reached"; two extra leave room for a differently-linked guest.
+pub const CORE_INSTANCES_PER_REQUEST: u32 = 6;
+
+/// Linear memories and tables per component instance, with the same margin.
+pub const MEMORIES_PER_REQUEST: u32 = 2;
+pub const TABLES_PER_REQUEST: u32 = 4;
+
+/// Bytes of guest stdout and stderr kept per request; what goes beyond is
+/// refused (the guest's write fails) rather than buffered without bound.
+pub const GUEST_OUTPUT_CAPACITY: usize = 64 << 10;
+
+/// Per-request limits, shared by every instance of a [`Fanout`](crate::Fanout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Fuel per request (`None`: metering stays on, but unbounded).
+    pub fuel: Option<u64>,
+    /// Largest linear memory, in bytes.
+    pub memory_bytes: usize,
+    /// Wall-clock and epoch deadline per request.
+    pub deadline: Duration,
+    /// Instances that may run at once; a request beyond gets a 503.
+    pub max_instances: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            fuel: Some(DEFAULT_FUEL),
+            memory_bytes: DEFAULT_MEMORY_BYTES,
+            deadline: DEFAULT_DEADLINE,
+            max_instances: DEFAULT_MAX_INSTANCES,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks the limits before anything is built, so that a bad value is a
+    /// start-up error naming the setting, never a failing request.
+    pub fn validate(&self) -> Result<(), crate::Error> {
+        let invalid = |key: &'static str, reason: String| crate::Error::InvalidLimit { key, reason };
+        if self.fuel == Some(0) {
+            return Err(invalid("fuel", "must be at least 1".into()));
+        }
+        if self.memory_bytes < (1 << 16) {
+            return Err(invalid(
+                "memory",
+                format!("{} bytes is less than one wasm page (64 KiB)", self.memory_bytes),
+            ));
+        }
+        if self.memory_bytes > (4 << 30) {
+            return Err(invalid(
+                "memory",
+                format!("{} bytes exceeds the 4 GiB of a 32-bit memory", self.memory_bytes),
+            ));
+        }
+        if self.deadline < EPOCH_TICK || self.deadline > Duration::from_secs(300) {
+            return Err(invalid(
+                "deadline",
+                format!(
+                    "{:?} is outside {:?}..=300s",
+                    self.deadline, EPOCH_TICK
+                ),
+            ));
+        }
+        if self.max_instances == 0 || self.max_instances > 10_000 {
+            return Err(invalid(
+                "max_instances",
+                format!("{} is outside 1..=10000", self.max_instances),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The epoch deadline in ticks, rounded up.
+    pub(crate) fn epoch_ticks(&self) -> u64 {
+        let tick = EPOCH_TICK.as_nanos();
+        self.deadline.as_nanos().div_ceil(tick) as u64
+    }
+}

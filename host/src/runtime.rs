@@ -1,0 +1,82 @@
+//! The wasmtime side: engine configuration and the epoch ticker.
+
+use crate::limits::{
+    CORE_INSTANCES_PER_REQUEST, EPOCH_TICK, Limits, MEMORIES_PER_REQUEST, TABLES_PER_REQUEST,
+};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+/// Fuel between two yields to the async executor. A guest that computes for a
+/// long time still lets other requests on the same worker thread make
+/// progress, and lets the wall-clock timeout observe it.
+const FUEL_YIELD_INTERVAL: u64 = 100_000;
+
+/// Builds the engine: fuel and epoch interruption on, instances from a pool
+/// sized for `limits.max_instances` concurrent requests.
+pub(crate) fn engine(limits: &Limits) -> wasmtime::Result<Engine> {
+    let n = limits.max_instances;
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(n)
+        .total_core_instances(n * CORE_INSTANCES_PER_REQUEST)
+        .total_memories(n * MEMORIES_PER_REQUEST)
+        .total_tables(n * TABLES_PER_REQUEST)
+        .total_stacks(n)
+        .max_memory_size(limits.memory_bytes)
+        // Keep a warm slot's first pages mapped between requests: most of a
+        // small guest's memory is reset with memset instead of madvise.
+        .linear_memory_keep_resident(1 << 20)
+        .table_keep_resident(64 << 10);
+
+    let mut config = Config::new();
+    config
+        .consume_fuel(true)
+        .epoch_interruption(true)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+        .memory_init_cow(true);
+    Engine::new(&config)
+}
+
+pub(crate) fn fuel_yield_interval() -> Option<u64> {
+    Some(FUEL_YIELD_INTERVAL)
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] on its own thread, so
+/// that epoch deadlines measure wall-clock time. The thread is stopped and
+/// joined when this value is dropped.
+pub(crate) struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    pub(crate) fn start(engine: Engine) -> std::io::Result<EpochTicker> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new().name("fanout-epoch".into()).spawn({
+            let stop = stop.clone();
+            move || {
+                while !stop.load(Ordering::Acquire) {
+                    // park_timeout rather than sleep: drop unparks the thread
+                    // so shutdown does not wait for a tick.
+                    std::thread::park_timeout(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            }
+        })?;
+        Ok(EpochTicker {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
+            let _ = thread.join();
+        }
+    }
+}

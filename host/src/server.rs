@@ -1,0 +1,545 @@
+//! The request path: one fresh instance per request, bounded by the limits,
+//! and the HTTP server around it.
+
+use crate::error::{Error, Failure};
+use crate::limits::{GUEST_OUTPUT_CAPACITY, Limits};
+use crate::runtime::{self, EpochTicker};
+use crate::upstream::{Hooks, HttpUpstream, Route, Upstream, Upstreams};
+use crate::ResponseBody;
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Body;
+use std::borrow::Cow;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, oneshot};
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+/// Builds a [`Fanout`]. Everything is validated and the component compiled in
+/// [`build`](FanoutBuilder::build), before anything listens.
+pub struct FanoutBuilder {
+    component: ComponentSource,
+    limits: Limits,
+    upstreams: Vec<(String, String, Arc<dyn Upstream>)>,
+    env: Vec<(String, String)>,
+    http: HttpUpstream,
+}
+
+enum ComponentSource {
+    Bytes(Cow<'static, [u8]>),
+    Path(PathBuf),
+}
+
+impl Default for FanoutBuilder {
+    fn default() -> Self {
+        FanoutBuilder {
+            component: ComponentSource::Bytes(Cow::Borrowed(crate::GUEST_COMPONENT)),
+            limits: Limits::default(),
+            upstreams: Vec::new(),
+            env: Vec::new(),
+            http: HttpUpstream::new(),
+        }
+    }
+}
+
+impl FanoutBuilder {
+    /// Runs this component (a `wasi:http/proxy` component, as bytes) instead
+    /// of the built-in guest.
+    pub fn component_bytes(mut self, bytes: impl Into<Cow<'static, [u8]>>) -> Self {
+        self.component = ComponentSource::Bytes(bytes.into());
+        self
+    }
+
+    /// Runs the component at `path` instead of the built-in guest.
+    pub fn component_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.component = ComponentSource::Path(path.into());
+        self
+    }
+
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Registers upstream `name`: the guest is told `base_url` (through the
+    /// `FANOUT_UPSTREAM_<NAME>` environment variable) and its requests to
+    /// that authority go to `upstream`. A second call with the same name
+    /// replaces the first.
+    pub fn upstream(
+        mut self,
+        name: impl Into<String>,
+        base_url: impl Into<String>,
+        upstream: Arc<dyn Upstream>,
+    ) -> Self {
+        let name = name.into();
+        self.upstreams.retain(|(n, _, _)| *n != name);
+        self.upstreams.push((name, base_url.into(), upstream));
+        self
+    }
+
+    /// Registers upstream `name` served over real HTTP at `base_url`, on the
+    /// shared pooled client.
+    pub fn http_upstream(self, name: impl Into<String>, base_url: impl Into<String>) -> Self {
+        let http = Arc::new(self.http.clone());
+        self.upstream(name, base_url, http)
+    }
+
+    /// Registers the built-in in-process demo upstreams.
+    pub fn demo_upstreams(mut self) -> Self {
+        for (name, base, upstream) in crate::demo::upstreams() {
+            self = self.upstream(name, base, upstream);
+        }
+        self
+    }
+
+    /// Sets an extra environment variable for the guest (for example
+    /// `FANOUT_DEADLINE_MS`).
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Validates the configuration, compiles and links the component, and
+    /// starts the epoch ticker.
+    pub fn build(self) -> Result<Fanout, Error> {
+        self.limits.validate()?;
+        let mut upstreams = Upstreams::default();
+        let mut env = self.env;
+        for (name, base_url, upstream) in self.upstreams {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(Error::InvalidUpstream {
+                    name,
+                    reason: "names are made of A-Z, a-z, 0-9 and '_'".into(),
+                });
+            }
+            env.push((
+                format!("FANOUT_UPSTREAM_{}", name.to_ascii_uppercase()),
+                base_url.clone(),
+            ));
+            upstreams.insert(Route {
+                name,
+                base_url,
+                upstream,
+            })?;
+        }
+
+        let engine = runtime::engine(&self.limits).map_err(Error::wasmtime)?;
+        let component = match &self.component {
+            ComponentSource::Bytes(bytes) => Component::new(&engine, bytes),
+            ComponentSource::Path(path) => {
+                let bytes = std::fs::read(path).map_err(|source| Error::ReadComponent {
+                    path: path.clone(),
+                    source,
+                })?;
+                Component::new(&engine, bytes)
+            }
+        }
+        .map_err(|e| Error::Component(format!("{e:#}")))?;
+
+        let mut linker = Linker::<RequestState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(Error::wasmtime)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+            .map_err(Error::wasmtime)?;
+        let pre = linker
+            .instantiate_pre(&component)
+            .and_then(ProxyPre::new)
+            .map_err(|e| Error::Component(format!("{e:#}")))?;
+
+        let ticker = EpochTicker::start(engine.clone())?;
+        Ok(Fanout {
+            inner: Arc::new(Inner {
+                pre,
+                limits: self.limits,
+                upstreams: Arc::new(upstreams),
+                env,
+                instances: Arc::new(Semaphore::new(self.limits.max_instances as usize)),
+                stats: Stats::default(),
+                _ticker: ticker,
+            }),
+        })
+    }
+}
+
+/// The aggregator: a compiled, pre-instantiated component plus its upstreams
+/// and limits. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct Fanout {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pre: ProxyPre<RequestState>,
+    limits: Limits,
+    upstreams: Arc<Upstreams>,
+    env: Vec<(String, String)>,
+    instances: Arc<Semaphore>,
+    stats: Stats,
+    // Dropped last among the fields that matter: stops and joins the thread.
+    _ticker: EpochTicker,
+}
+
+/// Counters since start-up.
+#[derive(Default)]
+struct Stats {
+    requests: AtomicU64,
+    failures: AtomicU64,
+    fuel_consumed: AtomicU64,
+    instantiations: AtomicU64,
+    instantiate_nanos: AtomicU64,
+}
+
+/// A snapshot of [`Fanout::stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Requests that got an instance.
+    pub requests: u64,
+    /// Requests answered by the host instead of the guest (traps, limits).
+    pub failures: u64,
+    /// Fuel consumed by all finished requests.
+    pub fuel_consumed: u64,
+    /// Instantiations and the time they took in total.
+    pub instantiations: u64,
+    pub instantiate_time: Duration,
+    /// Instances running right now.
+    pub instances_in_use: u32,
+}
+
+/// Per-request store data.
+struct RequestState {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    hooks: Hooks,
+    limiter: MemoryLimiter,
+}
+
+impl WasiView for RequestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for RequestState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+/// [`StoreLimits`] plus a record of whether it refused to grow a memory, so
+/// that the trap that follows (usually an abort in the guest's allocator) is
+/// reported as what it is.
+struct MemoryLimiter {
+    limits: StoreLimits,
+    memory_denied: bool,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        self.memory_denied |= !allowed;
+        Ok(allowed)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
+}
+
+impl Fanout {
+    pub fn builder() -> FanoutBuilder {
+        FanoutBuilder::default()
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// The registered upstreams as `(name, base URL)`.
+    pub fn upstreams(&self) -> Vec<(String, String)> {
+        let mut list: Vec<_> = self
+            .inner
+            .upstreams
+            .routes()
+            .map(|r| (r.name.clone(), r.base_url.clone()))
+            .collect();
+        list.sort();
+        list
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        let s = &self.inner.stats;
+        StatsSnapshot {
+            requests: s.requests.load(Ordering::Relaxed),
+            failures: s.failures.load(Ordering::Relaxed),
+            fuel_consumed: s.fuel_consumed.load(Ordering::Relaxed),
+            instantiations: s.instantiations.load(Ordering::Relaxed),
+            instantiate_time: Duration::from_nanos(s.instantiate_nanos.load(Ordering::Relaxed)),
+            instances_in_use: self.inner.limits.max_instances
+                - self.inner.instances.available_permits() as u32,
+        }
+    }
+
+    /// Serves one request with a fresh instance. Never fails: every failure
+    /// becomes a JSON error answer (see [`Failure`]).
+    pub async fn handle<B>(&self, request: Request<B>) -> Response<ResponseBody>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let started = Instant::now();
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+        let response = match self.run(request).await {
+            Ok(response) => response,
+            Err(failure) => {
+                self.inner.stats.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    %method, %path, cause = failure.code(), status = failure.status().as_u16(),
+                    "{}", failure.message()
+                );
+                failure.to_response()
+            }
+        };
+        tracing::info!(
+            %method, %path, status = response.status().as_u16(),
+            duration_ms = started.elapsed().as_secs_f64() * 1e3,
+            "request"
+        );
+        response
+    }
+
+    async fn run<B>(&self, request: Request<B>) -> Result<Response<ResponseBody>, Failure>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let inner = &self.inner;
+        let limits = inner.limits;
+        // Shed at the door: a full pool answers 503 at once instead of
+        // queueing or failing inside instantiation.
+        let permit = inner
+            .instances
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Failure::PoolFull {
+                max_instances: limits.max_instances,
+            })?;
+        inner.stats.requests.fetch_add(1, Ordering::Relaxed);
+
+        let stdout = MemoryOutputPipe::new(GUEST_OUTPUT_CAPACITY);
+        let stderr = MemoryOutputPipe::new(GUEST_OUTPUT_CAPACITY);
+        let mut store = Store::new(
+            inner.pre.engine(),
+            RequestState {
+                wasi: WasiCtx::builder()
+                    .envs(&inner.env)
+                    .stdout(stdout.clone())
+                    .stderr(stderr.clone())
+                    .build(),
+                http: WasiHttpCtx::new(),
+                table: ResourceTable::new(),
+                hooks: Hooks {
+                    upstreams: inner.upstreams.clone(),
+                },
+                limiter: MemoryLimiter {
+                    limits: StoreLimitsBuilder::new()
+                        .memory_size(limits.memory_bytes)
+                        .build(),
+                    memory_denied: false,
+                },
+            },
+        );
+        store.limiter(|state| &mut state.limiter);
+        let fuel = limits.fuel.unwrap_or(u64::MAX);
+        let internal = |e: wasmtime::Error| Failure::Internal(format!("{e:#}"));
+        store.set_fuel(fuel).map_err(internal)?;
+        store
+            .fuel_async_yield_interval(runtime::fuel_yield_interval())
+            .map_err(internal)?;
+        store.set_epoch_deadline(limits.epoch_ticks());
+        store.epoch_deadline_trap();
+
+        let (sender, receiver) = oneshot::channel();
+        let http = store.data_mut().http();
+        let (request, outparam) = (|| {
+            let mut http = http;
+            let request = http.new_incoming_request(Scheme::Http, request)?;
+            let outparam = http.new_response_outparam(sender)?;
+            Ok((request, outparam))
+        })()
+        .map_err(internal)?;
+
+        // The guest runs in its own task: it keeps streaming the body after
+        // the head is returned, and still holds its pool slot while it does.
+        let task_inner = inner.clone();
+        let task = tokio::spawn(async move {
+            let inner = task_inner;
+            let _permit = permit;
+            let ran = tokio::time::timeout(limits.deadline, async {
+                let t0 = Instant::now();
+                let proxy = inner.pre.instantiate_async(&mut store).await?;
+                inner.stats.record_instantiation(t0.elapsed());
+                proxy
+                    .wasi_http_incoming_handler()
+                    .call_handle(&mut store, request, outparam)
+                    .await
+            })
+            .await;
+            let used = fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+            inner.stats.fuel_consumed.fetch_add(used, Ordering::Relaxed);
+            log_guest_output("stdout", &stdout);
+            log_guest_output("stderr", &stderr);
+            match ran {
+                Err(_elapsed) => Some(Failure::Deadline {
+                    deadline: limits.deadline,
+                }),
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(classify(&e, store.data().limiter.memory_denied, &limits)),
+            }
+        });
+
+        match receiver.await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(code)) => Err(Failure::NoResponse(format!(
+                "the guest answered with error code {code:?}"
+            ))),
+            // The sender was dropped with the store: the task ended without
+            // an answer, and its result says why.
+            Err(_) => match task.await {
+                Ok(Some(failure)) => Err(failure),
+                Ok(None) => Err(Failure::NoResponse(
+                    "the handler returned without setting a response".into(),
+                )),
+                Err(join) => Err(Failure::Internal(format!("guest task failed: {join}"))),
+            },
+        }
+    }
+
+    /// Serves HTTP/1.1 on `listener` until `shutdown` resolves, then stops
+    /// accepting and lets the requests in flight finish (bounded by the
+    /// request deadline).
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        use hyper_util::rt::TokioIo;
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    // Out of file descriptors and the like: keep serving the
+                    // connections we have, retry shortly.
+                    Err(e) => {
+                        tracing::error!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let fanout = self.clone();
+            let service = hyper::service::service_fn(move |request| {
+                let fanout = fanout.clone();
+                async move { Ok::<_, std::convert::Infallible>(fanout.handle(request).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service);
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            });
+        }
+        drop(listener);
+        let grace = self.inner.limits.deadline + Duration::from_secs(1);
+        if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+            tracing::warn!("connections still open after {grace:?}; closing them");
+        }
+        Ok(())
+    }
+}
+
+impl Stats {
+    fn record_instantiation(&self, took: Duration) {
+        self.instantiations.fetch_add(1, Ordering::Relaxed);
+        self.instantiate_nanos
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Names the cause of a failed guest run. The memory flag goes first: a
+/// refused `memory.grow` surfaces as whatever the guest's allocator does next.
+fn classify(e: &wasmtime::Error, memory_denied: bool, limits: &Limits) -> Failure {
+    if memory_denied {
+        return Failure::MemoryLimit {
+            bytes: limits.memory_bytes,
+        };
+    }
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => Failure::FuelExhausted {
+            fuel: limits.fuel.unwrap_or(u64::MAX),
+        },
+        Some(Trap::Interrupt) => Failure::Deadline {
+            deadline: limits.deadline,
+        },
+        Some(trap) => Failure::Trap(trap.to_string()),
+        None => Failure::Trap(format!("{e:#}")),
+    }
+}
+
+/// Guest output becomes log events, one per line, never raw bytes on the
+/// host's own stdout.
+fn log_guest_output(stream: &'static str, pipe: &MemoryOutputPipe) {
+    let contents = pipe.contents();
+    if contents.is_empty() {
+        return;
+    }
+    for line in String::from_utf8_lossy(&contents).lines() {
+        tracing::info!(target: "fanout::guest", stream, "{line}");
+    }
+}
