@@ -9,32 +9,50 @@ fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest_dir.parent().unwrap().to_path_buf();
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").unwrap());
-    for watched in ["guest/src", "guest/Cargo.toml", "wit", "Cargo.lock", "Cargo.toml"] {
+    for watched in [
+        "guest/src",
+        "guest/Cargo.toml",
+        "test-guests/src",
+        "test-guests/Cargo.toml",
+        "wit",
+        "Cargo.lock",
+        "Cargo.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     println!("cargo:rerun-if-env-changed=FANOUT_GUEST_WASM");
 
+    // One cargo run builds the guest and the test guests together.
+    let wasm_dir = build_wasm(
+        &root,
+        &out_dir.join("guest-target"),
+        &["fanout-guest", "fanout-test-guests"],
+    );
     // An escape hatch for packagers who build the guest themselves.
-    let wasm = match std::env::var_os("FANOUT_GUEST_WASM") {
-        Some(path) => PathBuf::from(path),
-        None => build_wasm(&root, &out_dir.join("guest-target"), "fanout-guest", "fanout_guest"),
-    };
+    let guest = std::env::var_os("FANOUT_GUEST_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| wasm_dir.join("fanout_guest.wasm"));
+    let hostile = wasm_dir.join("fanout_test_guests.wasm");
     let generated = format!(
         "/// Path of the guest component built by `host/build.rs`.\n\
-         pub const GUEST_COMPONENT_PATH: &str = {wasm:?};\n\
+         pub const GUEST_COMPONENT_PATH: &str = {guest:?};\n\
          /// The guest component, embedded in the binary.\n\
-         pub static GUEST_COMPONENT: &[u8] = include_bytes!({wasm:?});\n"
+         pub static GUEST_COMPONENT: &[u8] = include_bytes!({guest:?});\n\
+         /// Path of the hostile test guest (`test-guests/`), for tests only.\n\
+         #[doc(hidden)]\n\
+         pub const HOSTILE_COMPONENT_PATH: &str = {hostile:?};\n"
     );
     std::fs::write(out_dir.join("components.rs"), generated).unwrap();
 }
 
-/// Runs `cargo build` for `package` on wasm32-wasip2 with the `wasm` profile
-/// and returns the path of the component it wrote.
-pub fn build_wasm(root: &Path, target_dir: &Path, package: &str, artifact: &str) -> PathBuf {
+/// Runs `cargo build` for `packages` on wasm32-wasip2 with the `wasm` profile
+/// and returns the directory holding the components it wrote.
+fn build_wasm(root: &Path, target_dir: &Path, packages: &[&str]) -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root)
-        .args(["build", "--target", "wasm32-wasip2", "--profile", "wasm", "-p", package])
+        .args(["build", "--target", "wasm32-wasip2", "--profile", "wasm"])
+        .args(packages.iter().flat_map(|p| ["-p", p]))
         .arg("--target-dir")
         .arg(target_dir);
     // Flags meant for the outer (native) build must not leak into the wasm one.
@@ -53,8 +71,8 @@ pub fn build_wasm(root: &Path, target_dir: &Path, package: &str, artifact: &str)
     let status = cmd.status().expect("failed to run cargo for the guest");
     assert!(
         status.success(),
-        "building {package} for wasm32-wasip2 failed ({status}); \
+        "building {packages:?} for wasm32-wasip2 failed ({status}); \
          is the target installed? rust-toolchain.toml lists it, so rustup adds it"
     );
-    target_dir.join(format!("wasm32-wasip2/wasm/{artifact}.wasm"))
+    target_dir.join("wasm32-wasip2/wasm")
 }

@@ -217,7 +217,16 @@ mod tests {
     #[test]
     fn malformed_ids_are_400() {
         let long = "a".repeat(MAX_ID_LEN + 1);
-        for bad in ["", long.as_str(), "a b", "a/b", "%41", "é", "42;drop", "a.b"] {
+        for bad in [
+            "",
+            long.as_str(),
+            "a b",
+            "a/b",
+            "%41",
+            "é",
+            "42;drop",
+            "a.b",
+        ] {
             let err = route("GET", &format!("/products/{bad}")).unwrap_err();
             assert_eq!((err.status, err.code), (400, "invalid_id"), "{bad:?}");
         }
@@ -280,7 +289,10 @@ mod tests {
             ],
         )
         .unwrap_err();
-        assert_eq!((err.status, err.upstream.as_deref()), (504, Some("pricing")));
+        assert_eq!(
+            (err.status, err.upstream.as_deref()),
+            (504, Some("pricing"))
+        );
 
         let err = merge(
             "42",

@@ -45,7 +45,11 @@ async fn handle(request: Request<Body>) -> Response<Body> {
 
 /// Calls every upstream at once and merges the answers: the request costs the
 /// slowest upstream, not the sum.
-async fn product(config: &Config, id: &str, deadline: Instant) -> Result<serde_json::Value, ApiError> {
+async fn product(
+    config: &Config,
+    id: &str,
+    deadline: Instant,
+) -> Result<serde_json::Value, ApiError> {
     let calls = config.upstreams.iter().map(|upstream| async move {
         Outcome {
             upstream: upstream.spec.name,
@@ -59,7 +63,11 @@ async fn product(config: &Config, id: &str, deadline: Instant) -> Result<serde_j
 /// One upstream call, bounded by the request's deadline. When the deadline
 /// passes, the pending call is dropped, which makes the host abort the
 /// in-flight request.
-async fn call(upstream: &Upstream, id: &str, deadline: Instant) -> Result<serde_json::Value, UpstreamFailure> {
+async fn call(
+    upstream: &Upstream,
+    id: &str,
+    deadline: Instant,
+) -> Result<serde_json::Value, UpstreamFailure> {
     let remaining = deadline.saturating_duration_since(Instant::now());
     if remaining.is_zero() {
         return Err(UpstreamFailure::Timeout);
@@ -117,4 +125,3 @@ fn error_response(error: &ApiError) -> Response<Body> {
     }
     response
 }
-

@@ -213,7 +213,13 @@ mod tests {
         let err = Config::from_lookup(lookup(&BASES[..2])).unwrap_err();
         assert_eq!(err.key, "FANOUT_UPSTREAM_REVIEWS");
 
-        for bad in ["ftp://x", "http://", "http:///path", "http://a?b=c", "inventory"] {
+        for bad in [
+            "ftp://x",
+            "http://",
+            "http:///path",
+            "http://a?b=c",
+            "inventory",
+        ] {
             let mut pairs = BASES.to_vec();
             pairs[0].1 = bad;
             let err = Config::from_lookup(lookup(&pairs)).unwrap_err();

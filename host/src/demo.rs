@@ -15,7 +15,11 @@ use std::time::Duration;
 /// reach the network even if the routing table were wrong.
 pub fn upstreams() -> Vec<(&'static str, &'static str, Arc<dyn Upstream>)> {
     vec![
-        ("inventory", "http://inventory.demo", demo(20..40, inventory)),
+        (
+            "inventory",
+            "http://inventory.demo",
+            demo(20..40, inventory),
+        ),
         ("pricing", "http://pricing.demo", demo(30..60, pricing)),
         ("reviews", "http://reviews.demo", demo(40..80, reviews)),
     ]

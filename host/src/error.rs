@@ -85,9 +85,9 @@ impl Failure {
 
     pub fn message(&self) -> String {
         match self {
-            Failure::PoolFull { max_instances } => format!(
-                "all {max_instances} instances are busy; retry shortly"
-            ),
+            Failure::PoolFull { max_instances } => {
+                format!("all {max_instances} instances are busy; retry shortly")
+            }
             Failure::FuelExhausted { fuel } => {
                 format!("the guest used all of its {fuel} units of fuel")
             }
@@ -136,9 +136,7 @@ pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response
 pub fn client_error(e: hyper_util::client::legacy::Error) -> TransportError {
     use std::error::Error as _;
     if e.is_connect() {
-        let io = e
-            .source()
-            .and_then(|s| find_io_error(s));
+        let io = e.source().and_then(|s| find_io_error(s));
         return match io.map(|io| io.kind()) {
             Some(std::io::ErrorKind::ConnectionRefused) => TransportError::ConnectionRefused,
             Some(std::io::ErrorKind::TimedOut) => TransportError::ConnectionTimeout,
@@ -177,9 +175,7 @@ fn hyper_error(e: &hyper::Error) -> TransportError {
     }
 }
 
-fn find_io_error<'a>(
-    mut e: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a std::io::Error> {
+fn find_io_error<'a>(mut e: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
     loop {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             return Some(io);

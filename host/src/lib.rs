@@ -60,6 +60,7 @@ pub use server::{Fanout, FanoutBuilder, StatsSnapshot};
 pub use upstream::Upstream;
 
 /// Body of the answers [`Fanout::handle`] returns.
-pub type ResponseBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, wasmtime_wasi_http::Error>;
+pub type ResponseBody =
+    http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, wasmtime_wasi_http::Error>;
 
 include!(concat!(env!("OUT_DIR"), "/components.rs"));

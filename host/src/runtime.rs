@@ -53,17 +53,19 @@ pub(crate) struct EpochTicker {
 impl EpochTicker {
     pub(crate) fn start(engine: Engine) -> std::io::Result<EpochTicker> {
         let stop = Arc::new(AtomicBool::new(false));
-        let thread = std::thread::Builder::new().name("fanout-epoch".into()).spawn({
-            let stop = stop.clone();
-            move || {
-                while !stop.load(Ordering::Acquire) {
-                    // park_timeout rather than sleep: drop unparks the thread
-                    // so shutdown does not wait for a tick.
-                    std::thread::park_timeout(EPOCH_TICK);
-                    engine.increment_epoch();
+        let thread = std::thread::Builder::new()
+            .name("fanout-epoch".into())
+            .spawn({
+                let stop = stop.clone();
+                move || {
+                    while !stop.load(Ordering::Acquire) {
+                        // park_timeout rather than sleep: drop unparks the thread
+                        // so shutdown does not wait for a tick.
+                        std::thread::park_timeout(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
                 }
-            }
-        })?;
+            })?;
         Ok(EpochTicker {
             stop,
             thread: Some(thread),

@@ -1,11 +1,11 @@
 //! The request path: one fresh instance per request, bounded by the limits,
 //! and the HTTP server around it.
 
+use crate::ResponseBody;
 use crate::error::{Error, Failure};
 use crate::limits::{GUEST_OUTPUT_CAPACITY, Limits};
 use crate::runtime::{self, EpochTicker};
 use crate::upstream::{Hooks, HttpUpstream, Route, Upstream, Upstreams};
-use crate::ResponseBody;
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Body;
@@ -356,13 +356,14 @@ impl Fanout {
         let limits = inner.limits;
         // Shed at the door: a full pool answers 503 at once instead of
         // queueing or failing inside instantiation.
-        let permit = inner
-            .instances
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Failure::PoolFull {
-                max_instances: limits.max_instances,
-            })?;
+        let permit =
+            inner
+                .instances
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| Failure::PoolFull {
+                    max_instances: limits.max_instances,
+                })?;
         inner.stats.requests.fetch_add(1, Ordering::Relaxed);
 
         let stdout = MemoryOutputPipe::new(GUEST_OUTPUT_CAPACITY);
@@ -497,7 +498,10 @@ impl Fanout {
         }
         drop(listener);
         let grace = self.inner.limits.deadline + Duration::from_secs(1);
-        if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        if tokio::time::timeout(grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
             tracing::warn!("connections still open after {grace:?}; closing them");
         }
         Ok(())

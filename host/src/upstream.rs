@@ -117,7 +117,9 @@ where
             // and dropping it early would fail the guest's write.
             let (parts, body) = request.into_parts();
             let bytes = body.collect().await?.to_bytes();
-            let body = Full::new(bytes).map_err(|never| match never {}).boxed_unsync();
+            let body = Full::new(bytes)
+                .map_err(|never| match never {})
+                .boxed_unsync();
             f(Request::from_parts(parts, body)).await
         })
     }
@@ -180,7 +182,12 @@ impl Upstreams {
                     "https upstreams are not supported yet by the built-in client".into(),
                 ));
             }
-            _ => return Err(invalid(format!("base URL `{}` must be http://", route.base_url))),
+            _ => {
+                return Err(invalid(format!(
+                    "base URL `{}` must be http://",
+                    route.base_url
+                )));
+            }
         }
         let authority = uri
             .authority()
@@ -229,7 +236,13 @@ impl WasiHttpHooks for Hooks {
             .unwrap_or_default();
         let Some(route) = self.upstreams.get(&authority) else {
             tracing::warn!(%authority, uri = %request.uri(), "outgoing request denied: no upstream has this authority");
-            return Box::new(async { Err(TransportError::HttpRequestDenied) });
+            // Let the guest finish writing the body first: dropping it now
+            // would surface as a write error, hiding the denial.
+            let body = request.into_body();
+            return Box::new(async move {
+                let _ = body.collect().await;
+                Err(TransportError::HttpRequestDenied)
+            });
         };
         let call = route.upstream.call(request, options.unwrap_or_default());
         Box::new(async move {

@@ -1,1 +1,371 @@
+//! Test support: mock upstreams on port 0 that record what they saw, and the
+//! fanout host started in-process on port 0.
 
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use fanout_host::Fanout;
+use http::{HeaderMap, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// One request as a mock upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub path: String,
+    pub started: Instant,
+    /// When the answer was sent; `None` if the caller went away first.
+    pub finished: Option<Instant>,
+}
+
+/// How a mock answers: a status and a body, after a delay.
+#[derive(Clone)]
+pub struct Behaviour {
+    pub delay: Duration,
+    pub status: StatusCode,
+    pub body: String,
+}
+
+impl Behaviour {
+    pub fn json(delay: Duration, body: serde_json::Value) -> Behaviour {
+        Behaviour {
+            delay,
+            status: StatusCode::OK,
+            body: body.to_string(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct MockState {
+    calls: Mutex<Vec<Call>>,
+    connections: AtomicUsize,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+/// An HTTP upstream on 127.0.0.1 port 0. It stops when dropped.
+pub struct MockUpstream {
+    addr: SocketAddr,
+    state: Arc<MockState>,
+    behaviour: Arc<Mutex<Behaviour>>,
+    _server: AbortOnDrop,
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl MockUpstream {
+    pub async fn start(behaviour: Behaviour) -> Result<MockUpstream> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(MockState::default());
+        let behaviour = Arc::new(Mutex::new(behaviour));
+        let server = tokio::spawn({
+            let state = state.clone();
+            let behaviour = behaviour.clone();
+            async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    state.connections.fetch_add(1, Ordering::SeqCst);
+                    let state = state.clone();
+                    let behaviour = behaviour.clone();
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |request| {
+                            serve(state.clone(), behaviour.clone(), request)
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            }
+        });
+        Ok(MockUpstream {
+            addr,
+            state,
+            behaviour,
+            _server: AbortOnDrop(server),
+        })
+    }
+
+    /// The standard answers of the product upstreams.
+    pub async fn inventory(delay: Duration) -> Result<MockUpstream> {
+        Self::start(Behaviour::json(
+            delay,
+            serde_json::json!({"in_stock": true, "quantity": 3}),
+        ))
+        .await
+    }
+
+    pub async fn pricing(delay: Duration) -> Result<MockUpstream> {
+        Self::start(Behaviour::json(
+            delay,
+            serde_json::json!({"amount": 12.5, "currency": "EUR"}),
+        ))
+        .await
+    }
+
+    pub async fn reviews(delay: Duration) -> Result<MockUpstream> {
+        Self::start(Behaviour::json(
+            delay,
+            serde_json::json!({"rating": 4.2, "count": 17}),
+        ))
+        .await
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_behaviour(&self, behaviour: Behaviour) {
+        *self.behaviour.lock().unwrap() = behaviour;
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.state.calls.lock().unwrap().clone()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+}
+
+async fn serve(
+    state: Arc<MockState>,
+    behaviour: Arc<Mutex<Behaviour>>,
+    request: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<Full<Bytes>>, std::convert::Infallible> {
+    let behaviour = behaviour.lock().unwrap().clone();
+    let index = {
+        let mut calls = state.calls.lock().unwrap();
+        calls.push(Call {
+            path: request.uri().path().to_string(),
+            started: Instant::now(),
+            finished: None,
+        });
+        calls.len() - 1
+    };
+    let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    // Decrements even if the caller hangs up and this future is dropped.
+    let _in_flight = DecrementOnDrop(&state.in_flight);
+    tokio::time::sleep(behaviour.delay).await;
+    state.calls.lock().unwrap()[index].finished = Some(Instant::now());
+    let mut response = hyper::Response::new(Full::new(Bytes::from(behaviour.body)));
+    *response.status_mut() = behaviour.status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    Ok(response)
+}
+
+struct DecrementOnDrop<'a>(&'a AtomicUsize);
+
+impl Drop for DecrementOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The three product upstreams, each answering after `delay`.
+pub struct ProductUpstreams {
+    pub inventory: MockUpstream,
+    pub pricing: MockUpstream,
+    pub reviews: MockUpstream,
+}
+
+impl ProductUpstreams {
+    pub async fn start(delay: Duration) -> Result<ProductUpstreams> {
+        Ok(ProductUpstreams {
+            inventory: MockUpstream::inventory(delay).await?,
+            pricing: MockUpstream::pricing(delay).await?,
+            reviews: MockUpstream::reviews(delay).await?,
+        })
+    }
+
+    /// A host builder with the three registered as HTTP upstreams.
+    pub fn builder(&self) -> fanout_host::FanoutBuilder {
+        Fanout::builder()
+            .http_upstream("inventory", self.inventory.base_url())
+            .http_upstream("pricing", self.pricing.base_url())
+            .http_upstream("reviews", self.reviews.base_url())
+    }
+}
+
+/// The fanout host serving on 127.0.0.1 port 0. Dropping it shuts it down.
+pub struct TestHost {
+    pub addr: SocketAddr,
+    pub fanout: Fanout,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<std::io::Result<()>>>,
+    client: Client<HttpConnector, Empty<Bytes>>,
+}
+
+impl TestHost {
+    pub async fn start(fanout: Fanout) -> Result<TestHost> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let server = tokio::spawn({
+            let fanout = fanout.clone();
+            async move {
+                fanout
+                    .serve(listener, async {
+                        let _ = stop.await;
+                    })
+                    .await
+            }
+        });
+        Ok(TestHost {
+            addr,
+            fanout,
+            shutdown: Some(shutdown),
+            server: Some(server),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Sends `method path` and returns the status, headers and JSON body.
+    pub async fn request(&self, method: &str, path: &str) -> Result<Answer> {
+        let request = http::Request::builder()
+            .method(method)
+            .uri(self.url(path))
+            .body(Empty::new())?;
+        let started = Instant::now();
+        let response = self.client.request(request).await?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await?.to_bytes();
+        let elapsed = started.elapsed();
+        let json = serde_json::from_slice(&body).with_context(|| {
+            format!(
+                "{method} {path}: {status} body is not JSON: {:?}",
+                String::from_utf8_lossy(&body)
+            )
+        })?;
+        Ok(Answer {
+            status,
+            headers,
+            json,
+            elapsed,
+        })
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Answer> {
+        self.request("GET", path).await
+    }
+
+    /// Stops accepting, waits for in-flight requests, returns serve's result.
+    pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A decoded answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub json: serde_json::Value,
+    pub elapsed: Duration,
+}
+
+impl Answer {
+    /// The `error.code` of a JSON error body, or "" if there is none.
+    pub fn error_code(&self) -> &str {
+        self.json["error"]["code"].as_str().unwrap_or_default()
+    }
+}
+
+/// Captures the log events of the calling thread as JSON lines, from now
+/// until the thread ends. `#[tokio::test]` runs all the tasks of a test on
+/// the test's own thread, so this sees that test's host events only.
+///
+/// One global subscriber routes events to per-thread buffers. (A per-thread
+/// `set_default` subscriber misses events whose callsite interest another
+/// test thread cached first.)
+pub fn capture_logs() -> Logs {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(|| ThreadLogs(CAPTURE.with(|c| c.borrow().clone())))
+            .try_init();
+    });
+    let logs = Logs::default();
+    CAPTURE.with(|c| *c.borrow_mut() = Some(logs.clone()));
+    logs
+}
+
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Option<Logs>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Log lines captured by [`capture_logs`].
+#[derive(Clone, Default)]
+pub struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    /// Every captured event, parsed.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        let bytes = self.0.lock().unwrap().clone();
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("log lines are JSON"))
+            .collect()
+    }
+}
+
+/// The writer for one event: the calling thread's buffer, if it captures.
+struct ThreadLogs(Option<Logs>);
+
+impl std::io::Write for ThreadLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(logs) = &self.0 {
+            logs.0.lock().unwrap().extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

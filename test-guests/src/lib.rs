@@ -1,0 +1,74 @@
+//! A deliberately badly behaved `wasi:http/proxy` component, one misdeed per
+//! route, so that the host's limits can be tested one at a time and a normal
+//! request (`/ok`) can follow each.
+//!
+//! - `/ok`: answers 200.
+//! - `/loop`: spins on the CPU forever (fuel, epoch deadline).
+//! - `/hog`: allocates until memory runs out (memory cap).
+//! - `/panic`: panics (trap).
+//! - `/park`: waits forever without computing (wall-clock deadline).
+//! - `/print`: writes to stdout and stderr, then answers 200.
+//! - `/call?<url>`: fetches `<url>` and reports the outcome (outbound policy).
+
+#![cfg(target_arch = "wasm32")]
+// `wstd::http_server` also emits a `fn main` for bin crates; unused here.
+#![allow(dead_code)]
+
+use std::hint::black_box;
+use wstd::http::{Body, Client, ErrorCode, Request, Response, StatusCode};
+
+#[wstd::http_server]
+async fn main(request: Request<Body>) -> Result<Response<Body>, wstd::http::Error> {
+    let answer = |status: StatusCode, body: String| {
+        Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+    };
+    match request.uri().path() {
+        "/ok" => Ok(answer(StatusCode::OK, r#"{"ok":true}"#.into())?),
+        "/loop" => {
+            let mut x: u64 = 0;
+            loop {
+                x = black_box(x.wrapping_add(1));
+            }
+        }
+        "/hog" => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                // Touch one byte per page: the memory is really used, at
+                // little fuel, so the memory cap is what stops this.
+                let mut chunk = vec![0u8; 1 << 20];
+                for page in (0..chunk.len()).step_by(4096) {
+                    chunk[page] = 1;
+                }
+                hoard.push(black_box(chunk));
+            }
+        }
+        "/panic" => panic!("hostile guest panics on purpose"),
+        "/park" => {
+            wstd::task::sleep(wstd::time::Duration::from_secs(3600)).await;
+            Ok(answer(StatusCode::OK, "{}".into())?)
+        }
+        "/print" => {
+            println!("hello from the guest's stdout");
+            eprintln!("hello from the guest's stderr");
+            Ok(answer(StatusCode::OK, "{}".into())?)
+        }
+        "/call" => {
+            let url = request.uri().query().unwrap_or_default().to_string();
+            let outcome = match Client::new()
+                .send(Request::get(&url).body(Body::empty())?)
+                .await
+            {
+                Ok(response) => format!(r#"{{"status":{}}}"#, response.status().as_u16()),
+                Err(e) => match e.downcast_ref::<ErrorCode>() {
+                    Some(code) => format!(r#"{{"error":"{code:?}"}}"#),
+                    None => format!(r#"{{"error":{:?}}}"#, e.to_string()),
+                },
+            };
+            Ok(answer(StatusCode::OK, outcome)?)
+        }
+        _ => Ok(answer(StatusCode::NOT_FOUND, "{}".into())?),
+    }
+}

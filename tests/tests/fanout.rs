@@ -1,0 +1,327 @@
+//! The product fan-out end to end: guest component on the host, upstreams on
+//! port 0.
+
+use anyhow::Result;
+use fanout_tests::{Behaviour, ProductUpstreams, TestHost};
+use http::StatusCode;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+const MS: fn(u64) -> Duration = Duration::from_millis;
+
+async fn host_for(upstreams: &ProductUpstreams) -> Result<TestHost> {
+    TestHost::start(upstreams.builder().build()?).await
+}
+
+#[tokio::test]
+async fn three_slow_upstreams_cost_the_slowest_not_the_sum() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(100)).await?;
+    let host = host_for(&upstreams).await?;
+
+    let answer = host.get("/products/42").await?;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    println!("3 x 100 ms fan-out answered in {:?}", answer.elapsed);
+    assert!(
+        answer.elapsed < MS(180),
+        "3 x 100 ms upstreams took {:?}: the calls were not concurrent",
+        answer.elapsed
+    );
+
+    // The upstreams' own records: every call started before any finished.
+    let calls: Vec<_> = [&upstreams.inventory, &upstreams.pricing, &upstreams.reviews]
+        .iter()
+        .map(|u| {
+            let calls = u.calls();
+            assert_eq!(calls.len(), 1, "each upstream is called once");
+            calls[0].clone()
+        })
+        .collect();
+    let last_start = calls.iter().map(|c| c.started).max().unwrap();
+    let first_end = calls.iter().map(|c| c.finished.unwrap()).min().unwrap();
+    assert!(
+        last_start < first_end,
+        "upstream calls did not overlap: {calls:?}"
+    );
+    assert_eq!(upstreams.inventory.calls()[0].path, "/inventory/42");
+    assert_eq!(upstreams.pricing.calls()[0].path, "/pricing/42");
+    assert_eq!(upstreams.reviews.calls()[0].path, "/reviews/42");
+    Ok(())
+}
+
+#[tokio::test]
+async fn answer_has_the_contract_shape() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    let host = host_for(&upstreams).await?;
+    let answer = host.get("/products/sku_42-b").await?;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.headers["content-type"], "application/json");
+
+    let body = answer.json.as_object().expect("an object");
+    let mut keys: Vec<&str> = body.keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(keys, ["id", "inventory", "price", "reviews"]);
+    assert_eq!(body["id"], "sku_42-b");
+    assert!(body["inventory"]["in_stock"].is_boolean());
+    assert!(body["inventory"]["quantity"].is_u64());
+    assert!(body["price"]["amount"].is_f64());
+    assert!(body["price"]["currency"].is_string());
+    assert!(body["reviews"]["rating"].is_f64());
+    assert!(body["reviews"]["count"].is_u64());
+    // The upstreams' JSON is passed through as is.
+    assert_eq!(body["price"], json!({"amount": 12.5, "currency": "EUR"}));
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_input_gets_json_errors() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    let host = host_for(&upstreams).await?;
+    let long = format!("/products/{}", "a".repeat(65));
+    let cases: &[(&str, &str, StatusCode, &str)] = &[
+        ("GET", "/products/", StatusCode::BAD_REQUEST, "invalid_id"),
+        ("GET", &long, StatusCode::BAD_REQUEST, "invalid_id"),
+        (
+            "GET",
+            "/products/a%20b",
+            StatusCode::BAD_REQUEST,
+            "invalid_id",
+        ),
+        (
+            "GET",
+            "/products/a.b",
+            StatusCode::BAD_REQUEST,
+            "invalid_id",
+        ),
+        (
+            "GET",
+            "/products/a/b",
+            StatusCode::BAD_REQUEST,
+            "invalid_id",
+        ),
+        (
+            "GET",
+            "/products/%2e%2e",
+            StatusCode::BAD_REQUEST,
+            "invalid_id",
+        ),
+        ("GET", "/", StatusCode::NOT_FOUND, "not_found"),
+        ("GET", "/orders/42", StatusCode::NOT_FOUND, "not_found"),
+        (
+            "POST",
+            "/products/42",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            "DELETE",
+            "/products/42",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+    ];
+    for (method, path, status, code) in cases {
+        let answer = host.request(method, path).await?;
+        assert_eq!(answer.status, *status, "{method} {path}: {}", answer.json);
+        assert_eq!(answer.error_code(), *code, "{method} {path}");
+        assert!(answer.json["error"]["message"].is_string());
+        assert_eq!(answer.headers["content-type"], "application/json");
+        if *status == StatusCode::METHOD_NOT_ALLOWED {
+            assert_eq!(answer.headers["allow"], "GET");
+        }
+    }
+    // Nothing invalid reached an upstream.
+    assert!(upstreams.inventory.calls().is_empty());
+    // The id is exactly 64 characters long at most: 64 is fine.
+    let ok = host.get(&format!("/products/{}", "a".repeat(64))).await?;
+    assert_eq!(ok.status, StatusCode::OK);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_late_required_upstream_is_a_504_at_the_deadline() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(10)).await?;
+    upstreams
+        .pricing
+        .set_behaviour(Behaviour::json(MS(2_000), json!({})));
+    let host = host_for(&upstreams).await?;
+
+    let answer = host.get("/products/42").await?;
+    assert_eq!(
+        answer.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{}",
+        answer.json
+    );
+    assert_eq!(answer.error_code(), "upstream_timeout");
+    assert_eq!(answer.json["error"]["upstream"], "pricing");
+    println!(
+        "deadline hit answered in {:?} (budget 200 ms)",
+        answer.elapsed
+    );
+    // The guest's 200 ms budget, not the upstream's 2 s, bounds the answer.
+    assert!(
+        answer.elapsed >= MS(190) && answer.elapsed < MS(1_000),
+        "{:?}",
+        answer.elapsed
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_guest_budget_is_configurable() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(150)).await?;
+    let host = TestHost::start(
+        upstreams
+            .builder()
+            .env("FANOUT_DEADLINE_MS", "50")
+            .build()?,
+    )
+    .await?;
+    let answer = host.get("/products/42").await?;
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(answer.elapsed < MS(150), "{:?}", answer.elapsed);
+
+    let broken = TestHost::start(
+        upstreams
+            .builder()
+            .env("FANOUT_DEADLINE_MS", "soon")
+            .build()?,
+    )
+    .await?;
+    let answer = broken.get("/products/42").await?;
+    assert_eq!(answer.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(answer.error_code(), "config_invalid");
+    assert!(
+        answer.json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("FANOUT_DEADLINE_MS")
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn upstream_failures_are_502_naming_the_upstream() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    let host = host_for(&upstreams).await?;
+    let cases = [
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "{}",
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+        ),
+        (
+            StatusCode::OK,
+            "not json",
+            StatusCode::BAD_GATEWAY,
+            "upstream_invalid_response",
+        ),
+        (
+            StatusCode::OK,
+            "[1,2]",
+            StatusCode::BAD_GATEWAY,
+            "upstream_invalid_response",
+        ),
+        (
+            StatusCode::NOT_FOUND,
+            "{}",
+            StatusCode::NOT_FOUND,
+            "product_not_found",
+        ),
+    ];
+    for (upstream_status, body, status, code) in cases {
+        upstreams.reviews.set_behaviour(Behaviour {
+            delay: MS(0),
+            status: upstream_status,
+            body: body.into(),
+        });
+        let answer = host.get("/products/42").await?;
+        assert_eq!(
+            answer.status, status,
+            "{upstream_status} {body}: {}",
+            answer.json
+        );
+        assert_eq!(answer.error_code(), code);
+        assert_eq!(answer.json["error"]["upstream"], "reviews");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_a_502() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    // A port that was just free: bind, read it, release it.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.local_addr()?
+    };
+    let fanout = upstreams
+        .builder()
+        .http_upstream("inventory", format!("http://{closed}"))
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+    let answer = host.get("/products/42").await?;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{}", answer.json);
+    assert_eq!(answer.error_code(), "upstream_unavailable");
+    assert_eq!(answer.json["error"]["upstream"], "inventory");
+    Ok(())
+}
+
+#[tokio::test]
+async fn fuel_per_request_leaves_headroom() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    let host = host_for(&upstreams).await?;
+    const N: u64 = 20;
+    for _ in 0..N {
+        assert_eq!(host.get("/products/42").await?.status, StatusCode::OK);
+    }
+    let stats = host.fanout.stats();
+    let per_request = stats.fuel_consumed / N;
+    println!(
+        "fuel per request: {per_request}; instantiation: {:?} on average",
+        stats.instantiate_time / stats.instantiations as u32
+    );
+    assert!(per_request > 0);
+    // The default limit must leave at least 10x headroom.
+    assert!(
+        per_request * 10 < fanout_host::limits::DEFAULT_FUEL,
+        "a request burns {per_request} fuel"
+    );
+    assert_eq!(stats.requests, N);
+    assert_eq!(stats.failures, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn in_process_upstreams_need_no_network() -> Result<()> {
+    let fanout = fanout_host::Fanout::builder().demo_upstreams().build()?;
+    let request = http::Request::get("/products/7")
+        .header("host", "localhost")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let response = fanout.handle(request).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    use http_body_util::BodyExt;
+    let body: Value = serde_json::from_slice(&response.into_body().collect().await?.to_bytes())?;
+    assert_eq!(body["id"], "7");
+    assert!(body["inventory"]["in_stock"].is_boolean());
+    Ok(())
+}
+
+#[tokio::test]
+async fn connections_to_upstreams_are_reused() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    let host = host_for(&upstreams).await?;
+    for _ in 0..50 {
+        assert_eq!(host.get("/products/42").await?.status, StatusCode::OK);
+    }
+    for upstream in [&upstreams.inventory, &upstreams.pricing, &upstreams.reviews] {
+        assert_eq!(upstream.calls().len(), 50);
+        assert!(
+            upstream.connections() <= 3,
+            "{} connections for 50 sequential calls",
+            upstream.connections()
+        );
+    }
+    Ok(())
+}

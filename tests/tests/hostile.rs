@@ -1,0 +1,236 @@
+//! Hostile guests: each misdeed is stopped by the limit meant for it, answered
+//! with a JSON error naming the cause, and the host keeps serving.
+
+use anyhow::Result;
+use fanout_host::{Fanout, Limits};
+use fanout_tests::{MockUpstream, TestHost};
+use http::StatusCode;
+use serde_json::json;
+use std::time::Duration;
+
+const MS: fn(u64) -> Duration = Duration::from_millis;
+
+fn hostile(limits: Limits) -> Result<Fanout> {
+    Ok(Fanout::builder()
+        .component_path(fanout_host::HOSTILE_COMPONENT_PATH)
+        .limits(limits)
+        .build()?)
+}
+
+fn limits(deadline: Duration) -> Limits {
+    Limits {
+        memory_bytes: 16 << 20,
+        deadline,
+        max_instances: 4,
+        ..Limits::default()
+    }
+}
+
+/// Sends `path`, checks status, code and timing, then checks that a normal
+/// request on the same host still succeeds.
+async fn misbehave(host: &TestHost, path: &str, status: StatusCode, code: &str) -> Result<()> {
+    let deadline = host.fanout.limits().deadline;
+    let answer = host.get(path).await?;
+    assert_eq!(answer.status, status, "{path}: {}", answer.json);
+    assert_eq!(answer.error_code(), code, "{path}");
+    assert!(answer.json["error"]["message"].is_string());
+    assert!(
+        answer.elapsed < deadline + MS(500),
+        "{path} answered after {:?}, deadline {deadline:?}",
+        answer.elapsed
+    );
+    let after = host.get("/ok").await?;
+    assert_eq!(after.status, StatusCode::OK, "after {path}: {}", after.json);
+    assert_eq!(after.json, json!({"ok": true}));
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_infinite_loop_runs_out_of_fuel() -> Result<()> {
+    let host = TestHost::start(hostile(limits(Duration::from_secs(5)))?).await?;
+    misbehave(
+        &host,
+        "/loop",
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "guest_fuel_exhausted",
+    )
+    .await
+}
+
+#[tokio::test]
+async fn an_infinite_loop_without_fuel_limit_hits_the_epoch_deadline() -> Result<()> {
+    let limits = Limits {
+        fuel: None,
+        ..limits(MS(300))
+    };
+    let host = TestHost::start(hostile(limits)?).await?;
+    misbehave(
+        &host,
+        "/loop",
+        StatusCode::GATEWAY_TIMEOUT,
+        "deadline_exceeded",
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_memory_hog_hits_the_memory_cap() -> Result<()> {
+    // Unlimited fuel: zeroing 16 MiB costs ~10M fuel, and this test is about
+    // the memory cap alone.
+    let limits = Limits {
+        fuel: None,
+        ..limits(Duration::from_secs(5))
+    };
+    let host = TestHost::start(hostile(limits)?).await?;
+    misbehave(
+        &host,
+        "/hog",
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "guest_memory_limit",
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_panic_is_a_trap() -> Result<()> {
+    let host = TestHost::start(hostile(limits(Duration::from_secs(5)))?).await?;
+    misbehave(
+        &host,
+        "/panic",
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "guest_trap",
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_parked_guest_hits_the_wall_clock_deadline() -> Result<()> {
+    let host = TestHost::start(hostile(limits(MS(300)))?).await?;
+    let answer = host.get("/park").await?;
+    assert!(answer.elapsed >= MS(300), "{:?}", answer.elapsed);
+    misbehave(
+        &host,
+        "/park",
+        StatusCode::GATEWAY_TIMEOUT,
+        "deadline_exceeded",
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_full_pool_sheds_with_503() -> Result<()> {
+    let limits = Limits {
+        max_instances: 1,
+        ..limits(MS(400))
+    };
+    let host = TestHost::start(hostile(limits)?).await?;
+    // /park holds the only instance until its deadline.
+    let (parked, shed) = tokio::join!(host.get("/park"), async {
+        // Wait until the parked request really holds the instance.
+        while host.fanout.stats().instances_in_use == 0 {
+            tokio::task::yield_now().await;
+        }
+        host.get("/ok").await
+    });
+    let shed = shed?;
+    assert_eq!(
+        shed.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        shed.json
+    );
+    assert_eq!(shed.error_code(), "pool_full");
+    assert_eq!(shed.headers["retry-after"], "1");
+    assert!(
+        shed.elapsed < MS(100),
+        "shedding must be fast: {:?}",
+        shed.elapsed
+    );
+    assert_eq!(parked?.status, StatusCode::GATEWAY_TIMEOUT);
+    // The slot is free again.
+    assert_eq!(host.get("/ok").await?.status, StatusCode::OK);
+    assert_eq!(host.fanout.stats().instances_in_use, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn guest_output_and_failures_are_logged() -> Result<()> {
+    let logs = fanout_tests::capture_logs();
+    let host = TestHost::start(hostile(limits(Duration::from_secs(5)))?).await?;
+    assert_eq!(host.get("/print").await?.status, StatusCode::OK);
+    assert_eq!(
+        host.get("/panic").await?.status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+
+    let events = logs.events();
+    let guest_line = |stream: &str, text: &str| {
+        events.iter().any(|e| {
+            e["target"] == "fanout::guest" && e["stream"] == stream && e["message"] == text
+        })
+    };
+    // Each line of guest output is its own structured event.
+    assert!(
+        guest_line("stdout", "hello from the guest's stdout"),
+        "{events:#?}"
+    );
+    assert!(
+        guest_line("stderr", "hello from the guest's stderr"),
+        "{events:#?}"
+    );
+    // The panic message is captured too, and the trap is logged with its cause.
+    assert!(
+        events.iter().any(|e| e["stream"] == "stderr"
+            && e["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("panics on purpose")),
+        "{events:#?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["cause"] == "guest_trap" && e["path"] == "/panic"),
+        "{events:#?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn unconfigured_authorities_are_denied() -> Result<()> {
+    let allowed = MockUpstream::inventory(MS(0)).await?;
+    let stranger = MockUpstream::inventory(MS(0)).await?;
+    let fanout = Fanout::builder()
+        .component_path(fanout_host::HOSTILE_COMPONENT_PATH)
+        .http_upstream("inventory", allowed.base_url())
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+
+    let answer = host.get(&format!("/call?{}/x", allowed.base_url())).await?;
+    assert_eq!(answer.json, json!({"status": 200}));
+    assert_eq!(allowed.calls().len(), 1);
+
+    for target in [
+        stranger.base_url(),
+        // Same host as the allowed upstream, another port.
+        format!(
+            "http://127.0.0.1:{}",
+            stranger.base_url().rsplit(':').next().unwrap()
+        ),
+        "http://localhost:1".to_string(),
+        "http://169.254.169.254".to_string(),
+        "http://inventory.demo".to_string(),
+    ] {
+        let answer = host.get(&format!("/call?{target}/x")).await?;
+        assert_eq!(
+            answer.json,
+            json!({"error": "ErrorCode::HttpRequestDenied"}),
+            "{target}"
+        );
+    }
+    assert!(
+        stranger.calls().is_empty(),
+        "a denied request reached the network"
+    );
+    Ok(())
+}
