@@ -4,7 +4,9 @@
 
 use crate::upstream::{Upstream, UpstreamBody, from_fn, json_response};
 use http::{Request, StatusCode};
+use http_body_util::BodyExt;
 use serde_json::json;
+use std::future::Future;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::ops::Range;
 use std::sync::Arc;
@@ -23,6 +25,48 @@ pub fn upstreams() -> Vec<(&'static str, &'static str, Arc<dyn Upstream>)> {
         ("pricing", "http://pricing.demo", demo(30..60, pricing)),
         ("reviews", "http://reviews.demo", demo(40..80, reviews)),
     ]
+}
+
+/// Serves the demo upstreams over real HTTP on `listener`, at
+/// `/inventory/{id}`, `/pricing/{id}` and `/reviews/{id}`: base URL
+/// `http://<addr>` for all three. This is how the component gets upstreams
+/// under `wasmtime serve` or Spin, and what the benchmarks call.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let upstreams: Arc<Vec<(&'static str, Arc<dyn Upstream>)>> = Arc::new(
+        upstreams()
+            .into_iter()
+            .map(|(name, _, upstream)| (name, upstream))
+            .collect(),
+    );
+    crate::server::serve_http(listener, shutdown, Duration::from_secs(1), move |request| {
+        let upstreams = upstreams.clone();
+        async move {
+            let name = request.uri().path().split('/').nth(1).unwrap_or_default();
+            let Some((_, upstream)) = upstreams.iter().find(|(n, _)| *n == name) else {
+                return crate::error_response(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "demo upstreams serve /inventory/{id}, /pricing/{id} and /reviews/{id}",
+                );
+            };
+            let request = request.map(|body| {
+                body.map_err(wasmtime_wasi_http::Error::from)
+                    .boxed_unsync()
+            });
+            match upstream.call(request, Default::default()).await {
+                Ok(response) => response,
+                Err(e) => crate::error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_error",
+                    &e.to_string(),
+                ),
+            }
+        }
+    })
+    .await
 }
 
 fn demo(latency_ms: Range<u64>, answer: fn(u64) -> serde_json::Value) -> Arc<dyn Upstream> {

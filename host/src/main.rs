@@ -47,6 +47,12 @@ struct Args {
     #[arg(long, default_value_t = limits::DEFAULT_MAX_INSTANCES)]
     max_instances: u32,
 
+    /// Serve only the demo upstreams over HTTP on --listen (at
+    /// /inventory/{id}, /pricing/{id}, /reviews/{id}), e.g. as the upstreams
+    /// of the component under `wasmtime serve`.
+    #[arg(long)]
+    demo_upstreams_only: bool,
+
     /// Log format; json by default when stdout is not a terminal.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
@@ -84,6 +90,17 @@ fn init_logging(format: Option<LogFormat>) {
 async fn main() -> Result<()> {
     let args = Args::parse();
     init_logging(args.log_format);
+
+    if args.demo_upstreams_only {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, "demo upstreams listening");
+        println!("demo upstreams on http://{addr}: try curl -s http://{addr}/pricing/42");
+        fanout_host::demo::serve(listener, shutdown_signal()).await?;
+        return Ok(());
+    }
 
     let limits = Limits {
         fuel: (args.fuel > 0).then_some(args.fuel),

@@ -30,7 +30,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 pub struct FanoutBuilder {
     component: ComponentSource,
     limits: Limits,
-    upstreams: Vec<(String, String, Arc<dyn Upstream>)>,
+    upstreams: Vec<(String, String, Arc<dyn Upstream>, bool)>,
     env: Vec<(String, String)>,
     http: HttpUpstream,
 }
@@ -76,14 +76,23 @@ impl FanoutBuilder {
     /// that authority go to `upstream`. A second call with the same name
     /// replaces the first.
     pub fn upstream(
-        mut self,
+        self,
         name: impl Into<String>,
         base_url: impl Into<String>,
         upstream: Arc<dyn Upstream>,
     ) -> Self {
-        let name = name.into();
-        self.upstreams.retain(|(n, _, _)| *n != name);
-        self.upstreams.push((name, base_url.into(), upstream));
+        self.add_upstream(name.into(), base_url.into(), upstream, false)
+    }
+
+    fn add_upstream(
+        mut self,
+        name: String,
+        base_url: String,
+        upstream: Arc<dyn Upstream>,
+        is_http: bool,
+    ) -> Self {
+        self.upstreams.retain(|(n, ..)| *n != name);
+        self.upstreams.push((name, base_url, upstream, is_http));
         self
     }
 
@@ -91,7 +100,7 @@ impl FanoutBuilder {
     /// shared pooled client.
     pub fn http_upstream(self, name: impl Into<String>, base_url: impl Into<String>) -> Self {
         let http = Arc::new(self.http.clone());
-        self.upstream(name, base_url, http)
+        self.add_upstream(name.into(), base_url.into(), http, true)
     }
 
     /// Registers the built-in in-process demo upstreams.
@@ -115,7 +124,7 @@ impl FanoutBuilder {
         self.limits.validate()?;
         let mut upstreams = Upstreams::default();
         let mut env = self.env;
-        for (name, base_url, upstream) in self.upstreams {
+        for (name, base_url, upstream, is_http) in self.upstreams {
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(Error::InvalidUpstream {
                     name,
@@ -130,6 +139,7 @@ impl FanoutBuilder {
                 name,
                 base_url,
                 upstream,
+                is_http,
             })?;
         }
 
@@ -463,49 +473,66 @@ impl Fanout {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
-        use hyper_util::rt::TokioIo;
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let mut shutdown = std::pin::pin!(shutdown);
-        loop {
-            let (stream, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    // Out of file descriptors and the like: keep serving the
-                    // connections we have, retry shortly.
-                    Err(e) => {
-                        tracing::error!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                () = &mut shutdown => break,
-            };
-            let _ = stream.set_nodelay(true);
-            let fanout = self.clone();
-            let service = hyper::service::service_fn(move |request| {
-                let fanout = fanout.clone();
-                async move { Ok::<_, std::convert::Infallible>(fanout.handle(request).await) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service);
-            let connection = graceful.watch(connection);
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
-                }
-            });
-        }
-        drop(listener);
+        let fanout = self.clone();
         let grace = self.inner.limits.deadline + Duration::from_secs(1);
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!("connections still open after {grace:?}; closing them");
-        }
-        Ok(())
+        serve_http(listener, shutdown, grace, move |request| {
+            let fanout = fanout.clone();
+            async move { fanout.handle(request).await }
+        })
+        .await
     }
+}
+
+/// An HTTP/1.1 server loop with graceful shutdown: `handler` answers every
+/// request; after `shutdown`, connections get `grace` to finish.
+pub(crate) async fn serve_http<H, F>(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+    handler: H,
+) -> std::io::Result<()>
+where
+    H: Fn(Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ResponseBody>> + Send + 'static,
+{
+    use hyper_util::rt::TokioIo;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                // Out of file descriptors and the like: keep serving the
+                // connections we have, retry shortly.
+                Err(e) => {
+                    tracing::error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let answer = handler(request);
+            async move { Ok::<_, std::convert::Infallible>(answer.await) }
+        });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!("connections still open after {grace:?}; closing them");
+    }
+    Ok(())
 }
 
 impl Stats {

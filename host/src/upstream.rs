@@ -156,12 +156,16 @@ pub(crate) struct Route {
     pub(crate) name: String,
     pub(crate) base_url: String,
     pub(crate) upstream: Arc<dyn Upstream>,
+    /// Served by the shared HTTP client: several such upstreams may share an
+    /// authority (one gateway in front of several services).
+    pub(crate) is_http: bool,
 }
 
 /// The routing table from authority to upstream.
 #[derive(Clone, Default)]
 pub(crate) struct Upstreams {
     by_authority: HashMap<String, Route>,
+    all: Vec<Route>,
 }
 
 impl Upstreams {
@@ -182,12 +186,7 @@ impl Upstreams {
                     "https upstreams are not supported yet by the built-in client".into(),
                 ));
             }
-            _ => {
-                return Err(invalid(format!(
-                    "base URL `{}` must be http://",
-                    route.base_url
-                )));
-            }
+            _ => return Err(invalid(format!("base URL `{}` must be http://", route.base_url))),
         }
         let authority = uri
             .authority()
@@ -195,17 +194,22 @@ impl Upstreams {
             .as_str()
             .to_ascii_lowercase();
         if let Some(other) = self.by_authority.get(&authority) {
-            return Err(invalid(format!(
-                "authority `{authority}` is already used by upstream `{}`",
-                other.name
-            )));
+            if !(other.is_http && route.is_http) {
+                return Err(invalid(format!(
+                    "authority `{authority}` is already used by upstream `{}`; \
+                     requests are routed by authority, so in-process upstreams need their own",
+                    other.name
+                )));
+            }
+        } else {
+            self.by_authority.insert(authority, route.clone());
         }
-        self.by_authority.insert(authority, route);
+        self.all.push(route);
         Ok(())
     }
 
     pub(crate) fn routes(&self) -> impl Iterator<Item = &Route> {
-        self.by_authority.values()
+        self.all.iter()
     }
 
     fn get(&self, authority: &str) -> Option<&Route> {

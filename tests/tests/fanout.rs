@@ -325,3 +325,28 @@ async fn connections_to_upstreams_are_reused() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn demo_upstreams_also_serve_over_http() -> Result<()> {
+    // The same demo upstreams the binary runs in-process, on a real socket:
+    // what the component gets under `wasmtime serve`.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(fanout_host::demo::serve(listener, async {
+        let _ = stopped.await;
+    }));
+    let fanout = fanout_host::Fanout::builder()
+        .http_upstream("inventory", &base)
+        .http_upstream("pricing", &base)
+        .http_upstream("reviews", &base)
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+    let answer = host.get("/products/42").await?;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    assert!(answer.json["price"]["amount"].is_f64());
+    assert!(answer.json["reviews"]["count"].is_u64());
+    let _ = stop.send(());
+    server.await??;
+    Ok(())
+}
