@@ -52,17 +52,13 @@ pub async fn serve(
                     "demo upstreams serve /inventory/{id}, /pricing/{id} and /reviews/{id}",
                 );
             };
-            let request = request.map(|body| {
-                body.map_err(wasmtime_wasi_http::Error::from)
-                    .boxed_unsync()
-            });
+            let request =
+                request.map(|body| body.map_err(wasmtime_wasi_http::Error::from).boxed_unsync());
             match upstream.call(request, Default::default()).await {
                 Ok(response) => response,
-                Err(e) => crate::error_response(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_error",
-                    &e.to_string(),
-                ),
+                Err(e) => {
+                    crate::error_response(StatusCode::BAD_GATEWAY, "upstream_error", &e.to_string())
+                }
             }
         }
     })

@@ -186,7 +186,12 @@ impl Upstreams {
                     "https upstreams are not supported yet by the built-in client".into(),
                 ));
             }
-            _ => return Err(invalid(format!("base URL `{}` must be http://", route.base_url))),
+            _ => {
+                return Err(invalid(format!(
+                    "base URL `{}` must be http://",
+                    route.base_url
+                )));
+            }
         }
         let authority = uri
             .authority()
