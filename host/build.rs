@@ -22,6 +22,7 @@ fn main() {
     }
     println!("cargo:rerun-if-env-changed=FANOUT_GUEST_WASM");
 
+    ensure_wasm_target();
     // One cargo run builds the guest and the test guests together.
     let wasm_dir = build_wasm(
         &root,
@@ -43,6 +44,34 @@ fn main() {
          pub const HOSTILE_COMPONENT_PATH: &str = {hostile:?};\n"
     );
     std::fs::write(out_dir.join("components.rs"), generated).unwrap();
+}
+
+/// rust-toolchain.toml lists wasm32-wasip2, and rustup installs it with the
+/// toolchain; but where rustup's auto-install is off (RUSTUP_AUTO_INSTALL=0)
+/// or the toolchain predates the file, the target can be missing. Add it
+/// rather than fail, so `cargo run` and `cargo test` stay the only commands.
+fn ensure_wasm_target() {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let libdir = Command::new(&rustc)
+        .args(["--print", "target-libdir", "--target", "wasm32-wasip2"])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+    if libdir.as_deref().is_some_and(Path::is_dir) {
+        return;
+    }
+    println!("cargo:warning=installing the wasm32-wasip2 target with rustup");
+    let status = Command::new("rustup")
+        .args(["target", "add", "wasm32-wasip2"])
+        .status();
+    match status {
+        Ok(status) if status.success() => {}
+        other => panic!(
+            "the wasm32-wasip2 target is missing and `rustup target add wasm32-wasip2` \
+             failed ({other:?}); install it and build again"
+        ),
+    }
 }
 
 /// Runs `cargo build` for `packages` on wasm32-wasip2 with the `wasm` profile

@@ -1,16 +1,21 @@
-//! The thin layer that touches WASI: the `incoming-handler` export and the
-//! concurrent outgoing calls.
+//! The thin layer that touches WASI: the `incoming-handler` export, the
+//! clock, randomness, and one upstream attempt over `wasi:http`.
 
 // `wstd::http_server` also emits a `fn main` for bin crates; in this cdylib
 // it is never called.
 #![allow(dead_code)]
 
-use crate::api::{self, ApiError, Outcome, Route, UpstreamFailure};
-use crate::config::{Config, Upstream};
-use futures_util::future::join_all;
-use std::time::Instant;
-use wstd::http::{Body, Client, ErrorCode, Request, Response, StatusCode};
+use crate::api::{self, Answer, ApiError, Target, UpstreamFailure};
+use crate::config::Config;
+use crate::fanout::{self, Attempt, Budget, Env};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use wstd::http::{Body, Client, ErrorCode, HeaderValue, Request, Response, StatusCode};
 use wstd::prelude::*;
+
+/// Prefix of the hints the guest leaves for the host on outgoing requests.
+/// The fanout host reads and strips them; any other host just forwards them.
+pub const HINT_PREFIX: &str = "x-fanout-hint-";
 
 #[wstd::http_server]
 async fn main(request: Request<Body>) -> Result<Response<Body>, wstd::http::Error> {
@@ -18,80 +23,115 @@ async fn main(request: Request<Body>) -> Result<Response<Body>, wstd::http::Erro
 }
 
 async fn handle(request: Request<Body>) -> Response<Body> {
-    // The budget starts when the request arrives, before anything else runs.
-    let deadline_base = Instant::now();
-    let route = match api::route(request.method().as_str(), request.uri().path()) {
-        Ok(route) => route,
-        Err(e) => return error_response(&e),
+    let env = WasiEnv {
+        // The budget starts when the request arrives, before anything else.
+        origin: Instant::now(),
     };
-    let config = match Config::from_env() {
-        Ok(config) => config,
-        Err(e) => {
-            return error_response(&ApiError::new(
-                500,
-                "config_invalid",
-                format!("guest configuration is invalid: {e}"),
-            ));
-        }
+    let answer = match answer(&env, &request).await {
+        Ok(answer) => answer,
+        Err(error) => Answer::error(&error),
     };
-    let deadline = deadline_base + config.deadline;
-    match route {
-        Route::Product(id) => match product(&config, &id, deadline).await {
-            Ok(value) => json_response(StatusCode::OK, &value),
-            Err(e) => error_response(&e),
-        },
-    }
+    respond(answer)
 }
 
-/// Calls every upstream at once and merges the answers: the request costs the
-/// slowest upstream, not the sum.
-async fn product(
-    config: &Config,
-    id: &str,
-    deadline: Instant,
-) -> Result<serde_json::Value, ApiError> {
-    let calls = config.upstreams.iter().map(|upstream| async move {
-        Outcome {
-            upstream: upstream.spec.name,
-            field: upstream.spec.field,
-            result: call(upstream, id, deadline).await,
+async fn answer(env: &WasiEnv, request: &Request<Body>) -> Result<Answer, ApiError> {
+    let config = Config::from_env().map_err(|e| {
+        ApiError::new(
+            500,
+            "config_invalid",
+            format!("guest configuration is invalid: {e}"),
+        )
+    })?;
+    let target = api::route(
+        &config,
+        request.method().as_str(),
+        request.uri().path(),
+        request.uri().query(),
+    )?;
+    let header = request
+        .headers()
+        .get(api::TIMEOUT_HEADER)
+        .map(|v| v.to_str().unwrap_or("not ascii"));
+    let budget = Budget::starting_at(Duration::ZERO, api::budget(&config, header)?);
+    Ok(match target {
+        Target::Item { route, id } => {
+            let ids = [id];
+            let mut items = fanout::fan_out(env, &config, route, &ids, budget).await;
+            Answer::item(items.remove(0))
         }
-    });
-    api::merge(id, join_all(calls).await)
+        Target::Batch { route, ids } => {
+            Answer::batch(fanout::fan_out(env, &config, route, &ids, budget).await)
+        }
+    })
 }
 
-/// One upstream call, bounded by the request's deadline. When the deadline
-/// passes, the pending call is dropped, which makes the host abort the
-/// in-flight request.
-async fn call(
-    upstream: &Upstream,
-    id: &str,
-    deadline: Instant,
-) -> Result<serde_json::Value, UpstreamFailure> {
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    if remaining.is_zero() {
-        return Err(UpstreamFailure::Timeout);
+fn respond(answer: Answer) -> Response<Body> {
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = serde_json::to_vec(&answer.body).unwrap_or_default();
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        headers.insert("allow", HeaderValue::from_static("GET"));
     }
-    let request = Request::get(upstream.url(id))
-        .header("accept", "application/json")
-        .body(Body::empty())
-        .map_err(|e| UpstreamFailure::Transport(format!("invalid request: {e}")))?;
-    let mut client = Client::new();
-    // Tell the host too, so a host-side transport gives up at the same time.
-    client.set_first_byte_timeout(remaining);
-    let attempt = async {
-        let response = client.send(request).await.map_err(transport_failure)?;
-        let status = response.status();
-        let mut body = response.into_body();
-        let bytes = body.contents().await.map_err(transport_failure)?;
-        if !status.is_success() {
-            return Err(UpstreamFailure::Status(status.as_u16()));
+    if !answer.degraded.is_empty()
+        && let Ok(value) = HeaderValue::from_str(&answer.degraded.join(", "))
+    {
+        headers.insert(api::DEGRADED_HEADER, value);
+    }
+    response
+}
+
+struct WasiEnv {
+    origin: Instant,
+}
+
+impl Env for WasiEnv {
+    fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+
+    async fn sleep(&self, duration: Duration) {
+        wstd::task::sleep(duration.into()).await;
+    }
+
+    fn random(&self) -> u64 {
+        // wasi:random/random, part of the proxy world.
+        let mut bytes = [0u8; 8];
+        wstd::rand::get_random_bytes(&mut bytes);
+        u64::from_le_bytes(bytes)
+    }
+
+    async fn attempt(&self, attempt: Attempt<'_>) -> Result<Value, UpstreamFailure> {
+        let request = Request::get(&attempt.url)
+            .header("accept", "application/json")
+            .header(format!("{HINT_PREFIX}upstream"), attempt.upstream)
+            .header(format!("{HINT_PREFIX}attempt"), attempt.number.to_string())
+            .body(Body::empty())
+            .map_err(|e| UpstreamFailure::Transport(format!("invalid request: {e}")))?;
+        let mut client = Client::new();
+        // Tell the host too, so a host-side transport gives up at the same time.
+        client.set_first_byte_timeout(attempt.timeout);
+        let call = async {
+            let response = client.send(request).await.map_err(transport_failure)?;
+            let status = response.status();
+            let mut body = response.into_body();
+            let bytes = body.contents().await.map_err(transport_failure)?;
+            if !status.is_success() {
+                return Err(UpstreamFailure::Status(status.as_u16()));
+            }
+            api::parse_upstream_body(bytes)
+        };
+        // On timeout the call is dropped, which makes the host abort the
+        // in-flight request.
+        match call
+            .timeout(wstd::time::Duration::from(attempt.timeout))
+            .await
+        {
+            Ok(result) => result,
+            Err(_elapsed) => Err(UpstreamFailure::Timeout),
         }
-        api::parse_upstream_body(bytes)
-    };
-    match attempt.timeout(wstd::time::Duration::from(remaining)).await {
-        Ok(result) => result,
-        Err(_elapsed) => Err(UpstreamFailure::Timeout),
     }
 }
 
@@ -104,24 +144,4 @@ fn transport_failure(e: wstd::http::Error) -> UpstreamFailure {
         Some(code) => UpstreamFailure::Transport(format!("{code:?}")),
         None => UpstreamFailure::Transport(format!("{e:#}")),
     }
-}
-
-fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    let body = serde_json::to_vec(value).unwrap_or_default();
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Body::from(body))
-        .unwrap_or_else(|_| Response::new(Body::empty()))
-}
-
-fn error_response(error: &ApiError) -> Response<Body> {
-    let status = StatusCode::from_u16(error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut response = json_response(status, &error.to_json());
-    if status == StatusCode::METHOD_NOT_ALLOWED {
-        response
-            .headers_mut()
-            .insert("allow", wstd::http::HeaderValue::from_static("GET"));
-    }
-    response
 }

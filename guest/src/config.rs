@@ -1,82 +1,141 @@
-//! The guest's configuration, read from its environment.
+//! The guest's configuration: routes and their upstreams described as data,
+//! read from the environment.
 //!
-//! Environment variables are the one configuration channel that every host
-//! sets the same way: the fanout host, `wasmtime serve --env` and Spin's
-//! component `environment`.
+//! Environment variables are the one channel that every host sets the same
+//! way: the fanout host, `wasmtime serve --env` and Spin's component
+//! `environment`.
+//!
+//! | variable | meaning |
+//! |---|---|
+//! | `FANOUT_CONFIG` | optional JSON, see [`RawConfig`]; the built-in default reproduces the product example |
+//! | `FANOUT_UPSTREAM_<NAME>` | base URL of upstream `<name>` (upper-cased), substituted for `{base}` |
+//! | `FANOUT_DEADLINE_MS` | optional: overrides `deadline_ms` |
 
+use crate::retry::RetryPolicy;
+use serde::Deserialize;
 use std::fmt;
 use std::time::Duration;
 
-/// Budget for a whole request when `FANOUT_DEADLINE_MS` is not set.
+/// Budget for a whole request unless configured otherwise.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(200);
-/// Largest budget the configuration may ask for. A higher value is a mistake
-/// (the host's own wall-clock limit would cut the request first).
+/// The largest budget a client may ask for with `x-request-timeout-ms`
+/// unless configured otherwise.
+pub const DEFAULT_MAX_DEADLINE: Duration = Duration::from_millis(1000);
+/// Largest budget the configuration itself may set: beyond, the host's own
+/// wall-clock limit would cut requests first.
 pub const MAX_DEADLINE: Duration = Duration::from_secs(60);
+/// Upstream calls in flight at once for one incoming request.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 16;
+/// Per-attempt timeout of an upstream unless configured otherwise.
+pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(150);
+/// Most ids one batch request may ask for.
+pub const MAX_BATCH_IDS: usize = 100;
 
-/// Environment variable holding the request budget in milliseconds.
+pub const ENV_CONFIG: &str = "FANOUT_CONFIG";
 pub const ENV_DEADLINE_MS: &str = "FANOUT_DEADLINE_MS";
+pub const ENV_UPSTREAM_PREFIX: &str = "FANOUT_UPSTREAM_";
 
-/// One upstream of the product route: who it is and which field it fills.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UpstreamSpec {
-    /// Logical name, used in errors and in the base-URL variable's name.
-    pub name: &'static str,
-    /// Field of the merged answer that this upstream's JSON fills.
-    pub field: &'static str,
-    /// Path under the base URL; `{id}` is replaced by the product id.
-    pub path: &'static str,
-    /// Environment variable holding the base URL, e.g. `http://pricing:8080`.
-    pub env: &'static str,
+/// How the upstreams of one item are called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// All at once: an item costs its slowest upstream.
+    #[default]
+    Concurrent,
+    /// One after another: an item costs the sum. The blocking anti-pattern,
+    /// kept for the benchmarks' comparison.
+    Sequential,
 }
 
-/// The upstreams of `GET /products/{id}`, in the order of the answer.
-pub const PRODUCT_UPSTREAMS: [UpstreamSpec; 3] = [
-    UpstreamSpec {
-        name: "inventory",
-        field: "inventory",
-        path: "/inventory/{id}",
-        env: "FANOUT_UPSTREAM_INVENTORY",
-    },
-    UpstreamSpec {
-        name: "pricing",
-        field: "price",
-        path: "/pricing/{id}",
-        env: "FANOUT_UPSTREAM_PRICING",
-    },
-    UpstreamSpec {
-        name: "reviews",
-        field: "reviews",
-        path: "/reviews/{id}",
-        env: "FANOUT_UPSTREAM_REVIEWS",
-    },
-];
+/// `FANOUT_CONFIG` as written. Every field has a default.
+///
+/// ```json
+/// {
+///   "deadline_ms": 200, "max_deadline_ms": 1000, "max_in_flight": 16, "mode": "concurrent",
+///   "routes": [{
+///     "path": "/products/{id}",
+///     "upstreams": [
+///       {"name": "inventory", "url": "{base}/inventory/{id}", "field": "inventory",
+///        "required": true, "timeout_ms": 150,
+///        "retry": {"max_attempts": 3, "initial_backoff_ms": 10, "max_backoff_ms": 50}}
+///     ]
+///   }]
+/// }
+/// ```
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub deadline_ms: Option<u64>,
+    pub max_deadline_ms: Option<u64>,
+    pub max_in_flight: Option<usize>,
+    pub mode: Option<Mode>,
+    pub routes: Option<Vec<RawRoute>>,
+}
 
-/// An upstream with its base URL resolved.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// `/<collection>/{id}`; the batch form `/<collection>?ids=a,b` comes with it.
+    pub path: String,
+    pub upstreams: Vec<RawUpstream>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub name: String,
+    /// URL template: `{base}` is the upstream's base URL, `{id}` the item id.
+    pub url: String,
+    /// Field of the answer it fills; defaults to `name`.
+    pub field: Option<String>,
+    /// A required upstream's failure fails the item; an optional one's
+    /// leaves its field null and names it in `degraded`. Default: true.
+    pub required: Option<bool>,
+    pub timeout_ms: Option<u64>,
+    pub retry: Option<RetryPolicy>,
+}
+
+/// A validated route.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Upstream {
-    pub spec: UpstreamSpec,
-    /// Base URL without a trailing slash.
-    pub base: String,
-}
-
-impl Upstream {
-    /// The URL to call for product `id` (already validated by the caller).
-    pub fn url(&self, id: &str) -> String {
-        format!("{}{}", self.base, self.spec.path.replace("{id}", id))
-    }
-}
-
-/// Everything the guest needs for one request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Config {
-    pub deadline: Duration,
+pub struct Route {
+    /// The collection path, e.g. `/products`: items live at `/products/{id}`.
+    pub collection: String,
     pub upstreams: Vec<Upstream>,
 }
 
-/// A configuration the guest cannot work with. It names the variable.
+/// A validated upstream of a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub name: String,
+    pub field: String,
+    pub required: bool,
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+    /// The URL template with `{base}` already substituted.
+    url: String,
+}
+
+impl Upstream {
+    /// The URL to call for item `id` (already validated by the caller).
+    pub fn url(&self, id: &str) -> String {
+        self.url.replace("{id}", id)
+    }
+}
+
+/// Everything the guest needs, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub deadline: Duration,
+    pub max_deadline: Duration,
+    pub max_in_flight: usize,
+    pub mode: Mode,
+    pub routes: Vec<Route>,
+}
+
+/// A configuration the guest cannot work with: it names the key and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
-    pub key: &'static str,
+    pub key: String,
     pub reason: String,
 }
 
@@ -88,34 +147,106 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+fn error(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The built-in route: the product example. Inventory and pricing are
+/// required, reviews are optional.
+pub fn default_routes() -> Vec<RawRoute> {
+    let upstream = |name: &str, path: &str, field: &str, required: bool| RawUpstream {
+        name: name.into(),
+        url: format!("{{base}}/{path}/{{id}}"),
+        field: Some(field.into()),
+        required: Some(required),
+        timeout_ms: None,
+        retry: None,
+    };
+    vec![RawRoute {
+        path: "/products/{id}".into(),
+        upstreams: vec![
+            upstream("inventory", "inventory", "inventory", true),
+            upstream("pricing", "pricing", "price", true),
+            upstream("reviews", "reviews", "reviews", false),
+        ],
+    }]
+}
+
 impl Config {
-    /// Reads the configuration through `lookup` (the environment, in the
-    /// component; a map, in tests).
+    /// Reads and validates the configuration through `lookup` (the
+    /// environment in the component; a map in tests; the host's own
+    /// settings when it validates them before listening).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let deadline = match lookup(ENV_DEADLINE_MS) {
-            None => DEFAULT_DEADLINE,
-            Some(raw) => parse_deadline(&raw).map_err(|reason| ConfigError {
-                key: ENV_DEADLINE_MS,
-                reason,
-            })?,
+        let raw = match lookup(ENV_CONFIG) {
+            None => RawConfig::default(),
+            Some(json) => serde_json::from_str::<RawConfig>(&json)
+                .map_err(|e| error(ENV_CONFIG, format!("invalid JSON: {e}")))?,
         };
-        let upstreams = PRODUCT_UPSTREAMS
-            .iter()
-            .map(|spec| {
-                let raw = lookup(spec.env).ok_or_else(|| ConfigError {
-                    key: spec.env,
-                    reason: format!("not set: the base URL of upstream `{}`", spec.name),
-                })?;
-                let base = parse_base_url(&raw).map_err(|reason| ConfigError {
-                    key: spec.env,
-                    reason,
-                })?;
-                Ok(Upstream { spec: *spec, base })
-            })
-            .collect::<Result<_, _>>()?;
+        let deadline_ms = match lookup(ENV_DEADLINE_MS) {
+            Some(ms) => Some(ms.trim().parse::<u64>().map_err(|_| {
+                error(
+                    ENV_DEADLINE_MS,
+                    format!("`{ms}` is not a whole number of milliseconds"),
+                )
+            })?),
+            None => raw.deadline_ms,
+        };
+        let key_deadline = if lookup(ENV_DEADLINE_MS).is_some() {
+            ENV_DEADLINE_MS.to_string()
+        } else {
+            format!("{ENV_CONFIG}.deadline_ms")
+        };
+        let deadline = duration(deadline_ms, DEFAULT_DEADLINE, &key_deadline, MAX_DEADLINE)?;
+        let max_deadline = duration(
+            raw.max_deadline_ms,
+            DEFAULT_MAX_DEADLINE.max(deadline),
+            &format!("{ENV_CONFIG}.max_deadline_ms"),
+            MAX_DEADLINE,
+        )?;
+        if max_deadline < deadline {
+            return Err(error(
+                format!("{ENV_CONFIG}.max_deadline_ms"),
+                format!(
+                    "{} ms is below deadline_ms ({} ms)",
+                    max_deadline.as_millis(),
+                    deadline.as_millis()
+                ),
+            ));
+        }
+        let max_in_flight = raw.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT);
+        if !(1..=1024).contains(&max_in_flight) {
+            return Err(error(
+                format!("{ENV_CONFIG}.max_in_flight"),
+                format!("{max_in_flight} is outside 1..=1024"),
+            ));
+        }
+        let routes = raw
+            .routes
+            .unwrap_or_else(default_routes)
+            .into_iter()
+            .enumerate()
+            .map(|(i, route)| validate_route(i, route, &lookup))
+            .collect::<Result<Vec<_>, _>>()?;
+        if routes.is_empty() {
+            return Err(error(format!("{ENV_CONFIG}.routes"), "no routes"));
+        }
+        for (i, route) in routes.iter().enumerate() {
+            if routes[..i].iter().any(|r| r.collection == route.collection) {
+                return Err(error(
+                    format!("{ENV_CONFIG}.routes[{i}].path"),
+                    format!("{}/{{id}} is configured twice", route.collection),
+                ));
+            }
+        }
         Ok(Config {
             deadline,
-            upstreams,
+            max_deadline,
+            max_in_flight,
+            mode: raw.mode.unwrap_or_default(),
+            routes,
         })
     }
 
@@ -123,21 +254,141 @@ impl Config {
     pub fn from_env() -> Result<Config, ConfigError> {
         Config::from_lookup(|key| std::env::var(key).ok())
     }
+
+    /// The route whose items live under `collection` (e.g. `/products`).
+    pub fn route(&self, collection: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.collection == collection)
+    }
+
+    /// Names of every upstream the routes use, each once.
+    pub fn upstream_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = Vec::new();
+        for upstream in self.routes.iter().flat_map(|r| &r.upstreams) {
+            if !names.contains(&upstream.name.as_str()) {
+                names.push(&upstream.name);
+            }
+        }
+        names
+    }
 }
 
-fn parse_deadline(raw: &str) -> Result<Duration, String> {
-    let ms: u64 = raw
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{raw}` is not a whole number of milliseconds"))?;
-    let deadline = Duration::from_millis(ms);
-    if ms == 0 || deadline > MAX_DEADLINE {
-        return Err(format!(
-            "{ms} ms is outside 1..={} ms",
-            MAX_DEADLINE.as_millis()
+fn duration(
+    ms: Option<u64>,
+    default: Duration,
+    key: &str,
+    max: Duration,
+) -> Result<Duration, ConfigError> {
+    let Some(ms) = ms else { return Ok(default) };
+    let d = Duration::from_millis(ms);
+    if ms == 0 || d > max {
+        return Err(error(
+            key,
+            format!("{ms} ms is outside 1..={} ms", max.as_millis()),
         ));
     }
-    Ok(deadline)
+    Ok(d)
+}
+
+fn validate_route(
+    index: usize,
+    raw: RawRoute,
+    lookup: &impl Fn(&str) -> Option<String>,
+) -> Result<Route, ConfigError> {
+    let key = format!("{ENV_CONFIG}.routes[{index}]");
+    let collection = raw
+        .path
+        .strip_suffix("/{id}")
+        .filter(|c| {
+            c.starts_with('/')
+                && c.len() > 1
+                && c[1..].split('/').all(|seg| {
+                    !seg.is_empty()
+                        && seg
+                            .chars()
+                            .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+                })
+        })
+        .ok_or_else(|| {
+            error(
+                format!("{key}.path"),
+                format!("`{}` must look like /<collection>/{{id}}", raw.path),
+            )
+        })?
+        .to_string();
+    if raw.upstreams.is_empty() {
+        return Err(error(
+            format!("{key}.upstreams"),
+            "a route needs at least one upstream",
+        ));
+    }
+    let mut upstreams: Vec<Upstream> = Vec::new();
+    for (i, u) in raw.upstreams.into_iter().enumerate() {
+        let key = format!("{key}.upstreams[{i}]");
+        if u.name.is_empty()
+            || !u
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(error(
+                format!("{key}.name"),
+                format!("`{}`: names are made of A-Z, a-z, 0-9 and '_'", u.name),
+            ));
+        }
+        let field = u.field.unwrap_or_else(|| u.name.clone());
+        if ["id", "degraded", "error"].contains(&field.as_str()) {
+            return Err(error(
+                format!("{key}.field"),
+                format!("`{field}` is reserved"),
+            ));
+        }
+        if upstreams.iter().any(|other| other.field == field) {
+            return Err(error(
+                format!("{key}.field"),
+                format!("`{field}` is filled twice"),
+            ));
+        }
+        let env = format!("{ENV_UPSTREAM_PREFIX}{}", u.name.to_ascii_uppercase());
+        let base = match lookup(&env) {
+            Some(raw) => parse_base_url(&raw).map_err(|reason| error(&env, reason))?,
+            None if u.url.contains("{base}") => {
+                return Err(error(
+                    &env,
+                    format!("not set: the base URL of upstream `{}`", u.name),
+                ));
+            }
+            None => String::new(),
+        };
+        let url = u.url.replace("{base}", &base);
+        if !url.contains("{id}") || !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(error(
+                format!("{key}.url"),
+                format!("`{}` must be an http(s) URL template with {{id}}", u.url),
+            ));
+        }
+        let timeout = duration(
+            u.timeout_ms,
+            DEFAULT_ATTEMPT_TIMEOUT,
+            &format!("{key}.timeout_ms"),
+            MAX_DEADLINE,
+        )?;
+        let retry = u.retry.unwrap_or_default();
+        retry
+            .validate()
+            .map_err(|reason| error(format!("{key}.retry"), reason))?;
+        upstreams.push(Upstream {
+            name: u.name,
+            field,
+            required: u.required.unwrap_or(true),
+            timeout,
+            retry,
+            url,
+        });
+    }
+    Ok(Route {
+        collection,
+        upstreams,
+    })
 }
 
 /// Accepts `http://authority[/prefix]` or `https://...`, no query or fragment.
@@ -151,9 +402,9 @@ fn parse_base_url(raw: &str) -> Result<String, String> {
     if authority.is_empty() {
         return Err(format!("`{raw}` has no host"));
     }
-    if raw.contains(['?', '#', ' ']) {
+    if raw.contains(['?', '#', ' ', '{', '}']) {
         return Err(format!(
-            "`{raw}` must not contain a query, a fragment or spaces"
+            "`{raw}` must not contain a query, a fragment, braces or spaces"
         ));
     }
     Ok(raw.trim_end_matches('/').to_string())
@@ -178,33 +429,137 @@ mod tests {
         ("FANOUT_UPSTREAM_REVIEWS", "https://reviews.example"),
     ];
 
-    #[test]
-    fn reads_bases_and_default_deadline() {
-        let config = Config::from_lookup(lookup(&BASES)).unwrap();
-        assert_eq!(config.deadline, DEFAULT_DEADLINE);
-        let urls: Vec<String> = config.upstreams.iter().map(|u| u.url("42")).collect();
-        assert_eq!(
-            urls,
-            [
-                "http://inventory.local/inventory/42",
-                "http://127.0.0.1:9001/v1/pricing/42",
-                "https://reviews.example/reviews/42",
-            ]
-        );
+    fn with(extra: &[(&'static str, &'static str)]) -> Result<Config, ConfigError> {
+        let mut pairs = BASES.to_vec();
+        pairs.extend_from_slice(extra);
+        Config::from_lookup(lookup(&pairs))
     }
 
     #[test]
-    fn deadline_is_validated() {
-        let mut pairs = BASES.to_vec();
-        pairs.push((ENV_DEADLINE_MS, "150"));
-        let config = Config::from_lookup(lookup(&pairs)).unwrap();
-        assert_eq!(config.deadline, Duration::from_millis(150));
+    fn default_is_the_product_example() {
+        let config = with(&[]).unwrap();
+        assert_eq!(config.deadline, DEFAULT_DEADLINE);
+        assert_eq!(config.max_deadline, DEFAULT_MAX_DEADLINE);
+        assert_eq!(config.max_in_flight, DEFAULT_MAX_IN_FLIGHT);
+        assert_eq!(config.mode, Mode::Concurrent);
+        let route = config.route("/products").unwrap();
+        let summary: Vec<(String, &str, bool)> = route
+            .upstreams
+            .iter()
+            .map(|u| (u.url("42"), u.field.as_str(), u.required))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (
+                    "http://inventory.local/inventory/42".to_string(),
+                    "inventory",
+                    true
+                ),
+                (
+                    "http://127.0.0.1:9001/v1/pricing/42".to_string(),
+                    "price",
+                    true
+                ),
+                (
+                    "https://reviews.example/reviews/42".to_string(),
+                    "reviews",
+                    false
+                ),
+            ]
+        );
+        assert_eq!(config.upstream_names(), ["inventory", "pricing", "reviews"]);
+    }
 
+    #[test]
+    fn json_config_describes_routes() {
+        let config = with(&[(
+            "FANOUT_CONFIG",
+            r#"{"deadline_ms": 300, "max_deadline_ms": 2000, "max_in_flight": 4, "mode": "sequential",
+                "routes": [{"path": "/users/{id}", "upstreams": [
+                    {"name": "pricing", "url": "{base}/u/{id}/price", "required": false,
+                     "timeout_ms": 50, "retry": {"max_attempts": 1}}]}]}"#,
+        )])
+        .unwrap();
+        assert_eq!(config.deadline, Duration::from_millis(300));
+        assert_eq!(config.max_deadline, Duration::from_millis(2000));
+        assert_eq!(config.max_in_flight, 4);
+        assert_eq!(config.mode, Mode::Sequential);
+        assert!(config.route("/products").is_none());
+        let upstream = &config.route("/users").unwrap().upstreams[0];
+        assert_eq!(upstream.url("7"), "http://127.0.0.1:9001/v1/u/7/price");
+        assert_eq!(upstream.field, "pricing");
+        assert!(!upstream.required);
+        assert_eq!(upstream.timeout, Duration::from_millis(50));
+        assert_eq!(upstream.retry.max_attempts, 1);
+    }
+
+    #[test]
+    fn deadline_env_overrides_and_is_validated() {
+        let config = with(&[(ENV_DEADLINE_MS, "150")]).unwrap();
+        assert_eq!(config.deadline, Duration::from_millis(150));
         for bad in ["0", "-5", "abc", "60001", ""] {
-            let mut pairs = BASES.to_vec();
-            pairs.push((ENV_DEADLINE_MS, bad));
-            let err = Config::from_lookup(lookup(&pairs)).unwrap_err();
+            let err = with(&[(ENV_DEADLINE_MS, bad)]).unwrap_err();
             assert_eq!(err.key, ENV_DEADLINE_MS, "{bad}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: &[(&str, &str)] = &[
+            ("not json", "FANOUT_CONFIG"),
+            (r#"{"colour": 1}"#, "FANOUT_CONFIG"),
+            (r#"{"deadline_ms": 0}"#, "FANOUT_CONFIG.deadline_ms"),
+            (
+                r#"{"deadline_ms": 500, "max_deadline_ms": 100}"#,
+                "FANOUT_CONFIG.max_deadline_ms",
+            ),
+            (r#"{"max_in_flight": 0}"#, "FANOUT_CONFIG.max_in_flight"),
+            (r#"{"routes": []}"#, "FANOUT_CONFIG.routes"),
+            (
+                r#"{"routes": [{"path": "/p", "upstreams": [{"name": "a", "url": "http://a/{id}"}]}]}"#,
+                "FANOUT_CONFIG.routes[0].path",
+            ),
+            (
+                r#"{"routes": [{"path": "/p/{id}", "upstreams": []}]}"#,
+                "FANOUT_CONFIG.routes[0].upstreams",
+            ),
+            (
+                r#"{"routes": [{"path": "/p/{id}", "upstreams": [{"name": "a-b", "url": "http://a/{id}"}]}]}"#,
+                "FANOUT_CONFIG.routes[0].upstreams[0].name",
+            ),
+            (
+                r#"{"routes": [{"path": "/p/{id}", "upstreams": [{"name": "a", "url": "http://a/x"}]}]}"#,
+                "FANOUT_CONFIG.routes[0].upstreams[0].url",
+            ),
+            (
+                r#"{"routes": [{"path": "/p/{id}", "upstreams": [{"name": "a", "url": "http://a/{id}", "field": "id"}]}]}"#,
+                "FANOUT_CONFIG.routes[0].upstreams[0].field",
+            ),
+            (
+                r#"{"routes": [{"path": "/p/{id}", "upstreams": [{"name": "a", "url": "http://a/{id}"}, {"name": "b", "url": "http://b/{id}", "field": "a"}]}]}"#,
+                "FANOUT_CONFIG.routes[0].upstreams[1].field",
+            ),
+            (
+                r#"{"routes": [{"path": "/p/{id}", "upstreams": [{"name": "a", "url": "http://a/{id}", "timeout_ms": 0}]}]}"#,
+                "FANOUT_CONFIG.routes[0].upstreams[0].timeout_ms",
+            ),
+            (
+                r#"{"routes": [{"path": "/p/{id}", "upstreams": [{"name": "a", "url": "http://a/{id}", "retry": {"max_attempts": 0}}]}]}"#,
+                "FANOUT_CONFIG.routes[0].upstreams[0].retry",
+            ),
+            (
+                r#"{"routes": [{"path": "/p/{id}", "upstreams": [{"name": "nobase", "url": "{base}/{id}"}]}]}"#,
+                "FANOUT_UPSTREAM_NOBASE",
+            ),
+            (
+                r#"{"routes": [{"path": "/p/{id}", "upstreams": [{"name": "a", "url": "http://a/{id}"}]}, {"path": "/p/{id}", "upstreams": [{"name": "a", "url": "http://a/{id}"}]}]}"#,
+                "FANOUT_CONFIG.routes[1].path",
+            ),
+        ];
+        for (json, key) in cases {
+            let err = with(&[("FANOUT_CONFIG", json)]).unwrap_err();
+            assert_eq!(err.key, *key, "{json}: {err}");
         }
     }
 

@@ -2,15 +2,27 @@
 //!
 //! `GET /products/{id}` validates the id, calls the inventory, pricing and
 //! reviews upstreams **concurrently** through `wasi:http/outgoing-handler`,
-//! and merges their JSON answers into one document. Every error answer has the
-//! shape `{"error": {"code", "message", "upstream"?}}`.
+//! and merges their JSON answers into one document; `GET /products?ids=a,b`
+//! does the same for up to 100 ids. Routes and upstreams are data
+//! ([`config`]); the policy is in the guest so that it holds on any host:
 //!
-//! Everything except [`component`] is plain Rust, unit-tested natively: only
-//! that module touches WASI, so the policy can be tested with `cargo test` on
-//! the host target.
+//! - a deadline budget per request (200 ms by default, lowered by the client
+//!   with `x-request-timeout-ms`), and per-attempt timeouts cut to it;
+//! - retries of idempotent GETs on connection errors, 502/503/504 and
+//!   timeouts, with exponential backoff and full jitter ([`retry`]);
+//! - at most `max_in_flight` upstream calls at once per request;
+//! - partial answers when an optional upstream fails (`"degraded"`).
+//!
+//! Every error answer has the shape `{"error": {"code", "message",
+//! "upstream"?}}`.
+//!
+//! Everything except `component` is plain Rust, unit-tested natively with a
+//! fake clock and a scripted transport: only that module touches WASI.
 
 pub mod api;
 pub mod config;
+pub mod fanout;
+pub mod retry;
 
 #[cfg(target_arch = "wasm32")]
 mod component;

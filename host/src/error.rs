@@ -16,6 +16,8 @@ use wasmtime_wasi_http::Error as TransportError;
 pub enum Error {
     #[error("invalid limit `{key}`: {reason}")]
     InvalidLimit { key: &'static str, reason: String },
+    #[error("invalid guest configuration `{key}`: {reason}")]
+    GuestConfig { key: String, reason: String },
     #[error("invalid upstream `{name}`: {reason}")]
     InvalidUpstream { name: String, reason: String },
     #[error("cannot read component {path}: {source}")]

@@ -15,9 +15,10 @@ pub const DEFAULT_FUEL: u64 = 10_000_000;
 pub const DEFAULT_MEMORY_BYTES: usize = 64 << 20;
 
 /// Wall-clock limit for one request, instantiation to the last body byte.
-/// It sits above the guest's own 200 ms budget so that the guest can answer
-/// its own 504 with a useful body; the host limit is the backstop.
-pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(1);
+/// It sits above the guest's largest budget (200 ms by default, up to 1 s
+/// when a client asks for more) so that the guest can answer its own 504
+/// with a useful body; the host limit is the backstop.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Instances that may run at once; also the size of the instance pool.
 pub const DEFAULT_MAX_INSTANCES: u32 = 256;

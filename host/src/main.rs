@@ -3,7 +3,7 @@
 //! With no arguments it serves on 127.0.0.1:8080 with built-in demo
 //! upstreams answered in-process.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use fanout_host::{Fanout, Limits, limits};
 use std::io::IsTerminal;
@@ -42,6 +42,11 @@ struct Args {
     /// The guest's own budget per request, in milliseconds (guest default: 200).
     #[arg(long)]
     guest_deadline_ms: Option<u64>,
+
+    /// The guest's routes and policies as a JSON file (FANOUT_CONFIG; see the
+    /// README).
+    #[arg(long, value_name = "FILE")]
+    guest_config: Option<PathBuf>,
 
     /// Instances that may run at once; requests beyond get a 503.
     #[arg(long, default_value_t = limits::DEFAULT_MAX_INSTANCES)]
@@ -119,14 +124,12 @@ async fn main() -> Result<()> {
         builder = builder.http_upstream(name, url);
     }
     if let Some(ms) = args.guest_deadline_ms {
-        if ms >= args.deadline_ms {
-            bail!(
-                "--guest-deadline-ms ({ms}) must be below --deadline-ms ({}), \
-                 or the host cuts requests before the guest can answer",
-                args.deadline_ms
-            );
-        }
         builder = builder.env("FANOUT_DEADLINE_MS", ms.to_string());
+    }
+    if let Some(path) = &args.guest_config {
+        let json = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read --guest-config {}", path.display()))?;
+        builder = builder.env("FANOUT_CONFIG", json);
     }
     // Everything is validated and compiled here, before we listen.
     let fanout = builder.build().context("invalid configuration")?;

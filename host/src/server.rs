@@ -36,6 +36,8 @@ pub struct FanoutBuilder {
 }
 
 enum ComponentSource {
+    /// The guest built from `guest/`, whose configuration the host knows.
+    BuiltIn,
     Bytes(Cow<'static, [u8]>),
     Path(PathBuf),
 }
@@ -43,7 +45,7 @@ enum ComponentSource {
 impl Default for FanoutBuilder {
     fn default() -> Self {
         FanoutBuilder {
-            component: ComponentSource::Bytes(Cow::Borrowed(crate::GUEST_COMPONENT)),
+            component: ComponentSource::BuiltIn,
             limits: Limits::default(),
             upstreams: Vec::new(),
             env: Vec::new(),
@@ -143,8 +145,13 @@ impl FanoutBuilder {
             })?;
         }
 
+        if let ComponentSource::BuiltIn = self.component {
+            validate_guest_config(&env, &self.limits)?;
+        }
+
         let engine = runtime::engine(&self.limits).map_err(Error::wasmtime)?;
         let component = match &self.component {
+            ComponentSource::BuiltIn => Component::new(&engine, crate::GUEST_COMPONENT),
             ComponentSource::Bytes(bytes) => Component::new(&engine, bytes),
             ComponentSource::Path(path) => {
                 let bytes = std::fs::read(path).map_err(|source| Error::ReadComponent {
@@ -178,6 +185,35 @@ impl FanoutBuilder {
             }),
         })
     }
+}
+
+/// Reads the built-in guest's configuration from the environment it will get,
+/// exactly as the guest will, so that a mistake is a start-up error naming
+/// the key rather than a 500 on every request.
+fn validate_guest_config(env: &[(String, String)], limits: &Limits) -> Result<(), Error> {
+    let lookup = |key: &str| {
+        env.iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    };
+    let config =
+        fanout_guest::config::Config::from_lookup(lookup).map_err(|e| Error::GuestConfig {
+            key: e.key,
+            reason: e.reason,
+        })?;
+    if config.max_deadline >= limits.deadline {
+        return Err(Error::GuestConfig {
+            key: "max_deadline_ms".into(),
+            reason: format!(
+                "the guest's largest budget ({} ms) must be below the host's deadline ({} ms), \
+                 or the host cuts requests before the guest can answer them",
+                config.max_deadline.as_millis(),
+                limits.deadline.as_millis()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The aggregator: a compiled, pre-instantiated component plus its upstreams

@@ -233,7 +233,7 @@ type IoFuture = Box<dyn Future<Output = Result<(), TransportError>> + Send>;
 impl WasiHttpHooks for Hooks {
     fn send_request(
         &mut self,
-        request: Request<WasiBody>,
+        mut request: Request<WasiBody>,
         options: Option<RequestOptions>,
         _response_done: IoFuture,
     ) -> Box<dyn Future<Output = Result<(Response<WasiBody>, IoFuture), TransportError>> + Send>
@@ -253,6 +253,13 @@ impl WasiHttpHooks for Hooks {
                 Err(TransportError::HttpRequestDenied)
             });
         };
+        let hints = take_hints(request.headers_mut());
+        tracing::debug!(
+            upstream = %route.name,
+            attempt = hints.attempt,
+            uri = %request.uri(),
+            "outgoing request"
+        );
         let call = route.upstream.call(request, options.unwrap_or_default());
         Box::new(async move {
             let response = call.await?;
@@ -260,5 +267,53 @@ impl WasiHttpHooks for Hooks {
             // per-request I/O future to hand back.
             Ok((response, Box::new(async { Ok(()) }) as IoFuture))
         })
+    }
+}
+
+/// Prefix of the headers in which the guest leaves hints for the host (the
+/// attempt number, the upstream's logical name). They never leave the host.
+pub const HINT_PREFIX: &str = "x-fanout-hint-";
+
+/// What the guest said about one outgoing request.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Hints {
+    /// 1 for a first attempt, 2 and up for retries.
+    pub(crate) attempt: u32,
+}
+
+/// Removes every hint header from `headers` and returns what they said.
+pub(crate) fn take_hints(headers: &mut http::HeaderMap) -> Hints {
+    let names: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with(HINT_PREFIX))
+        .cloned()
+        .collect();
+    let mut hints = Hints { attempt: 1 };
+    for name in names {
+        let value = headers.remove(&name);
+        if name.as_str() == "x-fanout-hint-attempt"
+            && let Some(n) = value.and_then(|v| v.to_str().ok()?.parse().ok())
+        {
+            hints.attempt = n;
+        }
+    }
+    hints
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_are_read_and_stripped() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-fanout-hint-attempt", "3".parse().unwrap());
+        headers.insert("x-fanout-hint-upstream", "pricing".parse().unwrap());
+        headers.insert("accept", "application/json".parse().unwrap());
+        assert_eq!(take_hints(&mut headers), Hints { attempt: 3 });
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key("accept"));
+        // No hints: a first attempt, as from any other guest.
+        assert_eq!(take_hints(&mut headers), Hints { attempt: 1 });
     }
 }

@@ -21,9 +21,20 @@ use tokio::task::JoinHandle;
 #[derive(Debug, Clone)]
 pub struct Call {
     pub path: String,
+    pub headers: HeaderMap,
     pub started: Instant,
     /// When the answer was sent; `None` if the caller went away first.
     pub finished: Option<Instant>,
+    /// When the mock stopped working on it: answered, or cut off because the
+    /// caller went away. `None` while still in progress.
+    pub ended: Option<Instant>,
+}
+
+impl Call {
+    /// The caller went away before the answer was ready.
+    pub fn cut_off(&self) -> bool {
+        self.ended.is_some() && self.finished.is_none()
+    }
 }
 
 /// How a mock answers: a status and a body, after a delay.
@@ -35,6 +46,20 @@ pub struct Behaviour {
 }
 
 impl Behaviour {
+    /// Answers `status` with an empty JSON object, at once.
+    pub fn status(status: u16) -> Behaviour {
+        Behaviour {
+            delay: Duration::ZERO,
+            status: StatusCode::from_u16(status).expect("a valid status"),
+            body: "{}".into(),
+        }
+    }
+
+    /// Never answers in any test's time.
+    pub fn hang() -> Behaviour {
+        Behaviour::json(Duration::from_secs(3600), serde_json::json!({}))
+    }
+
     pub fn json(delay: Duration, body: serde_json::Value) -> Behaviour {
         Behaviour {
             delay,
@@ -47,6 +72,8 @@ impl Behaviour {
 #[derive(Default)]
 struct MockState {
     calls: Mutex<Vec<Call>>,
+    /// Behaviours for the next calls, before the standing one applies.
+    script: Mutex<std::collections::VecDeque<Behaviour>>,
     connections: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
@@ -134,6 +161,17 @@ impl MockUpstream {
         *self.behaviour.lock().unwrap() = behaviour;
     }
 
+    /// The next calls behave like `script`, in order; then the standing
+    /// behaviour applies again.
+    pub fn script(&self, script: Vec<Behaviour>) {
+        self.state.script.lock().unwrap().extend(script);
+    }
+
+    /// Requests being worked on right now.
+    pub fn in_flight(&self) -> usize {
+        self.state.in_flight.load(Ordering::SeqCst)
+    }
+
     pub fn calls(&self) -> Vec<Call> {
         self.state.calls.lock().unwrap().clone()
     }
@@ -152,20 +190,26 @@ async fn serve(
     behaviour: Arc<Mutex<Behaviour>>,
     request: hyper::Request<hyper::body::Incoming>,
 ) -> Result<hyper::Response<Full<Bytes>>, std::convert::Infallible> {
-    let behaviour = behaviour.lock().unwrap().clone();
+    let scripted = state.script.lock().unwrap().pop_front();
+    let behaviour = scripted.unwrap_or_else(|| behaviour.lock().unwrap().clone());
     let index = {
         let mut calls = state.calls.lock().unwrap();
         calls.push(Call {
             path: request.uri().path().to_string(),
+            headers: request.headers().clone(),
             started: Instant::now(),
             finished: None,
+            ended: None,
         });
         calls.len() - 1
     };
     let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     state.max_in_flight.fetch_max(now, Ordering::SeqCst);
-    // Decrements even if the caller hangs up and this future is dropped.
-    let _in_flight = DecrementOnDrop(&state.in_flight);
+    // Runs even if the caller hangs up and hyper drops this future.
+    let _work = EndOfWork {
+        state: &state,
+        index,
+    };
     tokio::time::sleep(behaviour.delay).await;
     state.calls.lock().unwrap()[index].finished = Some(Instant::now());
     let mut response = hyper::Response::new(Full::new(Bytes::from(behaviour.body)));
@@ -177,11 +221,15 @@ async fn serve(
     Ok(response)
 }
 
-struct DecrementOnDrop<'a>(&'a AtomicUsize);
+struct EndOfWork<'a> {
+    state: &'a MockState,
+    index: usize,
+}
 
-impl Drop for DecrementOnDrop<'_> {
+impl Drop for EndOfWork<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.state.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.state.calls.lock().unwrap()[self.index].ended = Some(Instant::now());
     }
 }
 
@@ -249,10 +297,15 @@ impl TestHost {
 
     /// Sends `method path` and returns the status, headers and JSON body.
     pub async fn request(&self, method: &str, path: &str) -> Result<Answer> {
-        let request = http::Request::builder()
-            .method(method)
-            .uri(self.url(path))
-            .body(Empty::new())?;
+        self.send(method, path, &[]).await
+    }
+
+    async fn send(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> Result<Answer> {
+        let mut request = http::Request::builder().method(method).uri(self.url(path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(Empty::new())?;
         let started = Instant::now();
         let response = self.client.request(request).await?;
         let status = response.status();
@@ -275,6 +328,11 @@ impl TestHost {
 
     pub async fn get(&self, path: &str) -> Result<Answer> {
         self.request("GET", path).await
+    }
+
+    /// `GET path` with extra request headers.
+    pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Result<Answer> {
+        self.send("GET", path, headers).await
     }
 
     /// Stops accepting, waits for in-flight requests, returns serve's result.

@@ -59,7 +59,9 @@ async fn answer_has_the_contract_shape() -> Result<()> {
     let body = answer.json.as_object().expect("an object");
     let mut keys: Vec<&str> = body.keys().map(String::as_str).collect();
     keys.sort();
-    assert_eq!(keys, ["id", "inventory", "price", "reviews"]);
+    assert_eq!(keys, ["degraded", "id", "inventory", "price", "reviews"]);
+    assert_eq!(body["degraded"], json!([]));
+    assert!(answer.headers.get("x-fanout-degraded").is_none());
     assert_eq!(body["id"], "sku_42-b");
     assert!(body["inventory"]["in_stock"].is_boolean());
     assert!(body["inventory"]["quantity"].is_u64());
@@ -180,28 +182,68 @@ async fn the_guest_budget_is_configurable() -> Result<()> {
     let answer = host.get("/products/42").await?;
     assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
     assert!(answer.elapsed < MS(150), "{:?}", answer.elapsed);
-
-    let broken = TestHost::start(
-        upstreams
-            .builder()
-            .env("FANOUT_DEADLINE_MS", "soon")
-            .build()?,
-    )
-    .await?;
-    let answer = broken.get("/products/42").await?;
-    assert_eq!(answer.status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert_eq!(answer.error_code(), "config_invalid");
-    assert!(
-        answer.json["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("FANOUT_DEADLINE_MS")
-    );
     Ok(())
 }
 
 #[tokio::test]
-async fn upstream_failures_are_502_naming_the_upstream() -> Result<()> {
+async fn a_broken_guest_configuration_fails_before_listening() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    let cases = [
+        ("FANOUT_DEADLINE_MS", "soon", "FANOUT_DEADLINE_MS"),
+        ("FANOUT_CONFIG", "{not json", "FANOUT_CONFIG"),
+        (
+            "FANOUT_CONFIG",
+            r#"{"max_in_flight": 0}"#,
+            "FANOUT_CONFIG.max_in_flight",
+        ),
+        // Larger than the host's own deadline: the host would cut first.
+        (
+            "FANOUT_CONFIG",
+            r#"{"max_deadline_ms": 5000}"#,
+            "max_deadline_ms",
+        ),
+    ];
+    for (key, value, named) in cases {
+        let Err(err) = upstreams.builder().env(key, value).build() else {
+            panic!("{key}={value} was accepted");
+        };
+        match &err {
+            fanout_host::Error::GuestConfig { key, .. } => assert_eq!(key, named, "{err}"),
+            other => panic!("{key}={value}: {other}"),
+        }
+    }
+    // An upstream the routes need but nobody registered.
+    let Err(err) = fanout_host::Fanout::builder()
+        .http_upstream("inventory", upstreams.inventory.base_url())
+        .build()
+    else {
+        panic!("missing upstreams were accepted");
+    };
+    assert!(err.to_string().contains("FANOUT_UPSTREAM_PRICING"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_guest_still_validates_what_it_reads() -> Result<()> {
+    // Loaded from a path, the component is not known to be the built-in
+    // guest: the host does not check its configuration, the guest does.
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    let fanout = upstreams
+        .builder()
+        .component_path(fanout_host::GUEST_COMPONENT_PATH)
+        .env("FANOUT_DEADLINE_MS", "soon")
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+    let answer = host.get("/products/42").await?;
+    assert_eq!(answer.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(answer.error_code(), "config_invalid");
+    let message = answer.json["error"]["message"].as_str().unwrap();
+    assert!(message.contains("FANOUT_DEADLINE_MS"), "{message}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn required_upstream_failures_are_errors_naming_the_upstream() -> Result<()> {
     let upstreams = ProductUpstreams::start(MS(0)).await?;
     let host = host_for(&upstreams).await?;
     let cases = [
@@ -227,11 +269,11 @@ async fn upstream_failures_are_502_naming_the_upstream() -> Result<()> {
             StatusCode::NOT_FOUND,
             "{}",
             StatusCode::NOT_FOUND,
-            "product_not_found",
+            "item_not_found",
         ),
     ];
     for (upstream_status, body, status, code) in cases {
-        upstreams.reviews.set_behaviour(Behaviour {
+        upstreams.pricing.set_behaviour(Behaviour {
             delay: MS(0),
             status: upstream_status,
             body: body.into(),
@@ -243,7 +285,7 @@ async fn upstream_failures_are_502_naming_the_upstream() -> Result<()> {
             answer.json
         );
         assert_eq!(answer.error_code(), code);
-        assert_eq!(answer.json["error"]["upstream"], "reviews");
+        assert_eq!(answer.json["error"]["upstream"], "pricing");
     }
     Ok(())
 }

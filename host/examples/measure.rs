@@ -1,0 +1,92 @@
+//! Per-request cost of the host, with in-process upstreams that answer at
+//! once: instantiation time, fuel, and end-to-end time through
+//! `Fanout::handle` (no sockets, so the numbers are the wasm path's own).
+//!
+//! ```sh
+//! cargo run --release -p fanout-host --example measure -- 5000
+//! ```
+//!
+//! This prints numbers; it asserts nothing. The benchmark harness compares
+//! targets side by side.
+
+use anyhow::Result;
+use bytes::Bytes;
+use fanout_host::{Fanout, upstream};
+use http::StatusCode;
+use http_body_util::{BodyExt, Empty};
+use std::time::{Duration, Instant};
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let requests: u32 = std::env::args()
+        .nth(1)
+        .map(|n| n.parse())
+        .transpose()?
+        .unwrap_or(2000);
+    let instant = |body: serde_json::Value| {
+        upstream::from_fn(move |_req| {
+            let body = body.clone();
+            async move { Ok(upstream::json_response(StatusCode::OK, &body)) }
+        })
+    };
+    let fanout = Fanout::builder()
+        .upstream(
+            "inventory",
+            "http://inventory.local",
+            instant(serde_json::json!({"in_stock": true, "quantity": 3})),
+        )
+        .upstream(
+            "pricing",
+            "http://pricing.local",
+            instant(serde_json::json!({"amount": 12.5, "currency": "EUR"})),
+        )
+        .upstream(
+            "reviews",
+            "http://reviews.local",
+            instant(serde_json::json!({"rating": 4.2, "count": 17})),
+        )
+        .build()?;
+
+    let one = |fanout: Fanout| async move {
+        let request = http::Request::get("/products/42")
+            .header("host", "localhost")
+            .body(Empty::<Bytes>::new())
+            .expect("valid request");
+        let response = fanout.handle(request).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        response.into_body().collect().await.expect("body");
+    };
+    // Warm up: first instantiations fault in the pool's memory.
+    for _ in 0..100 {
+        one(fanout.clone()).await;
+    }
+    let before = fanout.stats();
+    let started = Instant::now();
+    for _ in 0..requests {
+        one(fanout.clone()).await;
+    }
+    let elapsed = started.elapsed();
+    let after = fanout.stats();
+    let n = (after.instantiations - before.instantiations) as u32;
+    let instantiate = (after.instantiate_time - before.instantiate_time) / n;
+    let fuel = (after.fuel_consumed - before.fuel_consumed) / n as u64;
+    println!("requests:             {requests} sequential, in-process upstreams");
+    println!(
+        "instantiation:        {:.1} µs per request",
+        micros(instantiate)
+    );
+    println!("fuel:                 {fuel} per request");
+    println!(
+        "end to end (handle):  {:.1} µs per request",
+        micros(elapsed / requests)
+    );
+    println!(
+        "throughput:           {:.0} requests/s on one task",
+        requests as f64 / elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
