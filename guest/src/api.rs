@@ -197,8 +197,15 @@ pub enum UpstreamFailure {
     Timeout,
     /// The upstream answered with a non-2xx status.
     Status(u16),
-    /// The call failed below HTTP (refused, denied by the host, reset...).
+    /// The call failed below HTTP (refused, reset, unreachable...).
     Transport(String),
+    /// The host refused the request: the upstream is not configured
+    /// (`HttpRequestDenied`).
+    Denied,
+    /// The host shed the request without sending it: the upstream's
+    /// concurrency limit or retry budget is used up, or its circuit is open
+    /// (`ConnectionLimitReached`, `DestinationUnavailable`).
+    Shed(String),
     /// The upstream answered 2xx with a body that is not a JSON object.
     InvalidBody(String),
 }
@@ -231,6 +238,16 @@ impl UpstreamFailure {
                 502,
                 "upstream_invalid_response",
                 format!("{upstream} answered with an unusable body: {why}"),
+            ),
+            UpstreamFailure::Denied => ApiError::new(
+                502,
+                "upstream_denied",
+                format!("the host does not allow calls to {upstream}'s address"),
+            ),
+            UpstreamFailure::Shed(why) => ApiError::new(
+                503,
+                "upstream_shed",
+                format!("the host shed the call to {upstream}: {why}"),
             ),
         };
         error.for_upstream(upstream)

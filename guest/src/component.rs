@@ -141,6 +141,13 @@ fn transport_failure(e: wstd::http::Error) -> UpstreamFailure {
         Some(ErrorCode::ConnectionReadTimeout | ErrorCode::HttpResponseTimeout) => {
             UpstreamFailure::Timeout
         }
+        Some(ErrorCode::HttpRequestDenied) => UpstreamFailure::Denied,
+        Some(ErrorCode::ConnectionLimitReached) => {
+            UpstreamFailure::Shed("its concurrency limit or retry budget is used up".into())
+        }
+        Some(ErrorCode::DestinationUnavailable) => {
+            UpstreamFailure::Shed("its circuit breaker is open".into())
+        }
         Some(code) => UpstreamFailure::Transport(format!("{code:?}")),
         None => UpstreamFailure::Transport(format!("{e:#}")),
     }

@@ -335,7 +335,8 @@ mod tests {
             UpstreamFailure::Status(404),
             UpstreamFailure::Status(400),
             UpstreamFailure::Status(500),
-            UpstreamFailure::Transport("ErrorCode::HttpRequestDenied".into()),
+            UpstreamFailure::Denied,
+            UpstreamFailure::Shed("limit".into()),
         ] {
             let env = FakeEnv::new(vec![(1, Err(failure.clone())), (1, Ok(Value::Null))]);
             let result = run(call(

@@ -65,13 +65,15 @@ impl RetryPolicy {
 impl UpstreamFailure {
     /// Whether another attempt may succeed: connection-level failures,
     /// 502/503/504 and attempt timeouts. Never a 4xx (the request itself is
-    /// wrong), nor a 500, an unusable body, or a request the host denied.
+    /// wrong), a 500, an unusable body, or a request the host denied or shed
+    /// (retrying into a guardrail only adds load where there is too much).
     pub fn is_retryable(&self) -> bool {
         match self {
-            UpstreamFailure::Timeout => true,
+            UpstreamFailure::Timeout | UpstreamFailure::Transport(_) => true,
             UpstreamFailure::Status(status) => matches!(status, 502..=504),
-            UpstreamFailure::Transport(why) => !why.contains("HttpRequestDenied"),
-            UpstreamFailure::InvalidBody(_) => false,
+            UpstreamFailure::InvalidBody(_)
+            | UpstreamFailure::Denied
+            | UpstreamFailure::Shed(_) => false,
         }
     }
 }
@@ -160,7 +162,8 @@ mod tests {
             assert!(!UpstreamFailure::Status(status).is_retryable(), "{status}");
         }
         assert!(UpstreamFailure::Transport("ErrorCode::ConnectionRefused".into()).is_retryable());
-        assert!(!UpstreamFailure::Transport("ErrorCode::HttpRequestDenied".into()).is_retryable());
+        assert!(!UpstreamFailure::Denied.is_retryable());
+        assert!(!UpstreamFailure::Shed("circuit open".into()).is_retryable());
         assert!(!UpstreamFailure::InvalidBody("x".into()).is_retryable());
     }
 

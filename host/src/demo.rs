@@ -2,13 +2,13 @@
 //! in-process with realistic latencies, so `cargo run --release` serves real
 //! fan-outs with nothing else running.
 
-use crate::upstream::{Upstream, UpstreamBody, from_fn, json_response};
-use http::{Request, StatusCode};
+use crate::adapters::{Latency, SimulatedUpstream};
+use crate::upstream::Upstream;
+use http::StatusCode;
 use http_body_util::BodyExt;
 use serde_json::json;
 use std::future::Future;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,15 +16,36 @@ use std::time::Duration;
 /// made-up authorities: the host routes them in-process, and they could not
 /// reach the network even if the routing table were wrong.
 pub fn upstreams() -> Vec<(&'static str, &'static str, Arc<dyn Upstream>)> {
+    let ms = Duration::from_millis;
+    let simulated = |min: u64, max: u64| -> Arc<dyn Upstream> {
+        Arc::new(SimulatedUpstream::new(Latency::Uniform {
+            min: ms(min),
+            max: ms(max),
+        }))
+    };
     vec![
-        (
-            "inventory",
-            "http://inventory.demo",
-            demo(20..40, inventory),
-        ),
-        ("pricing", "http://pricing.demo", demo(30..60, pricing)),
-        ("reviews", "http://reviews.demo", demo(40..80, reviews)),
+        ("inventory", "http://inventory.demo", simulated(20, 40)),
+        ("pricing", "http://pricing.demo", simulated(30, 60)),
+        ("reviews", "http://reviews.demo", simulated(40, 80)),
     ]
+}
+
+/// The demo answer for a request path: `/inventory/{id}`, `/pricing/{id}`
+/// or `/reviews/{id}` get plausible data derived from the id (the same id,
+/// the same data); any other path gets `{"id", "path"}`.
+pub fn answer_for(path: &str) -> serde_json::Value {
+    let mut segments = path.trim_start_matches('/').split('/');
+    let kind = segments.next().unwrap_or_default();
+    let id = path.rsplit('/').next().unwrap_or_default();
+    let mut h = DefaultHasher::new();
+    id.hash(&mut h);
+    let seed = h.finish();
+    match kind {
+        "inventory" => inventory(seed),
+        "pricing" => pricing(seed),
+        "reviews" => reviews(seed),
+        _ => json!({ "id": id, "path": path }),
+    }
 }
 
 /// Serves the demo upstreams over real HTTP on `listener`, at
@@ -63,28 +84,6 @@ pub async fn serve(
         }
     })
     .await
-}
-
-fn demo(latency_ms: Range<u64>, answer: fn(u64) -> serde_json::Value) -> Arc<dyn Upstream> {
-    from_fn(move |request: Request<UpstreamBody>| {
-        let latency = Duration::from_millis(fastrand::u64(latency_ms.clone()));
-        // The product id is the last path segment; the guest validated it.
-        let seed = request
-            .uri()
-            .path()
-            .rsplit('/')
-            .next()
-            .map(|id| {
-                let mut h = DefaultHasher::new();
-                id.hash(&mut h);
-                h.finish()
-            })
-            .unwrap_or_default();
-        async move {
-            tokio::time::sleep(latency).await;
-            Ok(json_response(StatusCode::OK, &answer(seed)))
-        }
-    })
 }
 
 fn inventory(seed: u64) -> serde_json::Value {

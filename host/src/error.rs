@@ -20,6 +20,11 @@ pub enum Error {
     GuestConfig { key: String, reason: String },
     #[error("invalid upstream `{name}`: {reason}")]
     InvalidUpstream { name: String, reason: String },
+    #[error("fixture {path}: {reason}")]
+    Fixture {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     #[error("cannot read component {path}: {source}")]
     ReadComponent {
         path: std::path::PathBuf,
@@ -142,8 +147,9 @@ pub fn client_error(e: hyper_util::client::legacy::Error) -> TransportError {
         return match io.map(|io| io.kind()) {
             Some(std::io::ErrorKind::ConnectionRefused) => TransportError::ConnectionRefused,
             Some(std::io::ErrorKind::TimedOut) => TransportError::ConnectionTimeout,
+            // Not DestinationUnavailable: that code means "circuit open".
             Some(std::io::ErrorKind::HostUnreachable | std::io::ErrorKind::NetworkUnreachable) => {
-                TransportError::DestinationUnavailable
+                TransportError::DestinationIpUnroutable
             }
             _ if format!("{e:?}").contains("dns error") => TransportError::DnsError {
                 rcode: Some("lookup failed".into()),

@@ -47,8 +47,10 @@
 //!
 //! To serve it over HTTP, hand a listener to [`Fanout::serve`].
 
+pub mod adapters;
 pub mod demo;
 mod error;
+pub mod guard;
 pub mod limits;
 mod runtime;
 mod server;

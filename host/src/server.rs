@@ -2,10 +2,12 @@
 //! and the HTTP server around it.
 
 use crate::ResponseBody;
+use crate::adapters::HttpUpstream;
 use crate::error::{Error, Failure};
+use crate::guard::Guardrails;
 use crate::limits::{GUEST_OUTPUT_CAPACITY, Limits};
 use crate::runtime::{self, EpochTicker};
-use crate::upstream::{Hooks, HttpUpstream, Route, Upstream, Upstreams};
+use crate::upstream::{DefaultHooks, Hooks, OutboundHooks, Upstream, UpstreamHandle, Upstreams};
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Body;
@@ -30,9 +32,18 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 pub struct FanoutBuilder {
     component: ComponentSource,
     limits: Limits,
-    upstreams: Vec<(String, String, Arc<dyn Upstream>, bool)>,
+    upstreams: Vec<PendingUpstream>,
     env: Vec<(String, String)>,
     http: HttpUpstream,
+    hooks: Arc<dyn OutboundHooks>,
+}
+
+struct PendingUpstream {
+    name: String,
+    base_url: String,
+    upstream: Arc<dyn Upstream>,
+    guardrails: Guardrails,
+    is_http: bool,
 }
 
 enum ComponentSource {
@@ -49,7 +60,8 @@ impl Default for FanoutBuilder {
             limits: Limits::default(),
             upstreams: Vec::new(),
             env: Vec::new(),
-            http: HttpUpstream::new(),
+            http: HttpUpstream::default(),
+            hooks: Arc::new(DefaultHooks),
         }
     }
 }
@@ -93,8 +105,55 @@ impl FanoutBuilder {
         upstream: Arc<dyn Upstream>,
         is_http: bool,
     ) -> Self {
-        self.upstreams.retain(|(n, ..)| *n != name);
-        self.upstreams.push((name, base_url, upstream, is_http));
+        // A replaced upstream keeps the guardrails set for its name.
+        let guardrails = self
+            .upstreams
+            .iter()
+            .find(|u| u.name == name)
+            .map(|u| u.guardrails.clone())
+            .unwrap_or_default();
+        self.upstreams.retain(|u| u.name != name);
+        self.upstreams.push(PendingUpstream {
+            name,
+            base_url,
+            upstream,
+            guardrails,
+            is_http,
+        });
+        self
+    }
+
+    /// Registers upstream `name` served over HTTP at `base_url` by
+    /// `upstream` (for example an [`HttpUpstream`] with its own timeouts).
+    /// Upstreams registered this way may share an authority.
+    pub fn http_upstream_with(
+        self,
+        name: impl Into<String>,
+        base_url: impl Into<String>,
+        upstream: HttpUpstream,
+    ) -> Self {
+        self.add_upstream(name.into(), base_url.into(), Arc::new(upstream), true)
+    }
+
+    /// Sets the cross-request guardrails of upstream `name` (registered
+    /// before or after this call).
+    pub fn guardrails(mut self, name: &str, guardrails: Guardrails) -> Self {
+        match self.upstreams.iter_mut().find(|u| u.name == name) {
+            Some(upstream) => upstream.guardrails = guardrails,
+            None => self.upstreams.push(PendingUpstream {
+                name: name.to_string(),
+                base_url: String::new(),
+                upstream: Arc::new(HttpUpstream::default()),
+                guardrails,
+                is_http: false,
+            }),
+        }
+        self
+    }
+
+    /// Hooks into every outgoing request (see [`OutboundHooks`]).
+    pub fn outbound_hooks(mut self, hooks: Arc<dyn OutboundHooks>) -> Self {
+        self.hooks = hooks;
         self
     }
 
@@ -126,23 +185,38 @@ impl FanoutBuilder {
         self.limits.validate()?;
         let mut upstreams = Upstreams::default();
         let mut env = self.env;
-        for (name, base_url, upstream, is_http) in self.upstreams {
+        for pending in self.upstreams {
+            let name = pending.name;
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(Error::InvalidUpstream {
                     name,
                     reason: "names are made of A-Z, a-z, 0-9 and '_'".into(),
                 });
             }
+            if pending.base_url.is_empty() {
+                return Err(Error::InvalidUpstream {
+                    name,
+                    reason: "guardrails were set, but no upstream was registered".into(),
+                });
+            }
+            pending
+                .guardrails
+                .validate()
+                .map_err(|reason| Error::InvalidUpstream {
+                    name: name.clone(),
+                    reason,
+                })?;
             env.push((
                 format!("FANOUT_UPSTREAM_{}", name.to_ascii_uppercase()),
-                base_url.clone(),
+                pending.base_url.clone(),
             ));
-            upstreams.insert(Route {
+            upstreams.insert(UpstreamHandle::new(
                 name,
-                base_url,
-                upstream,
-                is_http,
-            })?;
+                pending.base_url,
+                pending.upstream,
+                &pending.guardrails,
+                pending.is_http,
+            ))?;
         }
 
         if let ComponentSource::BuiltIn = self.component {
@@ -178,6 +252,7 @@ impl FanoutBuilder {
                 pre,
                 limits: self.limits,
                 upstreams: Arc::new(upstreams),
+                hooks: self.hooks,
                 env,
                 instances: Arc::new(Semaphore::new(self.limits.max_instances as usize)),
                 stats: Stats::default(),
@@ -227,6 +302,7 @@ struct Inner {
     pre: ProxyPre<RequestState>,
     limits: Limits,
     upstreams: Arc<Upstreams>,
+    hooks: Arc<dyn OutboundHooks>,
     env: Vec<(String, String)>,
     instances: Arc<Semaphore>,
     stats: Stats,
@@ -344,8 +420,8 @@ impl Fanout {
         let mut list: Vec<_> = self
             .inner
             .upstreams
-            .routes()
-            .map(|r| (r.name.clone(), r.base_url.clone()))
+            .handles()
+            .map(|h| (h.name().to_string(), h.base_url().to_string()))
             .collect();
         list.sort();
         list
@@ -426,6 +502,7 @@ impl Fanout {
                 table: ResourceTable::new(),
                 hooks: Hooks {
                     upstreams: inner.upstreams.clone(),
+                    outbound: inner.hooks.clone(),
                 },
                 limiter: MemoryLimiter {
                     limits: StoreLimitsBuilder::new()

@@ -1,28 +1,28 @@
 //! Upstreams: where the guest's outgoing requests go.
 //!
 //! The guest calls `{base}/path`; the host routes each outgoing request by
-//! the authority of its URI to the [`Upstream`] registered for it. An
-//! authority that nobody registered is refused with `HttpRequestDenied`, so
-//! a guest reaches only what the operator configured.
+//! the authority of its URI to the upstream registered for it. An authority
+//! that nobody registered is refused with `HttpRequestDenied`, so a guest
+//! reaches only what the operator configured.
 //!
-//! Two upstreams are built in: [`HttpUpstream`], real HTTP on one pooled
-//! keep-alive client shared by all upstreams, and any async closure (see
-//! [`from_fn`]), which serves an upstream in-process with no network hop.
+//! An upstream is an [`Upstream`]: one async call per request. The built-in
+//! adapters are in [`adapters`](crate::adapters): real HTTP on a pooled
+//! keep-alive client, JSON fixtures, in-process Rust closures, and a
+//! simulator with latency and fault injection. Between the guest and the
+//! adapter sit the upstream's [guardrails](crate::guard) and the
+//! [`OutboundHooks`], whose default, [`default_send_request`], an override
+//! can wrap.
 
-use crate::error::client_error;
-use bytes::Bytes;
-use http::{Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use crate::guard::{self, Call, GuardedService, Guardrails};
+use http::{Request, Response};
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use tower::ServiceExt;
 use wasmtime_wasi_http::{RequestOptions, WasiBody, WasiHttpHooks};
 
+pub use crate::adapters::{from_fn, json_response};
 pub use wasmtime_wasi_http::Error as TransportError;
 
 /// Body of the requests the guest sends and of the answers it reads.
@@ -34,13 +34,6 @@ pub type UpstreamResult = Result<Response<UpstreamBody>, TransportError>;
 /// A boxed, sendable upstream future.
 pub type UpstreamFuture = Pin<Box<dyn Future<Output = UpstreamResult> + Send>>;
 
-/// How long a new TCP connection to an upstream may take.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long an idle pooled connection is kept for reuse.
-pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Idle connections kept per upstream authority.
-pub const POOL_MAX_IDLE_PER_HOST: usize = 512;
-
 /// One upstream service: an async function from request to response.
 ///
 /// `options` carries the guest's `wasi:http` request options (connect and
@@ -50,135 +43,111 @@ pub trait Upstream: Send + Sync + 'static {
     fn call(&self, request: Request<UpstreamBody>, options: RequestOptions) -> UpstreamFuture;
 }
 
-/// Real HTTP/1.1 on a pooled, keep-alive client.
-///
-/// Cloning is cheap and clones share the connection pool: one client serves
-/// every upstream, keyed by authority.
-#[derive(Clone)]
-pub struct HttpUpstream {
-    client: Client<HttpConnector, UpstreamBody>,
-}
-
-impl Default for HttpUpstream {
-    fn default() -> Self {
-        HttpUpstream::new()
-    }
-}
-
-impl HttpUpstream {
-    pub fn new() -> HttpUpstream {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(DEFAULT_CONNECT_TIMEOUT));
-        // Small JSON requests and answers: Nagle's delay would dominate.
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
-            .pool_timer(hyper_util::rt::TokioTimer::new())
-            .build(connector);
-        HttpUpstream { client }
-    }
-}
-
-impl Upstream for HttpUpstream {
-    fn call(&self, request: Request<UpstreamBody>, options: RequestOptions) -> UpstreamFuture {
-        let response = self.client.request(request);
-        // The pooled client has one connect timeout for all requests; the
-        // guest's own options bound the wait for the response head.
-        let head_timeout = match (options.connect_timeout, options.first_byte_timeout) {
-            (Some(c), Some(f)) => Some(c + f),
-            (c, f) => c.or(f),
-        };
-        Box::pin(async move {
-            let response = match head_timeout {
-                Some(limit) => tokio::time::timeout(limit, response)
-                    .await
-                    .map_err(|_| TransportError::HttpResponseTimeout)?,
-                None => response.await,
-            };
-            let response = response.map_err(client_error)?;
-            Ok(response.map(|body| body.map_err(TransportError::from).boxed_unsync()))
-        })
-    }
-}
-
-struct FnUpstream<F>(Arc<F>);
-
-impl<F, Fut> Upstream for FnUpstream<F>
-where
-    F: Fn(Request<UpstreamBody>) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = UpstreamResult> + Send + 'static,
-{
-    fn call(&self, request: Request<UpstreamBody>, _options: RequestOptions) -> UpstreamFuture {
-        let f = self.0.clone();
-        Box::pin(async move {
-            // Read the whole request body before answering, as a server on
-            // the other end of a socket would: the guest is still writing it,
-            // and dropping it early would fail the guest's write.
-            let (parts, body) = request.into_parts();
-            let bytes = body.collect().await?.to_bytes();
-            let body = Full::new(bytes)
-                .map_err(|never| match never {})
-                .boxed_unsync();
-            f(Request::from_parts(parts, body)).await
-        })
-    }
-}
-
-/// An in-process upstream from an async closure: no socket, no serialisation
-/// beyond the body bytes.
-pub fn from_fn<F, Fut>(f: F) -> Arc<dyn Upstream>
-where
-    F: Fn(Request<UpstreamBody>) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = UpstreamResult> + Send + 'static,
-{
-    Arc::new(FnUpstream(Arc::new(f)))
-}
-
-/// A JSON answer for in-process upstreams.
-pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<UpstreamBody> {
-    let body = Full::new(Bytes::from(value.to_string()))
-        .map_err(|never| match never {})
-        .boxed_unsync();
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
 /// A registered upstream: its logical name, the base URL the guest is told,
-/// and who serves it.
+/// and the guarded service that reaches it.
 #[derive(Clone)]
-pub(crate) struct Route {
-    pub(crate) name: String,
-    pub(crate) base_url: String,
-    pub(crate) upstream: Arc<dyn Upstream>,
-    /// Served by the shared HTTP client: several such upstreams may share an
+pub struct UpstreamHandle {
+    name: String,
+    base_url: String,
+    service: GuardedService,
+    /// Served by a shared HTTP client: several such upstreams may share an
     /// authority (one gateway in front of several services).
-    pub(crate) is_http: bool,
+    is_http: bool,
+}
+
+impl UpstreamHandle {
+    pub(crate) fn new(
+        name: String,
+        base_url: String,
+        upstream: Arc<dyn Upstream>,
+        guardrails: &Guardrails,
+        is_http: bool,
+    ) -> UpstreamHandle {
+        UpstreamHandle {
+            name,
+            base_url,
+            service: guardrails.wrap(upstream),
+            is_http,
+        }
+    }
+
+    /// The upstream's logical name (`inventory`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The base URL the guest was given for it.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+}
+
+/// Hooks into the guest's outgoing requests, in the manner of wasmtime's
+/// `WasiHttpHooks`: every method has a default, and the default of
+/// [`send_request`](OutboundHooks::send_request) is a public function that an
+/// override can wrap:
+///
+/// ```
+/// use fanout_host::guard::Call;
+/// use fanout_host::upstream::{OutboundHooks, UpstreamFuture, UpstreamHandle, default_send_request};
+///
+/// struct Tagged;
+///
+/// impl OutboundHooks for Tagged {
+///     fn send_request(&self, upstream: &UpstreamHandle, mut call: Call) -> UpstreamFuture {
+///         call.request.headers_mut().insert("x-caller", "fanout".parse().unwrap());
+///         default_send_request(upstream, call)
+///     }
+/// }
+/// ```
+pub trait OutboundHooks: Send + Sync + 'static {
+    /// Sends one outgoing request of the guest to `upstream`, which the
+    /// routing already chose. The hint headers are stripped.
+    fn send_request(&self, upstream: &UpstreamHandle, call: Call) -> UpstreamFuture {
+        default_send_request(upstream, call)
+    }
+
+    /// Called when the guest asks for an authority nobody registered. The
+    /// request is refused with `HttpRequestDenied` whatever this does.
+    fn denied(&self, authority: &str, uri: &http::Uri) {
+        tracing::warn!(%authority, %uri, "outgoing request denied: no upstream has this authority");
+    }
+}
+
+/// The hooks used unless the embedder sets others.
+pub struct DefaultHooks;
+
+impl OutboundHooks for DefaultHooks {}
+
+/// Sends `call` through `upstream`'s guardrails to its adapter.
+pub fn default_send_request(upstream: &UpstreamHandle, call: Call) -> UpstreamFuture {
+    let service = upstream.service.clone();
+    Box::pin(async move {
+        service
+            .oneshot(call)
+            .await
+            .map_err(guard::to_transport_error)
+    })
 }
 
 /// The routing table from authority to upstream.
 #[derive(Clone, Default)]
 pub(crate) struct Upstreams {
-    by_authority: HashMap<String, Route>,
-    all: Vec<Route>,
+    by_authority: HashMap<String, UpstreamHandle>,
+    all: Vec<UpstreamHandle>,
 }
 
 impl Upstreams {
-    /// Registers `route`, keyed by the authority of its base URL.
-    pub(crate) fn insert(&mut self, route: Route) -> Result<(), crate::Error> {
+    /// Registers `handle`, keyed by the authority of its base URL.
+    pub(crate) fn insert(&mut self, handle: UpstreamHandle) -> Result<(), crate::Error> {
         let invalid = |reason: String| crate::Error::InvalidUpstream {
-            name: route.name.clone(),
+            name: handle.name.clone(),
             reason,
         };
-        let uri: http::Uri = route
+        let uri: http::Uri = handle
             .base_url
             .parse()
-            .map_err(|e| invalid(format!("base URL `{}`: {e}", route.base_url)))?;
+            .map_err(|e| invalid(format!("base URL `{}`: {e}", handle.base_url)))?;
         match uri.scheme_str() {
             Some("http") => {}
             Some("https") => {
@@ -189,17 +158,17 @@ impl Upstreams {
             _ => {
                 return Err(invalid(format!(
                     "base URL `{}` must be http://",
-                    route.base_url
+                    handle.base_url
                 )));
             }
         }
         let authority = uri
             .authority()
-            .ok_or_else(|| invalid(format!("base URL `{}` has no host", route.base_url)))?
+            .ok_or_else(|| invalid(format!("base URL `{}` has no host", handle.base_url)))?
             .as_str()
             .to_ascii_lowercase();
         if let Some(other) = self.by_authority.get(&authority) {
-            if !(other.is_http && route.is_http) {
+            if !(other.is_http && handle.is_http) {
                 return Err(invalid(format!(
                     "authority `{authority}` is already used by upstream `{}`; \
                      requests are routed by authority, so in-process upstreams need their own",
@@ -207,17 +176,17 @@ impl Upstreams {
                 )));
             }
         } else {
-            self.by_authority.insert(authority, route.clone());
+            self.by_authority.insert(authority, handle.clone());
         }
-        self.all.push(route);
+        self.all.push(handle);
         Ok(())
     }
 
-    pub(crate) fn routes(&self) -> impl Iterator<Item = &Route> {
+    pub(crate) fn handles(&self) -> impl Iterator<Item = &UpstreamHandle> {
         self.all.iter()
     }
 
-    fn get(&self, authority: &str) -> Option<&Route> {
+    fn get(&self, authority: &str) -> Option<&UpstreamHandle> {
         self.by_authority.get(&authority.to_ascii_lowercase())
     }
 }
@@ -226,6 +195,7 @@ impl Upstreams {
 /// registered upstreams and nowhere else.
 pub(crate) struct Hooks {
     pub(crate) upstreams: Arc<Upstreams>,
+    pub(crate) outbound: Arc<dyn OutboundHooks>,
 }
 
 type IoFuture = Box<dyn Future<Output = Result<(), TransportError>> + Send>;
@@ -243,27 +213,35 @@ impl WasiHttpHooks for Hooks {
             .authority()
             .map(|a| a.as_str().to_string())
             .unwrap_or_default();
-        let Some(route) = self.upstreams.get(&authority) else {
-            tracing::warn!(%authority, uri = %request.uri(), "outgoing request denied: no upstream has this authority");
+        let Some(upstream) = self.upstreams.get(&authority) else {
+            self.outbound.denied(&authority, request.uri());
             // Let the guest finish writing the body first: dropping it now
             // would surface as a write error, hiding the denial.
             let body = request.into_body();
             return Box::new(async move {
+                use http_body_util::BodyExt;
                 let _ = body.collect().await;
                 Err(TransportError::HttpRequestDenied)
             });
         };
         let hints = take_hints(request.headers_mut());
         tracing::debug!(
-            upstream = %route.name,
+            upstream = %upstream.name,
             attempt = hints.attempt,
             uri = %request.uri(),
             "outgoing request"
         );
-        let call = route.upstream.call(request, options.unwrap_or_default());
+        let call = self.outbound.send_request(
+            upstream,
+            Call {
+                request,
+                options: options.unwrap_or_default(),
+                attempt: hints.attempt,
+            },
+        );
         Box::new(async move {
             let response = call.await?;
-            // The pooled client drives its connections itself: there is no
+            // The adapters drive their connections themselves: there is no
             // per-request I/O future to hand back.
             Ok((response, Box::new(async { Ok(()) }) as IoFuture))
         })
