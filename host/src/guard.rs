@@ -124,10 +124,10 @@ impl Guardrails {
                 return Err("circuit_breaker.failure_rate must be in (0, 1]".into());
             }
         }
-        if let Some(rb) = &self.retry_budget {
-            if !(0.0..=1000.0).contains(&rb.ratio) || rb.window < Duration::from_secs(1) {
-                return Err("retry_budget needs 0 <= ratio <= 1000 and window_ms >= 1000".into());
-            }
+        if let Some(rb) = &self.retry_budget
+            && (!(0.0..=1000.0).contains(&rb.ratio) || rb.window < Duration::from_secs(1))
+        {
+            return Err("retry_budget needs 0 <= ratio <= 1000 and window_ms >= 1000".into());
         }
         Ok(())
     }
