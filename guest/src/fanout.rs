@@ -75,6 +75,7 @@ pub async fn call<E: Env>(
 ) -> Result<Value, UpstreamFailure> {
     let url = upstream.url(id);
     let mut number = 1;
+    let mut previous: Option<UpstreamFailure> = None;
     loop {
         let timeout = budget.attempt_timeout(env.now(), upstream.timeout);
         if timeout.is_zero() {
@@ -90,6 +91,11 @@ pub async fn call<E: Env>(
             .await
         {
             Ok(value) => return Ok(value),
+            // A retry the host refused (its retry budget is spent) says
+            // nothing new: report what made us retry.
+            Err(UpstreamFailure::Shed(_)) if previous.is_some() => {
+                return Err(previous.unwrap_or(UpstreamFailure::Timeout));
+            }
             Err(failure) => failure,
         };
         if number >= upstream.retry.max_attempts || !failure.is_retryable() {
@@ -101,6 +107,7 @@ pub async fn call<E: Env>(
         }
         env.sleep(backoff).await;
         number += 1;
+        previous = Some(failure);
     }
 }
 
@@ -387,6 +394,22 @@ mod tests {
         ));
         assert_eq!(result, Err(UpstreamFailure::Status(503)));
         assert_eq!(env.attempts.borrow().len(), 1);
+    }
+
+    #[test]
+    fn a_retry_the_host_sheds_reports_the_original_failure() {
+        let env = FakeEnv::new(vec![
+            (1, Err(UpstreamFailure::Status(503))),
+            (0, Err(UpstreamFailure::Shed("retry budget".into()))),
+        ]);
+        let result = run(call(
+            &env,
+            &upstream(100, 3),
+            "1",
+            Budget::starting_at(MS(0), MS(200)),
+        ));
+        assert_eq!(result, Err(UpstreamFailure::Status(503)));
+        assert_eq!(env.attempts.borrow().len(), 2);
     }
 
     #[test]

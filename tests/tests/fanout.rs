@@ -351,24 +351,6 @@ async fn in_process_upstreams_need_no_network() -> Result<()> {
 }
 
 #[tokio::test]
-async fn connections_to_upstreams_are_reused() -> Result<()> {
-    let upstreams = ProductUpstreams::start(MS(0)).await?;
-    let host = host_for(&upstreams).await?;
-    for _ in 0..50 {
-        assert_eq!(host.get("/products/42").await?.status, StatusCode::OK);
-    }
-    for upstream in [&upstreams.inventory, &upstreams.pricing, &upstreams.reviews] {
-        assert_eq!(upstream.calls().len(), 50);
-        assert!(
-            upstream.connections() <= 3,
-            "{} connections for 50 sequential calls",
-            upstream.connections()
-        );
-    }
-    Ok(())
-}
-
-#[tokio::test]
 async fn demo_upstreams_also_serve_over_http() -> Result<()> {
     // The same demo upstreams the binary runs in-process, on a real socket:
     // what the component gets under `wasmtime serve`.

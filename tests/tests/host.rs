@@ -1,0 +1,351 @@
+//! The host's mechanisms: adapters, cross-request guardrails, outbound
+//! hooks, connection reuse and graceful shutdown.
+
+use anyhow::Result;
+use fanout_host::adapters::{FixtureUpstream, Latency, SimulatedUpstream};
+use fanout_host::guard::{Call, CircuitBreakerConfig, Guardrails, RetryBudgetConfig};
+use fanout_host::upstream::{OutboundHooks, UpstreamFuture, UpstreamHandle, default_send_request};
+use fanout_host::{Fanout, upstream};
+use fanout_tests::{Behaviour, ProductUpstreams, TestHost};
+use http::StatusCode;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+const MS: fn(u64) -> Duration = Duration::from_millis;
+
+#[tokio::test]
+async fn a_full_upstream_sheds_at_once() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    upstreams
+        .pricing
+        .set_behaviour(Behaviour::json(MS(120), json!({"amount": 1})));
+    let fanout = upstreams
+        .builder()
+        .guardrails(
+            "pricing",
+            Guardrails {
+                max_concurrency: Some(1),
+                ..Guardrails::default()
+            },
+        )
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+    let (first, second) = tokio::join!(host.get("/products/1"), async {
+        // Send the second once the first holds pricing's only slot.
+        while upstreams.pricing.in_flight() == 0 {
+            tokio::time::sleep(MS(1)).await;
+        }
+        host.get("/products/2").await
+    });
+    let (first, second) = (first?, second?);
+    assert_eq!(first.status, StatusCode::OK, "{}", first.json);
+    assert_eq!(
+        second.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        second.json
+    );
+    assert_eq!(second.error_code(), "upstream_shed");
+    assert_eq!(second.json["error"]["upstream"], "pricing");
+    assert!(
+        second.elapsed < MS(60),
+        "a shed must be fast: {:?}",
+        second.elapsed
+    );
+    // The shed call never reached pricing, and was not retried into the limit.
+    assert_eq!(upstreams.pricing.calls().len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failing_upstream_opens_its_circuit_then_a_probe_closes_it() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    upstreams.pricing.set_behaviour(Behaviour::status(503));
+    let breaker = CircuitBreakerConfig {
+        consecutive_failures: 3,
+        open_for: MS(300),
+        ..CircuitBreakerConfig::default()
+    };
+    let fanout = upstreams
+        .builder()
+        .guardrails(
+            "pricing",
+            Guardrails {
+                circuit_breaker: Some(breaker),
+                ..Guardrails::default()
+            },
+        )
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+
+    // Three attempts (the guest retries 503s), three failures: open.
+    let answer = host.get("/products/1").await?;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{}", answer.json);
+    assert_eq!(upstreams.pricing.calls().len(), 3);
+
+    // Open: fails at once, pricing sees nothing.
+    let answer = host.get("/products/1").await?;
+    assert_eq!(
+        answer.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        answer.json
+    );
+    assert_eq!(answer.error_code(), "upstream_shed");
+    assert!(
+        answer.json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("circuit")
+    );
+    assert_eq!(upstreams.pricing.calls().len(), 3);
+
+    // After open_for, pricing has recovered: the probe goes through and closes it.
+    upstreams
+        .pricing
+        .set_behaviour(Behaviour::json(MS(0), json!({"amount": 2})));
+    tokio::time::sleep(MS(320)).await;
+    let answer = host.get("/products/1").await?;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    let answer = host.get("/products/1").await?;
+    assert_eq!(
+        answer.status,
+        StatusCode::OK,
+        "closed again: {}",
+        answer.json
+    );
+    assert_eq!(upstreams.pricing.calls().len(), 5);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_retry_budget_caps_retries_to_a_fraction_of_calls() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    upstreams.pricing.set_behaviour(Behaviour::status(503));
+    let budget = RetryBudgetConfig {
+        ratio: 0.2,
+        min_per_sec: 0,
+        window: Duration::from_secs(10),
+    };
+    let fanout = upstreams
+        .builder()
+        .guardrails(
+            "pricing",
+            Guardrails {
+                retry_budget: Some(budget),
+                ..Guardrails::default()
+            },
+        )
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+    const REQUESTS: usize = 20;
+    for _ in 0..REQUESTS {
+        let answer = host.get("/products/1").await?;
+        // A refused retry reports the failure that caused it, not the refusal.
+        assert_eq!(answer.error_code(), "upstream_error", "{}", answer.json);
+    }
+    let calls = upstreams.pricing.calls().len();
+    println!("{REQUESTS} requests, 3 attempts each allowed, retry budget 20%: {calls} calls");
+    // Without the budget: 3 attempts each, 60 calls.
+    assert!(calls >= REQUESTS, "{calls}");
+    assert!(calls <= REQUESTS + REQUESTS / 5 + 1, "{calls} calls");
+    Ok(())
+}
+
+#[tokio::test]
+async fn outbound_hooks_wrap_the_default() -> Result<()> {
+    struct Counting(Arc<AtomicUsize>);
+
+    impl OutboundHooks for Counting {
+        fn send_request(&self, upstream: &UpstreamHandle, mut call: Call) -> UpstreamFuture {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            let name = upstream.name().to_string();
+            call.request
+                .headers_mut()
+                .insert("x-upstream-name", name.parse().unwrap());
+            default_send_request(upstream, call)
+        }
+    }
+
+    let count = Arc::new(AtomicUsize::new(0));
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    let fanout = upstreams
+        .builder()
+        .outbound_hooks(Arc::new(Counting(count.clone())))
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+    assert_eq!(host.get("/products/1").await?.status, StatusCode::OK);
+    assert_eq!(count.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        upstreams.pricing.calls()[0].headers["x-upstream-name"],
+        "pricing"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn fixtures_answer_by_path() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    for (path, body) in [
+        (
+            "inventory/42.json",
+            json!({"in_stock": false, "quantity": 0}),
+        ),
+        ("pricing/42.json", json!({"amount": 3.5, "currency": "EUR"})),
+        ("reviews/42.json", json!({"rating": 2.0, "count": 1})),
+    ] {
+        let file = dir.path().join(path);
+        std::fs::create_dir_all(file.parent().unwrap())?;
+        std::fs::write(file, body.to_string())?;
+    }
+    let fixtures = Arc::new(FixtureUpstream::from_dir(dir.path())?);
+    let fanout = Fanout::builder()
+        .upstream("inventory", "http://inventory.fixture", fixtures.clone())
+        .upstream("pricing", "http://pricing.fixture", fixtures.clone())
+        .upstream("reviews", "http://reviews.fixture", fixtures)
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+    let answer = host.get("/products/42").await?;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    assert_eq!(
+        answer.json["price"],
+        json!({"amount": 3.5, "currency": "EUR"})
+    );
+    assert_eq!(answer.json["inventory"]["in_stock"], false);
+    // No fixture for 43: a 404, which the guest reports as such.
+    let answer = host.get("/products/43").await?;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND);
+    assert_eq!(answer.error_code(), "item_not_found");
+
+    // A broken fixture is refused at start-up.
+    std::fs::write(dir.path().join("inventory/bad.json"), "{nope")?;
+    let err = FixtureUpstream::from_dir(dir.path())
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("bad.json"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn simulated_faults_degrade_or_fail_as_configured() -> Result<()> {
+    let sim = |latency_ms: u64| SimulatedUpstream::new(Latency::Fixed(MS(latency_ms)));
+    let fanout = Fanout::builder()
+        .upstream("inventory", "http://inventory.sim", Arc::new(sim(5)))
+        .upstream("pricing", "http://pricing.sim", Arc::new(sim(5)))
+        .upstream(
+            "reviews",
+            "http://reviews.sim",
+            Arc::new(sim(5).error_rate(1.0)),
+        )
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+    let answer = host.get("/products/42").await?;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    assert_eq!(answer.json["degraded"], json!(["reviews"]));
+    assert!(answer.json["price"]["amount"].is_f64());
+
+    let fanout = Fanout::builder()
+        .upstream("inventory", "http://inventory.sim", Arc::new(sim(5)))
+        .upstream(
+            "pricing",
+            "http://pricing.sim",
+            Arc::new(sim(5).hang_rate(1.0)),
+        )
+        .upstream("reviews", "http://reviews.sim", Arc::new(sim(5)))
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+    let answer = host.get("/products/42").await?;
+    assert_eq!(
+        answer.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{}",
+        answer.json
+    );
+    assert_eq!(answer.json["error"]["upstream"], "pricing");
+    Ok(())
+}
+
+#[tokio::test]
+async fn connections_to_upstreams_are_reused() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    let host = TestHost::start(upstreams.builder().build()?).await?;
+    const N: usize = 200;
+    for _ in 0..N {
+        assert_eq!(host.get("/products/42").await?.status, StatusCode::OK);
+    }
+    for upstream in [&upstreams.inventory, &upstreams.pricing, &upstreams.reviews] {
+        assert_eq!(upstream.calls().len(), N);
+        println!(
+            "{N} sequential requests: {} connections",
+            upstream.connections()
+        );
+        assert!(
+            upstream.connections() <= 3,
+            "{} connections for {N} sequential calls",
+            upstream.connections()
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn shutdown_lets_requests_in_flight_finish() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(80)).await?;
+    let host = TestHost::start(upstreams.builder().build()?).await?;
+    let addr = host.addr;
+    let in_flight = tokio::spawn({
+        let url = format!("http://{addr}/products/1");
+        async move {
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<http_body_util::Empty<bytes::Bytes>>();
+            let response = client.get(url.parse()?).await?;
+            let status = response.status();
+            use http_body_util::BodyExt;
+            let body: Value =
+                serde_json::from_slice(&response.into_body().collect().await?.to_bytes())?;
+            anyhow::Ok((status, body))
+        }
+    });
+    // Shut down while the request waits for its 80 ms upstreams.
+    while upstreams.pricing.in_flight() == 0 {
+        tokio::time::sleep(MS(1)).await;
+    }
+    host.shutdown().await?;
+    let (status, body) = in_flight.await??;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["id"], "1");
+    // And nothing listens any more.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    Ok(())
+}
+
+#[tokio::test]
+async fn function_upstreams_serve_in_process() -> Result<()> {
+    let fanout = Fanout::builder()
+        .demo_upstreams()
+        .upstream(
+            "reviews",
+            "http://reviews.internal",
+            upstream::from_fn(|request| async move {
+                let id = request
+                    .uri()
+                    .path()
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                Ok(upstream::json_response(
+                    StatusCode::OK,
+                    &json!({"for": id, "rating": 5}),
+                ))
+            }),
+        )
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+    let answer = host.get("/products/77").await?;
+    assert_eq!(answer.json["reviews"], json!({"for": "77", "rating": 5}));
+    Ok(())
+}
