@@ -12,7 +12,7 @@
 //! | `FANOUT_DEADLINE_MS` | optional: overrides `deadline_ms` |
 
 use crate::retry::RetryPolicy;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::time::Duration;
 
@@ -36,7 +36,7 @@ pub const ENV_DEADLINE_MS: &str = "FANOUT_DEADLINE_MS";
 pub const ENV_UPSTREAM_PREFIX: &str = "FANOUT_UPSTREAM_";
 
 /// How the upstreams of one item are called.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// All at once: an item costs its slowest upstream.
@@ -62,7 +62,7 @@ pub enum Mode {
 ///   }]
 /// }
 /// ```
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub deadline_ms: Option<u64>,
@@ -72,7 +72,7 @@ pub struct RawConfig {
     pub routes: Option<Vec<RawRoute>>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
     /// `/<collection>/{id}`; the batch form `/<collection>?ids=a,b` comes with it.
@@ -80,7 +80,7 @@ pub struct RawRoute {
     pub upstreams: Vec<RawUpstream>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
     pub name: String,

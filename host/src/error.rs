@@ -16,6 +16,8 @@ use wasmtime_wasi_http::Error as TransportError;
 pub enum Error {
     #[error("invalid limit `{key}`: {reason}")]
     InvalidLimit { key: &'static str, reason: String },
+    #[error("invalid configuration `{key}`: {reason}")]
+    Config { key: String, reason: String },
     #[error("invalid guest configuration `{key}`: {reason}")]
     GuestConfig { key: String, reason: String },
     #[error("invalid upstream `{name}`: {reason}")]

@@ -48,6 +48,7 @@
 //! To serve it over HTTP, hand a listener to [`Fanout::serve`].
 
 pub mod adapters;
+pub mod config;
 pub mod demo;
 mod error;
 pub mod guard;

@@ -5,52 +5,61 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
-use fanout_host::{Fanout, Limits, limits};
+use fanout_host::config::FileConfig;
+use fanout_host::{Fanout, Limits};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
+
 #[derive(Parser, Debug)]
 #[command(version, about = "Serve the fanout aggregator component over HTTP")]
 struct Args {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8080", env = "FANOUT_LISTEN")]
-    listen: SocketAddr,
+    /// A fanout.toml; flags given as well override it. Without one, the
+    /// built-in demo upstreams answer in-process.
+    #[arg(long, value_name = "FILE", env = "FANOUT_CONFIG_FILE")]
+    config: Option<PathBuf>,
+
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
 
     /// A wasi:http/proxy component to serve instead of the built-in guest.
     #[arg(long)]
     component: Option<PathBuf>,
 
     /// An upstream as NAME=BASE_URL, served over HTTP (repeatable). It
-    /// replaces the demo upstream of that name; the others stay in-process.
+    /// replaces the upstream of that name from the file or the demo.
     #[arg(long = "upstream", value_name = "NAME=URL", value_parser = parse_upstream)]
     upstreams: Vec<(String, String)>,
 
-    /// Fuel per request (0: unlimited).
-    #[arg(long, default_value_t = limits::DEFAULT_FUEL)]
-    fuel: u64,
+    /// Fuel per request, 0 for unlimited [default: 10000000].
+    #[arg(long)]
+    fuel: Option<u64>,
 
-    /// Linear memory per instance, in MiB.
-    #[arg(long, default_value_t = (limits::DEFAULT_MEMORY_BYTES >> 20) as u64)]
-    memory_mib: u64,
+    /// Linear memory per instance, in MiB [default: 64].
+    #[arg(long)]
+    memory_mib: Option<u64>,
 
-    /// Host wall-clock deadline per request, in milliseconds.
-    #[arg(long, default_value_t = limits::DEFAULT_DEADLINE.as_millis() as u64)]
-    deadline_ms: u64,
+    /// Host wall-clock deadline per request, in milliseconds [default: 2000].
+    #[arg(long)]
+    deadline_ms: Option<u64>,
 
-    /// The guest's own budget per request, in milliseconds (guest default: 200).
+    /// Instances that may run at once; requests beyond get a 503 [default: 256].
+    #[arg(long)]
+    max_instances: Option<u32>,
+
+    /// The guest's own budget per request, in milliseconds [default: 200].
     #[arg(long)]
     guest_deadline_ms: Option<u64>,
 
     /// The guest's routes and policies as a JSON file (FANOUT_CONFIG; see the
-    /// README).
+    /// README). Overrides the file's [guest] table.
     #[arg(long, value_name = "FILE")]
     guest_config: Option<PathBuf>,
-
-    /// Instances that may run at once; requests beyond get a 503.
-    #[arg(long, default_value_t = limits::DEFAULT_MAX_INSTANCES)]
-    max_instances: u32,
 
     /// Serve only the demo upstreams over HTTP on --listen (at
     /// /inventory/{id}, /pricing/{id}, /reviews/{id}), e.g. as the upstreams
@@ -97,9 +106,10 @@ async fn main() -> Result<()> {
     init_logging(args.log_format);
 
     if args.demo_upstreams_only {
-        let listener = tokio::net::TcpListener::bind(args.listen)
+        let listen = args.listen.unwrap_or(DEFAULT_LISTEN);
+        let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .with_context(|| format!("cannot listen on {}", args.listen))?;
+            .with_context(|| format!("cannot listen on {listen}"))?;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, "demo upstreams listening");
         println!("demo upstreams on http://{addr}: try curl -s http://{addr}/pricing/42");
@@ -107,36 +117,21 @@ async fn main() -> Result<()> {
         return Ok(());
     }
 
-    let limits = Limits {
-        fuel: (args.fuel > 0).then_some(args.fuel),
-        memory_bytes: usize::try_from(args.memory_mib)
-            .ok()
-            .and_then(|m| m.checked_mul(1 << 20))
-            .context("--memory-mib is too large")?,
-        deadline: Duration::from_millis(args.deadline_ms),
-        max_instances: args.max_instances,
-    };
-    let mut builder = Fanout::builder().limits(limits).demo_upstreams();
-    if let Some(path) = &args.component {
-        builder = builder.component_path(path);
-    }
-    for (name, url) in &args.upstreams {
-        builder = builder.http_upstream(name, url);
-    }
-    if let Some(ms) = args.guest_deadline_ms {
-        builder = builder.env("FANOUT_DEADLINE_MS", ms.to_string());
-    }
-    if let Some(path) = &args.guest_config {
-        let json = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read --guest-config {}", path.display()))?;
-        builder = builder.env("FANOUT_CONFIG", json);
-    }
-    // Everything is validated and compiled here, before we listen.
-    let fanout = builder.build().context("invalid configuration")?;
+    let (fanout, listen) = configure(&args).map_err(|e| {
+        // A file's guest table is `guest` to its reader, not FANOUT_CONFIG.
+        match (&args.config, e) {
+            (Some(_), fanout_host::Error::GuestConfig { key, reason }) => anyhow::anyhow!(
+                "invalid configuration `{}`: {reason}",
+                key.replacen("FANOUT_CONFIG", "guest", 1)
+            ),
+            (_, e) => anyhow::Error::from(e),
+        }
+        .context("fanout did not start")
+    })?;
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+        .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     for (name, base) in fanout.upstreams() {
         tracing::info!(upstream = %name, %base, "upstream");
@@ -147,6 +142,61 @@ async fn main() -> Result<()> {
     fanout.serve(listener, shutdown_signal()).await?;
     tracing::info!("shut down");
     Ok(())
+}
+
+/// The file (or the demo), then the flags on top; validated and compiled.
+fn configure(args: &Args) -> Result<(Fanout, SocketAddr), fanout_host::Error> {
+    let mut builder = Fanout::builder();
+    let mut listen = None;
+    let mut limits = Limits::default();
+    match &args.config {
+        Some(path) => {
+            let file = FileConfig::load(path)?;
+            limits = file.limits()?;
+            let (applied, settings) = file.apply(builder)?;
+            builder = applied;
+            listen = settings.listen;
+        }
+        None => builder = builder.demo_upstreams(),
+    }
+    if let Some(fuel) = args.fuel {
+        limits.fuel = (fuel > 0).then_some(fuel);
+    }
+    if let Some(mib) = args.memory_mib {
+        limits.memory_bytes = usize::try_from(mib)
+            .ok()
+            .and_then(|m| m.checked_mul(1 << 20))
+            .ok_or_else(|| fanout_host::Error::InvalidLimit {
+                key: "memory",
+                reason: format!("--memory-mib {mib} is too large"),
+            })?;
+    }
+    if let Some(ms) = args.deadline_ms {
+        limits.deadline = Duration::from_millis(ms);
+    }
+    if let Some(n) = args.max_instances {
+        limits.max_instances = n;
+    }
+    builder = builder.limits(limits);
+    if let Some(path) = &args.component {
+        builder = builder.component_path(path);
+    }
+    for (name, url) in &args.upstreams {
+        builder = builder.http_upstream(name, url);
+    }
+    if let Some(ms) = args.guest_deadline_ms {
+        builder = builder.env("FANOUT_DEADLINE_MS", ms.to_string());
+    }
+    if let Some(path) = &args.guest_config {
+        let json = std::fs::read_to_string(path).map_err(|e| fanout_host::Error::Config {
+            key: "--guest-config".into(),
+            reason: format!("{}: {e}", path.display()),
+        })?;
+        builder = builder.env("FANOUT_CONFIG", json);
+    }
+    // Everything is validated and compiled here, before we listen.
+    let fanout = builder.build()?;
+    Ok((fanout, args.listen.or(listen).unwrap_or(DEFAULT_LISTEN)))
 }
 
 async fn shutdown_signal() {

@@ -445,7 +445,7 @@ impl Fanout {
     pub async fn handle<B>(&self, request: Request<B>) -> Response<ResponseBody>
     where
         B: Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<wasmtime_wasi_http::Error>,
+        B::Error: Into<tower::BoxError>,
     {
         let started = Instant::now();
         let method = request.method().clone();
@@ -472,8 +472,20 @@ impl Fanout {
     async fn run<B>(&self, request: Request<B>) -> Result<Response<ResponseBody>, Failure>
     where
         B: Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<wasmtime_wasi_http::Error>,
+        B::Error: Into<tower::BoxError>,
     {
+        use http_body_util::BodyExt;
+        let mut request = request.map(|body| body.map_err(incoming_body_error));
+        // wasi:http requires an authority. An HTTP/1.0 client or an
+        // embedding app may send none: the guest gets `localhost`.
+        if request.uri().authority().is_none()
+            && !request.headers().contains_key(http::header::HOST)
+        {
+            request.headers_mut().insert(
+                http::header::HOST,
+                http::HeaderValue::from_static("localhost"),
+            );
+        }
         let inner = &self.inner;
         let limits = inner.limits;
         // Shed at the door: a full pool answers 503 at once instead of
@@ -649,6 +661,43 @@ where
         tracing::warn!("connections still open after {grace:?}; closing them");
     }
     Ok(())
+}
+
+/// An error reading the client's request body, as the guest will see it.
+fn incoming_body_error(e: impl Into<tower::BoxError>) -> wasmtime_wasi_http::Error {
+    match e.into().downcast::<hyper::Error>() {
+        Ok(hyper) => wasmtime_wasi_http::Error::from(*hyper),
+        Err(other) => wasmtime_wasi_http::Error::InternalError(Some(other.to_string())),
+    }
+}
+
+/// Fanout as a tower service, so that any Rust HTTP stack can mount it
+/// (axum's `nest_service`, a tower `ServiceBuilder`, hyper's `service_fn`).
+/// It is always ready and never fails: errors are JSON answers.
+impl<B> tower::Service<Request<B>> for Fanout
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<tower::BoxError>,
+{
+    type Response = Response<ResponseBody>;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        // Admission happens per request (a full pool answers 503), so the
+        // service itself never applies backpressure.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let fanout = self.clone();
+        Box::pin(async move { Ok(fanout.handle(request).await) })
+    }
 }
 
 impl Stats {

@@ -1,0 +1,394 @@
+//! `fanout.toml`: the host's one configuration file.
+//!
+//! It holds the listen address, the component, the limits, the upstreams
+//! (each with its adapter and guardrails) and the guest's routes. Everything
+//! is validated before the server listens; an error names the key.
+//!
+//! ```toml
+//! listen = "127.0.0.1:8080"
+//!
+//! [limits]
+//! deadline_ms = 2000
+//!
+//! [upstreams.pricing]
+//! adapter = "http"
+//! url = "http://127.0.0.1:9001"
+//! max_concurrency = 64
+//!
+//! [upstreams.reviews]
+//! adapter = "simulated"
+//! latency = { distribution = "log_normal", median_ms = 40, sigma = 0.5 }
+//! error_rate = 0.05
+//!
+//! [guest]
+//! deadline_ms = 200
+//! ```
+//!
+//! See the `fanout.toml` at the root of the repository for every key.
+
+use crate::adapters::{FixtureUpstream, HttpOptions, HttpUpstream, Latency, SimulatedUpstream};
+use crate::guard::{CircuitBreakerConfig, Guardrails, RetryBudgetConfig};
+use crate::limits::Limits;
+use crate::{Error, FanoutBuilder};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The file, as written.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    /// A component to serve instead of the built-in guest.
+    pub component: Option<PathBuf>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// The guest's configuration (`FANOUT_CONFIG`): routes, budget, caps.
+    pub guest: Option<fanout_guest::config::RawConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Fuel per request; 0 for unlimited.
+    pub fuel: Option<u64>,
+    pub memory_mib: Option<u64>,
+    pub deadline_ms: Option<u64>,
+    pub max_instances: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdapterKind {
+    Http,
+    Fixture,
+    Simulated,
+}
+
+/// One upstream: its adapter, the adapter's settings, its guardrails.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub adapter: AdapterKind,
+    /// `http`: the upstream's base URL. Other adapters: the base URL the
+    /// guest is told (default `http://<name>.<adapter>`), routed in-process.
+    pub url: Option<String>,
+    pub connect_timeout_ms: Option<u64>,
+    pub response_timeout_ms: Option<u64>,
+    pub idle_timeout_ms: Option<u64>,
+    /// `fixture`: the directory of `*.json` answers, relative to the file.
+    pub dir: Option<PathBuf>,
+    /// `simulated`: latency, and the fractions of calls that fail or hang.
+    pub latency: Option<LatencyConfig>,
+    pub error_rate: Option<f64>,
+    pub hang_rate: Option<f64>,
+    pub max_concurrency: Option<usize>,
+    pub circuit_breaker: Option<CircuitBreakerConfig>,
+    pub retry_budget: Option<RetryBudgetConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(tag = "distribution", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LatencyConfig {
+    Fixed { ms: u64 },
+    Uniform { min_ms: u64, max_ms: u64 },
+    LogNormal { median_ms: u64, sigma: f64 },
+}
+
+/// What the file decides beyond the [`FanoutBuilder`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub listen: Option<SocketAddr>,
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Error {
+    Error::Config {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+impl FileConfig {
+    /// Reads and parses `path`; TOML errors carry their line and column.
+    pub fn load(path: &Path) -> Result<FileConfig, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            key: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let mut config: FileConfig = toml::from_str(&text).map_err(|e| Error::Config {
+            key: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        // Relative paths in the file are relative to the file.
+        let base = path.parent().unwrap_or(Path::new("."));
+        if let Some(component) = &mut config.component {
+            *component = base.join(&*component);
+        }
+        for upstream in config.upstreams.values_mut() {
+            if let Some(dir) = &mut upstream.dir {
+                *dir = base.join(&*dir);
+            }
+        }
+        Ok(config)
+    }
+
+    /// Limits from the file, defaults where it says nothing.
+    pub fn limits(&self) -> Result<Limits, Error> {
+        let defaults = Limits::default();
+        let l = &self.limits;
+        Ok(Limits {
+            fuel: match l.fuel {
+                None => defaults.fuel,
+                Some(0) => None,
+                Some(n) => Some(n),
+            },
+            memory_bytes: match l.memory_mib {
+                None => defaults.memory_bytes,
+                Some(mib) => usize::try_from(mib)
+                    .ok()
+                    .and_then(|m| m.checked_mul(1 << 20))
+                    .ok_or_else(|| invalid("limits.memory_mib", format!("{mib} is too large")))?,
+            },
+            deadline: l
+                .deadline_ms
+                .map(Duration::from_millis)
+                .unwrap_or(defaults.deadline),
+            max_instances: l.max_instances.unwrap_or(defaults.max_instances),
+        })
+    }
+
+    /// Applies the file to `builder`: limits, component, upstreams, guest
+    /// configuration. Call [`FanoutBuilder::build`] on the result to validate
+    /// the rest (and compile).
+    pub fn apply(&self, mut builder: FanoutBuilder) -> Result<(FanoutBuilder, Settings), Error> {
+        let limits = self.limits()?;
+        limits.validate().map_err(|e| match e {
+            Error::InvalidLimit { key, reason } => invalid(format!("limits.{key}"), reason),
+            other => other,
+        })?;
+        builder = builder.limits(limits);
+        if let Some(component) = &self.component {
+            builder = builder.component_path(component);
+        }
+        for (name, upstream) in &self.upstreams {
+            builder = upstream.apply(name, builder)?;
+        }
+        if let Some(guest) = &self.guest {
+            let json = serde_json::to_string(guest).map_err(|e| invalid("guest", e.to_string()))?;
+            builder = builder.env("FANOUT_CONFIG", json);
+        }
+        Ok((
+            builder,
+            Settings {
+                listen: self.listen,
+            },
+        ))
+    }
+}
+
+impl UpstreamConfig {
+    fn apply(&self, name: &str, builder: FanoutBuilder) -> Result<FanoutBuilder, Error> {
+        let key = |field: &str| format!("upstreams.{name}.{field}");
+        let only_for = |field: &str, set: bool, kind: AdapterKind| {
+            if set && self.adapter != kind {
+                Err(invalid(
+                    key(field),
+                    format!(
+                        "only for adapter = \"{}\"",
+                        format!("{kind:?}").to_lowercase()
+                    ),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        only_for(
+            "connect_timeout_ms",
+            self.connect_timeout_ms.is_some(),
+            AdapterKind::Http,
+        )?;
+        only_for(
+            "response_timeout_ms",
+            self.response_timeout_ms.is_some(),
+            AdapterKind::Http,
+        )?;
+        only_for(
+            "idle_timeout_ms",
+            self.idle_timeout_ms.is_some(),
+            AdapterKind::Http,
+        )?;
+        only_for("dir", self.dir.is_some(), AdapterKind::Fixture)?;
+        only_for("latency", self.latency.is_some(), AdapterKind::Simulated)?;
+        only_for(
+            "error_rate",
+            self.error_rate.is_some(),
+            AdapterKind::Simulated,
+        )?;
+        only_for(
+            "hang_rate",
+            self.hang_rate.is_some(),
+            AdapterKind::Simulated,
+        )?;
+
+        let guardrails = Guardrails {
+            max_concurrency: self.max_concurrency,
+            circuit_breaker: self.circuit_breaker.clone(),
+            retry_budget: self.retry_budget.clone(),
+        };
+        guardrails
+            .validate()
+            .map_err(|reason| invalid(format!("upstreams.{name}"), reason))?;
+        let kind = format!("{:?}", self.adapter).to_lowercase();
+        let url = self
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("http://{name}.{kind}"));
+        let ms = |v: Option<u64>, field: &str| -> Result<Option<Duration>, Error> {
+            match v {
+                Some(0) => Err(invalid(key(field), "must be at least 1 ms")),
+                v => Ok(v.map(Duration::from_millis)),
+            }
+        };
+        let builder = match self.adapter {
+            AdapterKind::Http => {
+                if self.url.is_none() {
+                    return Err(invalid(key("url"), "required for adapter = \"http\""));
+                }
+                let defaults = HttpOptions::default();
+                let options = HttpOptions {
+                    connect_timeout: ms(self.connect_timeout_ms, "connect_timeout_ms")?
+                        .unwrap_or(defaults.connect_timeout),
+                    response_timeout: ms(self.response_timeout_ms, "response_timeout_ms")?,
+                    idle_timeout: ms(self.idle_timeout_ms, "idle_timeout_ms")?
+                        .unwrap_or(defaults.idle_timeout),
+                };
+                builder.http_upstream_with(name, url, HttpUpstream::new(options))
+            }
+            AdapterKind::Fixture => {
+                let dir = self
+                    .dir
+                    .as_ref()
+                    .ok_or_else(|| invalid(key("dir"), "required for adapter = \"fixture\""))?;
+                let fixtures = FixtureUpstream::from_dir(dir)
+                    .map_err(|e| invalid(key("dir"), e.to_string()))?;
+                builder.upstream(name, url, Arc::new(fixtures))
+            }
+            AdapterKind::Simulated => {
+                let latency = match self.latency {
+                    None => Latency::Fixed(Duration::from_millis(20)),
+                    Some(LatencyConfig::Fixed { ms }) => Latency::Fixed(Duration::from_millis(ms)),
+                    Some(LatencyConfig::Uniform { min_ms, max_ms }) if min_ms <= max_ms => {
+                        Latency::Uniform {
+                            min: Duration::from_millis(min_ms),
+                            max: Duration::from_millis(max_ms),
+                        }
+                    }
+                    Some(LatencyConfig::Uniform { .. }) => {
+                        return Err(invalid(key("latency"), "min_ms must not exceed max_ms"));
+                    }
+                    Some(LatencyConfig::LogNormal { median_ms, sigma })
+                        if (0.0..=3.0).contains(&sigma) =>
+                    {
+                        Latency::LogNormal {
+                            median: Duration::from_millis(median_ms),
+                            sigma,
+                        }
+                    }
+                    Some(LatencyConfig::LogNormal { .. }) => {
+                        return Err(invalid(key("latency"), "sigma must be in 0..=3"));
+                    }
+                };
+                let rate = |v: Option<f64>, field: &str| match v.unwrap_or(0.0) {
+                    r if (0.0..=1.0).contains(&r) => Ok(r),
+                    r => Err(invalid(key(field), format!("{r} is outside 0..=1"))),
+                };
+                let (error_rate, hang_rate) = (
+                    rate(self.error_rate, "error_rate")?,
+                    rate(self.hang_rate, "hang_rate")?,
+                );
+                if error_rate + hang_rate > 1.0 {
+                    return Err(invalid(
+                        format!("upstreams.{name}"),
+                        "error_rate + hang_rate exceeds 1",
+                    ));
+                }
+                let simulated = SimulatedUpstream::new(latency)
+                    .error_rate(error_rate)
+                    .hang_rate(hang_rate);
+                builder.upstream(name, url, Arc::new(simulated))
+            }
+        };
+        Ok(builder.guardrails(name, guardrails))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<FileConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    fn apply_err(text: &str) -> String {
+        let config = parse(text).expect("parses");
+        match config.apply(crate::Fanout::builder()) {
+            Ok(_) => panic!("accepted: {text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_line() {
+        let err = parse("listen = \"127.0.0.1:1\"\ncolour = 1\n").unwrap_err();
+        assert!(err.contains("colour") && err.contains("line 2"), "{err}");
+        let err = parse("[upstreams.a]\nadapter = \"carrier-pigeon\"\n").unwrap_err();
+        assert!(err.contains("carrier-pigeon"), "{err}");
+        let err = parse("listen = \"not an address\"\n").unwrap_err();
+        assert!(err.contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_key() {
+        let cases = [
+            ("[upstreams.p]\nadapter = \"http\"\n", "upstreams.p.url"),
+            ("[upstreams.p]\nadapter = \"fixture\"\n", "upstreams.p.dir"),
+            (
+                "[upstreams.p]\nadapter = \"http\"\nurl = \"http://x\"\ndir = \"d\"\n",
+                "upstreams.p.dir",
+            ),
+            (
+                "[upstreams.p]\nadapter = \"simulated\"\nerror_rate = 2.0\n",
+                "upstreams.p.error_rate",
+            ),
+            (
+                "[upstreams.p]\nadapter = \"http\"\nurl = \"http://x\"\nconnect_timeout_ms = 0\n",
+                "upstreams.p.connect_timeout_ms",
+            ),
+            (
+                "[upstreams.p]\nadapter = \"simulated\"\nmax_concurrency = 0\n",
+                "upstreams.p",
+            ),
+            ("[limits]\nmax_instances = 0\n", "limits.max_instances"),
+            ("[limits]\nmemory_mib = 0\n", "limits.memory"),
+        ];
+        for (text, key) in cases {
+            let err = apply_err(text);
+            assert!(err.contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fanout.toml");
+        let config = FileConfig::load(&path).expect("fanout.toml parses");
+        let (builder, settings) = config.apply(crate::Fanout::builder()).expect("applies");
+        assert!(settings.listen.is_some());
+        builder.build().expect("fanout.toml builds");
+    }
+}
