@@ -1,6 +1,7 @@
 //! Per-request cost of the host, with in-process upstreams that answer at
 //! once: instantiation time, fuel, and end-to-end time through
-//! `Fanout::handle` (no sockets, so the numbers are the wasm path's own).
+//! `Fanout::handle` (no sockets, so the numbers are the wasm path's own);
+//! then the cost of each guardrail layer, per upstream call.
 //!
 //! ```sh
 //! cargo run --release -p fanout-host --example measure -- 5000
@@ -11,6 +12,8 @@
 
 use anyhow::Result;
 use bytes::Bytes;
+use fanout_host::guard::{Call, CircuitBreakerConfig, Guardrails, RetryBudgetConfig};
+use fanout_host::upstream::{UpstreamHandle, default_send_request};
 use fanout_host::{Fanout, upstream};
 use http::StatusCode;
 use http_body_util::{BodyExt, Empty};
@@ -84,7 +87,75 @@ async fn main() -> Result<()> {
         "throughput:           {:.0} requests/s on one task",
         requests as f64 / elapsed.as_secs_f64()
     );
+
+    guardrail_overhead().await;
     Ok(())
+}
+
+/// Calls an in-process upstream through each guardrail stack, many times,
+/// and prints the time per call with and without each layer.
+async fn guardrail_overhead() {
+    const CALLS: u32 = 200_000;
+    let answer = upstream::from_fn(|_req| async {
+        Ok(upstream::json_response(
+            StatusCode::OK,
+            &serde_json::json!({}),
+        ))
+    });
+    let limit = Guardrails {
+        max_concurrency: Some(1024),
+        ..Guardrails::default()
+    };
+    let breaker = Guardrails {
+        circuit_breaker: Some(CircuitBreakerConfig::default()),
+        ..limit.clone()
+    };
+    let all = Guardrails {
+        retry_budget: Some(RetryBudgetConfig::default()),
+        ..breaker.clone()
+    };
+    let stacks = [
+        ("no guardrails", Guardrails::default()),
+        ("+ concurrency limit and load shed", limit),
+        ("+ circuit breaker", breaker),
+        ("+ retry budget (all three)", all),
+    ];
+    println!("\nguardrails, per upstream call ({CALLS} calls each, in-process upstream):");
+    let mut baseline = None;
+    for (label, guardrails) in stacks {
+        let handle = UpstreamHandle::new(
+            "u".into(),
+            "http://u.local".into(),
+            answer.clone(),
+            &guardrails,
+            false,
+        );
+        let call = || Call {
+            request: http::Request::get("http://u.local/x")
+                .body(
+                    Empty::<Bytes>::new()
+                        .map_err(|never| match never {})
+                        .boxed_unsync(),
+                )
+                .expect("valid request"),
+            options: Default::default(),
+            attempt: 1,
+        };
+        for _ in 0..10_000 {
+            default_send_request(&handle, call()).await.expect("answer");
+        }
+        let started = Instant::now();
+        for _ in 0..CALLS {
+            default_send_request(&handle, call()).await.expect("answer");
+        }
+        let per_call = started.elapsed() / CALLS;
+        let base = *baseline.get_or_insert(per_call);
+        println!(
+            "  {label:<36} {:>6.2} µs  (+{:.2} µs)",
+            micros(per_call),
+            micros(per_call.saturating_sub(base))
+        );
+    }
 }
 
 fn micros(d: Duration) -> f64 {

@@ -6,8 +6,9 @@
 use std::time::Duration;
 
 /// Fuel for one request. A product fan-out (wstd + serde_json) burns about
-/// 210k units (measured by the `fuel_per_request_leaves_headroom` test); the
-/// limit leaves ~50x headroom for larger answers while still stopping a
+/// 310k units (measured by `examples/measure.rs` and checked by the
+/// `fuel_per_request_leaves_headroom` test); the
+/// limit leaves ~30x headroom for larger answers while still stopping a
 /// runaway loop within a few tens of milliseconds of CPU.
 pub const DEFAULT_FUEL: u64 = 10_000_000;
 

@@ -56,7 +56,9 @@ pub struct UpstreamHandle {
 }
 
 impl UpstreamHandle {
-    pub(crate) fn new(
+    /// An upstream behind its guardrails, as the host routes to it.
+    /// `is_http` lets several such handles share an authority.
+    pub fn new(
         name: String,
         base_url: String,
         upstream: Arc<dyn Upstream>,
