@@ -1,0 +1,186 @@
+//! The same component under `wasmtime serve`: no fanout host at all, the
+//! component's own requests going straight to mock upstreams on port 0.
+//!
+//! Needs `wasmtime` 48.0.8 on PATH (`.ci/run` installs it). Outside CI a
+//! missing binary skips these tests, saying so; in CI (`CI` is set) it fails
+//! them.
+
+use anyhow::{Context, Result, bail};
+use fanout_tests::{Behaviour, ProductUpstreams};
+use http::StatusCode;
+use http_body_util::{BodyExt, Empty};
+use serde_json::{Value, json};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const MS: fn(u64) -> Duration = Duration::from_millis;
+const WASMTIME_VERSION: &str = "48.0.8";
+
+/// `wasmtime serve -Scli` running the guest component.
+struct WasmtimeServe {
+    child: Child,
+    base: String,
+}
+
+impl WasmtimeServe {
+    /// Starts it with the upstreams' base URLs and `extra` environment; `None`
+    /// when wasmtime is not installed outside CI.
+    async fn start(upstreams: &ProductUpstreams, extra: &[(&str, &str)]) -> Result<Option<Self>> {
+        let version = std::process::Command::new("wasmtime")
+            .arg("--version")
+            .output();
+        let found = match &version {
+            Ok(out) => String::from_utf8_lossy(&out.stdout).contains(WASMTIME_VERSION),
+            Err(_) => false,
+        };
+        if !found {
+            let why = format!(
+                "wasmtime {WASMTIME_VERSION} is not on PATH (found: {:?}); install it with \
+                 `cargo install wasmtime-cli --version {WASMTIME_VERSION} --locked`",
+                version.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            );
+            if std::env::var_os("CI").is_some() {
+                bail!("{why}");
+            }
+            // Straight to stderr: libtest captures eprintln! of passing tests,
+            // and a skip must be seen.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+            return Ok(None);
+        }
+        let mut command = Command::new("wasmtime");
+        command.args(["serve", "-Scli", "--addr", "127.0.0.1:0"]);
+        for (key, value) in [
+            ("FANOUT_UPSTREAM_INVENTORY", upstreams.inventory.base_url()),
+            ("FANOUT_UPSTREAM_PRICING", upstreams.pricing.base_url()),
+            ("FANOUT_UPSTREAM_REVIEWS", upstreams.reviews.base_url()),
+        ]
+        .into_iter()
+        .chain(extra.iter().map(|(k, v)| (*k, v.to_string())))
+        {
+            command.arg("--env").arg(format!("{key}={value}"));
+        }
+        command
+            .arg(fanout_host::GUEST_COMPONENT_PATH)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().context("spawning wasmtime serve")?;
+        // Ready when it says where it listens (port 0: it picks the port).
+        let stderr = child.stderr.take().context("stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        let base = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(url) = line.strip_prefix("Serving HTTP on ") {
+                    return Ok(url.trim_end_matches('/').to_string());
+                }
+            }
+            bail!("wasmtime serve exited before listening")
+        })
+        .await
+        .context("wasmtime serve did not start listening within 60 s")??;
+        // Keep draining its stderr so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Some(WasmtimeServe { child, base }))
+    }
+
+    async fn get(&self, path: &str) -> Result<(StatusCode, http::HeaderMap, Value, Duration)> {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<Empty<bytes::Bytes>>();
+        let started = Instant::now();
+        let response = client.get(format!("{}{path}", self.base).parse()?).await?;
+        let (status, headers) = (response.status(), response.headers().clone());
+        let body = response.into_body().collect().await?.to_bytes();
+        let elapsed = started.elapsed();
+        let json = serde_json::from_slice(&body)
+            .with_context(|| format!("not JSON: {:?}", String::from_utf8_lossy(&body)))?;
+        Ok((status, headers, json, elapsed))
+    }
+
+    /// Stops it as ctrl-c would (graceful), and waits.
+    async fn stop(mut self) -> Result<()> {
+        if let Some(pid) = self.child.id() {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGINT,
+            )?;
+        }
+        tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await??;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn merged_answer_and_concurrent_fan_out() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(100)).await?;
+    let Some(serve) = WasmtimeServe::start(&upstreams, &[]).await? else {
+        return Ok(());
+    };
+    // The first request compiles nothing (wasmtime serve compiled at start)
+    // but opens connections; measure the second.
+    let (status, _, _, _) = serve.get("/products/41").await?;
+    assert_eq!(status, StatusCode::OK);
+    let (status, headers, body, elapsed) = serve.get("/products/42").await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(body["id"], "42");
+    assert_eq!(body["price"], json!({"amount": 12.5, "currency": "EUR"}));
+    assert_eq!(body["degraded"], json!([]));
+    println!("wasmtime serve: 3 x 100 ms fan-out in {elapsed:?}");
+    assert!(
+        elapsed < MS(180),
+        "not concurrent under wasmtime serve: {elapsed:?}"
+    );
+    serve.stop().await
+}
+
+#[tokio::test]
+async fn deadline_hit_is_a_504() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    upstreams.pricing.set_behaviour(Behaviour::hang());
+    let Some(serve) = WasmtimeServe::start(&upstreams, &[]).await? else {
+        return Ok(());
+    };
+    let (status, _, body, elapsed) = serve.get("/products/42").await?;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert_eq!(body["error"]["code"], "upstream_timeout");
+    assert_eq!(body["error"]["upstream"], "pricing");
+    assert!(elapsed < MS(1000), "{elapsed:?}");
+    serve.stop().await
+}
+
+#[tokio::test]
+async fn a_failing_optional_upstream_degrades() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    upstreams.reviews.set_behaviour(Behaviour::status(500));
+    let Some(serve) = WasmtimeServe::start(&upstreams, &[]).await? else {
+        return Ok(());
+    };
+    let (status, headers, body, _) = serve.get("/products/42").await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["degraded"], json!(["reviews"]));
+    assert_eq!(headers["x-fanout-degraded"], "reviews");
+    serve.stop().await
+}
+
+#[tokio::test]
+async fn configuration_reaches_the_guest_the_same_way() -> Result<()> {
+    // FANOUT_CONFIG set with --env, exactly as the fanout host sets it.
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    let config = r#"{"routes": [{"path": "/items/{id}", "upstreams": [
+        {"name": "pricing", "url": "{base}/pricing/{id}", "field": "cost"}]}]}"#;
+    let Some(serve) = WasmtimeServe::start(&upstreams, &[("FANOUT_CONFIG", config)]).await? else {
+        return Ok(());
+    };
+    let (status, _, body, _) = serve.get("/items/7").await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["cost"]["amount"], 12.5);
+    let (status, _, body, _) = serve.get("/products/7").await?;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"]["code"], "not_found");
+    serve.stop().await
+}
