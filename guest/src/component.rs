@@ -8,6 +8,7 @@
 use crate::api::{self, Answer, ApiError, Target, UpstreamFailure};
 use crate::config::Config;
 use crate::fanout::{self, Attempt, Budget, Env};
+use crate::trace::TraceContext;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 use wstd::http::{Body, Client, ErrorCode, HeaderValue, Request, Response, StatusCode};
@@ -23,18 +24,31 @@ async fn main(request: Request<Body>) -> Result<Response<Body>, wstd::http::Erro
 }
 
 async fn handle(request: Request<Body>) -> Response<Body> {
+    let origin = Instant::now();
+    let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
+    let trace = header("traceparent")
+        .and_then(TraceContext::parse)
+        .unwrap_or_else(|| TraceContext::new_root(random_u64));
     let env = WasiEnv {
         // The budget starts when the request arrives, before anything else.
-        origin: Instant::now(),
+        origin,
+        tracestate: header("tracestate").map(str::to_string),
     };
-    let answer = match answer(&env, &request).await {
+    let mut timings = Vec::new();
+    let answer = match answer(&env, &request, &trace, &mut timings).await {
         Ok(answer) => answer,
         Err(error) => Answer::error(&error),
     };
-    respond(answer)
+    let server_timing = fanout::server_timing(&timings, origin.elapsed());
+    respond(answer, &server_timing)
 }
 
-async fn answer(env: &WasiEnv, request: &Request<Body>) -> Result<Answer, ApiError> {
+async fn answer(
+    env: &WasiEnv,
+    request: &Request<Body>,
+    trace: &TraceContext,
+    timings: &mut Vec<(String, Duration)>,
+) -> Result<Answer, ApiError> {
     let config = Config::from_env().map_err(|e| {
         ApiError::new(
             500,
@@ -56,22 +70,28 @@ async fn answer(env: &WasiEnv, request: &Request<Body>) -> Result<Answer, ApiErr
     Ok(match target {
         Target::Item { route, id } => {
             let ids = [id];
-            let mut items = fanout::fan_out(env, &config, route, &ids, budget).await;
-            Answer::item(items.remove(0))
+            let mut done = fanout::fan_out(env, &config, route, &ids, budget, trace).await;
+            *timings = done.timings;
+            Answer::item(done.items.remove(0))
         }
         Target::Batch { route, ids } => {
-            Answer::batch(fanout::fan_out(env, &config, route, &ids, budget).await)
+            let done = fanout::fan_out(env, &config, route, &ids, budget, trace).await;
+            *timings = done.timings;
+            Answer::batch(done.items)
         }
     })
 }
 
-fn respond(answer: Answer) -> Response<Body> {
+fn respond(answer: Answer, server_timing: &str) -> Response<Body> {
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = serde_json::to_vec(&answer.body).unwrap_or_default();
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert("content-type", HeaderValue::from_static("application/json"));
+    if let Ok(value) = HeaderValue::from_str(server_timing) {
+        headers.insert("server-timing", value);
+    }
     if status == StatusCode::METHOD_NOT_ALLOWED {
         headers.insert("allow", HeaderValue::from_static("GET"));
     }
@@ -85,6 +105,15 @@ fn respond(answer: Answer) -> Response<Body> {
 
 struct WasiEnv {
     origin: Instant,
+    /// Forwarded unchanged on every attempt, as W3C trace context asks.
+    tracestate: Option<String>,
+}
+
+/// 64 bits from wasi:random/random, part of the proxy world.
+fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    wstd::rand::get_random_bytes(&mut bytes);
+    u64::from_le_bytes(bytes)
 }
 
 impl Env for WasiEnv {
@@ -97,19 +126,24 @@ impl Env for WasiEnv {
     }
 
     fn random(&self) -> u64 {
-        // wasi:random/random, part of the proxy world.
-        let mut bytes = [0u8; 8];
-        wstd::rand::get_random_bytes(&mut bytes);
-        u64::from_le_bytes(bytes)
+        random_u64()
     }
 
     async fn attempt(&self, attempt: Attempt<'_>) -> Result<Value, UpstreamFailure> {
-        let request = Request::get(&attempt.url)
+        let mut request = Request::get(&attempt.url)
             .header("accept", "application/json")
+            .header("traceparent", &attempt.traceparent)
             .header(format!("{HINT_PREFIX}upstream"), attempt.upstream)
             .header(format!("{HINT_PREFIX}attempt"), attempt.number.to_string())
             .body(Body::empty())
             .map_err(|e| UpstreamFailure::Transport(format!("invalid request: {e}")))?;
+        if let Some(state) = self
+            .tracestate
+            .as_deref()
+            .and_then(|s| HeaderValue::from_str(s).ok())
+        {
+            request.headers_mut().insert("tracestate", state);
+        }
         let mut client = Client::new();
         // Tell the host too, so a host-side transport gives up at the same time.
         client.set_first_byte_timeout(attempt.timeout);

@@ -8,6 +8,7 @@
 
 use crate::api::{self, Item, Outcome, UpstreamFailure};
 use crate::config::{Config, Mode, Route, Upstream};
+use crate::trace::TraceContext;
 use futures_util::stream::{self, StreamExt};
 use serde_json::Value;
 use std::future::Future;
@@ -27,6 +28,8 @@ pub struct Attempt<'a> {
     pub number: u32,
     /// The attempt gives up after this long (and reports a timeout).
     pub timeout: Duration,
+    /// W3C `traceparent` to send: the request's trace, a span of its own.
+    pub traceparent: String,
 }
 
 /// What the orchestration needs from its surroundings.
@@ -72,6 +75,7 @@ pub async fn call<E: Env>(
     upstream: &Upstream,
     id: &str,
     budget: Budget,
+    trace: &TraceContext,
 ) -> Result<Value, UpstreamFailure> {
     let url = upstream.url(id);
     let mut number = 1;
@@ -87,6 +91,7 @@ pub async fn call<E: Env>(
                 url: url.clone(),
                 number,
                 timeout,
+                traceparent: trace.child_header(env.random()),
             })
             .await
         {
@@ -111,6 +116,15 @@ pub async fn call<E: Env>(
     }
 }
 
+/// The result of one fan-out: the merged items, in the order of the ids,
+/// and how long each upstream took (first call started to last call ended),
+/// in route order.
+#[derive(Debug)]
+pub struct FanOut {
+    pub items: Vec<Item>,
+    pub timings: Vec<(String, Duration)>,
+}
+
 /// Fans out for every id of `ids` on `route` and merges each item. The
 /// answer keeps the order of `ids`. At most `config.max_in_flight` calls run
 /// at once across the whole request.
@@ -120,24 +134,26 @@ pub async fn fan_out<E: Env>(
     route: &Route,
     ids: &[String],
     budget: Budget,
-) -> Vec<Item> {
-    let outcome = |id: &str, upstream: &Upstream| {
+    trace: &TraceContext,
+) -> FanOut {
+    type Timed = (usize, Duration, Duration, Result<Value, UpstreamFailure>);
+    let outcome = |id: &str, index: usize| {
         let id = id.to_string();
-        let upstream = upstream.clone();
+        let upstream = &route.upstreams[index];
         async move {
-            let result = call(env, &upstream, &id, budget).await;
-            (upstream, result)
+            let started = env.now();
+            let result = call(env, upstream, &id, budget, trace).await;
+            (index, started, env.now(), result)
         }
     };
-    let to_outcomes = |results: Vec<(Upstream, Result<Value, UpstreamFailure>)>| results;
-    let per_item: Vec<Vec<(Upstream, Result<Value, UpstreamFailure>)>> = match config.mode {
+    let per_item: Vec<Vec<Timed>> = match config.mode {
         Mode::Concurrent => {
             // One stream of calls for the whole request: `buffered` keeps at
             // most `max_in_flight` running and yields them in order.
             let calls = ids
                 .iter()
-                .flat_map(|id| route.upstreams.iter().map(move |u| (id, u)))
-                .map(|(id, u)| outcome(id, u));
+                .flat_map(|id| (0..route.upstreams.len()).map(move |i| (id, i)))
+                .map(|(id, i)| outcome(id, i));
             let mut results = stream::iter(calls).buffered(config.max_in_flight);
             let mut per_item = Vec::with_capacity(ids.len());
             for _ in ids {
@@ -147,7 +163,7 @@ pub async fn fan_out<E: Env>(
                         item.push(result);
                     }
                 }
-                per_item.push(to_outcomes(item));
+                per_item.push(item);
             }
             per_item
         }
@@ -155,29 +171,58 @@ pub async fn fan_out<E: Env>(
             let mut per_item = Vec::with_capacity(ids.len());
             for id in ids {
                 let mut item = Vec::with_capacity(route.upstreams.len());
-                for upstream in &route.upstreams {
-                    item.push(outcome(id, upstream).await);
+                for i in 0..route.upstreams.len() {
+                    item.push(outcome(id, i).await);
                 }
                 per_item.push(item);
             }
             per_item
         }
     };
-    ids.iter()
+    let mut spans: Vec<Option<(Duration, Duration)>> = vec![None; route.upstreams.len()];
+    for &(index, started, ended, _) in per_item.iter().flatten() {
+        let span = spans[index].get_or_insert((started, ended));
+        span.0 = span.0.min(started);
+        span.1 = span.1.max(ended);
+    }
+    let timings = route
+        .upstreams
+        .iter()
+        .zip(spans)
+        .filter_map(|(u, span)| span.map(|(a, b)| (u.name.clone(), b.saturating_sub(a))))
+        .collect();
+    let items = ids
+        .iter()
         .zip(per_item)
         .map(|(id, results)| {
             let outcomes = results
-                .iter()
-                .map(|(upstream, result)| Outcome {
-                    upstream: &upstream.name,
-                    field: &upstream.field,
-                    required: upstream.required,
-                    result: result.clone(),
+                .into_iter()
+                .map(|(index, _, _, result)| {
+                    let upstream = &route.upstreams[index];
+                    Outcome {
+                        upstream: &upstream.name,
+                        field: &upstream.field,
+                        required: upstream.required,
+                        result,
+                    }
                 })
                 .collect();
             api::merge(id, outcomes)
         })
-        .collect()
+        .collect();
+    FanOut { items, timings }
+}
+
+/// The `Server-Timing` header: one entry per upstream, then the total, in
+/// milliseconds, so a browser's dev tools show the fan-out.
+pub fn server_timing(timings: &[(String, Duration)], total: Duration) -> String {
+    let ms = |d: &Duration| d.as_secs_f64() * 1e3;
+    timings
+        .iter()
+        .map(|(name, d)| format!("{name};dur={:.1}", ms(d)))
+        .chain(std::iter::once(format!("total;dur={:.1}", ms(&total))))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -284,6 +329,11 @@ mod tests {
     }
 
     const MS: fn(u64) -> Duration = Duration::from_millis;
+    const TRACE: TraceContext = TraceContext {
+        trace_id: [7; 16],
+        parent_id: [1; 8],
+        flags: 1,
+    };
 
     #[test]
     fn budget_arithmetic() {
@@ -294,6 +344,70 @@ mod tests {
         assert_eq!(budget.attempt_timeout(MS(100), MS(150)), MS(150));
         assert_eq!(budget.attempt_timeout(MS(250), MS(150)), MS(50));
         assert_eq!(budget.attempt_timeout(MS(300), MS(150)), Duration::ZERO);
+    }
+
+    #[test]
+    fn every_attempt_carries_the_trace_with_its_own_span() {
+        let env = FakeEnv::new(vec![
+            (1, Err(UpstreamFailure::Status(503))),
+            (1, Ok(Value::Null)),
+        ]);
+        let traced = std::cell::RefCell::new(Vec::new());
+        let recording = Recording {
+            env: &env,
+            traced: &traced,
+        };
+        let _ = run(call(
+            &recording,
+            &upstream(100, 3),
+            "1",
+            Budget::starting_at(MS(0), MS(200)),
+            &TRACE,
+        ));
+        let traced = traced.borrow();
+        assert_eq!(traced.len(), 2);
+        for header in traced.iter() {
+            let ctx = TraceContext::parse(header).expect("valid traceparent");
+            assert_eq!(ctx.trace_id, TRACE.trace_id);
+        }
+        assert_ne!(traced[0], traced[1], "each attempt is its own span");
+    }
+
+    /// Wraps the fake env to record each attempt's traceparent.
+    struct Recording<'a> {
+        env: &'a FakeEnv,
+        traced: &'a std::cell::RefCell<Vec<String>>,
+    }
+
+    impl Env for Recording<'_> {
+        fn now(&self) -> Duration {
+            self.env.now()
+        }
+        fn sleep(&self, d: Duration) -> impl Future<Output = ()> {
+            self.env.sleep(d)
+        }
+        fn random(&self) -> u64 {
+            self.env.random()
+        }
+        fn attempt(&self, a: Attempt<'_>) -> impl Future<Output = Result<Value, UpstreamFailure>> {
+            self.traced.borrow_mut().push(a.traceparent.clone());
+            self.env.attempt(a)
+        }
+    }
+
+    #[test]
+    fn server_timing_lists_upstreams_then_total() {
+        let header = server_timing(
+            &[
+                ("inventory".into(), MS(23)),
+                ("pricing".into(), Duration::from_micros(41_250)),
+            ],
+            MS(42),
+        );
+        assert_eq!(
+            header,
+            "inventory;dur=23.0, pricing;dur=41.2, total;dur=42.0"
+        );
     }
 
     #[test]
@@ -313,6 +427,7 @@ mod tests {
             &upstream(100, 3),
             "1",
             Budget::starting_at(MS(0), MS(200)),
+            &TRACE,
         ));
         assert_eq!(result, Ok(serde_json::json!({"ok": true})));
         let attempts = env.attempts.borrow();
@@ -330,6 +445,7 @@ mod tests {
             &upstream(100, 3),
             "1",
             Budget::starting_at(MS(0), MS(200)),
+            &TRACE,
         ));
         assert_eq!(result, Err(UpstreamFailure::Status(503)));
         assert_eq!(env.attempts.borrow().len(), 3);
@@ -351,6 +467,7 @@ mod tests {
                 &upstream(100, 3),
                 "1",
                 Budget::starting_at(MS(0), MS(200)),
+                &TRACE,
             ));
             assert_eq!(result, Err(failure));
             assert_eq!(env.attempts.borrow().len(), 1);
@@ -367,6 +484,7 @@ mod tests {
             &upstream(150, 5),
             "1",
             Budget::starting_at(MS(0), MS(200)),
+            &TRACE,
         ));
         assert_eq!(result, Err(UpstreamFailure::Timeout));
         let attempts = env.attempts.borrow();
@@ -391,6 +509,7 @@ mod tests {
             &upstream(1000, 3),
             "1",
             Budget::starting_at(MS(0), MS(200)),
+            &TRACE,
         ));
         assert_eq!(result, Err(UpstreamFailure::Status(503)));
         assert_eq!(env.attempts.borrow().len(), 1);
@@ -407,6 +526,7 @@ mod tests {
             &upstream(100, 3),
             "1",
             Budget::starting_at(MS(0), MS(200)),
+            &TRACE,
         ));
         assert_eq!(result, Err(UpstreamFailure::Status(503)));
         assert_eq!(env.attempts.borrow().len(), 2);
@@ -418,7 +538,7 @@ mod tests {
         let budget = Budget::starting_at(MS(0), MS(200));
         env.advance(MS(200));
         assert_eq!(
-            run(call(&env, &upstream(100, 3), "1", budget)),
+            run(call(&env, &upstream(100, 3), "1", budget, &TRACE)),
             Err(UpstreamFailure::Timeout)
         );
     }
@@ -443,8 +563,13 @@ mod tests {
             &config.routes[0],
             &ids,
             Budget::starting_at(MS(0), MS(200)),
+            &TRACE,
         ));
-        let summary: Vec<(String, Value)> = items
+        let fan_out = items;
+        // The fake clock advanced 1 ms per attempt, one after the other.
+        assert_eq!(fan_out.timings, [("u".to_string(), MS(2))]);
+        let summary: Vec<(String, Value)> = fan_out
+            .items
             .into_iter()
             .map(|i| (i.id, i.result.unwrap()["u"].clone()))
             .collect();

@@ -23,6 +23,7 @@ pub mod api;
 pub mod config;
 pub mod fanout;
 pub mod retry;
+pub mod trace;
 
 #[cfg(target_arch = "wasm32")]
 mod component;

@@ -374,3 +374,82 @@ async fn demo_upstreams_also_serve_over_http() -> Result<()> {
     server.await??;
     Ok(())
 }
+
+/// `name;dur=12.3, ...` as (name, ms).
+fn server_timing(headers: &http::HeaderMap) -> Vec<(String, f64)> {
+    headers["server-timing"]
+        .to_str()
+        .unwrap()
+        .split(", ")
+        .map(|entry| {
+            let (name, dur) = entry.split_once(";dur=").expect("name;dur=ms");
+            (name.to_string(), dur.parse().expect("milliseconds"))
+        })
+        .collect()
+}
+
+fn trace_id(traceparent: &str) -> &str {
+    traceparent.split('-').nth(1).unwrap()
+}
+
+#[tokio::test]
+async fn trace_context_propagates_to_every_upstream() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    let host = host_for(&upstreams).await?;
+    let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let answer = host
+        .get_with(
+            "/products/42",
+            &[("traceparent", incoming), ("tracestate", "vendor=1")],
+        )
+        .await?;
+    assert_eq!(answer.status, StatusCode::OK);
+    let mut span_ids = Vec::new();
+    for upstream in [&upstreams.inventory, &upstreams.pricing, &upstreams.reviews] {
+        let call = &upstream.calls()[0];
+        let traceparent = call.headers["traceparent"].to_str()?;
+        assert_eq!(trace_id(traceparent), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(call.headers["tracestate"], "vendor=1");
+        let span = traceparent.split('-').nth(2).unwrap().to_string();
+        assert_ne!(
+            span, "00f067aa0ba902b7",
+            "an outgoing call is a span of its own"
+        );
+        span_ids.push(span);
+    }
+    span_ids.sort();
+    span_ids.dedup();
+    assert_eq!(span_ids.len(), 3, "each call has its own span id");
+
+    // Without one, the guest starts a trace: one trace id for the request.
+    host.get("/products/43").await?;
+    let ids: Vec<String> = [&upstreams.inventory, &upstreams.pricing, &upstreams.reviews]
+        .iter()
+        .map(|u| trace_id(u.calls()[1].headers["traceparent"].to_str().unwrap()).to_string())
+        .collect();
+    assert!(
+        ids.iter()
+            .all(|id| id == &ids[0] && id != "4bf92f3577b34da6a3ce929d0e0e4736")
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn server_timing_shows_each_upstream_and_the_total() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(20)).await?;
+    upstreams
+        .reviews
+        .set_behaviour(Behaviour::json(MS(60), json!({"rating": 1.0, "count": 1})));
+    let host = host_for(&upstreams).await?;
+    let answer = host.get("/products/42").await?;
+    let timing = server_timing(&answer.headers);
+    let names: Vec<&str> = timing.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["inventory", "pricing", "reviews", "total"]);
+    let (reviews, total) = (timing[2].1, timing[3].1);
+    assert!(reviews >= 60.0 && timing[0].1 >= 20.0, "{timing:?}");
+    assert!(total >= reviews, "{timing:?}");
+    // Error answers carry it too.
+    let answer = host.get("/products/not.valid").await?;
+    assert_eq!(server_timing(&answer.headers)[0].0, "total");
+    Ok(())
+}

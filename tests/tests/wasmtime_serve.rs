@@ -139,6 +139,41 @@ async fn merged_answer_and_concurrent_fan_out() -> Result<()> {
 }
 
 #[tokio::test]
+async fn trace_context_and_server_timing_work_without_the_fanout_host() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    let Some(serve) = WasmtimeServe::start(&upstreams, &[]).await? else {
+        return Ok(());
+    };
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<bytes::Bytes>>();
+    let request = http::Request::get(format!("{}/products/42", serve.base))
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .body(Empty::new())?;
+    let response = client.request(request).await?;
+    assert_eq!(response.status(), StatusCode::OK);
+    let timing = response.headers()["server-timing"].to_str()?.to_string();
+    assert!(
+        timing.starts_with("inventory;dur=") && timing.contains(", total;dur="),
+        "{timing}"
+    );
+    for upstream in [&upstreams.inventory, &upstreams.pricing, &upstreams.reviews] {
+        let traceparent = upstream.calls()[0].headers["traceparent"]
+            .to_str()?
+            .to_string();
+        assert!(
+            traceparent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{traceparent}"
+        );
+    }
+    // Its keep-alive connection would hold up the graceful shutdown.
+    drop(client);
+    serve.stop().await
+}
+
+#[tokio::test]
 async fn deadline_hit_is_a_504() -> Result<()> {
     let upstreams = ProductUpstreams::start(MS(0)).await?;
     upstreams.pricing.set_behaviour(Behaviour::hang());
