@@ -155,6 +155,7 @@ async fn trace_context_and_server_timing_work_without_the_fanout_host() -> Resul
     let response = client.request(request).await?;
     assert_eq!(response.status(), StatusCode::OK);
     let timing = response.headers()["server-timing"].to_str()?.to_string();
+    response.into_body().collect().await?;
     assert!(
         timing.starts_with("inventory;dur=") && timing.contains(", total;dur="),
         "{timing}"
