@@ -45,3 +45,7 @@ serve-wasmtime addr="127.0.0.1:8081" upstreams="127.0.0.1:9000": build-guest
         --env FANOUT_UPSTREAM_PRICING=http://{{upstreams}} \
         --env FANOUT_UPSTREAM_REVIEWS=http://{{upstreams}} \
         {{guest_wasm}}
+
+# Every benchmark scenario (~16 minutes): BENCHMARKS.md, bench/results.json, bench/latency.svg.
+bench *ARGS:
+    cargo run -p fanout-bench --release -- all {{ARGS}}

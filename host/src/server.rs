@@ -549,7 +549,6 @@ impl Fanout {
         let task_inner = inner.clone();
         let task = tokio::spawn(async move {
             let inner = task_inner;
-            let _permit = permit;
             let ran = tokio::time::timeout(limits.deadline, async {
                 let t0 = Instant::now();
                 let proxy = inner.pre.instantiate_async(&mut store).await?;
@@ -564,13 +563,19 @@ impl Fanout {
             inner.stats.fuel_consumed.fetch_add(used, Ordering::Relaxed);
             log_guest_output("stdout", &stdout);
             log_guest_output("stderr", &stderr);
-            match ran {
+            let failure = match ran {
                 Err(_elapsed) => Some(Failure::Deadline {
                     deadline: limits.deadline,
                 }),
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some(classify(&e, store.data().limiter.memory_denied, &limits)),
-            }
+            };
+            // The store holds the instance's pool slot: free the slot before
+            // the permit, or a request admitted in between finds the pool
+            // full ("maximum concurrent limit reached").
+            drop(store);
+            drop(permit);
+            failure
         });
 
         match receiver.await {

@@ -234,3 +234,42 @@ async fn unconfigured_authorities_are_denied() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_beyond_the_pool_gets_only_200s_and_503s() -> Result<()> {
+    // Regression: a permit was released before the store (and its pool
+    // slot), so a request admitted in between failed to instantiate with
+    // "maximum concurrent limit reached" (a 500).
+    let limits = Limits {
+        max_instances: 2,
+        ..limits(Duration::from_secs(5))
+    };
+    let host = TestHost::start(hostile(limits)?).await?;
+    // Requests from several threads at once: the race needs another thread
+    // to take the permit between the two drops.
+    let host = std::sync::Arc::new(host);
+    let tasks: Vec<_> = (0..400)
+        .map(|_| {
+            let host = host.clone();
+            tokio::spawn(async move { host.get("/ok").await })
+        })
+        .collect();
+    let answers = futures_util::future::join_all(tasks).await;
+    let mut statuses = std::collections::BTreeMap::new();
+    for answer in answers {
+        let answer = answer??;
+        *statuses.entry(answer.status.as_u16()).or_insert(0) += 1;
+        if answer.status == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(answer.error_code(), "pool_full");
+        }
+    }
+    assert!(
+        statuses.keys().all(|s| *s == 200 || *s == 503),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.get(&200).copied().unwrap_or(0) >= 2,
+        "{statuses:?}"
+    );
+    Ok(())
+}

@@ -1,0 +1,219 @@
+//! The load driver: a fixed number of requests in flight (closed loop), a
+//! warm-up, then a measured window; latencies in HDR histograms.
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// A request that takes longer than this counts as a `timeout` error.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What one load run measured.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct LoadResult {
+    pub concurrency: usize,
+    pub seconds: f64,
+    pub requests: u64,
+    pub rps: f64,
+    /// 2xx answers per second.
+    pub goodput: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    /// Answers by status code.
+    pub statuses: BTreeMap<u16, u64>,
+    /// p99 of the non-2xx answers only.
+    pub non_2xx_p99_ms: Option<f64>,
+    /// Requests that got no answer, by kind (timeout, connect, other).
+    pub errors: BTreeMap<String, u64>,
+    /// rps in each second of the window (for long runs).
+    pub rps_per_second: Vec<u64>,
+    /// The first body of each non-2xx status, to say what it was.
+    pub samples: BTreeMap<u16, String>,
+}
+
+struct TaskStats {
+    all: Histogram<u64>,
+    failed: Histogram<u64>,
+    statuses: BTreeMap<u16, u64>,
+    errors: BTreeMap<String, u64>,
+    per_second: Vec<u64>,
+    samples: BTreeMap<u16, String>,
+}
+
+fn histogram() -> Histogram<u64> {
+    // Microseconds, up to the request timeout, 3 significant digits.
+    Histogram::new_with_bounds(1, REQUEST_TIMEOUT.as_micros() as u64 * 2, 3).expect("bounds")
+}
+
+/// Keeps `concurrency` requests to `url` in flight for `warmup + measure`,
+/// recording only those sent during `measure`.
+pub async fn run(
+    url: &str,
+    concurrency: usize,
+    warmup: Duration,
+    measure: Duration,
+    label: &str,
+) -> LoadResult {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(usize::MAX)
+        .build(connector);
+    let uri: http::Uri = url.parse().expect("a valid URL");
+    let start = Instant::now() + warmup;
+    let end = start + measure;
+    let progress = ProgressBar::new(measure.as_secs().max(1));
+    progress.set_style(
+        ProgressStyle::with_template("{prefix:>32} [{bar:30}] {pos}/{len}s {msg}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    progress.set_prefix(label.to_string());
+    let ticker = {
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if Instant::now() > start {
+                    progress.inc(1);
+                }
+            }
+        })
+    };
+    let seconds = measure.as_secs().max(1) as usize + 1;
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let client = client.clone();
+            let uri = uri.clone();
+            tokio::spawn(async move {
+                let mut stats = TaskStats {
+                    all: histogram(),
+                    failed: histogram(),
+                    statuses: BTreeMap::new(),
+                    errors: BTreeMap::new(),
+                    per_second: vec![0; seconds],
+                    samples: BTreeMap::new(),
+                };
+                loop {
+                    let sent = Instant::now();
+                    if sent >= end {
+                        break;
+                    }
+                    let outcome = tokio::time::timeout(REQUEST_TIMEOUT, async {
+                        let response = client.get(uri.clone()).await?;
+                        let status = response.status().as_u16();
+                        let body = response.into_body().collect().await?.to_bytes();
+                        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, body))
+                    })
+                    .await;
+                    let took = sent.elapsed().as_micros() as u64;
+                    if sent < start {
+                        continue;
+                    }
+                    match outcome {
+                        Ok(Ok((status, body))) => {
+                            if !(200..300).contains(&status) {
+                                stats.samples.entry(status).or_insert_with(|| {
+                                    String::from_utf8_lossy(&body[..body.len().min(300)])
+                                        .into_owned()
+                                });
+                            }
+                            let _ = stats.all.record(took.max(1));
+                            if !(200..300).contains(&status) {
+                                let _ = stats.failed.record(took.max(1));
+                            }
+                            *stats.statuses.entry(status).or_default() += 1;
+                            let second = (sent - start).as_secs() as usize;
+                            if let Some(slot) = stats.per_second.get_mut(second) {
+                                *slot += 1;
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            let kind = if format!("{e:?}").contains("Connect") {
+                                "connect"
+                            } else {
+                                "other"
+                            };
+                            *stats.errors.entry(kind.into()).or_default() += 1;
+                            // A refused connection would spin: back off a little.
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                        Err(_) => *stats.errors.entry("timeout".into()).or_default() += 1,
+                    }
+                }
+                stats
+            })
+        })
+        .collect();
+    let mut all = histogram();
+    let mut failed = histogram();
+    let mut statuses = BTreeMap::new();
+    let mut errors = BTreeMap::new();
+    let mut per_second = vec![0u64; seconds];
+    let mut samples = BTreeMap::new();
+    for task in tasks {
+        let Ok(stats) = task.await else { continue };
+        all.add(&stats.all).expect("same bounds");
+        failed.add(&stats.failed).expect("same bounds");
+        for (k, v) in stats.statuses {
+            *statuses.entry(k).or_default() += v;
+        }
+        for (k, v) in stats.errors {
+            *errors.entry(k).or_default() += v;
+        }
+        for (k, v) in stats.samples {
+            samples.entry(k).or_insert(v);
+        }
+        for (slot, v) in per_second.iter_mut().zip(stats.per_second) {
+            *slot += v;
+        }
+    }
+    ticker.abort();
+    progress.finish_and_clear();
+    per_second.truncate(measure.as_secs() as usize);
+    let secs = measure.as_secs_f64();
+    let ms = |us: u64| us as f64 / 1e3;
+    let requests = all.len();
+    let ok: u64 = statuses
+        .iter()
+        .filter(|(s, _)| (200..300).contains(*s))
+        .map(|(_, n)| n)
+        .sum();
+    LoadResult {
+        concurrency,
+        seconds: secs,
+        requests,
+        rps: requests as f64 / secs,
+        goodput: ok as f64 / secs,
+        p50_ms: ms(all.value_at_quantile(0.5)),
+        p90_ms: ms(all.value_at_quantile(0.9)),
+        p99_ms: ms(all.value_at_quantile(0.99)),
+        p999_ms: ms(all.value_at_quantile(0.999)),
+        max_ms: ms(all.max()),
+        statuses,
+        non_2xx_p99_ms: (!failed.is_empty()).then(|| ms(failed.value_at_quantile(0.99))),
+        errors,
+        rps_per_second: per_second,
+        samples,
+    }
+}
+
+/// One GET, its status.
+pub async fn get_once(url: &str) -> anyhow::Result<u16> {
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let response = client.get(url.parse()?).await?;
+    let status = response.status().as_u16();
+    response.into_body().collect().await?;
+    Ok(status)
+}

@@ -1,0 +1,403 @@
+//! fanout's benchmark harness: what concurrency buys, measured side by side
+//! in one run on one machine.
+//!
+//! Targets, each its own process on loopback, in front of the same upstream
+//! simulator process:
+//!
+//! | target | what it is |
+//! |---|---|
+//! | `blocking` | thread-per-request (16 sync workers, WSGI style), upstreams called one after another with a blocking client |
+//! | `fanout-sequential` | the fanout host, the guest configured to call upstreams one after another |
+//! | `fanout` | the fanout host with the concurrent guest |
+//! | `native` | the same aggregation in tokio + hyper, no wasm |
+//! | `wasmtime-serve` | `wasmtime serve -Scli` running the same component (when installed) |
+
+pub mod driver;
+pub mod report;
+pub mod servers;
+pub mod targets;
+
+use anyhow::Result;
+use driver::LoadResult;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use targets::Process;
+
+/// Knobs of a benchmark run.
+#[derive(Debug, Clone)]
+pub struct Harness {
+    /// The `fanout-bench` executable, which runs every target as a subcommand.
+    pub exe: PathBuf,
+    pub warmup: Duration,
+    pub measure: Duration,
+    pub repeats: usize,
+    pub wasmtime: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    Blocking,
+    FanoutSequential,
+    Fanout,
+    Native,
+    WasmtimeServe,
+}
+
+impl Target {
+    pub const ALL: [Target; 5] = [
+        Target::Blocking,
+        Target::FanoutSequential,
+        Target::Fanout,
+        Target::Native,
+        Target::WasmtimeServe,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Blocking => "blocking",
+            Target::FanoutSequential => "fanout-sequential",
+            Target::Fanout => "fanout",
+            Target::Native => "native",
+            Target::WasmtimeServe => "wasmtime-serve",
+        }
+    }
+}
+
+/// What a measured window is: scenario, load, upstream delay, repeat.
+#[derive(Debug, Clone, Copy)]
+pub struct Window<'a> {
+    pub scenario: &'a str,
+    pub concurrency: usize,
+    pub delay: Duration,
+    pub repeat: usize,
+}
+
+/// One measured window.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub scenario: String,
+    pub target: Target,
+    pub repeat: usize,
+    pub upstream_delay_ms: u64,
+    pub load: LoadResult,
+    /// CPU seconds the target used in the window.
+    pub target_cpu_s: f64,
+    pub upstream_cpu_s: f64,
+    /// CPU milliseconds per answered request, target only.
+    pub cpu_ms_per_request: f64,
+}
+
+impl Harness {
+    /// Starts the upstream simulator with a fixed `delay`.
+    pub async fn upstreams(&self, delay: Duration) -> Result<Process> {
+        Process::start(
+            "upstreams",
+            &self.exe,
+            &[
+                "serve-upstreams".into(),
+                "--delay-ms".into(),
+                delay.as_millis().to_string(),
+            ],
+        )
+        .await
+    }
+
+    /// Starts `target` in front of `upstreams`; `None` if it cannot run here
+    /// (wasmtime not installed).
+    pub async fn start(&self, target: Target, upstreams: &Process) -> Result<Option<Process>> {
+        let base = upstreams.base.clone();
+        let own = |sub: &str, extra: &[&str]| {
+            let mut args = vec![sub.to_string(), "--upstream".into(), base.clone()];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            args
+        };
+        let process = match target {
+            Target::Blocking => {
+                Process::start(target.name(), &self.exe, &own("serve-blocking", &[])).await?
+            }
+            Target::Native => {
+                Process::start(target.name(), &self.exe, &own("serve-native", &[])).await?
+            }
+            Target::Fanout => {
+                Process::start(target.name(), &self.exe, &own("serve-fanout", &[])).await?
+            }
+            Target::FanoutSequential => {
+                Process::start(
+                    target.name(),
+                    &self.exe,
+                    &own("serve-fanout", &["--sequential"]),
+                )
+                .await?
+            }
+            Target::WasmtimeServe => {
+                let Some(wasmtime) = &self.wasmtime else {
+                    return Ok(None);
+                };
+                let mut args: Vec<String> = ["serve", "-Scli", "--addr", "127.0.0.1:0"]
+                    .map(String::from)
+                    .to_vec();
+                for name in ["INVENTORY", "PRICING", "REVIEWS"] {
+                    args.push("--env".into());
+                    args.push(format!("FANOUT_UPSTREAM_{name}={base}"));
+                }
+                args.push(fanout_host::GUEST_COMPONENT_PATH.into());
+                Process::start(target.name(), wasmtime, &args).await?
+            }
+        };
+        Ok(Some(process))
+    }
+
+    /// One closed-loop window against `target`, with CPU accounting.
+    pub async fn measure(
+        &self,
+        window: Window<'_>,
+        target: Target,
+        process: &Process,
+        upstreams: &Process,
+    ) -> Run {
+        let Window {
+            scenario,
+            concurrency,
+            delay,
+            repeat,
+        } = window;
+        let url = format!("{}/products/42", process.base);
+        let label = format!(
+            "{scenario} {} c={concurrency} #{}",
+            target.name(),
+            repeat + 1
+        );
+        // CPU is read when the measured window opens and when it closes.
+        let at_start = {
+            let (t, u) = (process.pid(), upstreams.pid());
+            let warmup = self.warmup;
+            tokio::spawn(async move {
+                tokio::time::sleep(warmup).await;
+                (Instant::now(), t.map(cpu_of), u.map(cpu_of))
+            })
+        };
+        let load = driver::run(&url, concurrency, self.warmup, self.measure, &label).await;
+        let (_, t0, u0) = at_start.await.unwrap_or((Instant::now(), None, None));
+        let target_cpu = process.cpu().saturating_sub(t0.unwrap_or_default());
+        let upstream_cpu = upstreams.cpu().saturating_sub(u0.unwrap_or_default());
+        let answered = load.statuses.values().sum::<u64>().max(1);
+        Run {
+            scenario: scenario.into(),
+            target,
+            repeat,
+            upstream_delay_ms: delay.as_millis() as u64,
+            cpu_ms_per_request: target_cpu.as_secs_f64() * 1e3 / answered as f64,
+            target_cpu_s: target_cpu.as_secs_f64(),
+            upstream_cpu_s: upstream_cpu.as_secs_f64(),
+            load,
+        }
+    }
+
+    /// `latency`: 50 ms upstreams, at 5, 50 and 500 requests in flight.
+    pub async fn latency(
+        &self,
+        targets: &[Target],
+        levels: &[usize],
+        delay: Duration,
+    ) -> Result<Vec<Run>> {
+        let upstreams = self.upstreams(delay).await?;
+        let mut runs = Vec::new();
+        for &target in targets {
+            let Some(process) = self.start(target, &upstreams).await? else {
+                eprintln!("skipped {}: wasmtime 48.0.8 is not on PATH", target.name());
+                continue;
+            };
+            for &c in levels {
+                for repeat in 0..self.repeats {
+                    let window = Window {
+                        scenario: "latency",
+                        concurrency: c,
+                        delay,
+                        repeat,
+                    };
+                    let run = self.measure(window, target, &process, &upstreams).await;
+                    eprintln!("{}", report::one_line(&run));
+                    runs.push(run);
+                }
+            }
+            process.stop().await;
+        }
+        upstreams.stop().await;
+        Ok(runs)
+    }
+
+    /// `saturation`: 0 ms upstreams and enough requests in flight to load
+    /// the CPUs.
+    pub async fn saturation(&self, targets: &[Target], concurrency: usize) -> Result<Vec<Run>> {
+        self.latency_named("saturation", targets, &[concurrency], Duration::ZERO)
+            .await
+    }
+
+    async fn latency_named(
+        &self,
+        scenario: &str,
+        targets: &[Target],
+        levels: &[usize],
+        delay: Duration,
+    ) -> Result<Vec<Run>> {
+        let mut runs = self.latency(targets, levels, delay).await?;
+        for run in &mut runs {
+            run.scenario = scenario.into();
+        }
+        Ok(runs)
+    }
+
+    /// A long saturation run: rps over time and the TIME_WAIT sockets it
+    /// leaves.
+    pub async fn sustained(
+        &self,
+        target: Target,
+        concurrency: usize,
+        length: Duration,
+    ) -> Result<Option<Sustained>> {
+        let upstreams = self.upstreams(Duration::ZERO).await?;
+        let Some(process) = self.start(target, &upstreams).await? else {
+            upstreams.stop().await;
+            return Ok(None);
+        };
+        let long = Harness {
+            measure: length,
+            ..self.clone()
+        };
+        let window = Window {
+            scenario: "sustained",
+            concurrency,
+            delay: Duration::ZERO,
+            repeat: 0,
+        };
+        let run = long.measure(window, target, &process, &upstreams).await;
+        let time_wait = targets::time_wait_sockets();
+        process.stop().await;
+        upstreams.stop().await;
+        let per_10s = run
+            .load
+            .rps_per_second
+            .chunks(10)
+            .map(|c| c.iter().sum::<u64>() as f64 / c.len() as f64)
+            .collect();
+        Ok(Some(Sustained {
+            target,
+            rps_per_10s: per_10s,
+            time_wait_sockets: time_wait,
+            run,
+        }))
+    }
+}
+
+fn cpu_of(pid: u32) -> Duration {
+    targets::cpu_time_of(pid)
+}
+
+/// A long run's shape over time.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sustained {
+    pub target: Target,
+    pub rps_per_10s: Vec<f64>,
+    pub time_wait_sockets: usize,
+    pub run: Run,
+}
+
+/// `micro`: per-request costs of the host.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Micro {
+    pub instantiation_us: f64,
+    pub fuel_per_request: u64,
+    pub in_process_request_us: f64,
+    pub peak_rss_idle_mib: f64,
+    pub peak_rss_at_500_mib: f64,
+    pub rss_per_in_flight_kib: f64,
+    pub in_flight_ok: u64,
+    pub first_answer_cold_ms: f64,
+}
+
+impl Harness {
+    pub async fn micro(&self) -> Result<Micro> {
+        let mut micro = Micro::default();
+        // Instantiation and fuel: in this process, upstreams answering at once.
+        let instant = || {
+            fanout_host::upstream::from_fn(|request| async move {
+                let body = fanout_host::demo::answer_for(request.uri().path());
+                Ok(fanout_host::upstream::json_response(
+                    http::StatusCode::OK,
+                    &body,
+                ))
+            })
+        };
+        let fanout = fanout_host::Fanout::builder()
+            .upstream("inventory", "http://inventory.local", instant())
+            .upstream("pricing", "http://pricing.local", instant())
+            .upstream("reviews", "http://reviews.local", instant())
+            .build()?;
+        let one = || async {
+            let request = http::Request::get("/products/42")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .expect("request");
+            use http_body_util::BodyExt;
+            let response = fanout.handle(request).await;
+            let _ = response.into_body().collect().await;
+        };
+        for _ in 0..200 {
+            one().await;
+        }
+        let before = fanout.stats();
+        let started = Instant::now();
+        const N: u32 = 3000;
+        for _ in 0..N {
+            one().await;
+        }
+        let elapsed = started.elapsed();
+        let after = fanout.stats();
+        let n = (after.instantiations - before.instantiations).max(1);
+        micro.instantiation_us =
+            (after.instantiate_time - before.instantiate_time).as_secs_f64() * 1e6 / n as f64;
+        micro.fuel_per_request = (after.fuel_consumed - before.fuel_consumed) / n;
+        micro.in_process_request_us = elapsed.as_secs_f64() * 1e6 / N as f64;
+
+        // Time to the first answer, compiling the component at start.
+        let upstreams = self.upstreams(Duration::from_millis(1000)).await?;
+        let started = Instant::now();
+        let config = r#"{"deadline_ms": 1500, "max_deadline_ms": 1500}"#;
+        let process = Process::start(
+            "fanout",
+            &self.exe,
+            &[
+                "serve-fanout".into(),
+                "--upstream".into(),
+                upstreams.base.clone(),
+                "--guest-config".into(),
+                config.into(),
+                "--max-instances".into(),
+                "1024".into(),
+            ],
+        )
+        .await?;
+        let url = format!("{}/products/42", process.base);
+        let status = driver::get_once(&url).await?;
+        anyhow::ensure!(status == 200, "first answer: HTTP {status}");
+        micro.first_answer_cold_ms = started.elapsed().as_secs_f64() * 1e3;
+        micro.peak_rss_idle_mib = process.peak_rss() as f64 / 1048576.0;
+        // 500 requests held in flight by 1 s upstreams.
+        let load = driver::run(
+            &url,
+            500,
+            Duration::ZERO,
+            Duration::from_secs(3),
+            "500 in flight",
+        )
+        .await;
+        micro.in_flight_ok = load.statuses.get(&200).copied().unwrap_or(0);
+        micro.peak_rss_at_500_mib = process.peak_rss() as f64 / 1048576.0;
+        micro.rss_per_in_flight_kib =
+            (micro.peak_rss_at_500_mib - micro.peak_rss_idle_mib) * 1024.0 / 500.0;
+        process.stop().await;
+        upstreams.stop().await;
+        Ok(micro)
+    }
+}

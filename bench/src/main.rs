@@ -1,0 +1,206 @@
+//! `fanout-bench`: run the benchmarks and write BENCHMARKS.md.
+//!
+//! ```sh
+//! cargo run -p fanout-bench --release -- all       # everything, ~16 minutes
+//! cargo run -p fanout-bench --release -- latency   # one scenario
+//! ```
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use fanout_bench::report::{self, Machine, Results};
+use fanout_bench::{Harness, Target, servers, targets};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    about = "fanout's benchmarks: blocking against concurrent, fanout against wasmtime serve and native"
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+    /// Warm-up before each measured window, in seconds.
+    #[arg(long, global = true, default_value_t = 2.0)]
+    warmup: f64,
+    /// Measured window, in seconds.
+    #[arg(long, global = true, default_value_t = 10.0)]
+    duration: f64,
+    /// Runs of each window; the report gives the median and the spread.
+    #[arg(long, global = true, default_value_t = 3)]
+    repeats: usize,
+    /// Where BENCHMARKS.md and bench/ go.
+    #[arg(long, global = true, default_value = ".")]
+    out: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Every scenario, then BENCHMARKS.md, bench/results.json and bench/latency.svg.
+    All {
+        /// Length of the sustained saturation runs, in seconds.
+        #[arg(long, default_value_t = 120)]
+        sustained: u64,
+    },
+    /// 50 ms upstreams at 5, 50 and 500 in flight, every target.
+    Latency,
+    /// 0 ms upstreams at 64 in flight: fanout, native, wasmtime-serve.
+    Saturation,
+    /// Instantiation, fuel, memory per request, time to first answer.
+    Micro,
+    #[command(hide = true)]
+    ServeUpstreams {
+        #[arg(long, default_value_t = 50)]
+        delay_ms: u64,
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
+    #[command(hide = true)]
+    ServeBlocking {
+        #[arg(long)]
+        upstream: String,
+        #[arg(long, default_value_t = 16)]
+        workers: usize,
+    },
+    #[command(hide = true)]
+    ServeNative {
+        #[arg(long)]
+        upstream: String,
+    },
+    #[command(hide = true)]
+    ServeFanout {
+        #[arg(long)]
+        upstream: String,
+        #[arg(long)]
+        sequential: bool,
+        /// FANOUT_CONFIG JSON.
+        #[arg(long)]
+        guest_config: Option<String>,
+        #[arg(long)]
+        max_instances: Option<u32>,
+    },
+}
+
+const LEVELS: [usize; 3] = [5, 50, 500];
+const SATURATION_C: usize = 64;
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Runtime::new()?;
+    match args.command {
+        Command::ServeBlocking { upstream, workers } => {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            servers::announce(listener.local_addr()?);
+            servers::blocking(listener, upstream, workers)
+        }
+        Command::ServeUpstreams { delay_ms, listen } => runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            servers::announce(listener.local_addr()?);
+            servers::upstreams(listener, Duration::from_millis(delay_ms)).await
+        }),
+        Command::ServeNative { upstream } => runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            servers::announce(listener.local_addr()?);
+            servers::native(listener, upstream).await
+        }),
+        Command::ServeFanout {
+            upstream,
+            sequential,
+            guest_config,
+            max_instances,
+        } => runtime.block_on(async {
+            let config = match (sequential, guest_config) {
+                (_, Some(json)) => Some(json),
+                (true, None) => Some(r#"{"mode": "sequential"}"#.to_string()),
+                (false, None) => None,
+            };
+            // Compiled before it says it listens: "listening" means ready.
+            let fanout = servers::fanout(upstream, config, max_instances)?;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            servers::announce(listener.local_addr()?);
+            fanout.serve(listener, std::future::pending()).await?;
+            Ok(())
+        }),
+        command => runtime.block_on(bench(
+            command,
+            &args.out,
+            Harness {
+                exe: std::env::current_exe()?,
+                warmup: Duration::from_secs_f64(args.warmup),
+                measure: Duration::from_secs_f64(args.duration),
+                repeats: args.repeats,
+                wasmtime: targets::wasmtime(),
+            },
+        )),
+    }
+}
+
+async fn bench(command: Command, out: &std::path::Path, h: Harness) -> Result<()> {
+    let mut results = Results {
+        machine: Machine::read(),
+        ..Results::default()
+    };
+    if h.wasmtime.is_none() {
+        results.skipped.push(
+            "`wasmtime-serve`: wasmtime 48.0.8 is not on PATH \
+             (`cargo install wasmtime-cli --version 48.0.8 --locked`)"
+                .into(),
+        );
+    }
+    let common = format!(
+        "--warmup {} --duration {} --repeats {}",
+        h.warmup.as_secs_f64(),
+        h.measure.as_secs_f64(),
+        h.repeats
+    );
+    let saturation_targets = [Target::Fanout, Target::Native, Target::WasmtimeServe];
+    match command {
+        Command::All { sustained } => {
+            results.commands.push(format!(
+                "cargo run -p fanout-bench --release -- all {common} --sustained {sustained}"
+            ));
+            results.micro = Some(h.micro().await.context("micro")?);
+            results.latency = h
+                .latency(&Target::ALL, &LEVELS, Duration::from_millis(50))
+                .await?;
+            results.saturation = h.saturation(&saturation_targets, SATURATION_C).await?;
+            for target in [Target::Fanout, Target::WasmtimeServe] {
+                if let Some(s) = h
+                    .sustained(target, SATURATION_C, Duration::from_secs(sustained))
+                    .await?
+                {
+                    eprintln!(
+                        "sustained {}: {:?} rps per 10 s",
+                        target.name(),
+                        s.rps_per_10s
+                    );
+                    results.sustained.push(s);
+                }
+            }
+        }
+        Command::Latency => {
+            results.commands.push(format!(
+                "cargo run -p fanout-bench --release -- latency {common}"
+            ));
+            results.latency = h
+                .latency(&Target::ALL, &LEVELS, Duration::from_millis(50))
+                .await?;
+        }
+        Command::Saturation => {
+            results.commands.push(format!(
+                "cargo run -p fanout-bench --release -- saturation {common}"
+            ));
+            results.saturation = h.saturation(&saturation_targets, SATURATION_C).await?;
+        }
+        Command::Micro => {
+            results
+                .commands
+                .push("cargo run -p fanout-bench --release -- micro".into());
+            results.micro = Some(h.micro().await?);
+        }
+        _ => unreachable!("serve commands are handled in main"),
+    }
+    report::write(out, &results)?;
+    println!("{}", report::markdown(&results));
+    Ok(())
+}

@@ -1,0 +1,480 @@
+//! BENCHMARKS.md, the raw JSON and the latency plot.
+
+use crate::{Micro, Run, Sustained, Target};
+use anyhow::Result;
+use serde::Serialize;
+use std::fmt::Write;
+use std::path::Path;
+
+/// Everything one `fanout-bench all` measured.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Results {
+    pub machine: Machine,
+    pub commands: Vec<String>,
+    pub latency: Vec<Run>,
+    pub saturation: Vec<Run>,
+    pub sustained: Vec<Sustained>,
+    pub micro: Option<Micro>,
+    pub skipped: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Machine {
+    pub cores: usize,
+    pub cpu_model: String,
+    pub date: String,
+}
+
+impl Machine {
+    pub fn read() -> Machine {
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|m| m.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let date = std::process::Command::new("date")
+            .arg("-u")
+            .arg("+%Y-%m-%d %H:%M UTC")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        Machine {
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
+            cpu_model,
+            date,
+        }
+    }
+}
+
+pub fn one_line(run: &Run) -> String {
+    let l = &run.load;
+    format!(
+        "{:<10} {:<18} c={:<4} rps {:>8.0}  2xx/s {:>8.0}  p50 {:>7.1} ms  p99 {:>7.1} ms  cpu {:.3} ms/req  statuses {:?} errors {:?}",
+        run.scenario,
+        run.target.name(),
+        l.concurrency,
+        l.rps,
+        l.goodput,
+        l.p50_ms,
+        l.p99_ms,
+        run.cpu_ms_per_request,
+        l.statuses,
+        l.errors
+    )
+}
+
+/// Median and spread of a value over the repeats of one (target, level).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+pub fn stat(values: impl Iterator<Item = f64>) -> Stat {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return Stat {
+            median: f64::NAN,
+            min: f64::NAN,
+            max: f64::NAN,
+        };
+    }
+    Stat {
+        median: v[v.len() / 2],
+        min: v[0],
+        max: v[v.len() - 1],
+    }
+}
+
+fn group(runs: &[Run], target: Target, c: usize) -> Vec<&Run> {
+    runs.iter()
+        .filter(|r| r.target == target && r.load.concurrency == c)
+        .collect()
+}
+
+fn cell(s: Stat, digits: usize) -> String {
+    if s.median.is_nan() {
+        return "n/a".into();
+    }
+    if (s.max - s.min).abs() < f64::EPSILON {
+        return format!("{:.*}", digits, s.median);
+    }
+    format!(
+        "{:.*} ({:.*}–{:.*})",
+        digits, s.median, digits, s.min, digits, s.max
+    )
+}
+
+fn levels(runs: &[Run]) -> Vec<usize> {
+    let mut levels: Vec<usize> = runs.iter().map(|r| r.load.concurrency).collect();
+    levels.sort();
+    levels.dedup();
+    levels
+}
+
+fn median_of(runs: &[Run], target: Target, c: usize, f: impl Fn(&Run) -> f64) -> f64 {
+    stat(group(runs, target, c).into_iter().map(f)).median
+}
+
+fn table(out: &mut String, runs: &[Run]) {
+    out.push_str("| target | c | rps | 2xx/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | CPU ms/req | non-2xx | no answer |\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for target in Target::ALL {
+        for c in levels(runs) {
+            let g = group(runs, target, c);
+            if g.is_empty() {
+                continue;
+            }
+            let s = |f: &dyn Fn(&Run) -> f64| stat(g.iter().map(|r| f(r)));
+            let non_2xx: u64 = g
+                .iter()
+                .flat_map(|r| r.load.statuses.iter())
+                .filter(|(s, _)| !(200..300).contains(*s))
+                .map(|(_, n)| n)
+                .sum();
+            let mut statuses = std::collections::BTreeMap::<u16, u64>::new();
+            for r in &g {
+                for (k, v) in &r.load.statuses {
+                    if !(200..300).contains(k) {
+                        *statuses.entry(*k).or_default() += v;
+                    }
+                }
+            }
+            let errors: u64 = g.iter().flat_map(|r| r.load.errors.values()).sum();
+            let _ = writeln!(
+                out,
+                "| {} | {c} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                target.name(),
+                cell(s(&|r| r.load.rps), 0),
+                cell(s(&|r| r.load.goodput), 0),
+                cell(s(&|r| r.load.p50_ms), 1),
+                cell(s(&|r| r.load.p90_ms), 1),
+                cell(s(&|r| r.load.p99_ms), 1),
+                cell(s(&|r| r.load.p999_ms), 1),
+                cell(s(&|r| r.load.max_ms), 0),
+                cell(s(&|r| r.cpu_ms_per_request), 3),
+                if non_2xx == 0 {
+                    "0".to_string()
+                } else {
+                    format!("{non_2xx} {statuses:?}")
+                },
+                errors
+            );
+        }
+    }
+}
+
+/// Writes BENCHMARKS.md, `bench/results.json` and `bench/latency.svg`
+/// under `root`.
+pub fn write(root: &Path, results: &Results) -> Result<()> {
+    std::fs::create_dir_all(root.join("bench"))?;
+    std::fs::write(
+        root.join("bench/results.json"),
+        serde_json::to_string_pretty(results)?,
+    )?;
+    if !results.latency.is_empty() {
+        plot(&root.join("bench/latency.svg"), &results.latency)?;
+    }
+    std::fs::write(root.join("BENCHMARKS.md"), markdown(results))?;
+    Ok(())
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if a.is_nan() || b.is_nan() || b == 0.0 {
+        "n/a".into()
+    } else {
+        format!("{:.2}×", a / b)
+    }
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok { "met" } else { "**missed**" }
+}
+
+pub fn markdown(r: &Results) -> String {
+    let mut out = String::new();
+    let m = &r.machine;
+    let _ = writeln!(out, "# Benchmarks\n");
+    let _ = writeln!(
+        out,
+        "Measured {} on {} cores ({}), every target as its own process on loopback, \
+         all in one run: absolute numbers vary from machine to machine, the ratios \
+         are the result. The machine is shared and noisy: each cell is the median of \
+         the repeats, with the spread (min–max) in brackets.\n",
+        m.date, m.cores, m.cpu_model
+    );
+    let _ = writeln!(out, "Reproduce with:\n\n```sh");
+    for c in &r.commands {
+        let _ = writeln!(out, "{c}");
+    }
+    let _ = writeln!(out, "```\n");
+    let _ = writeln!(
+        out,
+        "Raw results: [`bench/results.json`](bench/results.json).\n"
+    );
+    for s in &r.skipped {
+        let _ = writeln!(out, "> Skipped: {s}\n");
+    }
+
+    // Headline.
+    let lat = &r.latency;
+    let sat = &r.saturation;
+    let good = |runs: &[Run], t, c| median_of(runs, t, c, |x| x.load.goodput);
+    let sat_c = levels(sat).first().copied().unwrap_or(64);
+    let fanout_sat = good(sat, Target::Fanout, sat_c);
+    let _ = writeln!(out, "## Headline\n");
+    let _ = writeln!(out, "| ratio | value |\n|---|---|");
+    let _ = writeln!(
+        out,
+        "| `fanout` / `blocking` goodput at c=500 | {} |",
+        ratio(
+            good(lat, Target::Fanout, 500),
+            good(lat, Target::Blocking, 500)
+        )
+    );
+    let _ = writeln!(
+        out,
+        "| `fanout` / `fanout-sequential` goodput at c=50 | {} |",
+        ratio(
+            good(lat, Target::Fanout, 50),
+            good(lat, Target::FanoutSequential, 50)
+        )
+    );
+    let _ = writeln!(
+        out,
+        "| `fanout` / `wasmtime-serve` rps at saturation (c={sat_c}) | {} |",
+        ratio(fanout_sat, good(sat, Target::WasmtimeServe, sat_c))
+    );
+    let _ = writeln!(
+        out,
+        "| `fanout` / `native` rps at saturation (c={sat_c}) | {} |",
+        ratio(fanout_sat, good(sat, Target::Native, sat_c))
+    );
+    out.push('\n');
+
+    // Goals.
+    let p99 = |c| median_of(lat, Target::Fanout, c, |x| x.load.p99_ms);
+    let fanout_500: Vec<&Run> = group(lat, Target::Fanout, 500);
+    let goodput_500 = good(lat, Target::Fanout, 500);
+    let non_2xx_p99 = stat(fanout_500.iter().filter_map(|x| x.load.non_2xx_p99_ms)).median;
+    let only_503 = fanout_500.iter().all(|x| {
+        x.load
+            .statuses
+            .keys()
+            .all(|s| (200..300).contains(s) || *s == 503)
+            && x.load.errors.is_empty()
+    });
+    let _ = writeln!(out, "## Goals\n");
+    let _ = writeln!(out, "| goal | target | measured | |\n|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "| `fanout` p99 at c=5, 50 ms upstreams | ≤ 53 ms | {:.1} ms | {} |",
+        p99(5),
+        met(p99(5) <= 53.0)
+    );
+    let _ = writeln!(
+        out,
+        "| `fanout` p99 at c=50 | ≤ 58 ms | {:.1} ms | {} |",
+        p99(50),
+        met(p99(50) <= 58.0)
+    );
+    let frac = goodput_500 / fanout_sat;
+    let _ = writeln!(
+        out,
+        "| `fanout` goodput at c=500 / its saturation rps | ≥ 90% | {:.0}% ({goodput_500:.0} / {fanout_sat:.0}) | {} |",
+        frac * 100.0,
+        met(frac >= 0.9)
+    );
+    let _ = writeln!(
+        out,
+        "| `fanout` non-2xx at c=500 are fast 503s | only 503, p99 < 5 ms | {}, p99 {} | {} |",
+        if only_503 {
+            "only 503"
+        } else {
+            "other statuses or no answer"
+        },
+        if non_2xx_p99.is_nan() {
+            "n/a (none)".to_string()
+        } else {
+            format!("{non_2xx_p99:.1} ms")
+        },
+        met(only_503 && (non_2xx_p99.is_nan() || non_2xx_p99 < 5.0))
+    );
+    let vs_blocking = good(lat, Target::Fanout, 500) / good(lat, Target::Blocking, 500);
+    let _ = writeln!(
+        out,
+        "| `fanout` / `blocking` goodput at c=500 | ≥ 30× | {vs_blocking:.1}× | {} |",
+        met(vs_blocking >= 30.0)
+    );
+    let vs_ws = fanout_sat / good(sat, Target::WasmtimeServe, sat_c);
+    let _ = writeln!(
+        out,
+        "| `fanout` / `wasmtime-serve` at saturation | ≥ 2× | {vs_ws:.2}× | {} |",
+        if vs_ws.is_nan() {
+            "n/a"
+        } else {
+            met(vs_ws >= 2.0)
+        }
+    );
+    let vs_native = fanout_sat / good(sat, Target::Native, sat_c);
+    let _ = writeln!(
+        out,
+        "| `fanout` / `native` at saturation | ≥ 0.7× | {vs_native:.2}× | {} |",
+        met(vs_native >= 0.7)
+    );
+    if let Some(micro) = &r.micro {
+        let _ = writeln!(
+            out,
+            "| instantiation per request | ≤ 20 µs | {:.1} µs | {} |",
+            micro.instantiation_us,
+            met(micro.instantiation_us <= 20.0)
+        );
+        let _ = writeln!(
+            out,
+            "| peak RSS per in-flight request at c=500 | ≤ 1 MiB | {:.0} KiB | {} |",
+            micro.rss_per_in_flight_kib,
+            met(micro.rss_per_in_flight_kib <= 1024.0)
+        );
+    }
+    out.push('\n');
+
+    let _ = writeln!(out, "## Latency: three upstreams at 50 ms each\n");
+    let _ = writeln!(
+        out,
+        "![p50 and p99 latency against concurrency](bench/latency.svg)\n"
+    );
+    table(&mut out, lat);
+    let _ = writeln!(out);
+    let _ = writeln!(out, "## Saturation: upstreams at 0 ms, c={sat_c}\n");
+    table(&mut out, sat);
+    let _ = writeln!(out);
+    for s in &r.sustained {
+        let per10: Vec<String> = s.rps_per_10s.iter().map(|v| format!("{v:.0}")).collect();
+        let _ = writeln!(
+            out,
+            "Sustained {} s, `{}`: rps per 10 s: {}; TIME_WAIT sockets at the end: {}.\n",
+            s.run.load.seconds,
+            s.target.name(),
+            per10.join(", "),
+            s.time_wait_sockets
+        );
+    }
+    let upstream_cpu: Vec<String> = lat
+        .iter()
+        .chain(sat.iter())
+        .map(|x| format!("{:.0}%", 100.0 * x.upstream_cpu_s / x.load.seconds))
+        .collect();
+    if let Some(max) = lat
+        .iter()
+        .chain(sat.iter())
+        .map(|x| 100.0 * x.upstream_cpu_s / x.load.seconds)
+        .max_by(|a, b| a.total_cmp(b))
+    {
+        let _ = writeln!(
+            out,
+            "The upstream simulator used at most {max:.0}% of one core in any window \
+             ({} windows), so it was not the bottleneck.\n",
+            upstream_cpu.len()
+        );
+    }
+    if let Some(m) = &r.micro {
+        let _ = writeln!(out, "## Micro\n");
+        let _ = writeln!(out, "| what | value |\n|---|---|");
+        let _ = writeln!(
+            out,
+            "| instantiation per request | {:.1} µs |",
+            m.instantiation_us
+        );
+        let _ = writeln!(out, "| fuel per request | {} |", m.fuel_per_request);
+        let _ = writeln!(
+            out,
+            "| whole request in-process (`Fanout::handle`, upstreams answering at once) | {:.0} µs |",
+            m.in_process_request_us
+        );
+        let _ = writeln!(
+            out,
+            "| peak RSS idle / with 500 in flight | {:.1} MiB / {:.1} MiB |",
+            m.peak_rss_idle_mib, m.peak_rss_at_500_mib
+        );
+        let _ = writeln!(
+            out,
+            "| peak RSS per in-flight request | {:.0} KiB ({} answered 200 of the 500-in-flight window) |",
+            m.rss_per_in_flight_kib, m.in_flight_ok
+        );
+        let _ = writeln!(
+            out,
+            "| process start to first answer, compiling at start | {:.0} ms |",
+            m.first_answer_cold_ms
+        );
+        let _ = writeln!(
+            out,
+            "| process start to first answer, cached compile | n/a: the host has no compiled-component cache yet |"
+        );
+        out.push('\n');
+    }
+    out
+}
+
+fn plot(path: &Path, runs: &[Run]) -> Result<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let max_ms = runs.iter().map(|r| r.load.p99_ms).fold(100.0f64, f64::max) * 1.5;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Latency against concurrency (50 ms upstreams): p50 solid, p99 dashed",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d((3f64..800f64).log_scale(), (10f64..max_ms).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("requests in flight")
+        .y_desc("latency (ms)")
+        .draw()?;
+    let colours = [RED, BLUE, GREEN, MAGENTA, BLACK];
+    for (target, colour) in Target::ALL.iter().zip(colours) {
+        let points = |f: fn(&Run) -> f64| -> Vec<(f64, f64)> {
+            levels(runs)
+                .into_iter()
+                .filter(|c| !group(runs, *target, *c).is_empty())
+                .map(|c| (c as f64, median_of(runs, *target, c, f).max(10.0)))
+                .collect()
+        };
+        let p50 = points(|r| r.load.p50_ms);
+        if p50.is_empty() {
+            continue;
+        }
+        chart
+            .draw_series(LineSeries::new(p50.clone(), colour.stroke_width(2)))?
+            .label(target.name())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+            });
+        chart.draw_series(p50.iter().map(|p| Circle::new(*p, 3, colour.filled())))?;
+        chart.draw_series(DashedLineSeries::new(
+            points(|r| r.load.p99_ms),
+            6,
+            4,
+            colour.stroke_width(1),
+        ))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}

@@ -1,0 +1,260 @@
+//! The processes a benchmark runs: upstream simulators and the targets that
+//! aggregate them. Each is started as its own process (a hidden subcommand
+//! of `fanout-bench`) and prints `listening on <addr>` when ready.
+
+use anyhow::Result;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use std::future::Future;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// The upstreams' paths, in the order of the merged answer.
+pub const UPSTREAMS: [(&str, &str); 3] = [
+    ("inventory", "inventory"),
+    ("pricing", "price"),
+    ("reviews", "reviews"),
+];
+
+/// Budget of one aggregated request, as the guest's default.
+pub const BUDGET: Duration = Duration::from_millis(200);
+
+pub fn announce(addr: SocketAddr) {
+    println!("listening on {addr}");
+    let _ = std::io::stdout().flush();
+}
+
+/// Serves HTTP/1.1 with `handler` until the process is stopped.
+async fn serve<H, F>(listener: TcpListener, handler: H) -> Result<()>
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let answer = handler(request);
+                async move { Ok::<_, std::convert::Infallible>(answer.await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn json(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Inventory, pricing and reviews on one port, each answering after `delay`.
+pub async fn upstreams(listener: TcpListener, delay: Duration) -> Result<()> {
+    serve(listener, move |request| async move {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        json(
+            StatusCode::OK,
+            &fanout_host::demo::answer_for(request.uri().path()),
+        )
+    })
+    .await
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn merge(id: &str, parts: Vec<Option<Value>>) -> Option<Value> {
+    let mut answer = json!({ "id": id, "degraded": [] });
+    for ((_, field), part) in UPSTREAMS.iter().zip(parts) {
+        answer[*field] = part?;
+    }
+    Some(answer)
+}
+
+/// The native baseline: the same aggregation with no wasm. tokio, hyper, and
+/// the same pooled hyper-util client as the fanout host's `http` adapter;
+/// the three calls run concurrently under the same 200 ms budget.
+pub async fn native(listener: TcpListener, upstream: String) -> Result<()> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Arc<Client<HttpConnector, Empty<Bytes>>> = Arc::new(
+        Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(1024)
+            .build(connector),
+    );
+    let upstream = Arc::new(upstream);
+    serve(listener, move |request| {
+        let client = client.clone();
+        let upstream = upstream.clone();
+        async move {
+            let Some(id) = request.uri().path().strip_prefix("/products/") else {
+                return json(
+                    StatusCode::NOT_FOUND,
+                    &json!({"error": {"code": "not_found"}}),
+                );
+            };
+            if !valid_id(id) {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    &json!({"error": {"code": "invalid_id"}}),
+                );
+            }
+            let calls = UPSTREAMS.iter().map(|(path, _)| {
+                let uri = format!("{upstream}/{path}/{id}");
+                let client = client.clone();
+                async move {
+                    let response = client.get(uri.parse().ok()?).await.ok()?;
+                    if !response.status().is_success() {
+                        return None;
+                    }
+                    let body = response.into_body().collect().await.ok()?.to_bytes();
+                    serde_json::from_slice::<Value>(&body).ok()
+                }
+            });
+            match tokio::time::timeout(BUDGET, futures_util::future::join_all(calls)).await {
+                Err(_) => json(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    &json!({"error": {"code": "upstream_timeout"}}),
+                ),
+                Ok(parts) => match merge(id, parts) {
+                    Some(answer) => json(StatusCode::OK, &answer),
+                    None => json(
+                        StatusCode::BAD_GATEWAY,
+                        &json!({"error": {"code": "upstream_error"}}),
+                    ),
+                },
+            }
+        }
+    })
+    .await
+}
+
+/// The fanout host, as the `fanout` binary runs it, with the three upstreams
+/// over HTTP; `guest_config` may set the guest to call them one by one.
+/// Compiles the component before it returns.
+pub fn fanout(
+    upstream: String,
+    guest_config: Option<String>,
+    max_instances: Option<u32>,
+) -> Result<fanout_host::Fanout> {
+    let mut limits = fanout_host::Limits::default();
+    if let Some(n) = max_instances {
+        limits.max_instances = n;
+    }
+    let mut builder = fanout_host::Fanout::builder()
+        .limits(limits)
+        .http_upstream("inventory", &upstream)
+        .http_upstream("pricing", &upstream)
+        .http_upstream("reviews", &upstream);
+    if let Some(config) = guest_config {
+        builder = builder.env("FANOUT_CONFIG", config);
+    }
+    Ok(builder.build()?)
+}
+
+/// The blocking anti-pattern, in the style of a WSGI server with sync
+/// workers: a fixed pool of threads, each taking one connection at a time,
+/// calling the three upstreams one after another with a blocking client,
+/// answering, and closing the connection.
+pub fn blocking(listener: std::net::TcpListener, upstream: String, workers: usize) -> Result<()> {
+    let listener = Arc::new(listener);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(BUDGET))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let handles: Vec<_> = (0..workers)
+        .map(|_| {
+            let listener = listener.clone();
+            let agent = agent.clone();
+            let upstream = upstream.clone();
+            std::thread::spawn(move || {
+                loop {
+                    let Ok((mut stream, _)) = listener.accept() else {
+                        continue;
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let _ = blocking_request(&mut stream, &agent, &upstream);
+                }
+            })
+        })
+        .collect();
+    // The workers serve until the process is stopped.
+    handles.into_iter().for_each(|h| {
+        let _ = h.join();
+    });
+    anyhow::bail!("every blocking worker stopped")
+}
+
+fn blocking_request(
+    stream: &mut std::net::TcpStream,
+    agent: &ureq::Agent,
+    upstream: &str,
+) -> Result<()> {
+    let mut buffer = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let path = loop {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut request = httparse::Request::new(&mut headers);
+        if let httparse::Status::Complete(_) = request.parse(&buffer)? {
+            break request.path.unwrap_or("/").to_string();
+        }
+    };
+    let (status, body) = match path.strip_prefix("/products/") {
+        Some(id) if valid_id(id) => {
+            let parts = UPSTREAMS
+                .iter()
+                .map(|(p, _)| {
+                    let mut response = agent.get(format!("{upstream}/{p}/{id}")).call().ok()?;
+                    if !response.status().is_success() {
+                        return None;
+                    }
+                    serde_json::from_str::<Value>(&response.body_mut().read_to_string().ok()?).ok()
+                })
+                .collect();
+            match merge(id, parts) {
+                Some(answer) => (200, answer),
+                None => (502, json!({"error": {"code": "upstream_error"}})),
+            }
+        }
+        Some(_) => (400, json!({"error": {"code": "invalid_id"}})),
+        None => (404, json!({"error": {"code": "not_found"}})),
+    };
+    let body = body.to_string();
+    write!(
+        stream,
+        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()?;
+    Ok(())
+}
