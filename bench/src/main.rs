@@ -78,6 +78,9 @@ enum Command {
         guest_config: Option<String>,
         #[arg(long)]
         max_instances: Option<u32>,
+        /// Compiled-component cache directory.
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
     },
 }
 
@@ -108,6 +111,7 @@ fn main() -> Result<()> {
             sequential,
             guest_config,
             max_instances,
+            cache_dir,
         } => runtime.block_on(async {
             let config = match (sequential, guest_config) {
                 (_, Some(json)) => Some(json),
@@ -115,7 +119,7 @@ fn main() -> Result<()> {
                 (false, None) => None,
             };
             // Compiled before it says it listens: "listening" means ready.
-            let fanout = servers::fanout(upstream, config, max_instances)?;
+            let fanout = servers::fanout(upstream, config, max_instances, cache_dir)?;
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             servers::announce(listener.local_addr()?);
             fanout.serve(listener, std::future::pending()).await?;

@@ -199,6 +199,15 @@ fn met(ok: bool) -> &'static str {
     if ok { "met" } else { "**missed**" }
 }
 
+/// "met"/"missed", or "n/a" when the run did not measure it.
+fn verdict(value: f64, ok: bool) -> &'static str {
+    if value.is_nan() {
+        "n/a (not measured)"
+    } else {
+        met(ok)
+    }
+}
+
 pub fn markdown(r: &Results) -> String {
     let mut out = String::new();
     let m = &r.machine;
@@ -291,7 +300,7 @@ pub fn markdown(r: &Results) -> String {
         out,
         "| `fanout` goodput at c=500 / its saturation rps | ≥ 90% | {:.0}% ({goodput_500:.0} / {fanout_sat:.0}) | {} |",
         frac * 100.0,
-        met(frac >= 0.9)
+        verdict(frac, frac >= 0.9)
     );
     let _ = writeln!(
         out,
@@ -306,7 +315,11 @@ pub fn markdown(r: &Results) -> String {
         } else {
             format!("{non_2xx_p99:.1} ms")
         },
-        met(only_503 && (non_2xx_p99.is_nan() || non_2xx_p99 < 5.0))
+        if fanout_500.is_empty() {
+            "n/a (not measured)"
+        } else {
+            met(only_503 && (non_2xx_p99.is_nan() || non_2xx_p99 < 5.0))
+        }
     );
     let vs_blocking = good(lat, Target::Fanout, 500) / good(lat, Target::Blocking, 500);
     let _ = writeln!(

@@ -160,6 +160,7 @@ pub fn fanout(
     upstream: String,
     guest_config: Option<String>,
     max_instances: Option<u32>,
+    cache_dir: Option<std::path::PathBuf>,
 ) -> Result<fanout_host::Fanout> {
     let mut limits = fanout_host::Limits::default();
     if let Some(n) = max_instances {
@@ -172,6 +173,9 @@ pub fn fanout(
         .http_upstream("reviews", &upstream);
     if let Some(config) = guest_config {
         builder = builder.env("FANOUT_CONFIG", config);
+    }
+    if let Some(dir) = cache_dir {
+        builder = builder.cache_dir(dir);
     }
     Ok(builder.build()?)
 }

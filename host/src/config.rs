@@ -42,6 +42,8 @@ use std::time::Duration;
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub listen: Option<SocketAddr>,
+    /// Admin listener: /metrics, /healthz, /readyz.
+    pub admin: Option<SocketAddr>,
     /// A component to serve instead of the built-in guest.
     pub component: Option<PathBuf>,
     #[serde(default)]
@@ -104,6 +106,7 @@ pub enum LatencyConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     pub listen: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
 }
 
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Error {
@@ -186,6 +189,7 @@ impl FileConfig {
             builder,
             Settings {
                 listen: self.listen,
+                admin: self.admin,
             },
         ))
     }

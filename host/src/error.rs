@@ -51,6 +51,9 @@ impl Error {
 pub enum Failure {
     /// Every instance of the pool is busy.
     PoolFull { max_instances: u32 },
+    /// The adaptive admission limit is reached: more requests now would
+    /// only queue for CPU past their deadline.
+    Overloaded { limit: usize },
     /// The guest used all the fuel of one request.
     FuelExhausted { fuel: u64 },
     /// The guest tried to grow its memory past the limit.
@@ -69,7 +72,9 @@ pub enum Failure {
 impl Failure {
     pub fn status(&self) -> StatusCode {
         match self {
-            Failure::PoolFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Failure::PoolFull { .. } | Failure::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Failure::Deadline { .. } => StatusCode::GATEWAY_TIMEOUT,
             Failure::FuelExhausted { .. }
             | Failure::MemoryLimit { .. }
@@ -83,6 +88,7 @@ impl Failure {
     pub fn code(&self) -> &'static str {
         match self {
             Failure::PoolFull { .. } => "pool_full",
+            Failure::Overloaded { .. } => "overloaded",
             Failure::FuelExhausted { .. } => "guest_fuel_exhausted",
             Failure::MemoryLimit { .. } => "guest_memory_limit",
             Failure::Deadline { .. } => "deadline_exceeded",
@@ -97,6 +103,9 @@ impl Failure {
             Failure::PoolFull { max_instances } => {
                 format!("all {max_instances} instances are busy; retry shortly")
             }
+            Failure::Overloaded { limit } => format!(
+                "the host is at its admission limit ({limit} requests in flight); retry shortly"
+            ),
             Failure::FuelExhausted { fuel } => {
                 format!("the guest used all of its {fuel} units of fuel")
             }
@@ -116,7 +125,7 @@ impl Failure {
 
     pub fn to_response(&self) -> Response<ResponseBody> {
         let mut response = error_response(self.status(), self.code(), &self.message());
-        if let Failure::PoolFull { .. } = self {
+        if let Failure::PoolFull { .. } | Failure::Overloaded { .. } = self {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

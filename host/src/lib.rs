@@ -48,18 +48,21 @@
 //! To serve it over HTTP, hand a listener to [`Fanout::serve`].
 
 pub mod adapters;
+pub mod admission;
+pub mod cache;
 pub mod config;
 pub mod demo;
 mod error;
 pub mod guard;
 pub mod limits;
+pub mod metrics;
 mod runtime;
 mod server;
 pub mod upstream;
 
 pub use error::{Error, Failure, error_response};
 pub use limits::Limits;
-pub use server::{Fanout, FanoutBuilder, StatsSnapshot};
+pub use server::{Admission, Fanout, FanoutBuilder, StatsSnapshot};
 pub use upstream::Upstream;
 
 /// Body of the answers [`Fanout::handle`] returns.

@@ -27,9 +27,23 @@ struct Args {
     #[arg(long)]
     listen: Option<SocketAddr>,
 
+    /// Admin address for /metrics (Prometheus), /healthz and /readyz, apart
+    /// from the public port [default: none].
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+
     /// A wasi:http/proxy component to serve instead of the built-in guest.
     #[arg(long)]
     component: Option<PathBuf>,
+
+    /// Where compiled components are cached between starts
+    /// [default: $XDG_CACHE_HOME/fanout or ~/.cache/fanout].
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+
+    /// Compile the component at every start; do not read or write the cache.
+    #[arg(long)]
+    no_cache: bool,
 
     /// An upstream as NAME=BASE_URL, served over HTTP (repeatable). It
     /// replaces the upstream of that name from the file or the demo.
@@ -52,6 +66,11 @@ struct Args {
     #[arg(long)]
     max_instances: Option<u32>,
 
+    /// Admission: `adaptive` learns a limit from latency and sheds beyond it;
+    /// `fixed` admits up to --max-instances.
+    #[arg(long, value_enum, default_value_t = AdmissionMode::Adaptive)]
+    admission: AdmissionMode,
+
     /// The guest's own budget per request, in milliseconds [default: 200].
     #[arg(long)]
     guest_deadline_ms: Option<u64>,
@@ -70,6 +89,12 @@ struct Args {
     /// Log format; json by default when stdout is not a terminal.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum AdmissionMode {
+    Adaptive,
+    Fixed,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -117,7 +142,7 @@ async fn main() -> Result<()> {
         return Ok(());
     }
 
-    let (fanout, listen) = configure(&args).map_err(|e| {
+    let (fanout, listen, admin) = configure(&args).map_err(|e| {
         // A file's guest table is `guest` to its reader, not FANOUT_CONFIG.
         match (&args.config, e) {
             (Some(_), fanout_host::Error::GuestConfig { key, reason }) => anyhow::anyhow!(
@@ -139,15 +164,34 @@ async fn main() -> Result<()> {
     tracing::info!(%addr, "fanout listening");
     println!("fanout is listening on http://{addr}\ntry: curl -s http://{addr}/products/42");
 
-    fanout.serve(listener, shutdown_signal()).await?;
+    // One signal stops both listeners.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stopped| *stopped).await;
+    };
+    if let Some(admin) = admin {
+        let admin_listener = tokio::net::TcpListener::bind(admin)
+            .await
+            .with_context(|| format!("cannot listen on {admin} (--admin)"))?;
+        tracing::info!(addr = %admin_listener.local_addr()?, "admin listening: /metrics /healthz /readyz");
+        let fanout = fanout.clone();
+        let stopped = until_stopped(stopped.clone());
+        tokio::spawn(async move { fanout.serve_admin(admin_listener, stopped).await });
+    }
+    fanout.serve(listener, until_stopped(stopped)).await?;
     tracing::info!("shut down");
     Ok(())
 }
 
 /// The file (or the demo), then the flags on top; validated and compiled.
-fn configure(args: &Args) -> Result<(Fanout, SocketAddr), fanout_host::Error> {
+fn configure(args: &Args) -> Result<(Fanout, SocketAddr, Option<SocketAddr>), fanout_host::Error> {
     let mut builder = Fanout::builder();
     let mut listen = None;
+    let mut admin = None;
     let mut limits = Limits::default();
     match &args.config {
         Some(path) => {
@@ -156,6 +200,7 @@ fn configure(args: &Args) -> Result<(Fanout, SocketAddr), fanout_host::Error> {
             let (applied, settings) = file.apply(builder)?;
             builder = applied;
             listen = settings.listen;
+            admin = settings.admin;
         }
         None => builder = builder.demo_upstreams(),
     }
@@ -177,7 +222,18 @@ fn configure(args: &Args) -> Result<(Fanout, SocketAddr), fanout_host::Error> {
     if let Some(n) = args.max_instances {
         limits.max_instances = n;
     }
-    builder = builder.limits(limits);
+    builder = builder.limits(limits).admission(match args.admission {
+        AdmissionMode::Adaptive => fanout_host::Admission::Adaptive(None),
+        AdmissionMode::Fixed => fanout_host::Admission::Fixed,
+    });
+    if !args.no_cache
+        && let Some(dir) = args
+            .cache_dir
+            .clone()
+            .or_else(fanout_host::cache::default_dir)
+    {
+        builder = builder.cache_dir(dir);
+    }
     if let Some(path) = &args.component {
         builder = builder.component_path(path);
     }
@@ -196,7 +252,11 @@ fn configure(args: &Args) -> Result<(Fanout, SocketAddr), fanout_host::Error> {
     }
     // Everything is validated and compiled here, before we listen.
     let fanout = builder.build()?;
-    Ok((fanout, args.listen.or(listen).unwrap_or(DEFAULT_LISTEN)))
+    Ok((
+        fanout,
+        args.listen.or(listen).unwrap_or(DEFAULT_LISTEN),
+        args.admin.or(admin),
+    ))
 }
 
 async fn shutdown_signal() {

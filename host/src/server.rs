@@ -6,8 +6,11 @@ use crate::adapters::HttpUpstream;
 use crate::error::{Error, Failure};
 use crate::guard::Guardrails;
 use crate::limits::{GUEST_OUTPUT_CAPACITY, Limits};
+use crate::metrics::{CauseLabel, Metrics};
 use crate::runtime::{self, EpochTicker};
-use crate::upstream::{DefaultHooks, Hooks, OutboundHooks, Upstream, UpstreamHandle, Upstreams};
+use crate::upstream::{
+    CallRecord, DefaultHooks, Hooks, OutboundHooks, Upstream, UpstreamHandle, Upstreams,
+};
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Body;
@@ -19,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot};
-use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -36,6 +39,19 @@ pub struct FanoutBuilder {
     env: Vec<(String, String)>,
     http: HttpUpstream,
     hooks: Arc<dyn OutboundHooks>,
+    cache_dir: Option<PathBuf>,
+    admission: Admission,
+}
+
+/// How requests are admitted before they get an instance.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Admission {
+    /// Up to `max_instances` at once; the rest get 503 `pool_full`.
+    Fixed,
+    /// A limit learnt from latency (see [`admission`](crate::admission));
+    /// requests beyond it get 503 `overloaded` before an instance is spent.
+    /// `None` derives the settings from the limits.
+    Adaptive(Option<crate::admission::AdmissionConfig>),
 }
 
 struct PendingUpstream {
@@ -62,6 +78,8 @@ impl Default for FanoutBuilder {
             env: Vec::new(),
             http: HttpUpstream::default(),
             hooks: Arc::new(DefaultHooks),
+            cache_dir: None,
+            admission: Admission::Adaptive(None),
         }
     }
 }
@@ -151,6 +169,21 @@ impl FanoutBuilder {
         self
     }
 
+    /// Caches the compiled component in `dir`, so that the next start with
+    /// the same component and engine settings skips compilation (see
+    /// [`cache`](crate::cache)). Off by default in the library; the `fanout`
+    /// binary turns it on.
+    pub fn cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cache_dir = Some(dir.into());
+        self
+    }
+
+    /// How requests are admitted (adaptive by default).
+    pub fn admission(mut self, admission: Admission) -> Self {
+        self.admission = admission;
+        self
+    }
+
     /// Hooks into every outgoing request (see [`OutboundHooks`]).
     pub fn outbound_hooks(mut self, hooks: Arc<dyn OutboundHooks>) -> Self {
         self.hooks = hooks;
@@ -219,23 +252,26 @@ impl FanoutBuilder {
             ))?;
         }
 
-        if let ComponentSource::BuiltIn = self.component {
-            validate_guest_config(&env, &self.limits)?;
-        }
+        let collections = match self.component {
+            ComponentSource::BuiltIn => validate_guest_config(&env, &self.limits)?,
+            _ => Vec::new(),
+        };
 
         let engine = runtime::engine(&self.limits).map_err(Error::wasmtime)?;
-        let component = match &self.component {
-            ComponentSource::BuiltIn => Component::new(&engine, crate::GUEST_COMPONENT),
-            ComponentSource::Bytes(bytes) => Component::new(&engine, bytes),
+        let bytes: Cow<'_, [u8]> = match &self.component {
+            ComponentSource::BuiltIn => Cow::Borrowed(crate::GUEST_COMPONENT),
+            ComponentSource::Bytes(bytes) => Cow::Borrowed(bytes),
             ComponentSource::Path(path) => {
-                let bytes = std::fs::read(path).map_err(|source| Error::ReadComponent {
+                Cow::Owned(std::fs::read(path).map_err(|source| Error::ReadComponent {
                     path: path.clone(),
                     source,
-                })?;
-                Component::new(&engine, bytes)
+                })?)
             }
-        }
-        .map_err(|e| Error::Component(format!("{e:#}")))?;
+        };
+        let (component, origin) =
+            crate::cache::load_or_compile(&engine, &bytes, self.cache_dir.as_deref())
+                .map_err(|e| Error::Component(format!("{e:#}")))?;
+        tracing::debug!(?origin, "component ready");
 
         let mut linker = Linker::<RequestState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(Error::wasmtime)?;
@@ -256,6 +292,19 @@ impl FanoutBuilder {
                 env,
                 instances: Arc::new(Semaphore::new(self.limits.max_instances as usize)),
                 stats: Stats::default(),
+                metrics: Arc::new(Metrics::default()),
+                collections,
+                origin,
+                admission: match self.admission {
+                    Admission::Fixed => None,
+                    Admission::Adaptive(config) => Some(crate::admission::Admission::new(
+                        config.unwrap_or_else(|| {
+                            crate::admission::AdmissionConfig::new(
+                                self.limits.max_instances as usize,
+                            )
+                        }),
+                    )),
+                },
                 _ticker: ticker,
             }),
         })
@@ -265,7 +314,7 @@ impl FanoutBuilder {
 /// Reads the built-in guest's configuration from the environment it will get,
 /// exactly as the guest will, so that a mistake is a start-up error naming
 /// the key rather than a 500 on every request.
-fn validate_guest_config(env: &[(String, String)], limits: &Limits) -> Result<(), Error> {
+fn validate_guest_config(env: &[(String, String)], limits: &Limits) -> Result<Vec<String>, Error> {
     let lookup = |key: &str| {
         env.iter()
             .rev()
@@ -288,7 +337,7 @@ fn validate_guest_config(env: &[(String, String)], limits: &Limits) -> Result<()
             ),
         });
     }
-    Ok(())
+    Ok(config.routes.into_iter().map(|r| r.collection).collect())
 }
 
 /// The aggregator: a compiled, pre-instantiated component plus its upstreams
@@ -306,6 +355,12 @@ struct Inner {
     env: Vec<(String, String)>,
     instances: Arc<Semaphore>,
     stats: Stats,
+    metrics: Arc<Metrics>,
+    /// Collections of the built-in guest's routes (`/products`), for the
+    /// `route` label; empty for another component.
+    collections: Vec<String>,
+    origin: crate::cache::Origin,
+    admission: Option<crate::admission::Admission>,
     // Dropped last among the fields that matter: stops and joins the thread.
     _ticker: EpochTicker,
 }
@@ -450,26 +505,142 @@ impl Fanout {
         let started = Instant::now();
         let method = request.method().clone();
         let path = request.uri().path().to_string();
-        let response = match self.run(request).await {
+        let (request, trace_id) = with_trace_context(request);
+        let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let response = match self.run(request, &trace_id, calls.clone()).await {
             Ok(response) => response,
             Err(failure) => {
                 self.inner.stats.failures.fetch_add(1, Ordering::Relaxed);
+                let metrics = &self.inner.metrics;
+                match failure {
+                    Failure::PoolFull { .. } | Failure::Overloaded { .. } => metrics.shed.inc(),
+                    _ => metrics
+                        .failures
+                        .get_or_create(&CauseLabel {
+                            cause: failure.code(),
+                        })
+                        .inc(),
+                };
                 tracing::warn!(
-                    %method, %path, cause = failure.code(), status = failure.status().as_u16(),
-                    "{}", failure.message()
+                    %trace_id, %method, %path, cause = failure.code(),
+                    status = failure.status().as_u16(), "{}", failure.message()
                 );
                 failure.to_response()
             }
         };
+        let took = started.elapsed();
+        let route = self.route_label(&path);
+        let status = response.status().as_u16();
+        self.inner.metrics.server_request(&route, status, took);
+        let upstreams = CallRecord::summary(&calls.lock().unwrap_or_else(|e| e.into_inner()));
         tracing::info!(
-            %method, %path, status = response.status().as_u16(),
-            duration_ms = started.elapsed().as_secs_f64() * 1e3,
+            target: "fanout::access",
+            %trace_id, %method, %path, %route, status,
+            duration_ms = took.as_secs_f64() * 1e3,
+            %upstreams,
             "request"
         );
         response
     }
 
-    async fn run<B>(&self, request: Request<B>) -> Result<Response<ResponseBody>, Failure>
+    /// The metrics label for `path`: a route template of the built-in guest
+    /// (`/products/{id}`, `/products`), or `other` (bounded cardinality).
+    fn route_label(&self, path: &str) -> String {
+        for collection in &self.inner.collections {
+            if path == collection {
+                return collection.clone();
+            }
+            if path
+                .strip_prefix(collection.as_str())
+                .is_some_and(|rest| rest.starts_with('/'))
+            {
+                return format!("{collection}/{{id}}");
+            }
+        }
+        "other".into()
+    }
+
+    /// Whether the component was compiled at start or loaded from the cache.
+    pub fn component_origin(&self) -> crate::cache::Origin {
+        self.inner.origin
+    }
+
+    /// The Prometheus registry of this host.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Serves the admin endpoints on `listener` until `shutdown`:
+    /// `/metrics` (Prometheus text), `/healthz` (the process is up) and
+    /// `/readyz` (the component is compiled and the pool has a free
+    /// instance).
+    pub async fn serve_admin(
+        &self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let fanout = self.clone();
+        serve_http(listener, shutdown, Duration::from_secs(1), move |request| {
+            let fanout = fanout.clone();
+            async move { fanout.admin(request.uri().path()) }
+        })
+        .await
+    }
+
+    fn admin(&self, path: &str) -> Response<ResponseBody> {
+        use http_body_util::BodyExt;
+        let text = |status: http::StatusCode, content_type: &'static str, body: String| {
+            let mut response = Response::new(
+                http_body_util::Full::new(Bytes::from(body))
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            );
+            *response.status_mut() = status;
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(content_type),
+            );
+            response
+        };
+        match path {
+            "/metrics" => text(
+                http::StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                self.inner.metrics.encode(),
+            ),
+            "/healthz" => text(
+                http::StatusCode::OK,
+                "application/json",
+                r#"{"status":"ok"}"#.into(),
+            ),
+            "/readyz" => {
+                let free = self.inner.instances.available_permits();
+                let status = if free > 0 {
+                    http::StatusCode::OK
+                } else {
+                    http::StatusCode::SERVICE_UNAVAILABLE
+                };
+                let state = if free > 0 { "ready" } else { "busy" };
+                text(
+                    status,
+                    "application/json",
+                    format!(r#"{{"status":"{state}","instances_free":{free}}}"#),
+                )
+            }
+            _ => crate::error_response(
+                http::StatusCode::NOT_FOUND,
+                "not_found",
+                "admin endpoints: /metrics, /healthz, /readyz",
+            ),
+        }
+    }
+
+    async fn run<B>(
+        &self,
+        request: Request<B>,
+        trace_id: &str,
+        calls: Arc<std::sync::Mutex<Vec<CallRecord>>>,
+    ) -> Result<Response<ResponseBody>, Failure>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<tower::BoxError>,
@@ -488,8 +659,16 @@ impl Fanout {
         }
         let inner = &self.inner;
         let limits = inner.limits;
-        // Shed at the door: a full pool answers 503 at once instead of
-        // queueing or failing inside instantiation.
+        // Shed at the door, before an instance is spent: first the adaptive
+        // limit, then the pool itself (a full pool answers 503 at once
+        // instead of failing inside instantiation).
+        let ticket = match &inner.admission {
+            None => None,
+            Some(admission) => Some(admission.try_admit().ok_or_else(|| {
+                let (limit, _) = admission.snapshot();
+                Failure::Overloaded { limit }
+            })?),
+        };
         let permit =
             inner
                 .instances
@@ -499,6 +678,7 @@ impl Fanout {
                     max_instances: limits.max_instances,
                 })?;
         inner.stats.requests.fetch_add(1, Ordering::Relaxed);
+        inner.metrics.instances_in_use.inc();
 
         let stdout = MemoryOutputPipe::new(GUEST_OUTPUT_CAPACITY);
         let stderr = MemoryOutputPipe::new(GUEST_OUTPUT_CAPACITY);
@@ -515,6 +695,8 @@ impl Fanout {
                 hooks: Hooks {
                     upstreams: inner.upstreams.clone(),
                     outbound: inner.hooks.clone(),
+                    metrics: inner.metrics.clone(),
+                    calls,
                 },
                 limiter: MemoryLimiter {
                     limits: StoreLimitsBuilder::new()
@@ -547,6 +729,7 @@ impl Fanout {
         // The guest runs in its own task: it keeps streaming the body after
         // the head is returned, and still holds its pool slot while it does.
         let task_inner = inner.clone();
+        let trace_id = trace_id.to_string();
         let task = tokio::spawn(async move {
             let inner = task_inner;
             let ran = tokio::time::timeout(limits.deadline, async {
@@ -561,8 +744,9 @@ impl Fanout {
             .await;
             let used = fuel.saturating_sub(store.get_fuel().unwrap_or(0));
             inner.stats.fuel_consumed.fetch_add(used, Ordering::Relaxed);
-            log_guest_output("stdout", &stdout);
-            log_guest_output("stderr", &stderr);
+            inner.metrics.fuel.observe(used as f64);
+            log_guest_output("stdout", &stdout, &trace_id);
+            log_guest_output("stderr", &stderr, &trace_id);
             let failure = match ran {
                 Err(_elapsed) => Some(Failure::Deadline {
                     deadline: limits.deadline,
@@ -575,10 +759,16 @@ impl Fanout {
             // full ("maximum concurrent limit reached").
             drop(store);
             drop(permit);
+            inner.metrics.instances_in_use.dec();
             failure
         });
 
-        match receiver.await {
+        let answered = receiver.await;
+        // The time to the response head is what the limiter learns from.
+        if let Some(ticket) = ticket {
+            ticket.finish();
+        }
+        match answered {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(code)) => Err(Failure::NoResponse(format!(
                 "the guest answered with error code {code:?}"
@@ -735,12 +925,37 @@ fn classify(e: &wasmtime::Error, memory_denied: bool, limits: &Limits) -> Failur
 
 /// Guest output becomes log events, one per line, never raw bytes on the
 /// host's own stdout.
-fn log_guest_output(stream: &'static str, pipe: &MemoryOutputPipe) {
+fn log_guest_output(stream: &'static str, pipe: &MemoryOutputPipe, trace_id: &str) {
     let contents = pipe.contents();
     if contents.is_empty() {
         return;
     }
     for line in String::from_utf8_lossy(&contents).lines() {
-        tracing::info!(target: "fanout::guest", stream, "{line}");
+        tracing::info!(target: "fanout::guest", stream, %trace_id, "{line}");
     }
+}
+
+/// Makes sure the request carries a valid W3C `traceparent`, starting a new
+/// trace when it has none, so that the guest, the upstreams and the host's
+/// logs share one trace id. Returns that trace id.
+fn with_trace_context<B>(mut request: Request<B>) -> (Request<B>, String) {
+    use fanout_guest::trace::TraceContext;
+    let incoming = request
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceContext::parse);
+    let trace = match incoming {
+        Some(trace) => trace,
+        None => {
+            let root = TraceContext::new_root(|| fastrand::u64(..));
+            // The host is the caller here: its span is the guest's parent.
+            let header = root.child_header(fastrand::u64(1..));
+            if let Ok(value) = http::HeaderValue::from_str(&header) {
+                request.headers_mut().insert("traceparent", value);
+            }
+            root
+        }
+    };
+    (request, trace.trace_id_hex())
 }

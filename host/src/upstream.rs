@@ -198,6 +198,93 @@ impl Upstreams {
 pub(crate) struct Hooks {
     pub(crate) upstreams: Arc<Upstreams>,
     pub(crate) outbound: Arc<dyn OutboundHooks>,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    /// This request's upstream attempts, for its access log line.
+    pub(crate) calls: Arc<std::sync::Mutex<Vec<CallRecord>>>,
+}
+
+/// One upstream attempt of one request.
+#[derive(Debug, Clone)]
+pub(crate) struct CallRecord {
+    pub(crate) upstream: String,
+    pub(crate) attempt: u32,
+    pub(crate) outcome: &'static str,
+    pub(crate) duration: std::time::Duration,
+}
+
+impl CallRecord {
+    /// `inventory:ok:23.1ms pricing#2:timeout:150.2ms`, for the access log.
+    pub(crate) fn summary(calls: &[CallRecord]) -> String {
+        calls
+            .iter()
+            .map(|c| {
+                let attempt = if c.attempt > 1 {
+                    format!("#{}", c.attempt)
+                } else {
+                    String::new()
+                };
+                format!(
+                    "{}{attempt}:{}:{:.1}ms",
+                    c.upstream,
+                    c.outcome,
+                    c.duration.as_secs_f64() * 1e3
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// The outcome label of an attempt's result.
+fn outcome(result: &Result<Response<WasiBody>, TransportError>) -> &'static str {
+    match result {
+        Ok(response) if response.status().is_server_error() => "error",
+        Ok(_) => "ok",
+        Err(TransportError::ConnectionLimitReached) => "shed",
+        Err(TransportError::DestinationUnavailable) => "circuit_open",
+        Err(
+            TransportError::HttpResponseTimeout
+            | TransportError::ConnectionTimeout
+            | TransportError::ConnectionReadTimeout,
+        ) => "timeout",
+        Err(_) => "error",
+    }
+}
+
+/// Records an attempt when it ends, or as `timeout` if the guest drops it
+/// first (its own timeout or deadline ran out).
+struct AttemptRecorder {
+    metrics: Arc<crate::metrics::Metrics>,
+    calls: Arc<std::sync::Mutex<Vec<CallRecord>>>,
+    upstream: String,
+    attempt: u32,
+    started: std::time::Instant,
+    done: bool,
+}
+
+impl AttemptRecorder {
+    fn finish(&mut self, outcome: &'static str) {
+        self.done = true;
+        let duration = self.started.elapsed();
+        self.metrics
+            .client_attempt(&self.upstream, outcome, duration);
+        if let Ok(mut calls) = self.calls.lock() {
+            calls.push(CallRecord {
+                upstream: self.upstream.clone(),
+                attempt: self.attempt,
+                outcome,
+                duration,
+            });
+        }
+    }
+}
+
+impl Drop for AttemptRecorder {
+    fn drop(&mut self) {
+        if !self.done {
+            self.finish("timeout");
+        }
+    }
 }
 
 type IoFuture = Box<dyn Future<Output = Result<(), TransportError>> + Send>;
@@ -233,6 +320,22 @@ impl WasiHttpHooks for Hooks {
             uri = %request.uri(),
             "outgoing request"
         );
+        if hints.attempt > 1 {
+            self.metrics
+                .retries
+                .get_or_create(&crate::metrics::UpstreamLabel {
+                    upstream: upstream.name.clone(),
+                })
+                .inc();
+        }
+        let mut recorder = AttemptRecorder {
+            metrics: self.metrics.clone(),
+            calls: self.calls.clone(),
+            upstream: upstream.name.clone(),
+            attempt: hints.attempt,
+            started: std::time::Instant::now(),
+            done: false,
+        };
         let call = self.outbound.send_request(
             upstream,
             Call {
@@ -242,7 +345,9 @@ impl WasiHttpHooks for Hooks {
             },
         );
         Box::new(async move {
-            let response = call.await?;
+            let result = call.await;
+            recorder.finish(outcome(&result));
+            let response = result?;
             // The adapters drive their connections themselves: there is no
             // per-request I/O future to hand back.
             Ok((response, Box::new(async { Ok(()) }) as IoFuture))

@@ -252,10 +252,17 @@ impl ProductUpstreams {
     /// A host builder with the three registered as HTTP upstreams.
     pub fn builder(&self) -> fanout_host::FanoutBuilder {
         Fanout::builder()
+            .cache_dir(cache_dir())
             .http_upstream("inventory", self.inventory.base_url())
             .http_upstream("pricing", self.pricing.base_url())
             .http_upstream("reviews", self.reviews.base_url())
     }
+}
+
+/// A compiled-component cache shared by the tests: each test builds its own
+/// host, and compiling the component for each would dominate the suite.
+pub fn cache_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join("fanout-test-component-cache")
 }
 
 /// The fanout host serving on 127.0.0.1 port 0. Dropping it shuts it down.

@@ -349,3 +349,91 @@ async fn function_upstreams_serve_in_process() -> Result<()> {
     assert_eq!(answer.json["reviews"], json!({"for": "77", "rating": 5}));
     Ok(())
 }
+
+#[tokio::test]
+async fn the_compiled_component_is_cached_and_a_corrupt_entry_rebuilt() -> Result<()> {
+    use fanout_host::cache::Origin;
+    let dir = tempfile::tempdir()?;
+    let build = || {
+        Fanout::builder()
+            .demo_upstreams()
+            .cache_dir(dir.path())
+            .build()
+    };
+    assert_eq!(build()?.component_origin(), Origin::CompiledAndCached);
+    let started = std::time::Instant::now();
+    let cached = build()?;
+    println!("build from the cache: {:?}", started.elapsed());
+    assert_eq!(cached.component_origin(), Origin::Cached);
+    let host = TestHost::start(cached).await?;
+    assert_eq!(host.get("/products/1").await?.status, StatusCode::OK);
+
+    // Flip one byte in the middle of the entry: detected, rebuilt, rewritten.
+    let entries: Vec<_> = std::fs::read_dir(dir.path())?.collect::<Result<_, _>>()?;
+    assert_eq!(entries.len(), 1, "one entry, no temporary files left");
+    let path = entries[0].path();
+    let mut bytes = std::fs::read(&path)?;
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&path, &bytes)?;
+    assert_eq!(build()?.component_origin(), Origin::Rebuilt);
+    assert_eq!(build()?.component_origin(), Origin::Cached);
+
+    // A truncated entry too.
+    std::fs::write(&path, &bytes[..100])?;
+    assert_eq!(build()?.component_origin(), Origin::Rebuilt);
+
+    // Another component gets its own entry, never the wrong code.
+    let hostile = Fanout::builder()
+        .component_path(fanout_host::HOSTILE_COMPONENT_PATH)
+        .cache_dir(dir.path())
+        .build()?;
+    assert_eq!(hostile.component_origin(), Origin::CompiledAndCached);
+    assert_eq!(std::fs::read_dir(dir.path())?.count(), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn admission_sheds_at_the_door_with_retry_after() -> Result<()> {
+    use fanout_host::admission::AdmissionConfig;
+    let upstreams = ProductUpstreams::start(MS(100)).await?;
+    let config = AdmissionConfig {
+        initial: 2,
+        min: 2,
+        max: 2,
+        ..AdmissionConfig::new(2)
+    };
+    let fanout = upstreams
+        .builder()
+        .admission(fanout_host::Admission::Adaptive(Some(config)))
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+    let answers = futures_util::future::join_all((0..10).map(|i| {
+        let host = &host;
+        async move { host.get(&format!("/products/{i}")).await }
+    }))
+    .await;
+    let mut ok = 0;
+    for answer in answers {
+        let answer = answer?;
+        match answer.status {
+            StatusCode::OK => ok += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(answer.error_code(), "overloaded", "{}", answer.json);
+                assert_eq!(answer.headers["retry-after"], "1");
+                assert!(
+                    answer.elapsed < MS(50),
+                    "shed at the door: {:?}",
+                    answer.elapsed
+                );
+            }
+            other => panic!("{other}: {}", answer.json),
+        }
+    }
+    assert_eq!(ok, 2, "the limit admits two at a time");
+    // Nothing shed reached an upstream.
+    assert_eq!(upstreams.pricing.calls().len(), 2);
+    let metrics = host.fanout.metrics().encode();
+    assert!(metrics.contains("fanout_shed_total 8"), "{metrics}");
+    Ok(())
+}

@@ -13,7 +13,11 @@ const MS: fn(u64) -> Duration = Duration::from_millis;
 fn hostile(limits: Limits) -> Result<Fanout> {
     Ok(Fanout::builder()
         .component_path(fanout_host::HOSTILE_COMPONENT_PATH)
+        .cache_dir(fanout_tests::cache_dir())
         .limits(limits)
+        // These tests drive the instance pool itself; adaptive admission
+        // has its own tests.
+        .admission(fanout_host::Admission::Fixed)
         .build()?)
 }
 

@@ -1,0 +1,149 @@
+//! Prometheus metrics, served in text format on the admin listener.
+//!
+//! | metric | labels |
+//! |---|---|
+//! | `http_server_request_duration_seconds` (histogram) | `route`, `status` |
+//! | `http_client_request_duration_seconds` (histogram, per upstream attempt) | `upstream`, `outcome` (ok, error, timeout, shed, circuit_open) |
+//! | `fanout_upstream_retries_total` | `upstream` |
+//! | `fanout_fuel_consumed` (histogram, per request) | |
+//! | `fanout_instances_in_use` (gauge) | |
+//! | `fanout_shed_total` (requests shed because the pool was full) | |
+//! | `fanout_guest_failures_total` (traps, limits, deadlines) | `cause` |
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ServerLabels {
+    pub(crate) route: String,
+    pub(crate) status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ClientLabels {
+    pub(crate) upstream: String,
+    pub(crate) outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct UpstreamLabel {
+    pub(crate) upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct CauseLabel {
+    pub(crate) cause: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms to ~8 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 15))
+}
+
+/// The host's metrics. Cheap to update from any thread.
+pub struct Metrics {
+    registry: Registry,
+    pub(crate) server: HistogramFamily<ServerLabels>,
+    pub(crate) client: HistogramFamily<ClientLabels>,
+    pub(crate) retries: Family<UpstreamLabel, Counter>,
+    pub(crate) fuel: Histogram,
+    pub(crate) instances_in_use: Gauge,
+    pub(crate) shed: Counter,
+    pub(crate) failures: Family<CauseLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let server: HistogramFamily<ServerLabels> = Family::new_with_constructor(latency_histogram);
+        let client: HistogramFamily<ClientLabels> = Family::new_with_constructor(latency_histogram);
+        let retries = Family::<UpstreamLabel, Counter>::default();
+        // 10k to ~160M fuel.
+        let fuel = Histogram::new(exponential_buckets(10_000.0, 2.0, 15));
+        let instances_in_use = Gauge::default();
+        let shed = Counter::default();
+        let failures = Family::<CauseLabel, Counter>::default();
+        registry.register_with_unit(
+            "http_server_request_duration",
+            "Duration of incoming requests, by route and status",
+            Unit::Seconds,
+            server.clone(),
+        );
+        registry.register_with_unit(
+            "http_client_request_duration",
+            "Duration of each upstream attempt, by upstream and outcome",
+            Unit::Seconds,
+            client.clone(),
+        );
+        registry.register(
+            "fanout_upstream_retries",
+            "Retry attempts, by upstream",
+            retries.clone(),
+        );
+        registry.register(
+            "fanout_fuel_consumed",
+            "Fuel consumed per request",
+            fuel.clone(),
+        );
+        registry.register(
+            "fanout_instances_in_use",
+            "Component instances running now",
+            instances_in_use.clone(),
+        );
+        registry.register(
+            "fanout_shed",
+            "Requests shed because the instance pool was full",
+            shed.clone(),
+        );
+        registry.register(
+            "fanout_guest_failures",
+            "Requests the host answered for the guest, by cause",
+            failures.clone(),
+        );
+        Metrics {
+            registry,
+            server,
+            client,
+            retries,
+            fuel,
+            instances_in_use,
+            shed,
+            failures,
+        }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub(crate) fn server_request(&self, route: &str, status: u16, took: Duration) {
+        self.server
+            .get_or_create(&ServerLabels {
+                route: route.to_string(),
+                status,
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn client_attempt(&self, upstream: &str, outcome: &'static str, took: Duration) {
+        self.client
+            .get_or_create(&ClientLabels {
+                upstream: upstream.to_string(),
+                outcome,
+            })
+            .observe(took.as_secs_f64());
+    }
+}
