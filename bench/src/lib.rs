@@ -41,6 +41,8 @@ pub enum Target {
     Blocking,
     FanoutSequential,
     Fanout,
+    /// `fanout` with experimental adaptive admission (measured at c=500).
+    FanoutAdaptive,
     Native,
     WasmtimeServe,
 }
@@ -54,11 +56,22 @@ impl Target {
         Target::WasmtimeServe,
     ];
 
+    /// Every target a report may show, in table order.
+    pub const REPORTED: [Target; 6] = [
+        Target::Blocking,
+        Target::FanoutSequential,
+        Target::Fanout,
+        Target::FanoutAdaptive,
+        Target::Native,
+        Target::WasmtimeServe,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Target::Blocking => "blocking",
             Target::FanoutSequential => "fanout-sequential",
             Target::Fanout => "fanout",
+            Target::FanoutAdaptive => "fanout-adaptive",
             Target::Native => "native",
             Target::WasmtimeServe => "wasmtime-serve",
         }
@@ -128,6 +141,14 @@ impl Harness {
                     target.name(),
                     &self.exe,
                     &own("serve-fanout", &["--sequential"]),
+                )
+                .await?
+            }
+            Target::FanoutAdaptive => {
+                Process::start(
+                    target.name(),
+                    &self.exe,
+                    &own("serve-fanout", &["--adaptive"]),
                 )
                 .await?
             }

@@ -32,6 +32,9 @@ struct Args {
     /// Where BENCHMARKS.md and bench/ go.
     #[arg(long, global = true, default_value = ".")]
     out: PathBuf,
+    /// Only these targets (comma-separated), e.g. `fanout,native`.
+    #[arg(long, global = true, value_delimiter = ',')]
+    targets: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -73,6 +76,9 @@ enum Command {
         upstream: String,
         #[arg(long)]
         sequential: bool,
+        /// Adaptive admission instead of the fixed pool limit.
+        #[arg(long)]
+        adaptive: bool,
         /// FANOUT_CONFIG JSON.
         #[arg(long)]
         guest_config: Option<String>,
@@ -109,6 +115,7 @@ fn main() -> Result<()> {
         Command::ServeFanout {
             upstream,
             sequential,
+            adaptive,
             guest_config,
             max_instances,
             cache_dir,
@@ -119,7 +126,7 @@ fn main() -> Result<()> {
                 (false, None) => None,
             };
             // Compiled before it says it listens: "listening" means ready.
-            let fanout = servers::fanout(upstream, config, max_instances, cache_dir)?;
+            let fanout = servers::fanout(upstream, config, max_instances, cache_dir, adaptive)?;
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             servers::announce(listener.local_addr()?);
             fanout.serve(listener, std::future::pending()).await?;
@@ -128,6 +135,7 @@ fn main() -> Result<()> {
         command => runtime.block_on(bench(
             command,
             &args.out,
+            &args.targets,
             Harness {
                 exe: std::env::current_exe()?,
                 warmup: Duration::from_secs_f64(args.warmup),
@@ -139,7 +147,14 @@ fn main() -> Result<()> {
     }
 }
 
-async fn bench(command: Command, out: &std::path::Path, h: Harness) -> Result<()> {
+async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harness) -> Result<()> {
+    let chosen = |targets: &[Target]| -> Vec<Target> {
+        targets
+            .iter()
+            .copied()
+            .filter(|t| only.is_empty() || only.iter().any(|o| o == t.name()))
+            .collect()
+    };
     let mut results = Results {
         machine: Machine::read(),
         ..Results::default()
@@ -157,7 +172,8 @@ async fn bench(command: Command, out: &std::path::Path, h: Harness) -> Result<()
         h.measure.as_secs_f64(),
         h.repeats
     );
-    let saturation_targets = [Target::Fanout, Target::Native, Target::WasmtimeServe];
+    let saturation_targets = chosen(&[Target::Fanout, Target::Native, Target::WasmtimeServe]);
+    let all_targets = chosen(&Target::ALL);
     match command {
         Command::All { sustained } => {
             results.commands.push(format!(
@@ -165,10 +181,16 @@ async fn bench(command: Command, out: &std::path::Path, h: Harness) -> Result<()
             ));
             results.micro = Some(h.micro().await.context("micro")?);
             results.latency = h
-                .latency(&Target::ALL, &LEVELS, Duration::from_millis(50))
+                .latency(&all_targets, &LEVELS, Duration::from_millis(50))
                 .await?;
+            if only.is_empty() || only.iter().any(|o| o == "fanout-adaptive") {
+                let adaptive = h
+                    .latency(&[Target::FanoutAdaptive], &[500], Duration::from_millis(50))
+                    .await?;
+                results.latency.extend(adaptive);
+            }
             results.saturation = h.saturation(&saturation_targets, SATURATION_C).await?;
-            for target in [Target::Fanout, Target::WasmtimeServe] {
+            for target in chosen(&[Target::Fanout, Target::WasmtimeServe]) {
                 if let Some(s) = h
                     .sustained(target, SATURATION_C, Duration::from_secs(sustained))
                     .await?
@@ -187,7 +209,7 @@ async fn bench(command: Command, out: &std::path::Path, h: Harness) -> Result<()
                 "cargo run -p fanout-bench --release -- latency {common}"
             ));
             results.latency = h
-                .latency(&Target::ALL, &LEVELS, Duration::from_millis(50))
+                .latency(&all_targets, &LEVELS, Duration::from_millis(50))
                 .await?;
         }
         Command::Saturation => {

@@ -127,7 +127,7 @@ fn median_of(runs: &[Run], target: Target, c: usize, f: impl Fn(&Run) -> f64) ->
 fn table(out: &mut String, runs: &[Run]) {
     out.push_str("| target | c | rps | 2xx/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | CPU ms/req | non-2xx | no answer |\n");
     out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
-    for target in Target::ALL {
+    for target in Target::REPORTED {
         for c in levels(runs) {
             let g = group(runs, target, c);
             if g.is_empty() {
@@ -455,8 +455,8 @@ fn plot(path: &Path, runs: &[Run]) -> Result<()> {
         .x_desc("requests in flight")
         .y_desc("latency (ms)")
         .draw()?;
-    let colours = [RED, BLUE, GREEN, MAGENTA, BLACK];
-    for (target, colour) in Target::ALL.iter().zip(colours) {
+    let colours = [RED, BLUE, GREEN, CYAN, MAGENTA, BLACK];
+    for (target, colour) in Target::REPORTED.iter().zip(colours) {
         let points = |f: fn(&Run) -> f64| -> Vec<(f64, f64)> {
             levels(runs)
                 .into_iter()

@@ -161,6 +161,7 @@ pub fn fanout(
     guest_config: Option<String>,
     max_instances: Option<u32>,
     cache_dir: Option<std::path::PathBuf>,
+    adaptive: bool,
 ) -> Result<fanout_host::Fanout> {
     let mut limits = fanout_host::Limits::default();
     if let Some(n) = max_instances {
@@ -176,6 +177,9 @@ pub fn fanout(
     }
     if let Some(dir) = cache_dir {
         builder = builder.cache_dir(dir);
+    }
+    if adaptive {
+        builder = builder.admission(fanout_host::Admission::Adaptive(None));
     }
     Ok(builder.build()?)
 }

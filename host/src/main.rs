@@ -66,9 +66,9 @@ struct Args {
     #[arg(long)]
     max_instances: Option<u32>,
 
-    /// Admission: `adaptive` learns a limit from latency and sheds beyond it;
-    /// `fixed` admits up to --max-instances.
-    #[arg(long, value_enum, default_value_t = AdmissionMode::Adaptive)]
+    /// Admission: `fixed` admits up to --max-instances; `adaptive`
+    /// (experimental) learns a limit from latency and sheds beyond it.
+    #[arg(long, value_enum, default_value_t = AdmissionMode::Fixed)]
     admission: AdmissionMode,
 
     /// The guest's own budget per request, in milliseconds [default: 200].

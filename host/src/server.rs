@@ -79,7 +79,7 @@ impl Default for FanoutBuilder {
             http: HttpUpstream::default(),
             hooks: Arc::new(DefaultHooks),
             cache_dir: None,
-            admission: Admission::Adaptive(None),
+            admission: Admission::Fixed,
         }
     }
 }
@@ -178,7 +178,8 @@ impl FanoutBuilder {
         self
     }
 
-    /// How requests are admitted (adaptive by default).
+    /// How requests are admitted ([`Admission::Fixed`] by default: see
+    /// BENCHMARKS.md for why adaptive is not the default yet).
     pub fn admission(mut self, admission: Admission) -> Self {
         self.admission = admission;
         self
@@ -532,14 +533,17 @@ impl Fanout {
         let route = self.route_label(&path);
         let status = response.status().as_u16();
         self.inner.metrics.server_request(&route, status, took);
-        let upstreams = CallRecord::summary(&calls.lock().unwrap_or_else(|e| e.into_inner()));
-        tracing::info!(
-            target: "fanout::access",
-            %trace_id, %method, %path, %route, status,
-            duration_ms = took.as_secs_f64() * 1e3,
-            %upstreams,
-            "request"
-        );
+        // The summary costs allocations: only when someone reads it.
+        if tracing::enabled!(target: "fanout::access", tracing::Level::INFO) {
+            let upstreams = CallRecord::summary(&calls.lock().unwrap_or_else(|e| e.into_inner()));
+            tracing::info!(
+                target: "fanout::access",
+                %trace_id, %method, %path, %route, status,
+                duration_ms = took.as_secs_f64() * 1e3,
+                %upstreams,
+                "request"
+            );
+        }
         response
     }
 
