@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What one load run measured.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, Default)]
+#[serde(default)]
 pub struct LoadResult {
     pub concurrency: usize,
     pub seconds: f64,

@@ -35,7 +35,7 @@ pub struct Harness {
     pub wasmtime: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Target {
     Blocking,
@@ -88,7 +88,7 @@ pub struct Window<'a> {
 }
 
 /// One measured window.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Run {
     pub scenario: String,
     pub target: Target,
@@ -317,7 +317,7 @@ fn cpu_of(pid: u32) -> Duration {
 }
 
 /// A long run's shape over time.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Sustained {
     pub target: Target,
     pub rps_per_10s: Vec<f64>,
@@ -326,7 +326,8 @@ pub struct Sustained {
 }
 
 /// `micro`: per-request costs of the host.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, Default)]
+#[serde(default)]
 pub struct Micro {
     pub instantiation_us: f64,
     pub fuel_per_request: u64,
@@ -426,7 +427,10 @@ impl Harness {
             (micro.peak_rss_at_500_mib - micro.peak_rss_idle_mib) * 1024.0 / 500.0;
         process.stop().await;
 
-        // Time to the first answer: compiling, then from a warm cache.
+        upstreams.stop().await;
+        // Time to the first answer: compiling, then from a warm cache, with
+        // upstreams that answer at once.
+        let upstreams = self.upstreams(Duration::ZERO).await?;
         let cache = std::env::temp_dir().join(format!("fanout-bench-cache-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&cache);
         for cached in [false, true] {
@@ -438,8 +442,6 @@ impl Harness {
                     "serve-fanout".into(),
                     "--upstream".into(),
                     upstreams.base.clone(),
-                    "--guest-config".into(),
-                    config.into(),
                     "--cache-dir".into(),
                     cache.display().to_string(),
                 ],

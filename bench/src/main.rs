@@ -219,6 +219,11 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
             results.saturation = h.saturation(&saturation_targets, SATURATION_C).await?;
         }
         Command::Micro => {
+            // Refresh the micro figures of an existing report, if there is
+            // one, rather than replace the whole report with them.
+            if let Ok(text) = std::fs::read_to_string(out.join("bench/results.json")) {
+                results = serde_json::from_str(&text).context("bench/results.json")?;
+            }
             results
                 .commands
                 .push("cargo run -p fanout-bench --release -- micro".into());
