@@ -328,6 +328,17 @@ mod tests {
         config.routes[0].upstreams[0].clone()
     }
 
+    /// One call for id "1" with a fresh 200 ms budget.
+    fn call_200ms(env: &impl Env, upstream: &Upstream) -> Result<Value, UpstreamFailure> {
+        run(call(
+            env,
+            upstream,
+            "1",
+            Budget::starting_at(MS(0), MS(200)),
+            &TRACE,
+        ))
+    }
+
     const MS: fn(u64) -> Duration = Duration::from_millis;
     const TRACE: TraceContext = TraceContext {
         trace_id: [7; 16],
@@ -422,13 +433,7 @@ mod tests {
             ),
             (5, Ok(serde_json::json!({"ok": true}))),
         ]);
-        let result = run(call(
-            &env,
-            &upstream(100, 3),
-            "1",
-            Budget::starting_at(MS(0), MS(200)),
-            &TRACE,
-        ));
+        let result = call_200ms(&env, &upstream(100, 3));
         assert_eq!(result, Ok(serde_json::json!({"ok": true})));
         let attempts = env.attempts.borrow();
         assert_eq!(attempts.iter().map(|a| a.0).collect::<Vec<_>>(), [1, 2, 3]);
@@ -440,13 +445,7 @@ mod tests {
     #[test]
     fn hard_down_upstream_costs_at_most_max_attempts() {
         let env = FakeEnv::new(vec![(1, Err(UpstreamFailure::Status(503))); 10]);
-        let result = run(call(
-            &env,
-            &upstream(100, 3),
-            "1",
-            Budget::starting_at(MS(0), MS(200)),
-            &TRACE,
-        ));
+        let result = call_200ms(&env, &upstream(100, 3));
         assert_eq!(result, Err(UpstreamFailure::Status(503)));
         assert_eq!(env.attempts.borrow().len(), 3);
         assert!(env.now() < MS(200));
@@ -462,13 +461,7 @@ mod tests {
             UpstreamFailure::Shed("limit".into()),
         ] {
             let env = FakeEnv::new(vec![(1, Err(failure.clone())), (1, Ok(Value::Null))]);
-            let result = run(call(
-                &env,
-                &upstream(100, 3),
-                "1",
-                Budget::starting_at(MS(0), MS(200)),
-                &TRACE,
-            ));
+            let result = call_200ms(&env, &upstream(100, 3));
             assert_eq!(result, Err(failure));
             assert_eq!(env.attempts.borrow().len(), 1);
         }
@@ -479,13 +472,7 @@ mod tests {
         // Every attempt hangs. Timeout 150 ms in a 200 ms budget: the first
         // attempt gets 150 ms, the retry gets what is left, then no more.
         let env = FakeEnv::new(vec![(10_000, Ok(Value::Null)); 5]);
-        let result = run(call(
-            &env,
-            &upstream(150, 5),
-            "1",
-            Budget::starting_at(MS(0), MS(200)),
-            &TRACE,
-        ));
+        let result = call_200ms(&env, &upstream(150, 5));
         assert_eq!(result, Err(UpstreamFailure::Timeout));
         let attempts = env.attempts.borrow();
         assert_eq!(attempts[0].2, MS(150));
@@ -504,13 +491,7 @@ mod tests {
             (195, Err(UpstreamFailure::Status(503))),
             (1, Ok(Value::Null)),
         ]);
-        let result = run(call(
-            &env,
-            &upstream(1000, 3),
-            "1",
-            Budget::starting_at(MS(0), MS(200)),
-            &TRACE,
-        ));
+        let result = call_200ms(&env, &upstream(1000, 3));
         assert_eq!(result, Err(UpstreamFailure::Status(503)));
         assert_eq!(env.attempts.borrow().len(), 1);
     }
@@ -521,13 +502,7 @@ mod tests {
             (1, Err(UpstreamFailure::Status(503))),
             (0, Err(UpstreamFailure::Shed("retry budget".into()))),
         ]);
-        let result = run(call(
-            &env,
-            &upstream(100, 3),
-            "1",
-            Budget::starting_at(MS(0), MS(200)),
-            &TRACE,
-        ));
+        let result = call_200ms(&env, &upstream(100, 3));
         assert_eq!(result, Err(UpstreamFailure::Status(503)));
         assert_eq!(env.attempts.borrow().len(), 2);
     }
