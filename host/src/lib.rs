@@ -58,6 +58,7 @@ pub mod limits;
 pub mod metrics;
 mod runtime;
 mod server;
+pub mod telemetry;
 pub mod upstream;
 
 pub use error::{Error, Failure, error_response};

@@ -6,6 +6,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use fanout_host::config::FileConfig;
+use fanout_host::telemetry::Otlp;
 use fanout_host::{Fanout, Limits};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -110,25 +111,44 @@ fn parse_upstream(raw: &str) -> Result<(String, String), String> {
     Ok((name.trim().to_string(), url.trim().to_string()))
 }
 
-fn init_logging(format: Option<LogFormat>) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Log lines on stdout, plus OTLP span export when
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set. The returned exporter flushes its
+/// last spans when dropped.
+fn init_logging(format: Option<LogFormat>) -> Result<Option<Otlp>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer, Registry};
+    let otlp = Otlp::from_env()?;
+    // The request and upstream spans are for the exporter: in the log
+    // lines they would repeat what the access line already says.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .add_directive(format!("{}=off", fanout_host::telemetry::SPAN_TARGET).parse()?);
     let format = format.unwrap_or(if std::io::stdout().is_terminal() {
         LogFormat::Pretty
     } else {
         LogFormat::Json
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Pretty => builder.init(),
+    let fmt = tracing_subscriber::fmt::layer();
+    let fmt = match format {
+        LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter).boxed(),
+        LogFormat::Pretty => fmt.with_filter(filter).boxed(),
+    };
+    let mut layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = vec![fmt];
+    if let Some(otlp) = &otlp {
+        layers.push(otlp.layer());
     }
+    tracing_subscriber::registry().with(layers).init();
+    Ok(otlp)
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    init_logging(args.log_format);
+    let otlp = init_logging(args.log_format)?;
+    if otlp.is_some() {
+        tracing::info!("exporting spans over OTLP");
+    }
 
     if args.demo_upstreams_only {
         let listen = args.listen.unwrap_or(DEFAULT_LISTEN);

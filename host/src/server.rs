@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot};
+use tracing::Instrument;
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
@@ -506,9 +507,21 @@ impl Fanout {
         let started = Instant::now();
         let method = request.method().clone();
         let path = request.uri().path().to_string();
+        let route = self.route_label(&path);
+        let span = server_span(&method, &route, &path);
+        let mut request = request;
+        crate::telemetry::set_remote_parent(&span, request.headers());
+        // The guest's spans and calls belong under the server span.
+        if let Some(traceparent) = crate::telemetry::traceparent_of(&span) {
+            request.headers_mut().insert("traceparent", traceparent);
+        }
         let (request, trace_id) = with_trace_context(request);
         let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let response = match self.run(request, &trace_id, calls.clone()).await {
+        let ran = self
+            .run(request, &trace_id, calls.clone(), span.clone())
+            .instrument(span.clone())
+            .await;
+        let response = match ran {
             Ok(response) => response,
             Err(failure) => {
                 self.inner.stats.failures.fetch_add(1, Ordering::Relaxed);
@@ -530,8 +543,13 @@ impl Fanout {
             }
         };
         let took = started.elapsed();
-        let route = self.route_label(&path);
         let status = response.status().as_u16();
+        span.record("http.response.status_code", status);
+        if response.status().is_server_error() {
+            span.record("error.type", status.to_string());
+            span.record("otel.status_code", "ERROR");
+        }
+        drop(span);
         self.inner.metrics.server_request(&route, status, took);
         // The summary costs allocations: only when someone reads it.
         if tracing::enabled!(target: "fanout::access", tracing::Level::INFO) {
@@ -644,6 +662,7 @@ impl Fanout {
         request: Request<B>,
         trace_id: &str,
         calls: Arc<std::sync::Mutex<Vec<CallRecord>>>,
+        span: tracing::Span,
     ) -> Result<Response<ResponseBody>, Failure>
     where
         B: Body<Data = Bytes> + Send + 'static,
@@ -701,6 +720,7 @@ impl Fanout {
                     outbound: inner.hooks.clone(),
                     metrics: inner.metrics.clone(),
                     calls,
+                    span,
                 },
                 limiter: MemoryLimiter {
                     limits: StoreLimitsBuilder::new()
@@ -937,6 +957,34 @@ fn log_guest_output(stream: &'static str, pipe: &MemoryOutputPipe, trace_id: &st
     for line in String::from_utf8_lossy(&contents).lines() {
         tracing::info!(target: "fanout::guest", stream, %trace_id, "{line}");
     }
+}
+
+/// The server span of one request (OpenTelemetry HTTP server conventions).
+/// The status is recorded when the answer is known.
+fn server_span(method: &http::Method, route: &str, path: &str) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: "fanout::otel",
+        "request",
+        otel.name = tracing::field::Empty,
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %method,
+        http.route = tracing::field::Empty,
+        url.path = %path,
+        url.scheme = "http",
+        http.response.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    if !span.is_disabled() {
+        // `other` is the metrics' catch-all label, not a route.
+        if route == "other" {
+            span.record("otel.name", method.as_str());
+        } else {
+            span.record("otel.name", format!("{method} {route}"));
+            span.record("http.route", route);
+        }
+    }
+    span
 }
 
 /// Makes sure the request carries a valid W3C `traceparent`, starting a new

@@ -20,6 +20,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use tower::ServiceExt;
+use tracing::Instrument;
 use wasmtime_wasi_http::{RequestOptions, WasiBody, WasiHttpHooks};
 
 pub use crate::adapters::{from_fn, json_response};
@@ -201,6 +202,8 @@ pub(crate) struct Hooks {
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     /// This request's upstream attempts, for its access log line.
     pub(crate) calls: Arc<std::sync::Mutex<Vec<CallRecord>>>,
+    /// The request's server span: the parent of each attempt's client span.
+    pub(crate) span: tracing::Span,
 }
 
 /// One upstream attempt of one request.
@@ -251,6 +254,55 @@ fn outcome(result: &Result<Response<WasiBody>, TransportError>) -> &'static str 
     }
 }
 
+/// The `error.type` of a failed attempt: the status code of a 5xx answer,
+/// or the name of the transport error (`ConnectionRefused`), low in
+/// cardinality as the semantic conventions ask.
+fn error_type(result: &Result<Response<WasiBody>, TransportError>) -> Option<String> {
+    match result {
+        Ok(response) if response.status().is_server_error() => {
+            Some(response.status().as_str().to_string())
+        }
+        Ok(_) => None,
+        Err(e) => {
+            let name = format!("{e:?}");
+            let end = name
+                .find(|c: char| !c.is_ascii_alphanumeric())
+                .unwrap_or(name.len());
+            Some(name[..end].to_string())
+        }
+    }
+}
+
+/// The client span of one attempt (OpenTelemetry HTTP client conventions).
+fn client_span(
+    parent: &tracing::Span,
+    upstream: &str,
+    attempt: u32,
+    request: &Request<WasiBody>,
+) -> tracing::Span {
+    let uri = request.uri();
+    let span = tracing::info_span!(
+        target: "fanout::otel",
+        parent: parent,
+        "upstream",
+        otel.name = %request.method(),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %request.method(),
+        server.address = uri.host().unwrap_or_default(),
+        server.port = uri.port_u16().unwrap_or(80),
+        url.full = %uri,
+        http.request.resend_count = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        fanout.upstream = upstream,
+    );
+    if attempt > 1 {
+        span.record("http.request.resend_count", attempt - 1);
+    }
+    span
+}
+
 /// Records an attempt when it ends, or as `timeout` if the guest drops it
 /// first (its own timeout or deadline ran out).
 struct AttemptRecorder {
@@ -260,11 +312,15 @@ struct AttemptRecorder {
     attempt: u32,
     started: std::time::Instant,
     done: bool,
+    span: tracing::Span,
 }
 
 impl AttemptRecorder {
     fn finish(&mut self, outcome: &'static str) {
         self.done = true;
+        if outcome != "ok" {
+            self.span.record("otel.status_code", "ERROR");
+        }
         let duration = self.started.elapsed();
         self.metrics
             .client_attempt(&self.upstream, outcome, duration);
@@ -282,6 +338,8 @@ impl AttemptRecorder {
 impl Drop for AttemptRecorder {
     fn drop(&mut self) {
         if !self.done {
+            // The guest gave up on the attempt: its timeout or deadline.
+            self.span.record("error.type", "timeout");
             self.finish("timeout");
         }
     }
@@ -328,6 +386,12 @@ impl WasiHttpHooks for Hooks {
                 })
                 .inc();
         }
+        let span = client_span(&self.span, &upstream.name, hints.attempt, &request);
+        // The upstream sees the host's client span as its parent; without an
+        // exporter the guest's own `traceparent` goes out unchanged.
+        if let Some(traceparent) = crate::telemetry::traceparent_of(&span) {
+            request.headers_mut().insert("traceparent", traceparent);
+        }
         let mut recorder = AttemptRecorder {
             metrics: self.metrics.clone(),
             calls: self.calls.clone(),
@@ -335,6 +399,7 @@ impl WasiHttpHooks for Hooks {
             attempt: hints.attempt,
             started: std::time::Instant::now(),
             done: false,
+            span: span.clone(),
         };
         let call = self.outbound.send_request(
             upstream,
@@ -345,7 +410,17 @@ impl WasiHttpHooks for Hooks {
             },
         );
         Box::new(async move {
-            let result = call.await;
+            let result = call.instrument(span).await;
+            if !recorder.span.is_disabled() {
+                if let Ok(response) = &result {
+                    recorder
+                        .span
+                        .record("http.response.status_code", response.status().as_u16());
+                }
+                if let Some(error_type) = error_type(&result) {
+                    recorder.span.record("error.type", error_type);
+                }
+            }
             recorder.finish(outcome(&result));
             let response = result?;
             // The adapters drive their connections themselves: there is no

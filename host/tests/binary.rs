@@ -1,0 +1,207 @@
+//! The `fanout` binary as an operator runs it: OTLP export switched on by
+//! `OTEL_EXPORTER_OTLP_ENDPOINT`, spans flushed at a graceful shutdown, and
+//! JSON log lines on stdout that the spans do not clutter.
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::TokioIo;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::net::TcpListener;
+use tokio::process::{Child, ChildStdout, Command};
+
+/// Names of the spans a collector received.
+type Received = Arc<Mutex<Vec<(String, i32)>>>;
+
+/// A minimal OTLP/HTTP collector on port 0: it decodes each export and keeps
+/// the spans' names and kinds.
+async fn collector() -> Result<(String, Received)> {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    let received: Received = Arc::default();
+    let spans = received.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let spans = spans.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: http::Request<_>| {
+                    let spans = spans.clone();
+                    async move {
+                        let path_ok = request.uri().path() == "/v1/traces";
+                        let body = BodyExt::collect(request.into_body()).await?.to_bytes();
+                        let status = match ExportTraceServiceRequest::decode(body) {
+                            Ok(export) if path_ok => {
+                                let mut spans = spans.lock().unwrap();
+                                for rs in export.resource_spans {
+                                    for ss in rs.scope_spans {
+                                        for span in ss.spans {
+                                            spans.push((span.name, span.kind));
+                                        }
+                                    }
+                                }
+                                200
+                            }
+                            _ => 400,
+                        };
+                        let mut response = http::Response::new(Full::new(Bytes::new()));
+                        *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                        Ok::<_, hyper::Error>(response)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok((endpoint, received))
+}
+
+struct Running {
+    child: Child,
+    addr: String,
+    lines: Lines<BufReader<ChildStdout>>,
+    /// The JSON log lines read so far.
+    logs: Vec<serde_json::Value>,
+}
+
+/// Starts `fanout` on port 0 with the demo upstreams and waits for the line
+/// that says where it listens.
+async fn start(otlp_endpoint: Option<&str>) -> Result<Running> {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fanout"));
+    command
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--cache-dir",
+        ])
+        .arg(std::env::temp_dir().join("fanout-binary-test-cache"))
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .env_remove("OTEL_SERVICE_NAME")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(endpoint) = otlp_endpoint {
+        command.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
+    }
+    let mut child = command.spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut logs = Vec::new();
+    let addr = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(url) = line.strip_prefix("fanout is listening on http://") {
+                return Ok(url.to_string());
+            }
+            if let Ok(json) = serde_json::from_str(&line) {
+                logs.push(json);
+            }
+        }
+        bail!("fanout exited before listening: {logs:#?}")
+    })
+    .await
+    .context("fanout did not start within 60 s")??;
+    Ok(Running {
+        child,
+        addr,
+        lines,
+        logs,
+    })
+}
+
+impl Running {
+    async fn get(&self, path: &str) -> Result<http::StatusCode> {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<Empty<Bytes>>();
+        let response = client
+            .get(format!("http://{}{path}", self.addr).parse()?)
+            .await?;
+        let status = response.status();
+        response.into_body().collect().await?;
+        Ok(status)
+    }
+
+    /// SIGTERM, then every remaining log line until the process exits.
+    async fn stop(mut self) -> Result<Vec<serde_json::Value>> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id().context("running")? as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let status = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = self.lines.next_line().await? {
+                if let Ok(json) = serde_json::from_str(&line) {
+                    self.logs.push(json);
+                }
+            }
+            anyhow::Ok(self.child.wait().await?)
+        })
+        .await
+        .context("fanout did not stop within 30 s of SIGTERM")??;
+        assert!(status.success(), "{status}");
+        Ok(self.logs)
+    }
+}
+
+#[tokio::test]
+async fn otlp_endpoint_turns_on_export_and_shutdown_flushes_it() -> Result<()> {
+    let (endpoint, received) = collector().await?;
+    let fanout = start(Some(&endpoint)).await?;
+    assert_eq!(fanout.get("/products/1").await?, http::StatusCode::OK);
+    assert_eq!(fanout.get("/products/2").await?, http::StatusCode::OK);
+    // The batch exporter has not sent these yet: the shutdown must.
+    let logs = fanout.stop().await?;
+
+    let spans = received.lock().unwrap().clone();
+    let servers = spans
+        .iter()
+        .filter(|(name, kind)| name == "GET /products/{id}" && *kind == 2)
+        .count();
+    let clients = spans.iter().filter(|(_, kind)| *kind == 3).count();
+    assert_eq!(servers, 2, "{spans:?}");
+    assert_eq!(clients, 6, "three upstreams per request: {spans:?}");
+
+    assert!(
+        logs.iter()
+            .any(|l| l["message"] == "exporting spans over OTLP"),
+        "{logs:#?}"
+    );
+    let access: Vec<_> = logs
+        .iter()
+        .filter(|l| l["target"] == "fanout::access")
+        .collect();
+    assert_eq!(access.len(), 2, "{logs:#?}");
+    // The spans go to the collector, not into the log lines.
+    for line in &logs {
+        assert!(
+            line.get("span").is_none() && line.get("spans").is_none(),
+            "{line}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn without_an_endpoint_nothing_is_exported() -> Result<()> {
+    let fanout = start(None).await?;
+    assert_eq!(fanout.get("/products/3").await?, http::StatusCode::OK);
+    let logs = fanout.stop().await?;
+    assert!(
+        !logs
+            .iter()
+            .any(|l| l["message"] == "exporting spans over OTLP"),
+        "{logs:#?}"
+    );
+    assert_eq!(
+        logs.iter()
+            .filter(|l| l["target"] == "fanout::access")
+            .count(),
+        1
+    );
+    Ok(())
+}
