@@ -43,6 +43,9 @@ pub enum Target {
     Fanout,
     /// `fanout` with experimental adaptive admission (measured at c=500).
     FanoutAdaptive,
+    /// `fanout` with its telemetry on: JSON access logs and OTLP span
+    /// export (measured at saturation, beside `fanout`).
+    FanoutTelemetry,
     Native,
     WasmtimeServe,
 }
@@ -57,11 +60,12 @@ impl Target {
     ];
 
     /// Every target a report may show, in table order.
-    pub const REPORTED: [Target; 6] = [
+    pub const REPORTED: [Target; 7] = [
         Target::Blocking,
         Target::FanoutSequential,
         Target::Fanout,
         Target::FanoutAdaptive,
+        Target::FanoutTelemetry,
         Target::Native,
         Target::WasmtimeServe,
     ];
@@ -72,6 +76,7 @@ impl Target {
             Target::FanoutSequential => "fanout-sequential",
             Target::Fanout => "fanout",
             Target::FanoutAdaptive => "fanout-adaptive",
+            Target::FanoutTelemetry => "fanout-telemetry",
             Target::Native => "native",
             Target::WasmtimeServe => "wasmtime-serve",
         }
@@ -149,6 +154,14 @@ impl Harness {
                     target.name(),
                     &self.exe,
                     &own("serve-fanout", &["--adaptive"]),
+                )
+                .await?
+            }
+            Target::FanoutTelemetry => {
+                Process::start(
+                    target.name(),
+                    &self.exe,
+                    &own("serve-fanout", &["--telemetry"]),
                 )
                 .await?
             }

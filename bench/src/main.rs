@@ -87,6 +87,11 @@ enum Command {
         /// Compiled-component cache directory.
         #[arg(long)]
         cache_dir: Option<PathBuf>,
+        /// Telemetry as the `fanout` binary has it when an operator turns
+        /// everything on: JSON access logs on stdout and OTLP span export,
+        /// here to the upstream server, which also acts as a collector.
+        #[arg(long)]
+        telemetry: bool,
     },
 }
 
@@ -119,7 +124,13 @@ fn main() -> Result<()> {
             guest_config,
             max_instances,
             cache_dir,
+            telemetry,
         } => runtime.block_on(async {
+            let _otlp = if telemetry {
+                Some(servers::telemetry(&upstream)?)
+            } else {
+                None
+            };
             let config = match (sequential, guest_config) {
                 (_, Some(json)) => Some(json),
                 (true, None) => Some(r#"{"mode": "sequential"}"#.to_string()),
@@ -172,7 +183,12 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
         h.measure.as_secs_f64(),
         h.repeats
     );
-    let saturation_targets = chosen(&[Target::Fanout, Target::Native, Target::WasmtimeServe]);
+    let saturation_targets = chosen(&[
+        Target::Fanout,
+        Target::FanoutTelemetry,
+        Target::Native,
+        Target::WasmtimeServe,
+    ]);
     let all_targets = chosen(&Target::ALL);
     match command {
         Command::All { sustained } => {

@@ -267,6 +267,18 @@ pub fn markdown(r: &Results) -> String {
         "| `fanout` / `native` rps at saturation (c={sat_c}) | {} |",
         ratio(fanout_sat, good(sat, Target::Native, sat_c))
     );
+    let cpu_per_request = |t| {
+        median_of(sat, t, sat_c, |x| {
+            1e3 * x.target_cpu_s / (x.load.goodput * x.load.seconds)
+        })
+    };
+    let _ = writeln!(
+        out,
+        "| telemetry on (JSON access log + OTLP export) / off, rps at saturation (c={sat_c}) | {} (CPU per request {:.3} ms on, {:.3} ms off) |",
+        ratio(good(sat, Target::FanoutTelemetry, sat_c), fanout_sat),
+        cpu_per_request(Target::FanoutTelemetry),
+        cpu_per_request(Target::Fanout),
+    );
     out.push('\n');
 
     // Goals.

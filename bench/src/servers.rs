@@ -68,6 +68,13 @@ fn json(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
 /// Inventory, pricing and reviews on one port, each answering after `delay`.
 pub async fn upstreams(listener: TcpListener, delay: Duration) -> Result<()> {
     serve(listener, move |request| async move {
+        // Also the OTLP collector of `fanout-telemetry`: it takes the
+        // export and answers an empty (fully successful) response.
+        if request.uri().path() == "/v1/traces" {
+            use http_body_util::BodyExt;
+            let _ = request.into_body().collect().await;
+            return Response::new(Full::new(Bytes::new()));
+        }
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
@@ -265,4 +272,25 @@ fn blocking_request(
     )?;
     stream.flush()?;
     Ok(())
+}
+
+/// Installs the `fanout` binary's telemetry: JSON log lines on stdout and
+/// OTLP span export to `collector`. The exporter flushes when dropped.
+pub fn telemetry(collector: &str) -> Result<fanout_host::telemetry::Otlp> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer, Registry};
+    let otlp = fanout_host::telemetry::Otlp::to_endpoint(collector)?;
+    let filter = EnvFilter::new("info")
+        .add_directive(format!("{}=off", fanout_host::telemetry::SPAN_TARGET).parse()?);
+    let layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = vec![
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_filter(filter)
+            .boxed(),
+        otlp.layer(),
+    ];
+    tracing_subscriber::registry().with(layers).try_init()?;
+    Ok(otlp)
 }
