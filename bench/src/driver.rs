@@ -1,5 +1,10 @@
 //! The load driver: a fixed number of requests in flight (closed loop), a
 //! warm-up, then a measured window; latencies in HDR histograms.
+//!
+//! Each simulated client behaves as a well-behaved HTTP client does: after a
+//! 503 with `Retry-After` it waits that long before its next request
+//! ([`Backoff::RetryAfter`]). [`Backoff::None`] is the hostile client that
+//! answers every 503 with a new request at once.
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
@@ -14,6 +19,20 @@ use std::time::{Duration, Instant};
 
 /// A request that takes longer than this counts as a `timeout` error.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a client does after a 503 with `Retry-After`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Backoff {
+    /// Waits as long as the header says (at most [`MAX_RETRY_AFTER`]).
+    #[default]
+    RetryAfter,
+    /// Sends its next request at once.
+    None,
+}
+
+/// The longest a client honours a `Retry-After`.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// What one load run measured.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, Default)]
@@ -34,6 +53,12 @@ pub struct LoadResult {
     pub statuses: BTreeMap<u16, u64>,
     /// p99 of the non-2xx answers only.
     pub non_2xx_p99_ms: Option<f64>,
+    /// p99 of the 2xx answers only.
+    pub ok_p99_ms: Option<f64>,
+    /// How the clients treated `Retry-After`.
+    pub backoff: Backoff,
+    /// Times a client waited because of a `Retry-After`.
+    pub backoffs: u64,
     /// Requests that got no answer, by kind (timeout, connect, other).
     pub errors: BTreeMap<String, u64>,
     /// rps in each second of the window (for long runs).
@@ -45,6 +70,8 @@ pub struct LoadResult {
 struct TaskStats {
     all: Histogram<u64>,
     failed: Histogram<u64>,
+    ok: Histogram<u64>,
+    backoffs: u64,
     statuses: BTreeMap<u16, u64>,
     errors: BTreeMap<String, u64>,
     per_second: Vec<u64>,
@@ -64,6 +91,7 @@ pub async fn run(
     warmup: Duration,
     measure: Duration,
     label: &str,
+    backoff: Backoff,
 ) -> LoadResult {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
@@ -100,6 +128,8 @@ pub async fn run(
                 let mut stats = TaskStats {
                     all: histogram(),
                     failed: histogram(),
+                    ok: histogram(),
+                    backoffs: 0,
                     statuses: BTreeMap::new(),
                     errors: BTreeMap::new(),
                     per_second: vec![0; seconds],
@@ -113,16 +143,39 @@ pub async fn run(
                     let outcome = tokio::time::timeout(REQUEST_TIMEOUT, async {
                         let response = client.get(uri.clone()).await?;
                         let status = response.status().as_u16();
+                        let retry_after = response
+                            .headers()
+                            .get(http::header::RETRY_AFTER)
+                            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+                            .map(Duration::from_secs);
                         let body = response.into_body().collect().await?.to_bytes();
-                        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, body))
+                        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((
+                            status,
+                            body,
+                            retry_after,
+                        ))
                     })
                     .await;
                     let took = sent.elapsed().as_micros() as u64;
+                    let wait = match &outcome {
+                        Ok(Ok((503, _, Some(after)))) if backoff == Backoff::RetryAfter => {
+                            Some((*after).min(MAX_RETRY_AFTER))
+                        }
+                        _ => None,
+                    };
+                    if let Some(wait) = wait {
+                        if sent >= start {
+                            stats.backoffs += 1;
+                        }
+                        // Never past the end of the window.
+                        let until = (Instant::now() + wait).min(end);
+                        tokio::time::sleep_until(until.into()).await;
+                    }
                     if sent < start {
                         continue;
                     }
                     match outcome {
-                        Ok(Ok((status, body))) => {
+                        Ok(Ok((status, body, _))) => {
                             if !(200..300).contains(&status) {
                                 stats.samples.entry(status).or_insert_with(|| {
                                     String::from_utf8_lossy(&body[..body.len().min(300)])
@@ -132,6 +185,8 @@ pub async fn run(
                             let _ = stats.all.record(took.max(1));
                             if !(200..300).contains(&status) {
                                 let _ = stats.failed.record(took.max(1));
+                            } else {
+                                let _ = stats.ok.record(took.max(1));
                             }
                             *stats.statuses.entry(status).or_default() += 1;
                             let second = (sent - start).as_secs() as usize;
@@ -158,6 +213,8 @@ pub async fn run(
         .collect();
     let mut all = histogram();
     let mut failed = histogram();
+    let mut ok_latency = histogram();
+    let mut backoffs = 0;
     let mut statuses = BTreeMap::new();
     let mut errors = BTreeMap::new();
     let mut per_second = vec![0u64; seconds];
@@ -166,6 +223,8 @@ pub async fn run(
         let Ok(stats) = task.await else { continue };
         all.add(&stats.all).expect("same bounds");
         failed.add(&stats.failed).expect("same bounds");
+        ok_latency.add(&stats.ok).expect("same bounds");
+        backoffs += stats.backoffs;
         for (k, v) in stats.statuses {
             *statuses.entry(k).or_default() += v;
         }
@@ -203,6 +262,9 @@ pub async fn run(
         max_ms: ms(all.max()),
         statuses,
         non_2xx_p99_ms: (!failed.is_empty()).then(|| ms(failed.value_at_quantile(0.99))),
+        ok_p99_ms: (!ok_latency.is_empty()).then(|| ms(ok_latency.value_at_quantile(0.99))),
+        backoff,
+        backoffs,
         errors,
         rps_per_second: per_second,
         samples,

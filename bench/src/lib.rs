@@ -33,6 +33,8 @@ pub struct Harness {
     pub measure: Duration,
     pub repeats: usize,
     pub wasmtime: Option<PathBuf>,
+    /// What the simulated clients do after a 503 with `Retry-After`.
+    pub backoff: driver::Backoff,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -41,8 +43,11 @@ pub enum Target {
     Blocking,
     FanoutSequential,
     Fanout,
-    /// `fanout` with experimental adaptive admission (measured at c=500).
-    FanoutAdaptive,
+    /// `fanout` with fixed admission instead of the adaptive default
+    /// (measured under overload).
+    FanoutFixed,
+    /// `fanout` with the guests on threads of their own (`--guest-threads`).
+    FanoutGuestThreads,
     /// `fanout` with its telemetry on: JSON access logs and OTLP span
     /// export (measured at saturation, beside `fanout`).
     FanoutTelemetry,
@@ -60,11 +65,12 @@ impl Target {
     ];
 
     /// Every target a report may show, in table order.
-    pub const REPORTED: [Target; 7] = [
+    pub const REPORTED: [Target; 8] = [
         Target::Blocking,
         Target::FanoutSequential,
         Target::Fanout,
-        Target::FanoutAdaptive,
+        Target::FanoutFixed,
+        Target::FanoutGuestThreads,
         Target::FanoutTelemetry,
         Target::Native,
         Target::WasmtimeServe,
@@ -75,7 +81,8 @@ impl Target {
             Target::Blocking => "blocking",
             Target::FanoutSequential => "fanout-sequential",
             Target::Fanout => "fanout",
-            Target::FanoutAdaptive => "fanout-adaptive",
+            Target::FanoutFixed => "fanout-fixed",
+            Target::FanoutGuestThreads => "fanout-guest-threads",
             Target::FanoutTelemetry => "fanout-telemetry",
             Target::Native => "native",
             Target::WasmtimeServe => "wasmtime-serve",
@@ -149,11 +156,14 @@ impl Harness {
                 )
                 .await?
             }
-            Target::FanoutAdaptive => {
+            Target::FanoutFixed => {
+                Process::start(target.name(), &self.exe, &own("serve-fanout", &["--fixed"])).await?
+            }
+            Target::FanoutGuestThreads => {
                 Process::start(
                     target.name(),
                     &self.exe,
-                    &own("serve-fanout", &["--adaptive"]),
+                    &own("serve-fanout", &["--guest-threads", "2"]),
                 )
                 .await?
             }
@@ -212,7 +222,15 @@ impl Harness {
                 (Instant::now(), t.map(cpu_of), u.map(cpu_of))
             })
         };
-        let load = driver::run(&url, concurrency, self.warmup, self.measure, &label).await;
+        let load = driver::run(
+            &url,
+            concurrency,
+            self.warmup,
+            self.measure,
+            &label,
+            self.backoff,
+        )
+        .await;
         let (_, t0, u0) = at_start.await.unwrap_or((Instant::now(), None, None));
         let target_cpu = process.cpu().saturating_sub(t0.unwrap_or_default());
         let upstream_cpu = upstreams.cpu().saturating_sub(u0.unwrap_or_default());
@@ -267,6 +285,34 @@ impl Harness {
     pub async fn saturation(&self, targets: &[Target], concurrency: usize) -> Result<Vec<Run>> {
         self.latency_named("saturation", targets, &[concurrency], Duration::ZERO)
             .await
+    }
+
+    /// Overload with 50 ms upstreams: `fanout` at c=500 and c=5000, with
+    /// clients that honour `Retry-After` and with clients that do not; and
+    /// at c=500 (honouring) its two variants, fixed admission and guests on
+    /// threads of their own.
+    pub async fn overload(&self) -> Result<Vec<Run>> {
+        use driver::Backoff::{None as Hostile, RetryAfter};
+        let plan = [
+            (Target::Fanout, 500, RetryAfter),
+            (Target::Fanout, 5000, RetryAfter),
+            (Target::Fanout, 500, Hostile),
+            (Target::Fanout, 5000, Hostile),
+            (Target::FanoutFixed, 500, RetryAfter),
+            (Target::FanoutGuestThreads, 500, RetryAfter),
+        ];
+        let mut runs = Vec::new();
+        for (target, level, backoff) in plan {
+            let h = Harness {
+                backoff,
+                ..self.clone()
+            };
+            runs.extend(
+                h.latency_named("overload", &[target], &[level], Duration::from_millis(50))
+                    .await?,
+            );
+        }
+        Ok(runs)
     }
 
     async fn latency_named(
@@ -432,6 +478,7 @@ impl Harness {
             Duration::ZERO,
             Duration::from_secs(3),
             "500 in flight",
+            driver::Backoff::RetryAfter,
         )
         .await;
         micro.in_flight_ok = load.statuses.get(&200).copied().unwrap_or(0);

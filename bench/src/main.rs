@@ -46,11 +46,19 @@ enum Command {
         sustained: u64,
     },
     /// 50 ms upstreams at 5, 50 and 500 in flight, every target.
-    Latency,
+    Latency {
+        /// Only these levels of requests in flight (comma-separated), e.g.
+        /// `500,5000` for overload.
+        #[arg(long, value_delimiter = ',')]
+        levels: Vec<usize>,
+    },
     /// 0 ms upstreams at 64 in flight: fanout, native, wasmtime-serve.
     Saturation,
     /// Instantiation, fuel, memory per request, time to first answer.
     Micro,
+    /// `fanout` at 500 and 5000 in flight with 50 ms upstreams, with
+    /// clients that honour Retry-After and with clients that do not.
+    Overload,
     #[command(hide = true)]
     ServeUpstreams {
         #[arg(long, default_value_t = 50)]
@@ -76,9 +84,12 @@ enum Command {
         upstream: String,
         #[arg(long)]
         sequential: bool,
-        /// Adaptive admission instead of the fixed pool limit.
+        /// Fixed admission instead of the adaptive default.
         #[arg(long)]
-        adaptive: bool,
+        fixed: bool,
+        /// Run the guests on this many threads of their own.
+        #[arg(long)]
+        guest_threads: Option<usize>,
         /// FANOUT_CONFIG JSON.
         #[arg(long)]
         guest_config: Option<String>,
@@ -120,7 +131,8 @@ fn main() -> Result<()> {
         Command::ServeFanout {
             upstream,
             sequential,
-            adaptive,
+            fixed,
+            guest_threads,
             guest_config,
             max_instances,
             cache_dir,
@@ -137,7 +149,14 @@ fn main() -> Result<()> {
                 (false, None) => None,
             };
             // Compiled before it says it listens: "listening" means ready.
-            let fanout = servers::fanout(upstream, config, max_instances, cache_dir, adaptive)?;
+            let fanout = servers::fanout(
+                upstream,
+                config,
+                max_instances,
+                cache_dir,
+                fixed,
+                guest_threads,
+            )?;
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             servers::announce(listener.local_addr()?);
             fanout.serve(listener, std::future::pending()).await?;
@@ -153,6 +172,7 @@ fn main() -> Result<()> {
                 measure: Duration::from_secs_f64(args.duration),
                 repeats: args.repeats,
                 wasmtime: targets::wasmtime(),
+                backoff: fanout_bench::driver::Backoff::RetryAfter,
             },
         )),
     }
@@ -186,6 +206,7 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
     let saturation_targets = chosen(&[
         Target::Fanout,
         Target::FanoutTelemetry,
+        Target::FanoutGuestThreads,
         Target::Native,
         Target::WasmtimeServe,
     ]);
@@ -199,13 +220,10 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
             results.latency = h
                 .latency(&all_targets, &LEVELS, Duration::from_millis(50))
                 .await?;
-            if only.is_empty() || only.iter().any(|o| o == "fanout-adaptive") {
-                let adaptive = h
-                    .latency(&[Target::FanoutAdaptive], &[500], Duration::from_millis(50))
-                    .await?;
-                results.latency.extend(adaptive);
-            }
             results.saturation = h.saturation(&saturation_targets, SATURATION_C).await?;
+            if only.is_empty() || only.iter().any(|o| o == "fanout") {
+                results.overload = h.overload().await?;
+            }
             for target in chosen(&[Target::Fanout, Target::WasmtimeServe]) {
                 if let Some(s) = h
                     .sustained(target, SATURATION_C, Duration::from_secs(sustained))
@@ -220,12 +238,22 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
                 }
             }
         }
-        Command::Latency => {
+        Command::Latency { levels } => {
+            let levels = if levels.is_empty() {
+                LEVELS.to_vec()
+            } else {
+                levels
+            };
             results.commands.push(format!(
-                "cargo run -p fanout-bench --release -- latency {common}"
+                "cargo run -p fanout-bench --release -- latency {common} --levels {}",
+                levels
+                    .iter()
+                    .map(|l| l.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
             ));
             results.latency = h
-                .latency(&all_targets, &LEVELS, Duration::from_millis(50))
+                .latency(&all_targets, &levels, Duration::from_millis(50))
                 .await?;
         }
         Command::Saturation => {
@@ -233,6 +261,15 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
                 "cargo run -p fanout-bench --release -- saturation {common}"
             ));
             results.saturation = h.saturation(&saturation_targets, SATURATION_C).await?;
+        }
+        Command::Overload => {
+            if let Ok(text) = std::fs::read_to_string(out.join("bench/results.json")) {
+                results = serde_json::from_str(&text).context("bench/results.json")?;
+            }
+            results.commands.push(format!(
+                "cargo run -p fanout-bench --release -- overload {common}"
+            ));
+            results.overload = h.overload().await?;
         }
         Command::Micro => {
             // Refresh the micro figures of an existing report, if there is

@@ -168,7 +168,8 @@ pub fn fanout(
     guest_config: Option<String>,
     max_instances: Option<u32>,
     cache_dir: Option<std::path::PathBuf>,
-    adaptive: bool,
+    fixed: bool,
+    guest_threads: Option<usize>,
 ) -> Result<fanout_host::Fanout> {
     let mut limits = fanout_host::Limits::default();
     if let Some(n) = max_instances {
@@ -185,8 +186,11 @@ pub fn fanout(
     if let Some(dir) = cache_dir {
         builder = builder.cache_dir(dir);
     }
-    if adaptive {
-        builder = builder.admission(fanout_host::Admission::Adaptive(None));
+    if fixed {
+        builder = builder.admission(fanout_host::Admission::Fixed);
+    }
+    if let Some(threads) = guest_threads {
+        builder = builder.guest_threads(threads);
     }
     Ok(builder.build()?)
 }

@@ -2,6 +2,7 @@
 //! It checks that it measures and reports, not how fast anything is.
 
 use anyhow::Result;
+use fanout_bench::driver::{self, Backoff};
 use fanout_bench::report::{self, Results};
 use fanout_bench::{Harness, Target};
 use std::time::Duration;
@@ -14,6 +15,7 @@ async fn the_harness_measures_and_reports() -> Result<()> {
         measure: Duration::from_secs(1),
         repeats: 1,
         wasmtime: None,
+        backoff: Backoff::RetryAfter,
     };
     let runs = harness
         .latency(
@@ -58,5 +60,59 @@ async fn the_harness_measures_and_reports() -> Result<()> {
         dir.path().join("bench/results.json"),
     )?)?;
     assert_eq!(json["latency"].as_array().map(Vec::len), Some(3));
+    Ok(())
+}
+
+/// A server that sheds everything: 503 with `Retry-After: 1`, keep-alive.
+async fn shedding_server() -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/", listener.local_addr()?);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while let Ok(n) = stream.read(&mut chunk).await {
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    // One answer per request head received.
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let answer = "HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\n\
+                                      content-length: 2\r\n\r\n{}";
+                        if stream.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Ok(url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_honour_retry_after_unless_told_not_to() -> Result<()> {
+    let url = shedding_server().await?;
+    let window = Duration::from_millis(1500);
+    let polite = driver::run(
+        &url,
+        2,
+        Duration::ZERO,
+        window,
+        "polite",
+        Backoff::RetryAfter,
+    )
+    .await;
+    // Each client waits a second after each 503: two or three requests each.
+    assert!((2..=6).contains(&polite.requests), "{polite:?}");
+    assert_eq!(polite.backoffs, polite.requests);
+    assert_eq!(polite.statuses.get(&503), Some(&polite.requests));
+    let hostile = driver::run(&url, 2, Duration::ZERO, window, "hostile", Backoff::None).await;
+    assert!(hostile.requests > 100, "{hostile:?}");
+    assert_eq!(hostile.backoffs, 0);
     Ok(())
 }

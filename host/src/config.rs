@@ -57,11 +57,13 @@ pub struct FileConfig {
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
-    /// Fuel per request; 0 for unlimited.
+    /// Fuel per request; 0 for unlimited (and no fuel metering).
     pub fuel: Option<u64>,
     pub memory_mib: Option<u64>,
     pub deadline_ms: Option<u64>,
     pub max_instances: Option<u32>,
+    /// How long a request may wait for a busy pool; 0 sheds at once.
+    pub queue_wait_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -162,6 +164,10 @@ impl FileConfig {
                 .map(Duration::from_millis)
                 .unwrap_or(defaults.deadline),
             max_instances: l.max_instances.unwrap_or(defaults.max_instances),
+            queue_wait: l
+                .queue_wait_ms
+                .map(Duration::from_millis)
+                .unwrap_or(defaults.queue_wait),
         })
     }
 

@@ -54,6 +54,14 @@ pub enum Failure {
     /// The adaptive admission limit is reached: more requests now would
     /// only queue for CPU past their deadline.
     Overloaded { limit: usize },
+    /// Every instance is busy and the wait for one would be longer than the
+    /// queue allows.
+    QueueFull {
+        expected_wait: Duration,
+        max_wait: Duration,
+    },
+    /// The request waited in line for an instance as long as allowed.
+    QueueTimeout { waited: Duration },
     /// The guest used all the fuel of one request.
     FuelExhausted { fuel: u64 },
     /// The guest tried to grow its memory past the limit.
@@ -72,9 +80,10 @@ pub enum Failure {
 impl Failure {
     pub fn status(&self) -> StatusCode {
         match self {
-            Failure::PoolFull { .. } | Failure::Overloaded { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Failure::PoolFull { .. }
+            | Failure::Overloaded { .. }
+            | Failure::QueueFull { .. }
+            | Failure::QueueTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Failure::Deadline { .. } => StatusCode::GATEWAY_TIMEOUT,
             Failure::FuelExhausted { .. }
             | Failure::MemoryLimit { .. }
@@ -89,6 +98,8 @@ impl Failure {
         match self {
             Failure::PoolFull { .. } => "pool_full",
             Failure::Overloaded { .. } => "overloaded",
+            Failure::QueueFull { .. } => "queue_full",
+            Failure::QueueTimeout { .. } => "queue_timeout",
             Failure::FuelExhausted { .. } => "guest_fuel_exhausted",
             Failure::MemoryLimit { .. } => "guest_memory_limit",
             Failure::Deadline { .. } => "deadline_exceeded",
@@ -105,6 +116,18 @@ impl Failure {
             }
             Failure::Overloaded { limit } => format!(
                 "the host is at its admission limit ({limit} requests in flight); retry shortly"
+            ),
+            Failure::QueueFull {
+                expected_wait,
+                max_wait,
+            } => format!(
+                "every instance is busy and the wait would be about {} ms (at most {} ms allowed); retry shortly",
+                expected_wait.as_millis(),
+                max_wait.as_millis()
+            ),
+            Failure::QueueTimeout { waited } => format!(
+                "every instance stayed busy for the {} ms this request may wait; retry shortly",
+                waited.as_millis()
             ),
             Failure::FuelExhausted { fuel } => {
                 format!("the guest used all of its {fuel} units of fuel")
@@ -125,7 +148,11 @@ impl Failure {
 
     pub fn to_response(&self) -> Response<ResponseBody> {
         let mut response = error_response(self.status(), self.code(), &self.message());
-        if let Failure::PoolFull { .. } | Failure::Overloaded { .. } = self {
+        if let Failure::PoolFull { .. }
+        | Failure::Overloaded { .. }
+        | Failure::QueueFull { .. }
+        | Failure::QueueTimeout { .. } = self
+        {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -51,7 +51,8 @@ struct Args {
     #[arg(long = "upstream", value_name = "NAME=URL", value_parser = parse_upstream)]
     upstreams: Vec<(String, String)>,
 
-    /// Fuel per request, 0 for unlimited [default: 10000000].
+    /// Fuel per request; 0 for unlimited, which also compiles the component
+    /// without fuel metering [default: 10000000].
     #[arg(long)]
     fuel: Option<u64>,
 
@@ -63,14 +64,27 @@ struct Args {
     #[arg(long)]
     deadline_ms: Option<u64>,
 
-    /// Instances that may run at once; requests beyond get a 503 [default: 256].
+    /// Instances that may run at once; requests beyond wait for one (see
+    /// --queue-wait-ms) [default: 256].
     #[arg(long)]
     max_instances: Option<u32>,
 
-    /// Admission: `fixed` admits up to --max-instances; `adaptive`
-    /// (experimental) learns a limit from latency and sheds beyond it.
-    #[arg(long, value_enum, default_value_t = AdmissionMode::Fixed)]
+    /// How long a request may wait for an instance when all are busy, in
+    /// milliseconds; a longer expected wait gets a 503 at once, and 0 sheds
+    /// at once [default: 100].
+    #[arg(long)]
+    queue_wait_ms: Option<u64>,
+
+    /// Admission: `adaptive` learns how many requests may run at once from
+    /// their latency; `fixed` admits up to --max-instances.
+    #[arg(long, value_enum, default_value_t = AdmissionMode::Adaptive)]
     admission: AdmissionMode,
+
+    /// Run the guests on N threads of their own, apart from the ones that
+    /// accept connections: faster 503s under overload, a little less
+    /// throughput at saturation [default: the same threads].
+    #[arg(long, value_name = "N")]
+    guest_threads: Option<usize>,
 
     /// The guest's own budget per request, in milliseconds [default: 200].
     #[arg(long)]
@@ -242,10 +256,16 @@ fn configure(args: &Args) -> Result<(Fanout, SocketAddr, Option<SocketAddr>), fa
     if let Some(n) = args.max_instances {
         limits.max_instances = n;
     }
+    if let Some(ms) = args.queue_wait_ms {
+        limits.queue_wait = Duration::from_millis(ms);
+    }
     builder = builder.limits(limits).admission(match args.admission {
         AdmissionMode::Adaptive => fanout_host::Admission::Adaptive(None),
         AdmissionMode::Fixed => fanout_host::Admission::Fixed,
     });
+    if let Some(threads) = args.guest_threads {
+        builder = builder.guest_threads(threads);
+    }
     if !args.no_cache
         && let Some(dir) = args
             .cache_dir

@@ -56,6 +56,7 @@ pub struct Metrics {
     pub(crate) fuel: Histogram,
     pub(crate) instances_in_use: Gauge,
     pub(crate) shed: Counter,
+    pub(crate) queue_wait: Histogram,
     pub(crate) failures: Family<CauseLabel, Counter>,
 }
 
@@ -69,6 +70,7 @@ impl Default for Metrics {
         let fuel = Histogram::new(exponential_buckets(10_000.0, 2.0, 15));
         let instances_in_use = Gauge::default();
         let shed = Counter::default();
+        let queue_wait = latency_histogram();
         let failures = Family::<CauseLabel, Counter>::default();
         registry.register_with_unit(
             "http_server_request_duration",
@@ -99,8 +101,14 @@ impl Default for Metrics {
         );
         registry.register(
             "fanout_shed",
-            "Requests shed because the instance pool was full",
+            "Requests shed because the instance pool was full (503 with Retry-After)",
             shed.clone(),
+        );
+        registry.register_with_unit(
+            "fanout_queue_wait",
+            "Time requests waited for an instance while all were busy",
+            Unit::Seconds,
+            queue_wait.clone(),
         );
         registry.register(
             "fanout_guest_failures",
@@ -115,6 +123,7 @@ impl Default for Metrics {
             fuel,
             instances_in_use,
             shed,
+            queue_wait,
             failures,
         }
     }

@@ -1,7 +1,8 @@
 //! The wasmtime side: engine configuration and the epoch ticker.
 
 use crate::limits::{
-    CORE_INSTANCES_PER_REQUEST, EPOCH_TICK, Limits, MEMORIES_PER_REQUEST, TABLES_PER_REQUEST,
+    CORE_INSTANCES_PER_REQUEST, EPOCH_TICK, Limits, MEMORIES_PER_REQUEST, MEMORY_KEEP_RESIDENT,
+    TABLES_PER_REQUEST,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,8 +14,9 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 /// progress, and lets the wall-clock timeout observe it.
 const FUEL_YIELD_INTERVAL: u64 = 100_000;
 
-/// Builds the engine: fuel and epoch interruption on, instances from a pool
-/// sized for `limits.max_instances` concurrent requests.
+/// Builds the engine: epoch interruption on, fuel metering when the limits
+/// ask for fuel, instances from a pool sized for `limits.max_instances`
+/// concurrent requests.
 pub(crate) fn engine(limits: &Limits) -> wasmtime::Result<Engine> {
     let n = limits.max_instances;
     let mut pool = PoolingAllocationConfig::new();
@@ -24,14 +26,12 @@ pub(crate) fn engine(limits: &Limits) -> wasmtime::Result<Engine> {
         .total_tables(n * TABLES_PER_REQUEST)
         .total_stacks(n)
         .max_memory_size(limits.memory_bytes)
-        // Keep a warm slot's first pages mapped between requests: most of a
-        // small guest's memory is reset with memset instead of madvise.
-        .linear_memory_keep_resident(1 << 20)
+        .linear_memory_keep_resident(MEMORY_KEEP_RESIDENT)
         .table_keep_resident(64 << 10);
 
     let mut config = Config::new();
     config
-        .consume_fuel(true)
+        .consume_fuel(limits.fuel.is_some())
         .epoch_interruption(true)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
         .memory_init_cow(true);

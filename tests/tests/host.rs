@@ -394,6 +394,102 @@ async fn the_compiled_component_is_cached_and_a_corrupt_entry_rebuilt() -> Resul
 }
 
 #[tokio::test]
+async fn a_full_host_queues_what_fits_and_sheds_the_rest_at_the_door() -> Result<()> {
+    use fanout_host::admission::AdmissionConfig;
+    // The same with either admission: two places (two instances, or an
+    // adaptive limit pinned at two).
+    let pinned = AdmissionConfig {
+        initial: 2,
+        min: 2,
+        max: 2,
+        ..AdmissionConfig::new(2)
+    };
+    for admission in [
+        fanout_host::Admission::Fixed,
+        fanout_host::Admission::Adaptive(Some(pinned)),
+    ] {
+        queues_what_fits(admission).await?;
+    }
+    Ok(())
+}
+
+async fn queues_what_fits(admission: fanout_host::Admission) -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(100)).await?;
+    let limits = fanout_host::Limits {
+        max_instances: 2,
+        queue_wait: MS(240),
+        ..Default::default()
+    };
+    let fanout = upstreams
+        .builder()
+        .limits(limits)
+        .admission(admission)
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+    // One request teaches the host how long a request takes (~100 ms): two
+    // places free one every ~50 ms. A request joins the line when its
+    // expected wait is within half the 240 ms bound: two fit (50 and 100
+    // ms), a third (150 ms) is shed at once.
+    assert_eq!(host.get("/products/0").await?.status, StatusCode::OK);
+    let answers = futures_util::future::join_all((1..=10).map(|i| {
+        let host = &host;
+        async move {
+            // A budget that leaves room for the wait: the host takes the
+            // wait out of it before the guest starts.
+            host.get_with(
+                &format!("/products/{i}"),
+                &[("x-request-timeout-ms", "500")],
+            )
+            .await
+        }
+    }))
+    .await;
+    let (mut ok, mut waited) = (0, 0);
+    for answer in answers {
+        let answer = answer?;
+        match answer.status {
+            StatusCode::OK => {
+                ok += 1;
+                if answer.elapsed >= MS(180) {
+                    waited += 1;
+                }
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(answer.error_code(), "queue_full", "{}", answer.json);
+                assert_eq!(answer.headers["retry-after"], "1");
+                assert!(
+                    answer.json["error"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("at most 240 ms"),
+                    "{}",
+                    answer.json
+                );
+                assert!(
+                    answer.elapsed < MS(50),
+                    "shed at the door: {:?}",
+                    answer.elapsed
+                );
+            }
+            other => panic!("{other}: {}", answer.json),
+        }
+    }
+    assert_eq!(
+        ok, 4,
+        "{admission:?}: two served at once, two after waiting"
+    );
+    assert_eq!(
+        waited, 2,
+        "{admission:?}: the two in line waited for a place"
+    );
+    // Nothing shed reached an upstream: 1 + 4 requests.
+    assert_eq!(upstreams.pricing.calls().len(), 5);
+    let metrics = host.fanout.metrics().encode();
+    assert!(metrics.contains("fanout_shed_total 6"), "{metrics}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn admission_sheds_at_the_door_with_retry_after() -> Result<()> {
     use fanout_host::admission::AdmissionConfig;
     let upstreams = ProductUpstreams::start(MS(100)).await?;
@@ -406,6 +502,11 @@ async fn admission_sheds_at_the_door_with_retry_after() -> Result<()> {
     let fanout = upstreams
         .builder()
         .admission(fanout_host::Admission::Adaptive(Some(config)))
+        // No line: beyond the limit, a 503 at once.
+        .limits(fanout_host::Limits {
+            queue_wait: Duration::ZERO,
+            ..Default::default()
+        })
         .build()?;
     let host = TestHost::start(fanout).await?;
     let answers = futures_util::future::join_all((0..10).map(|i| {
@@ -435,5 +536,45 @@ async fn admission_sheds_at_the_door_with_retry_after() -> Result<()> {
     assert_eq!(upstreams.pricing.calls().len(), 2);
     let metrics = host.fanout.metrics().encode();
     assert!(metrics.contains("fanout_shed_total 8"), "{metrics}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn time_waited_in_line_comes_out_of_the_budget() -> Result<()> {
+    // One instance; upstreams take 130 ms; the guest's budget is 200 ms.
+    let upstreams = ProductUpstreams::start(MS(130)).await?;
+    let limits = fanout_host::Limits {
+        max_instances: 1,
+        queue_wait: MS(150),
+        ..Default::default()
+    };
+    let fanout = upstreams
+        .builder()
+        .limits(limits)
+        .admission(fanout_host::Admission::Fixed)
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+    let (first, second) = tokio::join!(host.get("/products/1"), async {
+        while host.fanout.stats().instances_in_use == 0 {
+            tokio::task::yield_now().await;
+        }
+        host.get("/products/2").await
+    });
+    assert_eq!(first?.status, StatusCode::OK);
+    // The second waited ~130 ms for the instance, leaving ~70 ms of its
+    // 200 ms: not enough for 130 ms upstreams. It fails at its client's
+    // deadline rather than succeeding 60 ms after it.
+    let second = second?;
+    assert_eq!(
+        second.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{}",
+        second.json
+    );
+    assert!(
+        (MS(180)..MS(260)).contains(&second.elapsed),
+        "{:?}",
+        second.elapsed
+    );
     Ok(())
 }

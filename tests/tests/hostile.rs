@@ -122,9 +122,51 @@ async fn a_parked_guest_hits_the_wall_clock_deadline() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_wait_in_line_is_bounded() -> Result<()> {
+    let limits = Limits {
+        max_instances: 1,
+        queue_wait: MS(100),
+        ..limits(MS(400))
+    };
+    let host = TestHost::start(hostile(limits)?).await?;
+    // /park holds the only instance for 400 ms. Nothing has been measured
+    // yet, so the next request may wait, but only its 100 ms.
+    let (parked, waited) = tokio::join!(host.get("/park"), async {
+        while host.fanout.stats().instances_in_use == 0 {
+            tokio::task::yield_now().await;
+        }
+        host.get("/ok").await
+    });
+    let waited = waited?;
+    assert_eq!(
+        waited.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        waited.json
+    );
+    assert_eq!(waited.error_code(), "queue_timeout");
+    assert_eq!(waited.headers["retry-after"], "1");
+    assert!(
+        (MS(95)..MS(300)).contains(&waited.elapsed),
+        "{:?}",
+        waited.elapsed
+    );
+    assert_eq!(parked?.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(host.get("/ok").await?.status, StatusCode::OK);
+    let metrics = host.fanout.metrics().encode();
+    assert!(
+        metrics.contains("fanout_queue_wait_seconds_count 1"),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_full_pool_sheds_with_503() -> Result<()> {
     let limits = Limits {
         max_instances: 1,
+        // No waiting in line: a full pool sheds at once.
+        queue_wait: Duration::ZERO,
         ..limits(MS(400))
     };
     let host = TestHost::start(hostile(limits)?).await?;
@@ -264,7 +306,13 @@ async fn a_burst_beyond_the_pool_gets_only_200s_and_503s() -> Result<()> {
         let answer = answer??;
         *statuses.entry(answer.status.as_u16()).or_insert(0) += 1;
         if answer.status == StatusCode::SERVICE_UNAVAILABLE {
-            assert_eq!(answer.error_code(), "pool_full");
+            // Shed at the door, or after a bounded wait in line.
+            assert!(
+                ["overloaded", "pool_full", "queue_full", "queue_timeout"]
+                    .contains(&answer.error_code()),
+                "{}",
+                answer.json
+            );
         }
     }
     assert!(
