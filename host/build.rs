@@ -12,6 +12,7 @@ fn main() {
     for watched in [
         "guest/src",
         "guest/Cargo.toml",
+        "guest/build.rs",
         "test-guests/src",
         "test-guests/Cargo.toml",
         "wit",

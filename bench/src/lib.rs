@@ -391,6 +391,10 @@ pub struct Micro {
     pub instantiation_us: f64,
     pub fuel_per_request: u64,
     pub in_process_request_us: f64,
+    /// The same whole request with an engine built without fuel metering,
+    /// measured alternately with the one above.
+    pub in_process_request_no_fuel_us: f64,
+    pub instantiation_no_fuel_us: f64,
     pub peak_rss_idle_mib: f64,
     pub peak_rss_at_500_mib: f64,
     pub rss_per_in_flight_kib: f64,
@@ -412,35 +416,62 @@ impl Harness {
                 ))
             })
         };
-        let fanout = fanout_host::Fanout::builder()
-            .upstream("inventory", "http://inventory.local", instant())
-            .upstream("pricing", "http://pricing.local", instant())
-            .upstream("reviews", "http://reviews.local", instant())
-            .build()?;
-        let one = || async {
-            let request = http::Request::get("/products/42")
-                .body(http_body_util::Empty::<bytes::Bytes>::new())
-                .expect("request");
-            use http_body_util::BodyExt;
-            let response = fanout.handle(request).await;
-            let _ = response.into_body().collect().await;
+        let build = |fuel: Option<u64>| {
+            fanout_host::Fanout::builder()
+                .limits(fanout_host::Limits {
+                    fuel,
+                    ..Default::default()
+                })
+                .upstream("inventory", "http://inventory.local", instant())
+                .upstream("pricing", "http://pricing.local", instant())
+                .upstream("reviews", "http://reviews.local", instant())
+                .build()
+        };
+        let metered = build(Some(fanout_host::limits::DEFAULT_FUEL))?;
+        let unmetered = build(None)?;
+        let one = |fanout: &fanout_host::Fanout| {
+            let fanout = fanout.clone();
+            async move {
+                let request = http::Request::get("/products/42")
+                    .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    .expect("request");
+                use http_body_util::BodyExt;
+                let response = fanout.handle(request).await;
+                let _ = response.into_body().collect().await;
+            }
         };
         for _ in 0..200 {
-            one().await;
+            one(&metered).await;
+            one(&unmetered).await;
         }
-        let before = fanout.stats();
-        let started = Instant::now();
+        let (before, before_nf) = (metered.stats(), unmetered.stats());
+        // Alternating rounds, so that both see the same machine.
         const N: u32 = 3000;
-        for _ in 0..N {
-            one().await;
+        const ROUND: u32 = 100;
+        let (mut with_fuel, mut without) = (Duration::ZERO, Duration::ZERO);
+        for _ in 0..N / ROUND {
+            for (fanout, total) in [(&metered, &mut with_fuel), (&unmetered, &mut without)] {
+                let started = Instant::now();
+                for _ in 0..ROUND {
+                    one(fanout).await;
+                }
+                *total += started.elapsed();
+            }
         }
-        let elapsed = started.elapsed();
-        let after = fanout.stats();
-        let n = (after.instantiations - before.instantiations).max(1);
-        micro.instantiation_us =
-            (after.instantiate_time - before.instantiate_time).as_secs_f64() * 1e6 / n as f64;
+        let (after, after_nf) = (metered.stats(), unmetered.stats());
+        let per = |a: &fanout_host::StatsSnapshot, b: &fanout_host::StatsSnapshot| {
+            let n = (a.instantiations - b.instantiations).max(1);
+            (
+                (a.instantiate_time - b.instantiate_time).as_secs_f64() * 1e6 / n as f64,
+                n,
+            )
+        };
+        let (inst, n) = per(&after, &before);
+        micro.instantiation_us = inst;
+        micro.instantiation_no_fuel_us = per(&after_nf, &before_nf).0;
         micro.fuel_per_request = (after.fuel_consumed - before.fuel_consumed) / n;
-        micro.in_process_request_us = elapsed.as_secs_f64() * 1e6 / N as f64;
+        micro.in_process_request_us = with_fuel.as_secs_f64() * 1e6 / N as f64;
+        micro.in_process_request_no_fuel_us = without.as_secs_f64() * 1e6 / N as f64;
 
         // Time to the first answer, compiling the component at start.
         let upstreams = self.upstreams(Duration::from_millis(1000)).await?;
@@ -463,6 +494,8 @@ impl Harness {
                 config.into(),
                 "--max-instances".into(),
                 "1024".into(),
+                // All 500 in instances at once, not in a line.
+                "--fixed".into(),
             ],
         )
         .await?;

@@ -456,6 +456,15 @@ pub fn markdown(r: &Results) -> String {
             "| whole request in-process (`Fanout::handle`, upstreams answering at once) | {:.0} µs |",
             m.in_process_request_us
         );
+        if m.in_process_request_no_fuel_us > 0.0 {
+            let _ = writeln!(
+                out,
+                "| the same without fuel metering (`--fuel 0`), alternating rounds | {:.0} µs ({:+.1}%); instantiation {:.1} µs |",
+                m.in_process_request_no_fuel_us,
+                100.0 * (m.in_process_request_no_fuel_us / m.in_process_request_us - 1.0),
+                m.instantiation_no_fuel_us
+            );
+        }
         let _ = writeln!(
             out,
             "| peak RSS idle / with 500 in flight | {:.1} MiB / {:.1} MiB |",

@@ -453,3 +453,34 @@ async fn server_timing_shows_each_upstream_and_the_total() -> Result<()> {
     assert_eq!(server_timing(&answer.headers)[0].0, "total");
     Ok(())
 }
+
+/// A JSON value nested `depth` arrays deep around `1`.
+fn nested(depth: usize) -> serde_json::Value {
+    (0..depth).fold(json!(1), |inner, _| json!([inner]))
+}
+
+#[tokio::test]
+async fn deeply_nested_upstream_json_fits_the_guest_stack() -> Result<()> {
+    // The guest's stack is small on purpose (guest/build.rs): a deep body
+    // must still be answered, or refused with a clear error, never trap.
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    let host = host_for(&upstreams).await?;
+    // As deep as serde_json goes (its recursion limit is 128).
+    upstreams
+        .pricing
+        .set_behaviour(Behaviour::json(MS(0), json!({ "price": nested(120) })));
+    let answer = host.get("/products/1").await?;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    assert_eq!(answer.json["price"]["price"], nested(120));
+    // Deeper than serde_json reads: a 502 that names the upstream.
+    // (As text: a Value that deep would overflow this test's own stack.)
+    let deep = format!(r#"{{"price": {}1{}}}"#, "[".repeat(2000), "]".repeat(2000));
+    upstreams.pricing.set_behaviour(Behaviour {
+        body: deep,
+        ..Behaviour::status(200)
+    });
+    let answer = host.get("/products/2").await?;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{}", answer.json);
+    assert_eq!(answer.error_code(), "upstream_invalid_response");
+    Ok(())
+}
