@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 /// Fuel for one request. A product fan-out (wstd + serde_json) burns about
-/// 310k units (measured by `examples/measure.rs` and checked by the
+/// 390k units (measured by `examples/measure.rs` and checked by the
 /// `fuel_per_request_leaves_headroom` test); the
-/// limit leaves ~30x headroom for larger answers while still stopping a
+/// limit leaves ~25x headroom for larger answers while still stopping a
 /// runaway loop within a few tens of milliseconds of CPU.
 pub const DEFAULT_FUEL: u64 = 10_000_000;
 
