@@ -221,7 +221,11 @@ pub fn markdown(r: &Results) -> String {
         "Measured {} on {} cores ({}), every target as its own process on loopback, \
          all in one run: absolute numbers vary from machine to machine, the ratios \
          are the result. The machine is shared and noisy: each cell is the median of \
-         the repeats, with the spread (min–max) in brackets.\n",
+         the repeats, with the spread (min–max) in brackets. The load driver keeps \
+         a fixed number of clients, each sending its next request when the last is \
+         answered; after a 503 with `Retry-After` a client waits that long first, \
+         as a well-behaved client does (the overload section also shows clients \
+         that do not).\n",
         m.date, m.cores, m.cpu_model
     );
     let _ = writeln!(out, "Reproduce with:\n\n```sh");
