@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use fanout_host::{Fanout, Limits};
-use fanout_tests::{MockUpstream, TestHost};
+use fanout_tests::{Answer, MockUpstream, TestHost};
 use http::StatusCode;
 use serde_json::json;
 use std::time::Duration;
@@ -121,37 +121,48 @@ async fn a_parked_guest_hits_the_wall_clock_deadline() -> Result<()> {
     .await
 }
 
-#[tokio::test]
-async fn a_wait_in_line_is_bounded() -> Result<()> {
+/// With the only instance held by `/park` (for 400 ms, to its deadline),
+/// asks for `/ok`. Returns the host, the parked answer and the second one.
+async fn behind_a_parked_guest(queue_wait: Duration) -> Result<(TestHost, Answer, Answer)> {
     let limits = Limits {
         max_instances: 1,
-        queue_wait: MS(100),
+        queue_wait,
         ..limits(MS(400))
     };
     let host = TestHost::start(hostile(limits)?).await?;
-    // /park holds the only instance for 400 ms. Nothing has been measured
-    // yet, so the next request may wait, but only its 100 ms.
-    let (parked, waited) = tokio::join!(host.get("/park"), async {
+    let (parked, second) = tokio::join!(host.get("/park"), async {
+        // Wait until the parked request really holds the instance.
         while host.fanout.stats().instances_in_use == 0 {
             tokio::task::yield_now().await;
         }
         host.get("/ok").await
     });
-    let waited = waited?;
+    Ok((host, parked?, second?))
+}
+
+fn assert_shed(answer: &Answer, code: &str) {
     assert_eq!(
-        waited.status,
+        answer.status,
         StatusCode::SERVICE_UNAVAILABLE,
         "{}",
-        waited.json
+        answer.json
     );
-    assert_eq!(waited.error_code(), "queue_timeout");
-    assert_eq!(waited.headers["retry-after"], "1");
+    assert_eq!(answer.error_code(), code);
+    assert_eq!(answer.headers["retry-after"], "1");
+}
+
+#[tokio::test]
+async fn a_wait_in_line_is_bounded() -> Result<()> {
+    // Nothing has been measured yet, so the second request may wait, but
+    // only its 100 ms.
+    let (host, parked, waited) = behind_a_parked_guest(MS(100)).await?;
+    assert_shed(&waited, "queue_timeout");
     assert!(
         (MS(95)..MS(300)).contains(&waited.elapsed),
         "{:?}",
         waited.elapsed
     );
-    assert_eq!(parked?.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(parked.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(host.get("/ok").await?.status, StatusCode::OK);
     let metrics = host.fanout.metrics().encode();
     assert!(
@@ -163,36 +174,15 @@ async fn a_wait_in_line_is_bounded() -> Result<()> {
 
 #[tokio::test]
 async fn a_full_pool_sheds_with_503() -> Result<()> {
-    let limits = Limits {
-        max_instances: 1,
-        // No waiting in line: a full pool sheds at once.
-        queue_wait: Duration::ZERO,
-        ..limits(MS(400))
-    };
-    let host = TestHost::start(hostile(limits)?).await?;
-    // /park holds the only instance until its deadline.
-    let (parked, shed) = tokio::join!(host.get("/park"), async {
-        // Wait until the parked request really holds the instance.
-        while host.fanout.stats().instances_in_use == 0 {
-            tokio::task::yield_now().await;
-        }
-        host.get("/ok").await
-    });
-    let shed = shed?;
-    assert_eq!(
-        shed.status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "{}",
-        shed.json
-    );
-    assert_eq!(shed.error_code(), "pool_full");
-    assert_eq!(shed.headers["retry-after"], "1");
+    // No waiting in line: a full pool sheds at once.
+    let (host, parked, shed) = behind_a_parked_guest(Duration::ZERO).await?;
+    assert_shed(&shed, "pool_full");
     assert!(
         shed.elapsed < MS(100),
         "shedding must be fast: {:?}",
         shed.elapsed
     );
-    assert_eq!(parked?.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(parked.status, StatusCode::GATEWAY_TIMEOUT);
     // The slot is free again.
     assert_eq!(host.get("/ok").await?.status, StatusCode::OK);
     assert_eq!(host.fanout.stats().instances_in_use, 0);

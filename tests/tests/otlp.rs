@@ -27,6 +27,16 @@ async fn flush(otlp: Otlp) -> Result<()> {
     .await?
 }
 
+/// A receiver, an exporter to it, and this thread's subscriber feeding the
+/// exporter (until the guard is dropped).
+fn exporting() -> Result<(OtlpReceiver, Otlp, tracing::subscriber::DefaultGuard)> {
+    let receiver = OtlpReceiver::start()?;
+    let otlp = Otlp::to_endpoint(&receiver.endpoint())?;
+    let subscriber = tracing_subscriber::registry().with(otlp.layer());
+    let guard = tracing::subscriber::set_default(subscriber);
+    Ok((receiver, otlp, guard))
+}
+
 /// The `traceparent` an upstream saw, split into trace id and parent id.
 fn seen_traceparent(call: &fanout_tests::Call) -> (String, String) {
     let value = call.headers["traceparent"].to_str().unwrap();
@@ -37,10 +47,7 @@ fn seen_traceparent(call: &fanout_tests::Call) -> (String, String) {
 
 #[tokio::test]
 async fn a_fan_out_with_a_retry_is_one_span_tree() -> Result<()> {
-    let receiver = OtlpReceiver::start()?;
-    let otlp = Otlp::to_endpoint(&receiver.endpoint())?;
-    let subscriber = tracing_subscriber::registry().with(otlp.layer());
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (receiver, otlp, _guard) = exporting()?;
 
     let upstreams = ProductUpstreams::start(Duration::from_millis(5)).await?;
     // Pricing fails once with a 503, then answers: one retry.
@@ -187,10 +194,7 @@ async fn a_fan_out_with_a_retry_is_one_span_tree() -> Result<()> {
 
 #[tokio::test]
 async fn a_request_without_traceparent_starts_a_trace_and_timeouts_are_errors() -> Result<()> {
-    let receiver = OtlpReceiver::start()?;
-    let otlp = Otlp::to_endpoint(&receiver.endpoint())?;
-    let subscriber = tracing_subscriber::registry().with(otlp.layer());
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (receiver, otlp, _guard) = exporting()?;
 
     let upstreams = ProductUpstreams::start(Duration::from_millis(5)).await?;
     // Reviews is optional: it hangs, the guest gives up on it at its
