@@ -259,13 +259,28 @@ impl Admission {
 }
 
 impl Ticket {
+    /// When the request was admitted.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
     /// The request finished: its latency teaches the limiter.
-    pub fn finish(mut self) {
+    pub fn finish(self) {
+        self.finish_after_waiting(Duration::ZERO);
+    }
+
+    /// The request finished, having spent `upstream_wait` of its latency
+    /// waiting on upstreams. The limit learns from the rest, the host's own
+    /// time: slower upstreams need more requests in flight, not fewer, and
+    /// only the host's own time says that it has more than it can run. The
+    /// whole latency still paces the line.
+    pub fn finish_after_waiting(mut self, upstream_wait: Duration) {
         self.done = true;
         let now = Instant::now();
         let latency = now.duration_since(self.started);
+        let own = latency.saturating_sub(upstream_wait);
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.aimd.finish(Some(latency), now);
+        state.aimd.finish(Some(own), now);
         state.latency = if state.latency.is_zero() {
             latency
         } else {

@@ -57,6 +57,7 @@ pub struct Metrics {
     pub(crate) instances_in_use: Gauge,
     pub(crate) shed: Counter,
     pub(crate) queue_wait: Histogram,
+    pub(crate) admission_limit: Gauge,
     pub(crate) failures: Family<CauseLabel, Counter>,
 }
 
@@ -71,6 +72,7 @@ impl Default for Metrics {
         let instances_in_use = Gauge::default();
         let shed = Counter::default();
         let queue_wait = latency_histogram();
+        let admission_limit = Gauge::default();
         let failures = Family::<CauseLabel, Counter>::default();
         registry.register_with_unit(
             "http_server_request_duration",
@@ -111,6 +113,11 @@ impl Default for Metrics {
             queue_wait.clone(),
         );
         registry.register(
+            "fanout_admission_limit",
+            "Requests the adaptive admission lets run at once",
+            admission_limit.clone(),
+        );
+        registry.register(
             "fanout_guest_failures",
             "Requests the host answered for the guest, by cause",
             failures.clone(),
@@ -124,6 +131,7 @@ impl Default for Metrics {
             instances_in_use,
             shed,
             queue_wait,
+            admission_limit,
             failures,
         }
     }

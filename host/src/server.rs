@@ -463,6 +463,8 @@ pub struct StatsSnapshot {
     pub instantiate_time: Duration,
     /// Instances running right now.
     pub instances_in_use: u32,
+    /// The adaptive admission limit now (`None` with fixed admission).
+    pub admission_limit: Option<usize>,
 }
 
 /// Per-request store data.
@@ -566,6 +568,7 @@ impl Fanout {
             instantiate_time: Duration::from_nanos(s.instantiate_nanos.load(Ordering::Relaxed)),
             instances_in_use: self.inner.limits.max_instances
                 - self.inner.instances.available_permits() as u32,
+            admission_limit: self.inner.admission.as_ref().map(|a| a.snapshot().0),
         }
     }
 
@@ -794,6 +797,7 @@ impl Fanout {
         inner.stats.requests.fetch_add(1, Ordering::Relaxed);
         inner.metrics.instances_in_use.inc();
 
+        let calls_seen = calls.clone();
         let stdout = MemoryOutputPipe::new(GUEST_OUTPUT_CAPACITY);
         let stderr = MemoryOutputPipe::new(GUEST_OUTPUT_CAPACITY);
         let mut store = Store::new(
@@ -889,9 +893,20 @@ impl Fanout {
         };
 
         let answered = receiver.await;
-        // The time to the response head is what the limiter learns from.
+        // The time to the response head, less the time spent waiting on
+        // upstreams, is what the limiter learns from.
         if let Some(ticket) = ticket {
-            ticket.finish();
+            let waited = {
+                let calls = calls_seen.lock().unwrap_or_else(|e| e.into_inner());
+                crate::upstream::upstream_wait(&calls, ticket.started(), Instant::now())
+            };
+            ticket.finish_after_waiting(waited);
+            if let Some(admission) = &inner.admission {
+                inner
+                    .metrics
+                    .admission_limit
+                    .set(admission.snapshot().0 as i64);
+            }
         }
         match answered {
             Ok(Ok(response)) => Ok(response),

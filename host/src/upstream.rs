@@ -209,6 +209,7 @@ pub(crate) struct Hooks {
 /// One upstream attempt of one request.
 #[derive(Debug, Clone)]
 pub(crate) struct CallRecord {
+    pub(crate) started: std::time::Instant,
     pub(crate) upstream: String,
     pub(crate) attempt: u32,
     pub(crate) outcome: &'static str,
@@ -236,6 +237,38 @@ impl CallRecord {
             .collect::<Vec<_>>()
             .join(" ")
     }
+}
+
+/// How long, between `since` and `until`, at least one of `calls` was in
+/// flight: the time a request spent waiting on its upstreams rather than
+/// on the host.
+pub(crate) fn upstream_wait(
+    calls: &[CallRecord],
+    since: std::time::Instant,
+    until: std::time::Instant,
+) -> std::time::Duration {
+    let mut spans: Vec<(std::time::Instant, std::time::Instant)> = calls
+        .iter()
+        .map(|c| (c.started.max(since), (c.started + c.duration).min(until)))
+        .filter(|(a, b)| a < b)
+        .collect();
+    spans.sort();
+    let mut total = std::time::Duration::ZERO;
+    let mut current: Option<(std::time::Instant, std::time::Instant)> = None;
+    for (a, b) in spans {
+        current = match current {
+            Some((s, e)) if a <= e => Some((s, e.max(b))),
+            Some((s, e)) => {
+                total += e - s;
+                Some((a, b))
+            }
+            None => Some((a, b)),
+        };
+    }
+    if let Some((s, e)) = current {
+        total += e - s;
+    }
+    total
 }
 
 /// The outcome label of an attempt's result.
@@ -326,6 +359,7 @@ impl AttemptRecorder {
             .client_attempt(&self.upstream, outcome, duration);
         if let Ok(mut calls) = self.calls.lock() {
             calls.push(CallRecord {
+                started: self.started,
                 upstream: self.upstream.clone(),
                 attempt: self.attempt,
                 outcome,
@@ -463,6 +497,26 @@ pub(crate) fn take_hints(headers: &mut http::HeaderMap) -> Hints {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstream_wait_is_the_union_of_the_attempts() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let call = |from: u64, took: u64| CallRecord {
+            started: t0 + ms(from),
+            upstream: "u".into(),
+            attempt: 1,
+            outcome: "ok",
+            duration: ms(took),
+        };
+        // Two overlapping (10-60, 20-50), then a retry (70-90): 70 ms.
+        let calls = [call(10, 50), call(20, 30), call(70, 20)];
+        assert_eq!(upstream_wait(&calls, t0, t0 + ms(100)), ms(70));
+        // Clipped to the window.
+        assert_eq!(upstream_wait(&calls, t0 + ms(30), t0 + ms(80)), ms(40));
+        assert_eq!(upstream_wait(&[], t0, t0 + ms(100)), Duration::ZERO);
+    }
 
     #[test]
     fn hints_are_read_and_stripped() {
