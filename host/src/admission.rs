@@ -1,5 +1,6 @@
 //! Adaptive admission control: how many requests may be in flight, learned
-//! from their latency.
+//! from their latency (the host's own part of it: see
+//! [`Ticket::finish_after_waiting`]), and the line in front of the limit.
 //!
 //! A fixed limit sized to the instance pool admits far more requests than
 //! two cores can finish inside the budget; they queue for CPU until their
