@@ -78,6 +78,18 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// Turned away by admission (a 503 with `Retry-After`) rather than
+    /// failed while running.
+    pub fn is_shed(&self) -> bool {
+        matches!(
+            self,
+            Failure::PoolFull { .. }
+                | Failure::Overloaded { .. }
+                | Failure::QueueFull { .. }
+                | Failure::QueueTimeout { .. }
+        )
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Failure::PoolFull { .. }
@@ -148,11 +160,7 @@ impl Failure {
 
     pub fn to_response(&self) -> Response<ResponseBody> {
         let mut response = error_response(self.status(), self.code(), &self.message());
-        if let Failure::PoolFull { .. }
-        | Failure::Overloaded { .. }
-        | Failure::QueueFull { .. }
-        | Failure::QueueTimeout { .. } = self
-        {
+        if self.is_shed() {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

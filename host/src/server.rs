@@ -601,18 +601,16 @@ impl Fanout {
             Err(failure) => {
                 self.inner.stats.failures.fetch_add(1, Ordering::Relaxed);
                 let metrics = &self.inner.metrics;
-                match failure {
-                    Failure::PoolFull { .. }
-                    | Failure::Overloaded { .. }
-                    | Failure::QueueFull { .. }
-                    | Failure::QueueTimeout { .. } => metrics.shed.inc(),
-                    _ => metrics
+                if failure.is_shed() {
+                    metrics.shed.inc();
+                } else {
+                    metrics
                         .failures
                         .get_or_create(&CauseLabel {
                             cause: failure.code(),
                         })
-                        .inc(),
-                };
+                        .inc();
+                }
                 tracing::warn!(
                     %trace_id, %method, %path, cause = failure.code(),
                     status = failure.status().as_u16(), "{}", failure.message()
