@@ -1,6 +1,6 @@
 //! Adaptive admission control: how many requests may be in flight, learned
 //! from their latency (the host's own part of it: see
-//! [`Ticket::finish_after_waiting`]), and the line in front of the limit.
+//! [`Admission::learn`]), and the line in front of the limit.
 //!
 //! A fixed limit sized to the instance pool admits far more requests than
 //! two cores can finish inside the budget; they queue for CPU until their
@@ -15,7 +15,6 @@
 //! No maintained crate implements this for tower (tower's `ConcurrencyLimit`
 //! is fixed); the logic is small, pure and unit-tested with explicit times.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -97,8 +96,19 @@ impl Aimd {
     /// A request admitted earlier finished after `latency`, at `now`.
     /// `None`: it ended without a latency worth learning from (cancelled).
     pub fn finish(&mut self, latency: Option<Duration>, now: Instant) {
+        if let Some(latency) = latency {
+            self.learn(latency, now);
+        }
+        self.release();
+    }
+
+    /// A request admitted earlier gives its place back.
+    pub fn release(&mut self) {
         self.in_flight = self.in_flight.saturating_sub(1);
-        let Some(latency) = latency else { return };
+    }
+
+    /// A request still holding its place took `latency`, at `now`.
+    pub fn learn(&mut self, latency: Duration, now: Instant) {
         let fresh = |(_, at): (Duration, Instant)| now.duration_since(at) < self.config.min_window;
         match self.min_latency {
             Some(min) if fresh(min) && min.0 <= latency => {}
@@ -123,7 +133,7 @@ impl Aimd {
                 self.limit = (self.limit * self.config.decrease).max(self.config.min as f64);
                 self.last_decrease = Some(now);
             }
-        } else if self.in_flight + 1 >= self.limit() {
+        } else if self.in_flight >= self.limit() {
             // Grow only when the limit is what holds requests back: about
             // +1 per round trip's worth of completions.
             self.limit = (self.limit + 1.0 / self.limit).min(self.config.max as f64);
@@ -142,9 +152,9 @@ struct Shared {
     /// Requests waiting for the limit, oldest first. A place is handed over
     /// (already counted in flight) by sending on its channel.
     waiters: std::collections::VecDeque<tokio::sync::oneshot::Sender<()>>,
-    /// Moving average of the latency of admitted requests: with the limit,
-    /// it says how fast places free up.
-    latency: Duration,
+    /// Moving average of how long a place is held: with the limit, it says
+    /// how fast places free up.
+    hold: Duration,
 }
 
 impl Shared {
@@ -171,11 +181,12 @@ pub enum Refusal {
     WaitedTooLong { waited: Duration },
 }
 
-/// A request's place; give it back with [`Ticket::finish`], or drop it.
+/// A request's place, given back when dropped: hold it as long as the
+/// request holds its instance.
 pub struct Ticket {
     state: Arc<Mutex<Shared>>,
-    started: Instant,
-    done: bool,
+    admitted: Instant,
+    waited: Duration,
 }
 
 impl Admission {
@@ -184,46 +195,50 @@ impl Admission {
             state: Arc::new(Mutex::new(Shared {
                 aimd: Aimd::new(config),
                 waiters: Default::default(),
-                latency: Duration::ZERO,
+                hold: Duration::ZERO,
             })),
         }
+    }
+
+    /// A limit that never moves: `limit` at once, as a fixed pool.
+    pub fn fixed(limit: usize) -> Admission {
+        let limit = limit.max(1);
+        Admission::new(AdmissionConfig {
+            initial: limit,
+            min: limit,
+            max: limit,
+            ..AdmissionConfig::new(limit)
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn ticket(&self) -> Ticket {
+    fn ticket(&self, waited: Duration) -> Ticket {
         Ticket {
             state: self.state.clone(),
-            started: Instant::now(),
-            done: false,
+            admitted: Instant::now(),
+            waited,
         }
-    }
-
-    /// A ticket if the limit allows now and nobody is waiting, or `None`:
-    /// shed the request.
-    pub fn try_admit(&self) -> Option<Ticket> {
-        let mut state = self.lock();
-        (state.waiters.is_empty() && state.aimd.try_admit()).then(|| self.ticket())
     }
 
     /// A ticket now, or after waiting in line (first come, first served)
     /// for at most `max_wait`. A request whose expected wait is longer is
     /// refused at once: the wait in line for position `n` is about
-    /// `n * latency / limit`.
+    /// `n * hold / limit` (Little's law).
     pub async fn admit(&self, max_wait: Duration) -> Result<Ticket, Refusal> {
         let mut handed = {
             let mut state = self.lock();
             if state.waiters.is_empty() && state.aimd.try_admit() {
-                return Ok(self.ticket());
+                return Ok(self.ticket(Duration::ZERO));
             }
             let limit = state.aimd.limit();
             if max_wait.is_zero() {
                 return Err(Refusal::AtLimit { limit });
             }
             let position = state.waiters.len() + 1;
-            let expected = state.latency.mul_f64(position as f64 / limit.max(1) as f64);
+            let expected = state.hold.mul_f64(position as f64 / limit.max(1) as f64);
             if expected > max_wait.mul_f64(LINE_SHARE) {
                 return Err(Refusal::LineTooLong { expected });
             }
@@ -233,18 +248,48 @@ impl Admission {
         };
         let started = Instant::now();
         match tokio::time::timeout(max_wait, &mut handed).await {
-            Ok(Ok(())) => Ok(self.ticket()),
+            Ok(Ok(())) => Ok(self.ticket(started.elapsed())),
             _ => {
                 // A place handed over just as the wait ran out is still ours.
                 handed.close();
                 match handed.try_recv() {
-                    Ok(()) => Ok(self.ticket()),
+                    Ok(()) => Ok(self.ticket(started.elapsed())),
                     Err(_) => Err(Refusal::WaitedTooLong {
                         waited: started.elapsed(),
                     }),
                 }
             }
         }
+    }
+
+    /// A request admitted at `admitted` answered now (its response head),
+    /// having spent `upstream_wait` of that time waiting on upstreams. The
+    /// limit learns from the rest, the host's own time: slower upstreams
+    /// need more requests in flight, not fewer, and only the host's own
+    /// time says that it has more than it can run.
+    pub fn learn(&self, admitted: Instant, upstream_wait: Duration) {
+        let now = Instant::now();
+        let own = now.duration_since(admitted).saturating_sub(upstream_wait);
+        let mut state = self.lock();
+        state.aimd.learn(own, now);
+        // The limit may have grown.
+        state.dispatch();
+    }
+
+    /// Learns how long a place was held.
+    fn record_hold(state: &mut Shared, hold: Duration) {
+        state.hold = if state.hold.is_zero() {
+            hold
+        } else {
+            state.hold + hold.saturating_sub(state.hold).mul_f64(HOLD_EWMA_WEIGHT)
+                - state.hold.saturating_sub(hold).mul_f64(HOLD_EWMA_WEIGHT)
+        };
+    }
+
+    /// The moving average of how long a place is held (zero until one has
+    /// been given back).
+    pub fn hold(&self) -> Duration {
+        self.lock().hold
     }
 
     /// The current limit and requests in flight.
@@ -261,33 +306,21 @@ impl Admission {
 
 impl Ticket {
     /// When the request was admitted.
-    pub fn started(&self) -> Instant {
-        self.started
+    pub fn admitted(&self) -> Instant {
+        self.admitted
     }
 
-    /// The request finished: its latency teaches the limiter.
-    pub fn finish(self) {
-        self.finish_after_waiting(Duration::ZERO);
+    /// How long the request waited in line (zero if admitted at once).
+    pub fn waited(&self) -> Duration {
+        self.waited
     }
+}
 
-    /// The request finished, having spent `upstream_wait` of its latency
-    /// waiting on upstreams. The limit learns from the rest, the host's own
-    /// time: slower upstreams need more requests in flight, not fewer, and
-    /// only the host's own time says that it has more than it can run. The
-    /// whole latency still paces the line.
-    pub fn finish_after_waiting(mut self, upstream_wait: Duration) {
-        self.done = true;
-        let now = Instant::now();
-        let latency = now.duration_since(self.started);
-        let own = latency.saturating_sub(upstream_wait);
+impl Drop for Ticket {
+    fn drop(&mut self) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.aimd.finish(Some(own), now);
-        state.latency = if state.latency.is_zero() {
-            latency
-        } else {
-            state.latency + (latency.saturating_sub(state.latency)).mul_f64(LATENCY_EWMA_WEIGHT)
-                - (state.latency.saturating_sub(latency)).mul_f64(LATENCY_EWMA_WEIGHT)
-        };
+        Admission::record_hold(&mut state, self.admitted.elapsed());
+        state.aimd.release();
         state.dispatch();
     }
 }
@@ -300,110 +333,8 @@ impl Ticket {
 /// 503s after 100 ms.
 const LINE_SHARE: f64 = 0.5;
 
-/// Weight of the newest latency in the admission's moving average.
-const LATENCY_EWMA_WEIGHT: f64 = 0.05;
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        if !self.done {
-            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            state.aimd.finish(None, Instant::now());
-            state.dispatch();
-        }
-    }
-}
-
-/// The wait for an instance when every one is busy: first come, first
-/// served (tokio's semaphore is fair), and bounded twice. At the door, a
-/// request whose expected wait is longer than the bound is shed at once; a
-/// request that waits longer anyway (the estimate was wrong) is shed when
-/// the bound runs out.
-///
-/// The expected wait follows Little's law: `slots` instances, each held for
-/// `hold` on average, free one every `hold / slots`, so the request at
-/// `position` in the queue waits about `position * hold / slots`. `hold` is
-/// an exponentially weighted moving average of measured hold times.
-#[derive(Debug)]
-pub struct WaitQueue {
-    max_wait: Duration,
-    slots: u32,
-    waiting: AtomicUsize,
-    hold_nanos: AtomicU64,
-}
-
-/// Weight of the newest hold time in the moving average.
+/// Weight of the newest hold time in the admission's moving average.
 const HOLD_EWMA_WEIGHT: f64 = 0.05;
-
-impl WaitQueue {
-    pub fn new(max_wait: Duration, slots: u32) -> WaitQueue {
-        WaitQueue {
-            max_wait,
-            slots: slots.max(1),
-            waiting: AtomicUsize::new(0),
-            hold_nanos: AtomicU64::new(0),
-        }
-    }
-
-    /// The longest a request waits.
-    pub fn max_wait(&self) -> Duration {
-        self.max_wait
-    }
-
-    /// Requests waiting now.
-    pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed)
-    }
-
-    /// The moving average of how long a request holds an instance (zero
-    /// until one has been measured).
-    pub fn hold(&self) -> Duration {
-        Duration::from_nanos(self.hold_nanos.load(Ordering::Relaxed))
-    }
-
-    /// The expected wait of the request at `position` (1 for the first in
-    /// line).
-    pub fn expected_wait(&self, position: usize) -> Duration {
-        self.hold().mul_f64(position as f64 / f64::from(self.slots))
-    }
-
-    /// Takes a place in the line, or says how long the wait would be when
-    /// that is longer than the bound. The place is left when the returned
-    /// guard is dropped.
-    pub fn enter(&self) -> Result<QueuePlace<'_>, Duration> {
-        let position = self.waiting.fetch_add(1, Ordering::Relaxed) + 1;
-        let place = QueuePlace { queue: self };
-        let expected = self.expected_wait(position);
-        if expected > self.max_wait.mul_f64(LINE_SHARE) {
-            return Err(expected);
-        }
-        Ok(place)
-    }
-
-    /// Learns from one request's time on an instance.
-    pub fn record_hold(&self, hold: Duration) {
-        let sample = hold.as_nanos().min(u128::from(u64::MAX)) as f64;
-        // A lost update under a race only delays the average a little.
-        let old = self.hold_nanos.load(Ordering::Relaxed) as f64;
-        let new = if old == 0.0 {
-            sample
-        } else {
-            old + HOLD_EWMA_WEIGHT * (sample - old)
-        };
-        self.hold_nanos.store(new as u64, Ordering::Relaxed);
-    }
-}
-
-/// A place in the [`WaitQueue`]; dropping it leaves the line.
-#[derive(Debug)]
-pub struct QueuePlace<'a> {
-    queue: &'a WaitQueue,
-}
-
-impl Drop for QueuePlace<'_> {
-    fn drop(&mut self) {
-        self.queue.waiting.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -513,42 +444,68 @@ mod tests {
         assert!(aimd.limit() >= limit, "not treated as slow");
     }
 
-    #[test]
-    fn the_queue_admits_while_the_expected_wait_fits() {
-        let queue = WaitQueue::new(Duration::from_millis(100), 10);
-        // Nothing measured yet: no reason to refuse.
-        let first = queue.enter().expect("an empty estimate admits");
-        queue.record_hold(Duration::from_millis(50));
-        assert_eq!(queue.hold(), Duration::from_millis(50));
-        // 10 slots held 50 ms each free one every 5 ms: 10 in line wait
-        // 50 ms, half the bound; the 11th would wait 55 ms.
-        let mut line = vec![first];
-        for _ in 1..10 {
-            line.push(queue.enter().expect("within the bound"));
+    #[tokio::test]
+    async fn the_line_admits_while_the_expected_wait_fits() {
+        let admission = Admission::fixed(10);
+        let max_wait = Duration::from_millis(100);
+        let mut held: Vec<Ticket> = Vec::new();
+        for _ in 0..10 {
+            held.push(admission.admit(max_wait).await.expect("a free place"));
         }
-        assert_eq!(queue.waiting(), 10);
-        assert_eq!(queue.expected_wait(10), Duration::from_millis(50));
-        assert_eq!(queue.enter().unwrap_err(), Duration::from_millis(55));
-        // The refused request left the line; one served makes room.
-        assert_eq!(queue.waiting(), 10);
-        line.pop();
-        assert!(queue.enter().is_ok());
-        drop(line);
-        assert_eq!(queue.waiting(), 0);
+        // Nothing measured yet: the first in line has no reason to be
+        // refused.
+        assert_eq!(admission.hold(), Duration::ZERO);
+        Admission::record_hold(&mut admission.lock(), Duration::from_millis(50));
+        // 10 places held 50 ms each free one every 5 ms: 10 in line wait
+        // 50 ms, half the bound; the 11th would wait 55 ms.
+        let line: Vec<_> = (0..10)
+            .map(|_| {
+                let admission = admission.clone();
+                tokio::spawn(async move { admission.admit(max_wait).await })
+            })
+            .collect();
+        while admission.waiting() < 10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            admission.admit(max_wait).await.err(),
+            Some(Refusal::LineTooLong {
+                expected: Duration::from_millis(55)
+            })
+        );
+        // A place given back goes to the first in line.
+        held.pop();
+        let first = line.into_iter().next().unwrap().await.unwrap().unwrap();
+        assert!(first.waited() > Duration::ZERO);
+        assert_eq!(admission.waiting(), 9);
     }
 
     #[test]
     fn the_hold_time_is_a_moving_average() {
-        let queue = WaitQueue::new(Duration::from_millis(100), 4);
-        queue.record_hold(Duration::from_millis(40));
+        let admission = Admission::fixed(4);
+        let record = |ms| Admission::record_hold(&mut admission.lock(), MS(ms));
+        record(40);
         for _ in 0..200 {
-            queue.record_hold(Duration::from_millis(80));
+            record(80);
         }
-        let hold = queue.hold().as_secs_f64() * 1e3;
+        let hold = admission.hold().as_secs_f64() * 1e3;
         assert!((79.0..=80.0).contains(&hold), "{hold}");
         // One outlier moves it by a twentieth of the difference.
-        queue.record_hold(Duration::from_millis(1080));
-        let hold = queue.hold().as_secs_f64() * 1e3;
+        record(1080);
+        let hold = admission.hold().as_secs_f64() * 1e3;
         assert!((128.0..=131.0).contains(&hold), "{hold}");
+    }
+
+    #[test]
+    fn a_fixed_limit_never_moves() {
+        let admission = Admission::fixed(3);
+        let t0 = Instant::now();
+        let mut state = admission.lock();
+        for i in 0..100 {
+            state
+                .aimd
+                .learn(MS(if i < 50 { 5 } else { 500 }), t0 + MS(i * 10));
+        }
+        assert_eq!(state.aimd.limit(), 3);
     }
 }

@@ -316,21 +316,18 @@ impl FanoutBuilder {
                 collections: collections.map(|(c, _)| c).unwrap_or_default(),
                 origin,
                 admission: match self.admission {
-                    Admission::Fixed => None,
-                    Admission::Adaptive(config) => Some(crate::admission::Admission::new(
-                        config.unwrap_or_else(|| {
+                    Admission::Fixed => {
+                        crate::admission::Admission::fixed(self.limits.max_instances as usize)
+                    }
+                    Admission::Adaptive(config) => {
+                        crate::admission::Admission::new(config.unwrap_or_else(|| {
                             crate::admission::AdmissionConfig::new(
                                 self.limits.max_instances as usize,
                             )
-                        }),
-                    )),
+                        }))
+                    }
                 },
-                queue: (!self.limits.queue_wait.is_zero()).then(|| {
-                    crate::admission::WaitQueue::new(
-                        self.limits.queue_wait,
-                        self.limits.max_instances,
-                    )
-                }),
+                adaptive: matches!(self.admission, Admission::Adaptive(_)),
                 guests: self.guest_threads.map(GuestRuntime::new).transpose()?,
                 _ticker: ticker,
             }),
@@ -395,12 +392,13 @@ struct Inner {
     /// The built-in guest's default budget; `None` for another component.
     guest_budget: Option<Duration>,
     origin: crate::cache::Origin,
-    admission: Option<crate::admission::Admission>,
+    /// The admission limit and its line; a fixed one for
+    /// [`Admission::Fixed`].
+    admission: crate::admission::Admission,
+    adaptive: bool,
     /// Where the guests run: apart from the runtime that accepts
     /// connections and answers sheds (see [`GuestRuntime`]).
     guests: Option<GuestRuntime>,
-    /// The bounded wait for an instance; `None` sheds at once.
-    queue: Option<crate::admission::WaitQueue>,
     // Dropped last among the fields that matter: stops and joins the thread.
     _ticker: EpochTicker,
 }
@@ -568,7 +566,10 @@ impl Fanout {
             instantiate_time: Duration::from_nanos(s.instantiate_nanos.load(Ordering::Relaxed)),
             instances_in_use: self.inner.limits.max_instances
                 - self.inner.instances.available_permits() as u32,
-            admission_limit: self.inner.admission.as_ref().map(|a| a.snapshot().0),
+            admission_limit: self
+                .inner
+                .adaptive
+                .then(|| self.inner.admission.snapshot().0),
         }
     }
 
@@ -758,40 +759,43 @@ impl Fanout {
         }
         let inner = &self.inner;
         let limits = inner.limits;
-        // Admission happens at the door, before an instance is spent: with
-        // adaptive admission, the learnt limit and its line; then the pool
-        // itself, and its line when the limit is fixed. A request that
-        // waited has the wait taken out of its budget.
-        let arrived = Instant::now();
-        let ticket = match &inner.admission {
-            None => None,
-            Some(admission) => Some(admission.admit(limits.queue_wait).await.map_err(
-                |refusal| match refusal {
-                    crate::admission::Refusal::AtLimit { limit } => Failure::Overloaded { limit },
-                    crate::admission::Refusal::LineTooLong { expected } => Failure::QueueFull {
-                        expected_wait: expected,
-                        max_wait: limits.queue_wait,
-                    },
-                    crate::admission::Refusal::WaitedTooLong { waited } => {
-                        Failure::QueueTimeout { waited }
-                    }
-                },
-            )?),
+        // Admission happens at the door, before an instance is spent: the
+        // limit (learnt, or the pool's size) and its line. A place is held
+        // as long as the instance, so the pool always has one for it. A
+        // request that waited has the wait taken out of its budget.
+        use crate::admission::Refusal;
+        let admitted = inner.admission.admit(limits.queue_wait).await;
+        let waited = match &admitted {
+            Ok(ticket) => ticket.waited(),
+            Err(Refusal::WaitedTooLong { waited }) => *waited,
+            Err(_) => Duration::ZERO,
         };
-        let permit = match inner.instances.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) if inner.admission.is_some() => {
-                return Err(Failure::PoolFull {
+        if !waited.is_zero() {
+            inner.metrics.queue_wait.observe(waited.as_secs_f64());
+        }
+        let ticket = admitted.map_err(|refusal| match refusal {
+            Refusal::AtLimit { limit } if inner.adaptive => Failure::Overloaded { limit },
+            Refusal::AtLimit { .. } => Failure::PoolFull {
+                max_instances: limits.max_instances,
+            },
+            Refusal::LineTooLong { expected } => Failure::QueueFull {
+                expected_wait: expected,
+                max_wait: limits.queue_wait,
+            },
+            Refusal::WaitedTooLong { waited } => Failure::QueueTimeout { waited },
+        })?;
+        let admitted_at = ticket.admitted();
+        let permit =
+            inner
+                .instances
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| Failure::PoolFull {
                     max_instances: limits.max_instances,
-                });
-            }
-            Err(_) => self.wait_for_instance().await?,
-        };
-        let waited = arrived.elapsed();
+                })?;
         if waited > WAIT_WORTH_CHARGING {
             self.charge_wait(&mut request, waited)?;
         }
-        let held_since = Instant::now();
         inner.stats.requests.fetch_add(1, Ordering::Relaxed);
         inner.metrics.instances_in_use.inc();
 
@@ -879,9 +883,7 @@ impl Fanout {
             // full ("maximum concurrent limit reached").
             drop(store);
             drop(permit);
-            if let Some(queue) = &inner.queue {
-                queue.record_hold(held_since.elapsed());
-            }
+            drop(ticket);
             inner.metrics.instances_in_use.dec();
             failure
         };
@@ -893,18 +895,16 @@ impl Fanout {
         let answered = receiver.await;
         // The time to the response head, less the time spent waiting on
         // upstreams, is what the limiter learns from.
-        if let Some(ticket) = ticket {
-            let waited = {
-                let calls = calls_seen.lock().unwrap_or_else(|e| e.into_inner());
-                crate::upstream::upstream_wait(&calls, ticket.started(), Instant::now())
-            };
-            ticket.finish_after_waiting(waited);
-            if let Some(admission) = &inner.admission {
-                inner
-                    .metrics
-                    .admission_limit
-                    .set(admission.snapshot().0 as i64);
-            }
+        let upstream_wait = {
+            let calls = calls_seen.lock().unwrap_or_else(|e| e.into_inner());
+            crate::upstream::upstream_wait(&calls, admitted_at, Instant::now())
+        };
+        inner.admission.learn(admitted_at, upstream_wait);
+        if inner.adaptive {
+            inner
+                .metrics
+                .admission_limit
+                .set(inner.admission.snapshot().0 as i64);
         }
         match answered {
             Ok(Ok(response)) => Ok(response),
@@ -920,35 +920,6 @@ impl Fanout {
                 )),
                 Err(join) => Err(Failure::Internal(format!("guest task failed: {join}"))),
             },
-        }
-    }
-
-    /// Every instance is busy: wait in line for one, or be shed at once when
-    /// the wait would be too long (see [`WaitQueue`](crate::admission::WaitQueue)).
-    async fn wait_for_instance(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Failure> {
-        let inner = &self.inner;
-        let pool_full = Failure::PoolFull {
-            max_instances: inner.limits.max_instances,
-        };
-        let Some(queue) = &inner.queue else {
-            return Err(pool_full);
-        };
-        let max_wait = queue.max_wait();
-        let _place = queue.enter().map_err(|expected| Failure::QueueFull {
-            expected_wait: expected,
-            max_wait,
-        })?;
-        let started = Instant::now();
-        let acquired =
-            tokio::time::timeout(max_wait, inner.instances.clone().acquire_owned()).await;
-        inner
-            .metrics
-            .queue_wait
-            .observe(started.elapsed().as_secs_f64());
-        match acquired {
-            Ok(Ok(permit)) => Ok(permit),
-            Ok(Err(_closed)) => Err(pool_full),
-            Err(_elapsed) => Err(Failure::QueueTimeout { waited: max_wait }),
         }
     }
 
