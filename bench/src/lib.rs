@@ -145,35 +145,19 @@ impl Harness {
             Target::Native => {
                 Process::start(target.name(), &self.exe, &own("serve-native", &[])).await?
             }
-            Target::Fanout => {
-                Process::start(target.name(), &self.exe, &own("serve-fanout", &[])).await?
-            }
-            Target::FanoutSequential => {
-                Process::start(
-                    target.name(),
-                    &self.exe,
-                    &own("serve-fanout", &["--sequential"]),
-                )
-                .await?
-            }
-            Target::FanoutFixed => {
-                Process::start(target.name(), &self.exe, &own("serve-fanout", &["--fixed"])).await?
-            }
-            Target::FanoutGuestThreads => {
-                Process::start(
-                    target.name(),
-                    &self.exe,
-                    &own("serve-fanout", &["--guest-threads", "2"]),
-                )
-                .await?
-            }
-            Target::FanoutTelemetry => {
-                Process::start(
-                    target.name(),
-                    &self.exe,
-                    &own("serve-fanout", &["--telemetry"]),
-                )
-                .await?
+            Target::Fanout
+            | Target::FanoutSequential
+            | Target::FanoutFixed
+            | Target::FanoutGuestThreads
+            | Target::FanoutTelemetry => {
+                let variant: &[&str] = match target {
+                    Target::FanoutSequential => &["--sequential"],
+                    Target::FanoutFixed => &["--fixed"],
+                    Target::FanoutGuestThreads => &["--guest-threads", "2"],
+                    Target::FanoutTelemetry => &["--telemetry"],
+                    _ => &[],
+                };
+                Process::start(target.name(), &self.exe, &own("serve-fanout", variant)).await?
             }
             Target::WasmtimeServe => {
                 let Some(wasmtime) = &self.wasmtime else {
