@@ -1,0 +1,68 @@
+//! Adaptive admission measured under load.
+//!
+//! A test binary of its own: the limit learns from the host's CPU time, so
+//! tests running beside it in one binary (on two cores) would be load it
+//! rightly reacts to.
+
+use anyhow::Result;
+use fanout_tests::{Behaviour, ProductUpstreams, TestHost};
+use http::StatusCode;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+
+const MS: fn(u64) -> Duration = Duration::from_millis;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slower_upstreams_do_not_shrink_the_admission_limit() -> Result<()> {
+    // Upstreams that slow down need more requests in flight, not fewer: the
+    // limit learns from the host's own time, not from the upstreams' wait.
+    let upstreams = ProductUpstreams::start(MS(20)).await?;
+    let host = Arc::new(TestHost::start(upstreams.builder().build()?).await?);
+    let initial = host
+        .fanout
+        .stats()
+        .admission_limit
+        .expect("adaptive by default");
+    let load = |rounds: usize| {
+        let host = host.clone();
+        async move {
+            let clients = (0..30).map(|c| {
+                let host = host.clone();
+                async move {
+                    let mut statuses = Vec::new();
+                    for i in 0..rounds {
+                        statuses.push(host.get(&format!("/products/{c}-{i}")).await?.status);
+                    }
+                    anyhow::Ok(statuses)
+                }
+            });
+            let mut all = Vec::new();
+            for statuses in futures_util::future::join_all(clients).await {
+                all.extend(statuses?);
+            }
+            anyhow::Ok(all)
+        }
+    };
+    // Learn the fast latency, then the upstreams take five times as long.
+    assert!(load(10).await?.iter().all(|s| *s == StatusCode::OK));
+    for mock in [&upstreams.inventory, &upstreams.pricing, &upstreams.reviews] {
+        mock.set_behaviour(Behaviour::json(MS(100), json!({"ok": true})));
+    }
+    let slow = load(8).await?;
+    assert!(
+        slow.iter().all(|s| *s == StatusCode::OK),
+        "nothing shed: {slow:?}"
+    );
+    let limit = host.fanout.stats().admission_limit.unwrap();
+    assert!(
+        limit >= initial,
+        "the limit shrank from {initial} to {limit}"
+    );
+    let metrics = host.fanout.metrics().encode();
+    assert!(
+        metrics.contains(&format!("fanout_admission_limit {limit}")),
+        "{metrics}"
+    );
+    Ok(())
+}
