@@ -252,8 +252,15 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
                     .collect::<Vec<_>>()
                     .join(",")
             ));
+            // Named targets may include the fanout variants the full run
+            // shows elsewhere (e.g. `fanout-guest-threads` at c=500).
+            let targets = if only.is_empty() {
+                all_targets
+            } else {
+                chosen(&Target::REPORTED)
+            };
             results.latency = h
-                .latency(&all_targets, &levels, Duration::from_millis(50))
+                .latency(&targets, &levels, Duration::from_millis(50))
                 .await?;
         }
         Command::Saturation => {
