@@ -57,6 +57,13 @@ pub const DEFAULT_QUEUE_WAIT: Duration = Duration::from_millis(100);
 /// the window stays large for components that grow their memory.
 pub const MEMORY_KEEP_RESIDENT: usize = 4 << 20;
 
+/// Bytes of an answer's body read on the guests' runtime before the answer
+/// is handed to the connection's (with [`crate::FanoutBuilder::guest_threads`]):
+/// a body this small crosses in one piece, a larger one streams on. An
+/// aggregated answer is a few KiB; the cap bounds the memory an answer
+/// holds while it waits to be written.
+pub const HANDOFF_BUFFER: usize = 256 << 10;
+
 /// Bytes of guest stdout and stderr kept per request; what goes beyond is
 /// refused (the guest's write fails) rather than buffered without bound.
 pub const GUEST_OUTPUT_CAPACITY: usize = 64 << 10;

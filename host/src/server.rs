@@ -5,7 +5,7 @@ use crate::ResponseBody;
 use crate::adapters::HttpUpstream;
 use crate::error::{Error, Failure};
 use crate::guard::Guardrails;
-use crate::limits::{GUEST_OUTPUT_CAPACITY, Limits};
+use crate::limits::{GUEST_OUTPUT_CAPACITY, HANDOFF_BUFFER, Limits};
 use crate::metrics::{CauseLabel, Metrics};
 use crate::runtime::{self, EpochTicker};
 use crate::upstream::{
@@ -28,7 +28,7 @@ use wasmtime::{ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
-use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode as OutparamError, Scheme};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 /// Builds a [`Fanout`]. Everything is validated and the component compiled in
@@ -194,10 +194,15 @@ impl FanoutBuilder {
     /// Runs the guests on a runtime of their own with `threads` workers,
     /// apart from the caller's runtime that accepts connections and sheds.
     /// Under overload a shed 503 is then answered in about 5 ms (p99)
-    /// rather than 13–20 ms, at the price of about a tenth of the throughput
-    /// at saturation (each request crosses between the two runtimes); see
-    /// BENCHMARKS.md. Off by default: the guests run on the caller's
-    /// runtime.
+    /// rather than 11–20 ms, at the price of about a tenth of the throughput
+    /// at saturation; see BENCHMARKS.md. Off by default: the guests run on
+    /// the caller's runtime.
+    ///
+    /// Each request crosses between the runtimes once each way: the guest's
+    /// answer is read to its end (up to [`HANDOFF_BUFFER`]) before it goes
+    /// back, so its first byte leaves when its last is written, and a
+    /// guest that fails before then gets its failure's own answer (a 504
+    /// at the deadline) instead of a broken body. A larger body streams.
     pub fn guest_threads(mut self, threads: usize) -> Self {
         self.guest_threads = Some(threads.max(1));
         self
@@ -850,7 +855,17 @@ impl Fanout {
 
         // The guest runs in its own task: it keeps streaming the body after
         // the head is returned, and still holds its pool slot while it does.
+        // How the guest failed, if it did: set before the store (and with it
+        // the body's sender) is dropped, so that a body it leaves unfinished
+        // ends in an error, not in what looks like a complete answer.
+        let cut = Arc::new(std::sync::OnceLock::new());
+        let cut_seen = GuestCut {
+            failure: cut.clone(),
+            metrics: inner.metrics.clone(),
+            trace_id: trace_id.to_string(),
+        };
         let task_inner = inner.clone();
+        let task_inner_answer = inner.clone();
         let trace_id = trace_id.to_string();
         let guest = async move {
             let inner = task_inner;
@@ -878,6 +893,9 @@ impl Fanout {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some(classify(&e, store.data().limiter.memory_denied, &limits)),
             };
+            if let Some(failure) = &failure {
+                let _ = cut.set(failure.clone());
+            }
             // The store holds the instance's pool slot: free the slot before
             // the permit, or a request admitted in between finds the pool
             // full ("maximum concurrent limit reached").
@@ -887,39 +905,49 @@ impl Fanout {
             inner.metrics.instances_in_use.dec();
             failure
         };
-        let task = match &inner.guests {
-            Some(guests) => guests.handle().spawn(guest),
-            None => tokio::spawn(guest),
-        };
-
-        let answered = receiver.await;
-        // The time to the response head, less the time spent waiting on
-        // upstreams, is what the limiter learns from.
-        let upstream_wait = {
-            let calls = calls_seen.lock().unwrap_or_else(|e| e.into_inner());
-            crate::upstream::upstream_wait(&calls, admitted_at, Instant::now())
-        };
-        inner.admission.learn(admitted_at, upstream_wait);
-        if inner.adaptive {
-            inner
-                .metrics
-                .admission_limit
-                .set(inner.admission.snapshot().0 as i64);
-        }
-        match answered {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(code)) => Err(Failure::NoResponse(format!(
-                "the guest answered with error code {code:?}"
-            ))),
-            // The sender was dropped with the store: the task ended without
-            // an answer, and its result says why.
-            Err(_) => match task.await {
-                Ok(Some(failure)) => Err(failure),
-                Ok(None) => Err(Failure::NoResponse(
-                    "the handler returned without setting a response".into(),
-                )),
-                Err(join) => Err(Failure::Internal(format!("guest task failed: {join}"))),
-            },
+        let answer = move |task| answer(task_inner_answer, receiver, task, calls_seen, admitted_at);
+        match &inner.guests {
+            None => {
+                let task = tokio::spawn(guest);
+                let ended = async move { task.await.map_err(|join| join.to_string()) };
+                let response = answer(Box::pin(ended)).await?;
+                Ok(response.map(|body| cut_seen.guard(body)))
+            }
+            // The whole exchange happens over there, in one task, body
+            // included: the connection's runtime is woken once, for a
+            // finished answer, not for each frame of a stream.
+            Some(guests) => guests
+                .handle()
+                .spawn(async move {
+                    let (ended, failure) = oneshot::channel();
+                    let guest = async move {
+                        let _ = ended.send(guest.await);
+                    };
+                    let answered = async move {
+                        let ended = async move { failure.await.map_err(|e| e.to_string()) };
+                        let response = answer(Box::pin(ended)).await?;
+                        buffer_body(response, HANDOFF_BUFFER, cut_seen).await
+                    };
+                    // Both in this task; a guest still running once the
+                    // answer is ready (a body beyond the buffer, work after
+                    // the answer) goes on in a task of its own.
+                    let (mut guest, mut answered) = (Box::pin(guest), std::pin::pin!(answered));
+                    let mut guest_done = false;
+                    let answer = loop {
+                        tokio::select! {
+                            answer = &mut answered => break answer,
+                            () = &mut guest, if !guest_done => guest_done = true,
+                        }
+                    };
+                    if !guest_done {
+                        tokio::spawn(guest);
+                    }
+                    answer
+                })
+                .await
+                .unwrap_or_else(|join| {
+                    Err(Failure::Internal(format!("guest task failed: {join}")))
+                }),
         }
     }
 
@@ -968,6 +996,176 @@ impl Fanout {
         })
         .await
     }
+}
+
+/// Waits for the guest's response head and learns from its timing; when
+/// the guest ended without one, `task` says why.
+async fn answer(
+    inner: Arc<Inner>,
+    receiver: oneshot::Receiver<Result<Response<ResponseBody>, OutparamError>>,
+    task: std::pin::Pin<Box<dyn Future<Output = Result<Option<Failure>, String>> + Send>>,
+    calls: Arc<std::sync::Mutex<Vec<CallRecord>>>,
+    admitted_at: Instant,
+) -> Result<Response<ResponseBody>, Failure> {
+    let answered = receiver.await;
+    // The time to the response head, less the time spent waiting on
+    // upstreams, is what the limiter learns from.
+    let upstream_wait = {
+        let calls = calls.lock().unwrap_or_else(|e| e.into_inner());
+        crate::upstream::upstream_wait(&calls, admitted_at, Instant::now())
+    };
+    inner.admission.learn(admitted_at, upstream_wait);
+    if inner.adaptive {
+        inner
+            .metrics
+            .admission_limit
+            .set(inner.admission.snapshot().0 as i64);
+    }
+    match answered {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(code)) => Err(Failure::NoResponse(format!(
+            "the guest answered with error code {code:?}"
+        ))),
+        // The sender was dropped with the store: the task ended without
+        // an answer, and its result says why.
+        Err(_) => match task.await {
+            Ok(Some(failure)) => Err(failure),
+            Ok(None) => Err(Failure::NoResponse(
+                "the handler returned without setting a response".into(),
+            )),
+            Err(join) => Err(Failure::Internal(format!("guest task failed: {join}"))),
+        },
+    }
+}
+
+/// What a guest that failed after sending its answer's head left behind:
+/// the failure (set by the guest's task), and where to report it.
+struct GuestCut {
+    failure: Arc<std::sync::OnceLock<Failure>>,
+    metrics: Arc<Metrics>,
+    trace_id: String,
+}
+
+impl GuestCut {
+    fn guard(self, body: ResponseBody) -> ResponseBody {
+        use http_body_util::BodyExt;
+        CutOff { body, cut: self }.boxed_unsync()
+    }
+}
+
+/// A guest's answer body that ends in an error when the guest failed
+/// before finishing it.
+///
+/// wasmtime-wasi-http ends the body cleanly when the store is dropped with
+/// the body unfinished (a trap, fuel, the deadline), so that the client
+/// would take a truncated answer for a complete one. Here that end becomes
+/// `HttpResponseIncomplete`: hyper then leaves out the last chunk (or closes
+/// the connection short of the announced length) and the client sees the
+/// cut.
+struct CutOff {
+    body: ResponseBody,
+    cut: GuestCut,
+}
+
+impl Body for CutOff {
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(None) => match this.cut.failure.get() {
+                Some(failure) => {
+                    let cause = failure.code();
+                    this.cut
+                        .metrics
+                        .failures
+                        .get_or_create(&CauseLabel { cause })
+                        .inc();
+                    tracing::warn!(
+                        trace_id = %this.cut.trace_id, cause,
+                        "the guest failed after its answer's head was sent, \
+                         the body is cut off: {}", failure.message()
+                    );
+                    Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseIncomplete)))
+                }
+                None => Poll::Ready(None),
+            },
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // The end is only known once the inner body has said so and the
+        // guest's outcome has been looked at.
+        false
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Reads up to `cap` bytes of `response`'s body before handing it on, so
+/// that a small body crosses to the connection's runtime in one piece.
+///
+/// The head is not out yet: a guest that fails before its body ends gets
+/// the failure's own answer (a 504 at the deadline, say) rather than a
+/// broken body. A body that is larger or has trailers is replayed as far as
+/// it was read and streams the rest, [guarded](GuestCut::guard) as on one
+/// runtime.
+async fn buffer_body(
+    response: Response<ResponseBody>,
+    cap: usize,
+    cut: GuestCut,
+) -> Result<Response<ResponseBody>, Failure> {
+    use http_body_util::BodyExt;
+    use hyper::body::Frame;
+    let (parts, mut body) = response.into_parts();
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut size = 0;
+    let rest = loop {
+        match body.frame().await {
+            None => break None,
+            Some(Ok(frame)) if frame.is_data() && size < cap => {
+                let data = frame.into_data().unwrap_or_default();
+                size += data.len();
+                chunks.push(data);
+            }
+            Some(Ok(frame)) => break Some(frame),
+            Some(Err(e)) => {
+                return Err(cut.failure.get().cloned().unwrap_or_else(|| {
+                    Failure::NoResponse(format!("the guest aborted its answer's body: {e}"))
+                }));
+            }
+        }
+    };
+    let body = match rest {
+        None => {
+            if let Some(failure) = cut.failure.get() {
+                return Err(failure.clone());
+            }
+            let whole = match chunks.len() {
+                1 => chunks.pop().unwrap_or_default(),
+                _ => Bytes::from(chunks.concat()),
+            };
+            http_body_util::Full::new(whole)
+                .map_err(|never| match never {})
+                .boxed_unsync()
+        }
+        Some(next) => {
+            use futures_util::StreamExt;
+            let read = futures_util::stream::iter(chunks.into_iter().map(|c| Ok(Frame::data(c))))
+                .chain(futures_util::stream::once(async move { Ok(next) }))
+                .chain(http_body_util::BodyStream::new(cut.guard(body)));
+            http_body_util::StreamBody::new(read).boxed_unsync()
+        }
+    };
+    Ok(Response::from_parts(parts, body))
 }
 
 /// An HTTP/1.1 server loop with graceful shutdown: `handler` answers every

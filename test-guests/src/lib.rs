@@ -9,6 +9,10 @@
 //! - `/park`: waits forever without computing (wall-clock deadline).
 //! - `/print`: writes to stdout and stderr, then answers 200.
 //! - `/call?<url>`: fetches `<url>` and reports the outcome (outbound policy).
+//! - `/stream?<n>`: streams `n` bytes (byte `i` is `i % 251`) in 16 KiB
+//!   pieces with a pause between them, so that the host sees a body that is
+//!   still being written.
+//! - `/stall`: sends the head and one piece of the body, then waits forever.
 
 #![cfg(target_arch = "wasm32")]
 // `wstd::http_server` also emits a `fn main` for bin crates; unused here.
@@ -68,6 +72,36 @@ async fn main(request: Request<Body>) -> Result<Response<Body>, wstd::http::Erro
                 },
             };
             Ok(answer(StatusCode::OK, outcome)?)
+        }
+        "/stream" => {
+            let total: usize = request.uri().query().unwrap_or("0").parse()?;
+            let pieces = futures_lite::stream::unfold(0usize, move |sent| async move {
+                if sent >= total {
+                    return None;
+                }
+                if sent > 0 {
+                    wstd::task::sleep(wstd::time::Duration::from_millis(1)).await;
+                }
+                let end = total.min(sent + (16 << 10));
+                let piece: Vec<u8> = (sent..end).map(|i| (i % 251) as u8).collect();
+                Some((piece, end))
+            });
+            Ok(Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "application/octet-stream")
+                .body(Body::from_stream(pieces))?)
+        }
+        "/stall" => {
+            let pieces = futures_lite::stream::unfold(false, |sent| async move {
+                if sent {
+                    wstd::task::sleep(wstd::time::Duration::from_secs(3600)).await;
+                    return None;
+                }
+                Some((b"partial".to_vec(), true))
+            });
+            Ok(Response::builder()
+                .status(StatusCode::OK)
+                .body(Body::from_stream(pieces))?)
         }
         _ => Ok(answer(StatusCode::NOT_FOUND, "{}".into())?),
     }

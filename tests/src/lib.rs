@@ -333,6 +333,19 @@ impl TestHost {
         })
     }
 
+    /// `GET path` as it comes, for bodies that are not JSON: the head, the
+    /// body or the error that cut it off, and the time to the body's end.
+    pub async fn get_raw(
+        &self,
+        path: &str,
+    ) -> Result<(http::response::Parts, Result<Bytes, hyper::Error>, Duration)> {
+        let request = http::Request::get(self.url(path)).body(Empty::new())?;
+        let started = Instant::now();
+        let (head, body) = self.client.request(request).await?.into_parts();
+        let body = body.collect().await.map(|collected| collected.to_bytes());
+        Ok((head, body, started.elapsed()))
+    }
+
     pub async fn get(&self, path: &str) -> Result<Answer> {
         self.request("GET", path).await
     }

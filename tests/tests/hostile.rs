@@ -1,7 +1,7 @@
 //! Hostile guests: each misdeed is stopped by the limit meant for it, answered
 //! with a JSON error naming the cause, and the host keeps serving.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use fanout_host::{Fanout, Limits};
 use fanout_tests::{Answer, MockUpstream, TestHost};
 use http::StatusCode;
@@ -18,6 +18,18 @@ fn hostile(limits: Limits) -> Result<Fanout> {
         // These tests drive the instance pool itself; adaptive admission
         // has its own tests.
         .admission(fanout_host::Admission::Fixed)
+        .build()?)
+}
+
+/// The hostile guests on a runtime of their own
+/// ([`fanout_host::FanoutBuilder::guest_threads`]).
+fn hostile_on_guest_threads(limits: Limits) -> Result<Fanout> {
+    Ok(Fanout::builder()
+        .component_path(fanout_host::HOSTILE_COMPONENT_PATH)
+        .cache_dir(fanout_tests::cache_dir())
+        .limits(limits)
+        .admission(fanout_host::Admission::Fixed)
+        .guest_threads(1)
         .build()?)
 }
 
@@ -124,12 +136,19 @@ async fn a_parked_guest_hits_the_wall_clock_deadline() -> Result<()> {
 /// With the only instance held by `/park` (for 400 ms, to its deadline),
 /// asks for `/ok`. Returns the host, the parked answer and the second one.
 async fn behind_a_parked_guest(queue_wait: Duration) -> Result<(TestHost, Answer, Answer)> {
+    behind_a_parked_guest_on(hostile, queue_wait).await
+}
+
+async fn behind_a_parked_guest_on(
+    build: fn(Limits) -> Result<Fanout>,
+    queue_wait: Duration,
+) -> Result<(TestHost, Answer, Answer)> {
     let limits = Limits {
         max_instances: 1,
         queue_wait,
         ..limits(MS(400))
     };
-    let host = TestHost::start(hostile(limits)?).await?;
+    let host = TestHost::start(build(limits)?).await?;
     let (parked, second) = tokio::join!(host.get("/park"), async {
         // Wait until the parked request really holds the instance.
         while host.fanout.stats().instances_in_use == 0 {
@@ -313,5 +332,128 @@ async fn a_burst_beyond_the_pool_gets_only_200s_and_503s() -> Result<()> {
         statuses.get(&200).copied().unwrap_or(0) >= 2,
         "{statuses:?}"
     );
+    Ok(())
+}
+
+/// The bytes `/stream?n` sends.
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
+}
+
+#[tokio::test]
+async fn on_guest_threads_answers_cross_whole_and_intact() -> Result<()> {
+    // Writing the pattern byte by byte takes more fuel than the default.
+    let limits = Limits {
+        fuel: Some(1 << 30),
+        ..limits(Duration::from_secs(5))
+    };
+    let host = TestHost::start(hostile_on_guest_threads(limits)?).await?;
+    assert_eq!(host.get("/ok").await?.json, json!({"ok": true}));
+    let big = 4 * fanout_host::limits::HANDOFF_BUFFER + 12_345;
+    for n in [0, 1000, 100_000, big] {
+        let (head, body, _) = host.get_raw(&format!("/stream?{n}")).await?;
+        assert_eq!(head.status, StatusCode::OK);
+        let body = body?;
+        assert_eq!(body.len(), n);
+        assert!(
+            body == pattern(n),
+            "/stream?{n}: the body changed on the way"
+        );
+        // A body within the buffer was read to its end before it crossed,
+        // so its length is known; a larger one streams on, chunked.
+        let length = head.headers.get(http::header::CONTENT_LENGTH);
+        if n <= fanout_host::limits::HANDOFF_BUFFER {
+            assert_eq!(length.map(|v| v.to_str().unwrap()), Some(&*n.to_string()));
+        } else {
+            assert_eq!(length, None, "/stream?{n}");
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn on_guest_threads_the_limits_still_hold() -> Result<()> {
+    let deadline = MS(400);
+    let host = TestHost::start(hostile_on_guest_threads(limits(deadline))?).await?;
+    misbehave(
+        &host,
+        "/loop",
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "guest_fuel_exhausted",
+    )
+    .await?;
+    misbehave(
+        &host,
+        "/panic",
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "guest_trap",
+    )
+    .await?;
+    misbehave(
+        &host,
+        "/park",
+        StatusCode::GATEWAY_TIMEOUT,
+        "deadline_exceeded",
+    )
+    .await?;
+    assert_eq!(host.get("/ok").await?.status, StatusCode::OK);
+    assert_eq!(host.fanout.stats().instances_in_use, 0);
+    Ok(())
+}
+
+/// A guest that fails after its answer's head is out: the client must see
+/// a broken body, never a short one that passes for complete.
+#[tokio::test]
+async fn a_body_the_guest_leaves_unfinished_ends_in_an_error() -> Result<()> {
+    let deadline = MS(400);
+    for (mode, build) in [
+        ("one runtime", hostile as fn(Limits) -> Result<Fanout>),
+        ("guest threads", hostile_on_guest_threads),
+    ] {
+        let host = TestHost::start(build(limits(deadline))?).await?;
+        // Fuel runs out a few hundred KiB into this body, past the
+        // guest threads' buffer: the head is out on both.
+        let (head, body, _) = host.get_raw("/stream?4000000").await.context(mode)?;
+        assert_eq!(head.status, StatusCode::OK, "{mode}");
+        assert!(body.is_err(), "{mode}: fuel: {body:?}");
+        // This one stops after its first piece and waits: the deadline.
+        let (head, body, elapsed) = host.get_raw("/stall").await.context(mode)?;
+        assert!(
+            (deadline..deadline + MS(500)).contains(&elapsed),
+            "{mode}: {elapsed:?}"
+        );
+        if mode == "one runtime" {
+            assert_eq!(head.status, StatusCode::OK, "{mode}");
+            assert!(body.is_err(), "{mode}: stall: {body:?}");
+        } else {
+            // The head was still held back with the body: the client gets
+            // the failure's own answer.
+            assert_eq!(head.status, StatusCode::GATEWAY_TIMEOUT, "{mode}");
+            let json: serde_json::Value = serde_json::from_slice(&body?)?;
+            assert_eq!(json["error"]["code"], "deadline_exceeded", "{json}");
+        }
+        let metrics = host.fanout.metrics().encode();
+        for cause in ["guest_fuel_exhausted", "deadline_exceeded"] {
+            assert!(
+                metrics.contains(&format!(
+                    "fanout_guest_failures_total{{cause=\"{cause}\"}} 1"
+                )),
+                "{mode}: {metrics}"
+            );
+        }
+        assert_eq!(host.get("/ok").await?.status, StatusCode::OK, "{mode}");
+        assert_eq!(host.fanout.stats().instances_in_use, 0, "{mode}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn on_guest_threads_a_full_pool_sheds_at_once() -> Result<()> {
+    let (host, parked, shed) =
+        behind_a_parked_guest_on(hostile_on_guest_threads, Duration::ZERO).await?;
+    assert_shed(&shed, "pool_full");
+    assert!(shed.elapsed < MS(100), "{:?}", shed.elapsed);
+    assert_eq!(parked.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(host.get("/ok").await?.status, StatusCode::OK);
     Ok(())
 }
