@@ -8,7 +8,10 @@
 //! latency instead (AIMD, as in TCP congestion control and Netflix's
 //! concurrency-limits): it grows by about one per round trip while requests
 //! finish near the fastest latency seen lately, and shrinks by a tenth, at
-//! most once per round trip, when they take much longer. A request beyond
+//! most once per round trip, when they take much longer. After a collapse
+//! (a run of decreases), it grows back by one per completion, doubling
+//! each round trip, up to half the limit the run began from (TCP's slow
+//! start); one by one from the minimum would take seconds. A request beyond
 //! the limit is shed at the door, before an instance is spent, with a 503
 //! that says when to retry.
 //!
@@ -62,6 +65,11 @@ pub struct Aimd {
     /// RTT): one slow request among fast ones is noise, not congestion.
     smoothed: Option<Duration>,
     last_decrease: Option<Instant>,
+    /// The limit when the current run of decreases began; `None` once the
+    /// limit has grown since.
+    run_from: Option<f64>,
+    /// Below this the limit grows by one per completion (slow start).
+    slow_start_below: f64,
 }
 
 impl Aimd {
@@ -73,6 +81,8 @@ impl Aimd {
             min_latency: None,
             smoothed: None,
             last_decrease: None,
+            run_from: None,
+            slow_start_below: 0.0,
         }
     }
 
@@ -130,13 +140,22 @@ impl Aimd {
                 .last_decrease
                 .is_some_and(|at| now.duration_since(at) < smoothed);
             if !recent {
+                let from = *self.run_from.get_or_insert(self.limit);
+                self.slow_start_below = from / 2.0;
                 self.limit = (self.limit * self.config.decrease).max(self.config.min as f64);
                 self.last_decrease = Some(now);
             }
         } else if self.in_flight >= self.limit() {
             // Grow only when the limit is what holds requests back: about
-            // +1 per round trip's worth of completions.
-            self.limit = (self.limit + 1.0 / self.limit).min(self.config.max as f64);
+            // +1 per round trip's worth of completions, or +1 per
+            // completion while recovering from a collapse.
+            self.run_from = None;
+            let step = if self.limit < self.slow_start_below {
+                1.0
+            } else {
+                1.0 / self.limit
+            };
+            self.limit = (self.limit + step).min(self.config.max as f64);
         }
     }
 }
@@ -407,6 +426,42 @@ mod tests {
             "{squeezed} -> {}",
             aimd.limit()
         );
+    }
+
+    #[test]
+    fn a_collapse_recovers_by_slow_start() {
+        let mut aimd = Aimd::new(AdmissionConfig {
+            initial: 80,
+            ..config()
+        });
+        let mut now = Instant::now();
+        aimd.try_admit();
+        aimd.finish(Some(MS(50)), now);
+        // A long stall (within the fast latency's memory): decrease after
+        // decrease.
+        for _ in 0..24 {
+            now += MS(400);
+            aimd.try_admit();
+            aimd.finish(Some(MS(400)), now);
+        }
+        assert!(aimd.limit() < 10, "{}", aimd.limit());
+        // Fast again. One per round trip, back to 40 would take ~800
+        // completions; by slow start it takes one each.
+        let mut completions = 0;
+        while aimd.limit() < 40 {
+            now += MS(1);
+            while aimd.try_admit() {}
+            aimd.finish(Some(MS(50)), now);
+            completions += 1;
+            assert!(completions < 100, "still at {}", aimd.limit());
+        }
+        // Past half of where the run began, growth is additive again.
+        for _ in 0..40 {
+            now += MS(1);
+            while aimd.try_admit() {}
+            aimd.finish(Some(MS(50)), now);
+        }
+        assert!(aimd.limit() <= 42, "{}", aimd.limit());
     }
 
     #[test]
