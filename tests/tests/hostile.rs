@@ -11,26 +11,23 @@ use std::time::Duration;
 const MS: fn(u64) -> Duration = Duration::from_millis;
 
 fn hostile(limits: Limits) -> Result<Fanout> {
-    Ok(Fanout::builder()
+    Ok(hostile_builder(limits).build()?)
+}
+
+/// The hostile guests on a runtime of their own
+/// ([`fanout_host::FanoutBuilder::guest_threads`]).
+fn hostile_on_guest_threads(limits: Limits) -> Result<Fanout> {
+    Ok(hostile_builder(limits).guest_threads(1).build()?)
+}
+
+fn hostile_builder(limits: Limits) -> fanout_host::FanoutBuilder {
+    Fanout::builder()
         .component_path(fanout_host::HOSTILE_COMPONENT_PATH)
         .cache_dir(fanout_tests::cache_dir())
         .limits(limits)
         // These tests drive the instance pool itself; adaptive admission
         // has its own tests.
         .admission(fanout_host::Admission::Fixed)
-        .build()?)
-}
-
-/// The hostile guests on a runtime of their own
-/// ([`fanout_host::FanoutBuilder::guest_threads`]).
-fn hostile_on_guest_threads(limits: Limits) -> Result<Fanout> {
-    Ok(Fanout::builder()
-        .component_path(fanout_host::HOSTILE_COMPONENT_PATH)
-        .cache_dir(fanout_tests::cache_dir())
-        .limits(limits)
-        .admission(fanout_host::Admission::Fixed)
-        .guest_threads(1)
-        .build()?)
 }
 
 fn limits(deadline: Duration) -> Limits {
