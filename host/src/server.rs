@@ -369,6 +369,31 @@ fn validate_guest_config(
             ),
         });
     }
+    // A request that waited in line as long as its budget has none left to
+    // run. Clients may ask for up to the largest budget: a line that long
+    // serves nobody; one as long as the default budget serves only those
+    // who ask for more, which is worth a word at start-up.
+    if limits.queue_wait >= config.max_deadline {
+        return Err(Error::InvalidLimit {
+            key: "queue_wait",
+            reason: format!(
+                "{} ms is as long as the guest's largest budget ({} ms): a request that \
+                 waited that long would have no time left to run; keep it well below its \
+                 default budget ({} ms)",
+                limits.queue_wait.as_millis(),
+                config.max_deadline.as_millis(),
+                config.deadline.as_millis(),
+            ),
+        });
+    }
+    if limits.queue_wait >= config.deadline {
+        tracing::warn!(
+            queue_wait_ms = limits.queue_wait.as_millis() as u64,
+            budget_ms = config.deadline.as_millis() as u64,
+            "the line may be as long as the guest's default budget: a request that waits \
+             that long is answered 503 queue_timeout instead of running"
+        );
+    }
     Ok((
         config.routes.into_iter().map(|r| r.collection).collect(),
         config.deadline,

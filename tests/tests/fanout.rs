@@ -171,6 +171,7 @@ async fn a_late_required_upstream_is_a_504_at_the_deadline() -> Result<()> {
 
 #[tokio::test]
 async fn the_guest_budget_is_configurable() -> Result<()> {
+    let logs = fanout_tests::capture_logs();
     let upstreams = ProductUpstreams::start(MS(150)).await?;
     let host = TestHost::start(
         upstreams
@@ -179,6 +180,14 @@ async fn the_guest_budget_is_configurable() -> Result<()> {
             .build()?,
     )
     .await?;
+    // The default line (100 ms) is longer than this budget: said at start.
+    assert!(
+        logs.events()
+            .iter()
+            .any(|e| e["level"] == "WARN" && e["queue_wait_ms"] == 100 && e["budget_ms"] == 50),
+        "{:?}",
+        logs.events()
+    );
     let answer = host.get("/products/42").await?;
     assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
     assert!(answer.elapsed < MS(150), "{:?}", answer.elapsed);
@@ -212,6 +221,25 @@ async fn a_broken_guest_configuration_fails_before_listening() -> Result<()> {
             other => panic!("{key}={value}: {other}"),
         }
     }
+    // A line as long as the guest's largest budget (1 s by default):
+    // whoever waits it out has no time left.
+    let limits = fanout_host::Limits {
+        queue_wait: MS(1000),
+        ..fanout_host::Limits::default()
+    };
+    let Err(err) = upstreams.builder().limits(limits).build() else {
+        panic!("a 1 s line was accepted");
+    };
+    assert!(
+        matches!(
+            err,
+            fanout_host::Error::InvalidLimit {
+                key: "queue_wait",
+                ..
+            }
+        ),
+        "{err}"
+    );
     // An upstream the routes need but nobody registered.
     let Err(err) = fanout_host::Fanout::builder()
         .http_upstream("inventory", upstreams.inventory.base_url())
