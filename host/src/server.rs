@@ -632,20 +632,18 @@ impl Fanout {
             Err(failure) => {
                 self.inner.stats.failures.fetch_add(1, Ordering::Relaxed);
                 let metrics = &self.inner.metrics;
+                let cause = failure.code();
+                let status = failure.status().as_u16();
                 if failure.is_shed() {
+                    // Expected under overload, and by the ten thousand per
+                    // second when clients ignore Retry-After: the access
+                    // line and `fanout_shed_total` say enough.
                     metrics.shed.inc();
+                    tracing::debug!(%trace_id, %method, %path, cause, status, "{}", failure.message());
                 } else {
-                    metrics
-                        .failures
-                        .get_or_create(&CauseLabel {
-                            cause: failure.code(),
-                        })
-                        .inc();
+                    metrics.failures.get_or_create(&CauseLabel { cause }).inc();
+                    tracing::warn!(%trace_id, %method, %path, cause, status, "{}", failure.message());
                 }
-                tracing::warn!(
-                    %trace_id, %method, %path, cause = failure.code(),
-                    status = failure.status().as_u16(), "{}", failure.message()
-                );
                 failure.to_response()
             }
         };

@@ -190,8 +190,24 @@ async fn a_wait_in_line_is_bounded() -> Result<()> {
 
 #[tokio::test]
 async fn a_full_pool_sheds_with_503() -> Result<()> {
+    let logs = fanout_tests::capture_logs();
     // No waiting in line: a full pool sheds at once.
     let (host, parked, shed) = behind_a_parked_guest(Duration::ZERO).await?;
+    // A shed is in the access log, and no warning: under a flood there
+    // would be one per 503.
+    let events = logs.events();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["target"] == "fanout::access" && e["status"] == 503),
+        "{events:?}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["level"] == "WARN" && e["cause"] == "pool_full"),
+        "{events:?}"
+    );
     assert_shed(&shed, "pool_full");
     assert!(
         shed.elapsed < MS(100),
