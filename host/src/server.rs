@@ -876,8 +876,6 @@ impl Fanout {
         })()
         .map_err(internal)?;
 
-        // The guest runs in its own task: it keeps streaming the body after
-        // the head is returned, and still holds its pool slot while it does.
         // How the guest failed, if it did: set before the store (and with it
         // the body's sender) is dropped, so that a body it leaves unfinished
         // ends in an error, not in what looks like a complete answer.
@@ -888,8 +886,10 @@ impl Fanout {
             trace_id: trace_id.to_string(),
         };
         let task_inner = inner.clone();
-        let task_inner_answer = inner.clone();
+        let answer_inner = inner.clone();
         let trace_id = trace_id.to_string();
+        // The guest keeps streaming the body after the head is returned, and
+        // still holds its pool slot while it does.
         let guest = async move {
             let inner = task_inner;
             let ran = tokio::time::timeout(limits.deadline, async {
@@ -928,12 +928,13 @@ impl Fanout {
             inner.metrics.instances_in_use.dec();
             failure
         };
-        let answer = move |task| answer(task_inner_answer, receiver, task, calls_seen, admitted_at);
         match &inner.guests {
+            // In a task of its own, which outlives the answer's head.
             None => {
                 let task = tokio::spawn(guest);
                 let ended = async move { task.await.map_err(|join| join.to_string()) };
-                let response = answer(Box::pin(ended)).await?;
+                let response =
+                    answer(answer_inner, receiver, ended, calls_seen, admitted_at).await?;
                 Ok(response.map(|body| cut_seen.guard(body)))
             }
             // The whole exchange happens over there, in one task, body
@@ -942,13 +943,14 @@ impl Fanout {
             Some(guests) => guests
                 .handle()
                 .spawn(async move {
-                    let (ended, failure) = oneshot::channel();
+                    let (outcome_tx, outcome) = oneshot::channel();
                     let guest = async move {
-                        let _ = ended.send(guest.await);
+                        let _ = outcome_tx.send(guest.await);
                     };
                     let answered = async move {
-                        let ended = async move { failure.await.map_err(|e| e.to_string()) };
-                        let response = answer(Box::pin(ended)).await?;
+                        let ended = async move { outcome.await.map_err(|e| e.to_string()) };
+                        let response =
+                            answer(answer_inner, receiver, ended, calls_seen, admitted_at).await?;
                         buffer_body(response, HANDOFF_BUFFER, cut_seen).await
                     };
                     // Both in this task; a guest still running once the
@@ -1026,7 +1028,7 @@ impl Fanout {
 async fn answer(
     inner: Arc<Inner>,
     receiver: oneshot::Receiver<Result<Response<ResponseBody>, OutparamError>>,
-    task: std::pin::Pin<Box<dyn Future<Output = Result<Option<Failure>, String>> + Send>>,
+    task: impl Future<Output = Result<Option<Failure>, String>>,
     calls: Arc<std::sync::Mutex<Vec<CallRecord>>>,
     admitted_at: Instant,
 ) -> Result<Response<ResponseBody>, Failure> {
