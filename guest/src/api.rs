@@ -255,6 +255,15 @@ impl UpstreamFailure {
 }
 
 /// Parses an upstream's 2xx body: it must be a JSON object.
+/// The largest upstream answer the guest reads. An upstream's answer is one
+/// JSON object merged into one field; a bigger one is refused as invalid (that
+/// upstream fails, and the answer degrades if it is optional) rather than left
+/// to exhaust the instance's fuel (the whole request fails). Reading, parsing
+/// and writing an answer back out costs about 27 fuel a byte: the host's
+/// default 10M fuel holds one answer this size with room to spare, and a
+/// request whose answers add up to much more needs more fuel.
+pub const MAX_UPSTREAM_BODY: usize = 256 << 10;
+
 pub fn parse_upstream_body(body: &[u8]) -> Result<Value, UpstreamFailure> {
     match serde_json::from_slice::<Value>(body) {
         Ok(value @ Value::Object(_)) => Ok(value),

@@ -5,18 +5,30 @@
 // it is never called.
 #![allow(dead_code)]
 
-use crate::api::{self, Answer, ApiError, Target, UpstreamFailure};
+use crate::api::{self, Answer, ApiError, MAX_UPSTREAM_BODY, Target, UpstreamFailure};
 use crate::config::Config;
 use crate::fanout::{self, Attempt, Budget, Env};
 use crate::trace::TraceContext;
 use serde_json::Value;
 use std::time::{Duration, Instant};
-use wstd::http::{Body, Client, ErrorCode, HeaderValue, Request, Response, StatusCode};
+use wasip2::http::outgoing_handler;
+use wasip2::http::types::{
+    ErrorCode, Fields, IncomingBody, Method, OutgoingBody, OutgoingRequest, RequestOptions, Scheme,
+    http_error_code,
+};
+use wasip2::io::streams::StreamError;
+use wstd::http::{Body, HeaderValue, Request, Response, StatusCode, Uri};
 use wstd::prelude::*;
+use wstd::runtime::AsyncPollable;
 
 /// Prefix of the hints the guest leaves for the host on outgoing requests.
 /// The fanout host reads and strips them; any other host just forwards them.
 pub const HINT_PREFIX: &str = "x-fanout-hint-";
+const HINT_UPSTREAM: &str = "x-fanout-hint-upstream";
+const HINT_ATTEMPT: &str = "x-fanout-hint-attempt";
+
+/// How much one `read` asks the host for.
+const READ_CHUNK: u64 = 64 << 10;
 
 #[wstd::http_server]
 async fn main(request: Request<Body>) -> Result<Response<Body>, wstd::http::Error> {
@@ -130,36 +142,19 @@ impl Env for WasiEnv {
     }
 
     async fn attempt(&self, attempt: Attempt<'_>) -> Result<Value, UpstreamFailure> {
-        let mut request = Request::get(&attempt.url)
-            .header("accept", "application/json")
-            .header("traceparent", &attempt.traceparent)
-            .header(format!("{HINT_PREFIX}upstream"), attempt.upstream)
-            .header(format!("{HINT_PREFIX}attempt"), attempt.number.to_string())
-            .body(Body::empty())
-            .map_err(|e| UpstreamFailure::Transport(format!("invalid request: {e}")))?;
-        if let Some(state) = self
-            .tracestate
-            .as_deref()
-            .and_then(|s| HeaderValue::from_str(s).ok())
-        {
-            request.headers_mut().insert("tracestate", state);
+        let attempt_number = attempt.number.to_string();
+        let mut headers: Vec<(&str, &str)> = vec![
+            ("accept", "application/json"),
+            ("traceparent", &attempt.traceparent),
+            (HINT_UPSTREAM, attempt.upstream),
+            (HINT_ATTEMPT, &attempt_number),
+        ];
+        if let Some(state) = self.tracestate.as_deref() {
+            headers.push(("tracestate", state));
         }
-        let mut client = Client::new();
-        // Tell the host too, so a host-side transport gives up at the same time.
-        client.set_first_byte_timeout(attempt.timeout);
-        let call = async {
-            let response = client.send(request).await.map_err(transport_failure)?;
-            let status = response.status();
-            let mut body = response.into_body();
-            let bytes = body.contents().await.map_err(transport_failure)?;
-            if !status.is_success() {
-                return Err(UpstreamFailure::Status(status.as_u16()));
-            }
-            api::parse_upstream_body(bytes)
-        };
         // On timeout the call is dropped, which makes the host abort the
         // in-flight request.
-        match call
+        match get(&attempt.url, &headers, attempt.timeout)
             .timeout(wstd::time::Duration::from(attempt.timeout))
             .await
         {
@@ -169,20 +164,138 @@ impl Env for WasiEnv {
     }
 }
 
-fn transport_failure(e: wstd::http::Error) -> UpstreamFailure {
-    match e.downcast_ref::<ErrorCode>() {
+/// One GET over `wasi:http/outgoing-handler`: the answer's body if its status
+/// is a success.
+///
+/// Written against the WASI bindings rather than `wstd::http::Client`
+/// because the client writes a request's (empty) body after handing the
+/// request to the host, and fails the whole call if the host has already
+/// dropped that body: hyper drops a GET's body as soon as it has written the
+/// head, so under load a call whose answer was on its way failed with
+/// "connection reset". Here the body is finished before the request leaves.
+async fn get(
+    url: &str,
+    headers: &[(&str, &str)],
+    first_byte_timeout: Duration,
+) -> Result<Value, UpstreamFailure> {
+    let request = outgoing_get(url, headers)?;
+    let options = RequestOptions::new();
+    // A host that cannot time the first byte says so with `Err`; the guest's
+    // own timeout around this call still bounds it, so carry on without.
+    let _ = options.set_first_byte_timeout(Some(duration_ns(first_byte_timeout)));
+    let future = outgoing_handler::handle(request, Some(options)).map_err(failure_of)?;
+    AsyncPollable::new(future.subscribe()).wait_for().await;
+    let response = match future.get() {
+        Some(Ok(Ok(response))) => response,
+        Some(Ok(Err(code))) => return Err(failure_of(code)),
+        // Neither happens after the pollable is ready and before `get` is
+        // called twice; say so rather than panic if a host gets it wrong.
+        Some(Err(())) | None => {
+            return Err(UpstreamFailure::Transport(
+                "the host gave no response after signalling one".into(),
+            ));
+        }
+    };
+    let status = response.status();
+    if !(200..300).contains(&status) {
+        return Err(UpstreamFailure::Status(status));
+    }
+    let body = response
+        .consume()
+        .map_err(|()| UpstreamFailure::Transport("the response body was taken".into()))?;
+    let bytes = read_body(&body).await?;
+    drop(body);
+    api::parse_upstream_body(&bytes)
+}
+
+/// The request, headers checked by the host's rules, its empty body finished.
+fn outgoing_get(url: &str, headers: &[(&str, &str)]) -> Result<OutgoingRequest, UpstreamFailure> {
+    let invalid = |why: String| UpstreamFailure::Transport(format!("invalid request: {why}"));
+    let uri: Uri = url.parse().map_err(|e| invalid(format!("{url}: {e}")))?;
+    let entries: Vec<(String, Vec<u8>)> = headers
+        .iter()
+        .map(|(name, value)| (name.to_string(), value.as_bytes().to_vec()))
+        .collect();
+    let fields =
+        Fields::from_list(&entries).map_err(|e| invalid(format!("header refused: {e:?}")))?;
+    let request = OutgoingRequest::new(fields);
+    let scheme = match uri.scheme_str() {
+        Some("http") => Scheme::Http,
+        Some("https") | None => Scheme::Https,
+        Some(other) => Scheme::Other(other.to_string()),
+    };
+    let refused = |what: &str| invalid(format!("the host refused the {what} of {url}"));
+    request
+        .set_method(&Method::Get)
+        .map_err(|()| refused("method"))?;
+    request
+        .set_scheme(Some(&scheme))
+        .map_err(|()| refused("scheme"))?;
+    request
+        .set_authority(uri.authority().map(|a| a.as_str()))
+        .map_err(|()| refused("authority"))?;
+    request
+        .set_path_with_query(uri.path_and_query().map(|p| p.as_str()))
+        .map_err(|()| refused("path"))?;
+    let body = request
+        .body()
+        .map_err(|()| invalid("the body was taken".into()))?;
+    OutgoingBody::finish(body, None).map_err(failure_of)?;
+    Ok(request)
+}
+
+/// Reads a response body to its end, up to [`MAX_UPSTREAM_BODY`].
+async fn read_body(body: &IncomingBody) -> Result<Vec<u8>, UpstreamFailure> {
+    let stream = body
+        .stream()
+        .map_err(|()| UpstreamFailure::Transport("the response body stream was taken".into()))?;
+    let ready = AsyncPollable::new(stream.subscribe());
+    let mut bytes = Vec::new();
+    loop {
+        match stream.read(READ_CHUNK) {
+            // Nothing yet: wait, rather than spin.
+            Ok(chunk) if chunk.is_empty() => ready.wait_for().await,
+            Ok(chunk) => {
+                if bytes.len() + chunk.len() > MAX_UPSTREAM_BODY {
+                    return Err(UpstreamFailure::InvalidBody(format!(
+                        "the body is larger than {} KiB",
+                        MAX_UPSTREAM_BODY >> 10
+                    )));
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+            Err(StreamError::Closed) => break,
+            Err(StreamError::LastOperationFailed(error)) => {
+                return Err(match http_error_code(&error) {
+                    Some(code) => failure_of(code),
+                    None => UpstreamFailure::Transport(error.to_debug_string()),
+                });
+            }
+        }
+    }
+    // The pollable is the stream's child and must go first.
+    drop(ready);
+    drop(stream);
+    Ok(bytes)
+}
+
+fn duration_ns(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn failure_of(code: ErrorCode) -> UpstreamFailure {
+    match code {
         // The host's own timeout, triggered by the first-byte option above.
-        Some(ErrorCode::ConnectionReadTimeout | ErrorCode::HttpResponseTimeout) => {
+        ErrorCode::ConnectionReadTimeout | ErrorCode::HttpResponseTimeout => {
             UpstreamFailure::Timeout
         }
-        Some(ErrorCode::HttpRequestDenied) => UpstreamFailure::Denied,
-        Some(ErrorCode::ConnectionLimitReached) => {
+        ErrorCode::HttpRequestDenied => UpstreamFailure::Denied,
+        ErrorCode::ConnectionLimitReached => {
             UpstreamFailure::Shed("its concurrency limit or retry budget is used up".into())
         }
-        Some(ErrorCode::DestinationUnavailable) => {
+        ErrorCode::DestinationUnavailable => {
             UpstreamFailure::Shed("its circuit breaker is open".into())
         }
-        Some(code) => UpstreamFailure::Transport(format!("{code:?}")),
-        None => UpstreamFailure::Transport(format!("{e:#}")),
+        code => UpstreamFailure::Transport(format!("{code:?}")),
     }
 }

@@ -271,6 +271,40 @@ async fn the_guest_still_validates_what_it_reads() -> Result<()> {
 }
 
 #[tokio::test]
+async fn an_upstream_answer_over_the_size_cap_fails_that_upstream_alone() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    let host = host_for(&upstreams).await?;
+    let padded = |len: usize| Behaviour::json(MS(0), json!({"pad": "x".repeat(len)}));
+    let over = fanout_guest::api::MAX_UPSTREAM_BODY;
+    // Optional: the answer degrades, the rest is intact.
+    upstreams.reviews.set_behaviour(padded(over));
+    let answer = host.get("/products/42").await?;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    assert_eq!(answer.json["degraded"], json!(["reviews"]));
+    assert_eq!(answer.json["price"]["amount"], 12.5);
+    // Required: a 502 that says why.
+    upstreams.pricing.set_behaviour(padded(over));
+    let answer = host.get("/products/42").await?;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{}", answer.json);
+    assert_eq!(answer.error_code(), "upstream_invalid_response");
+    let message = answer.json["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("larger than {} KiB", over >> 10)),
+        "{message}"
+    );
+    // Just under the cap is read and merged whole.
+    let under = over - 64;
+    upstreams.pricing.set_behaviour(padded(under));
+    let answer = host.get("/products/42").await?;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    assert_eq!(
+        answer.json["price"]["pad"].as_str().map(str::len),
+        Some(under)
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn required_upstream_failures_are_errors_naming_the_upstream() -> Result<()> {
     let upstreams = ProductUpstreams::start(MS(0)).await?;
     let host = host_for(&upstreams).await?;

@@ -18,10 +18,11 @@ use tokio::process::{Child, Command};
 const MS: fn(u64) -> Duration = Duration::from_millis;
 const WASMTIME_VERSION: &str = "48.0.8";
 
-/// One `wasmtime serve` at a time. Each compiles the component at start
-/// (cranelift on every core) and opens a new connection per upstream call:
-/// with five at once on two cores, beside the mocks, an upstream call
-/// failed with "connection reset" now and then.
+/// One `wasmtime serve` at a time: each compiles the component at start
+/// with cranelift on every core, and five at once on two cores slow every
+/// test down. (The "connection reset" these tests showed now and then under
+/// load was the guest's, not contention's: see
+/// `a_host_that_drops_the_request_body_at_once_does_not_fail_the_call`.)
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// `wasmtime serve -Scli` running the guest component.
