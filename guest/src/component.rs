@@ -1,10 +1,6 @@
 //! The thin layer that touches WASI: the `incoming-handler` export, the
 //! clock, randomness, and one upstream attempt over `wasi:http`.
 
-// `wstd::http_server` also emits a `fn main` for bin crates; in this cdylib
-// it is never called.
-#![allow(dead_code)]
-
 use crate::api::{self, Answer, ApiError, MAX_UPSTREAM_BODY, Target, UpstreamFailure};
 use crate::config::Config;
 use crate::fanout::{self, Attempt, Budget, Env};
@@ -13,51 +9,131 @@ use serde_json::Value;
 use std::time::{Duration, Instant};
 use wasip2::http::outgoing_handler;
 use wasip2::http::types::{
-    ErrorCode, Fields, IncomingBody, Method, OutgoingBody, OutgoingRequest, RequestOptions, Scheme,
-    http_error_code,
+    ErrorCode, Fields, IncomingBody, IncomingRequest, Method, OutgoingBody, OutgoingRequest,
+    OutgoingResponse, RequestOptions, ResponseOutparam, Scheme, http_error_code,
 };
 use wasip2::io::streams::StreamError;
-use wstd::http::{Body, HeaderValue, Request, Response, StatusCode, Uri};
+use wstd::http::{HeaderValue, Uri};
+use wstd::io::AsyncOutputStream;
 use wstd::prelude::*;
 use wstd::runtime::AsyncPollable;
 
-/// Prefix of the hints the guest leaves for the host on outgoing requests.
-/// The fanout host reads and strips them; any other host just forwards them.
-pub const HINT_PREFIX: &str = "x-fanout-hint-";
+/// The hints the guest leaves for the host on outgoing requests (the host's
+/// `upstream::HINT_PREFIX`). The fanout host reads and strips them; any other
+/// host just forwards them.
 const HINT_UPSTREAM: &str = "x-fanout-hint-upstream";
 const HINT_ATTEMPT: &str = "x-fanout-hint-attempt";
 
 /// How much one `read` asks the host for.
 const READ_CHUNK: u64 = 64 << 10;
 
-#[wstd::http_server]
-async fn main(request: Request<Body>) -> Result<Response<Body>, wstd::http::Error> {
-    Ok(handle(request).await)
+/// The `wasi:http/incoming-handler` export.
+///
+/// Written against the WASI bindings rather than `#[wstd::http_server]`,
+/// which converts every request into an `http::Request` (all headers parsed
+/// into a `HeaderMap`, the URI rebuilt) and every answer back: the guest
+/// reads three headers and the path, and answers a few small headers and
+/// one JSON body.
+struct Handler;
+
+impl wasip2::exports::http::incoming_handler::Guest for Handler {
+    fn handle(request: IncomingRequest, response_out: ResponseOutparam) {
+        // The budget starts when the request arrives, before anything else.
+        let origin = Instant::now();
+        wstd::runtime::block_on(async move {
+            let incoming = Incoming::read(&request);
+            drop(request);
+            let (answer, server_timing) = handle(origin, &incoming).await;
+            respond(response_out, answer, &server_timing).await;
+        })
+    }
 }
 
-async fn handle(request: Request<Body>) -> Response<Body> {
-    let origin = Instant::now();
-    let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
-    let trace = header("traceparent")
+wasip2::http::proxy::export!(Handler with_types_in wasip2);
+
+/// A header value that is not visible ASCII, as the timeout header's error
+/// message shows it.
+const NOT_ASCII: &str = "not ascii";
+
+/// What the guest needs of a request.
+struct Incoming {
+    method: String,
+    path_with_query: String,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+    timeout: Option<String>,
+}
+
+impl Incoming {
+    fn read(request: &IncomingRequest) -> Incoming {
+        let headers = request.headers();
+        // The first of a repeated header counts, and only as text `http`'s
+        // `HeaderValue::to_str` accepts (visible ASCII): anything else would
+        // be refused when forwarded (tracestate) or is not a trace context.
+        let header = |name: &str| {
+            let value = headers.get(name).into_iter().next()?;
+            Some(
+                match value
+                    .iter()
+                    .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+                {
+                    true => String::from_utf8(value).ok()?,
+                    false => NOT_ASCII.to_string(),
+                },
+            )
+        };
+        let method = match request.method() {
+            Method::Get => "GET".to_string(),
+            Method::Head => "HEAD".to_string(),
+            Method::Post => "POST".to_string(),
+            Method::Put => "PUT".to_string(),
+            Method::Delete => "DELETE".to_string(),
+            Method::Connect => "CONNECT".to_string(),
+            Method::Options => "OPTIONS".to_string(),
+            Method::Trace => "TRACE".to_string(),
+            Method::Patch => "PATCH".to_string(),
+            Method::Other(other) => other,
+        };
+        Incoming {
+            method,
+            path_with_query: request.path_with_query().unwrap_or_else(|| "/".into()),
+            traceparent: header("traceparent").filter(|v| v != NOT_ASCII),
+            tracestate: header("tracestate").filter(|v| v != NOT_ASCII),
+            // Kept as is: the error names what was sent.
+            timeout: header(api::TIMEOUT_HEADER),
+        }
+    }
+
+    fn path_and_query(&self) -> (&str, Option<&str>) {
+        match self.path_with_query.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (&self.path_with_query, None),
+        }
+    }
+}
+
+async fn handle(origin: Instant, request: &Incoming) -> (Answer, String) {
+    let trace = request
+        .traceparent
+        .as_deref()
         .and_then(TraceContext::parse)
         .unwrap_or_else(|| TraceContext::new_root(random_u64));
     let env = WasiEnv {
-        // The budget starts when the request arrives, before anything else.
         origin,
-        tracestate: header("tracestate").map(str::to_string),
+        tracestate: request.tracestate.clone(),
     };
     let mut timings = Vec::new();
-    let answer = match answer(&env, &request, &trace, &mut timings).await {
+    let answer = match answer(&env, request, &trace, &mut timings).await {
         Ok(answer) => answer,
         Err(error) => Answer::error(&error),
     };
     let server_timing = fanout::server_timing(&timings, origin.elapsed());
-    respond(answer, &server_timing)
+    (answer, server_timing)
 }
 
 async fn answer(
     env: &WasiEnv,
-    request: &Request<Body>,
+    request: &Incoming,
     trace: &TraceContext,
     timings: &mut Vec<(String, Duration)>,
 ) -> Result<Answer, ApiError> {
@@ -68,17 +144,12 @@ async fn answer(
             format!("guest configuration is invalid: {e}"),
         )
     })?;
-    let target = api::route(
-        &config,
-        request.method().as_str(),
-        request.uri().path(),
-        request.uri().query(),
-    )?;
-    let header = request
-        .headers()
-        .get(api::TIMEOUT_HEADER)
-        .map(|v| v.to_str().unwrap_or("not ascii"));
-    let budget = Budget::starting_at(Duration::ZERO, api::budget(&config, header)?);
+    let (path, query) = request.path_and_query();
+    let target = api::route(&config, &request.method, path, query)?;
+    let budget = Budget::starting_at(
+        Duration::ZERO,
+        api::budget(&config, request.timeout.as_deref())?,
+    );
     Ok(match target {
         Target::Item { route, id } => {
             let ids = [id];
@@ -94,25 +165,45 @@ async fn answer(
     })
 }
 
-fn respond(answer: Answer, server_timing: &str) -> Response<Body> {
-    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+/// Sends the answer: its head through `response_out`, then its body.
+async fn respond(response_out: ResponseOutparam, answer: Answer, server_timing: &str) {
     let body = serde_json::to_vec(&answer.body).unwrap_or_default();
-    let mut response = Response::new(Body::from(body));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert("content-type", HeaderValue::from_static("application/json"));
-    if let Ok(value) = HeaderValue::from_str(server_timing) {
-        headers.insert("server-timing", value);
+    let mut headers: Vec<(String, Vec<u8>)> = vec![
+        ("content-type".into(), b"application/json".to_vec()),
+        ("content-length".into(), body.len().to_string().into_bytes()),
+        ("server-timing".into(), server_timing.as_bytes().to_vec()),
+    ];
+    if answer.status == 405 {
+        headers.push(("allow".into(), b"GET".to_vec()));
     }
-    if status == StatusCode::METHOD_NOT_ALLOWED {
-        headers.insert("allow", HeaderValue::from_static("GET"));
+    if !answer.degraded.is_empty() {
+        headers.push((
+            api::DEGRADED_HEADER.into(),
+            answer.degraded.join(", ").into_bytes(),
+        ));
     }
-    if !answer.degraded.is_empty()
-        && let Ok(value) = HeaderValue::from_str(&answer.degraded.join(", "))
-    {
-        headers.insert(api::DEGRADED_HEADER, value);
+    // Upstream names come from the configuration: a value the host would
+    // refuse is left out rather than failing the whole list.
+    headers.retain(|(_, value)| HeaderValue::from_bytes(value).is_ok());
+    let fields = Fields::from_list(&headers).unwrap_or_else(|_| Fields::new());
+    let response = OutgoingResponse::new(fields);
+    if response.set_status_code(answer.status).is_err() {
+        let _ = response.set_status_code(500);
     }
-    response
+    let Ok(outgoing_body) = response.body() else {
+        ResponseOutparam::set(response_out, Err(ErrorCode::InternalError(None)));
+        return;
+    };
+    ResponseOutparam::set(response_out, Ok(response));
+    let Ok(stream) = outgoing_body.write() else {
+        return;
+    };
+    let stream = AsyncOutputStream::new(stream);
+    // A client that went away makes these fail; there is no one to tell.
+    if stream.write_all(&body).await.is_ok() && stream.flush().await.is_ok() {
+        drop(stream);
+        let _ = OutgoingBody::finish(outgoing_body, None);
+    }
 }
 
 struct WasiEnv {

@@ -5,11 +5,11 @@
 
 use std::time::Duration;
 
-/// Fuel for one request. A product fan-out (wstd + serde_json) burns about
-/// 390k units (measured by `examples/measure.rs` and checked by the
-/// `fuel_per_request_leaves_headroom` test); the
-/// limit leaves ~25x headroom for larger answers while still stopping a
-/// runaway loop within a few tens of milliseconds of CPU.
+/// Fuel for one request. A product fan-out (wstd's runtime + serde_json)
+/// burns about 230k units (measured by `examples/measure.rs` and checked by
+/// the `fuel_per_request_leaves_headroom` test); the limit leaves ~40x
+/// headroom for larger answers and batches while still stopping a runaway
+/// loop within a few tens of milliseconds of CPU.
 pub const DEFAULT_FUEL: u64 = 10_000_000;
 
 /// Linear memory one instance may grow to. The guest needs about 1.2 MiB.
