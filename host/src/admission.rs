@@ -8,10 +8,11 @@
 //! latency instead (AIMD, as in TCP congestion control and Netflix's
 //! concurrency-limits): it grows by about one per round trip while requests
 //! finish near the fastest latency seen lately, and shrinks by a tenth, at
-//! most once per round trip, when they take much longer. After a collapse
-//! (a run of decreases), it grows back by one per completion, doubling
-//! each round trip, up to half the limit the run began from (TCP's slow
-//! start); one by one from the minimum would take seconds. A request beyond
+//! most once per round trip, when they take much longer. At start, and
+//! after a collapse (a run of decreases) up to half the limit the run began
+//! from, it grows by one per completion instead, doubling each round trip
+//! (TCP's slow start): one by one per round trip would take seconds to
+//! reach a busy server's limit, shedding requests it could serve. A request beyond
 //! the limit is shed at the door, before an instance is spent, with a 503
 //! that says when to retry.
 //!
@@ -68,7 +69,9 @@ pub struct Aimd {
     /// The limit when the current run of decreases began; `None` once the
     /// limit has grown since.
     run_from: Option<f64>,
-    /// Below this the limit grows by one per completion (slow start).
+    /// Below this the limit grows by one per completion (slow start):
+    /// without bound until the first decrease, then half the limit a run
+    /// of decreases began from.
     slow_start_below: f64,
 }
 
@@ -82,7 +85,7 @@ impl Aimd {
             smoothed: None,
             last_decrease: None,
             run_from: None,
-            slow_start_below: 0.0,
+            slow_start_below: f64::INFINITY,
         }
     }
 
@@ -148,7 +151,7 @@ impl Aimd {
         } else if self.in_flight >= self.limit() {
             // Grow only when the limit is what holds requests back: about
             // +1 per round trip's worth of completions, or +1 per
-            // completion while recovering from a collapse.
+            // completion in slow start.
             self.run_from = None;
             let step = if self.limit < self.slow_start_below {
                 1.0
@@ -426,6 +429,31 @@ mod tests {
             "{squeezed} -> {}",
             aimd.limit()
         );
+    }
+
+    #[test]
+    fn it_starts_in_slow_start_until_the_first_slow_signal() {
+        let mut aimd = Aimd::new(config());
+        let mut now = Instant::now();
+        // Fast and full: +1 per completion, from 10 to 80 in 70.
+        for _ in 0..70 {
+            now += MS(1);
+            while aimd.try_admit() {}
+            aimd.finish(Some(MS(50)), now);
+        }
+        assert_eq!(aimd.limit(), 80);
+        // Overshot: latency climbs, one decrease...
+        now += MS(1);
+        aimd.try_admit();
+        aimd.finish(Some(MS(1000)), now);
+        assert_eq!(aimd.limit(), 72);
+        // ...and from there on growth is additive (72 is above half of 80).
+        for _ in 0..70 {
+            now += MS(1);
+            while aimd.try_admit() {}
+            aimd.finish(Some(MS(50)), now);
+        }
+        assert!(aimd.limit() <= 73, "{}", aimd.limit());
     }
 
     #[test]
