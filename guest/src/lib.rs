@@ -17,7 +17,11 @@
 //! "upstream"?}}`.
 //!
 //! Everything except `component` is plain Rust, unit-tested natively with a
-//! fake clock and a scripted transport: only that module touches WASI.
+//! fake clock and a scripted transport: only that module touches WASI. It
+//! uses the `wasip2` bindings directly for HTTP (wstd's request and response
+//! conversions were about a third of a request's fuel, and its client
+//! writes a GET's empty body after sending it, which a host may already have
+//! dropped) and wstd's reactor to wait.
 
 pub mod api;
 pub mod config;
