@@ -15,6 +15,15 @@ pub const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
 /// upstreams that failed (comma-separated).
 pub const DEGRADED_HEADER: &str = "x-fanout-degraded";
 
+/// Prefix of the headers in which the guest leaves hints for the host on
+/// its outgoing requests. The fanout host reads and strips them; any other
+/// host just forwards them.
+pub const HINT_PREFIX: &str = "x-fanout-hint-";
+/// The upstream's logical name.
+pub const HINT_UPSTREAM: &str = "x-fanout-hint-upstream";
+/// The attempt's number: 1, then 2 and up for retries.
+pub const HINT_ATTEMPT: &str = "x-fanout-hint-attempt";
+
 /// What an incoming request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target<'a> {

@@ -1,7 +1,9 @@
 //! The thin layer that touches WASI: the `incoming-handler` export, the
 //! clock, randomness, and one upstream attempt over `wasi:http`.
 
-use crate::api::{self, Answer, ApiError, MAX_UPSTREAM_BODY, Target, UpstreamFailure};
+use crate::api::{
+    self, Answer, ApiError, HINT_ATTEMPT, HINT_UPSTREAM, MAX_UPSTREAM_BODY, Target, UpstreamFailure,
+};
 use crate::config::Config;
 use crate::fanout::{self, Attempt, Budget, Env};
 use crate::trace::TraceContext;
@@ -17,12 +19,6 @@ use wstd::http::{HeaderValue, Uri};
 use wstd::io::AsyncOutputStream;
 use wstd::prelude::*;
 use wstd::runtime::AsyncPollable;
-
-/// The hints the guest leaves for the host on outgoing requests (the host's
-/// `upstream::HINT_PREFIX`). The fanout host reads and strips them; any other
-/// host just forwards them.
-const HINT_UPSTREAM: &str = "x-fanout-hint-upstream";
-const HINT_ATTEMPT: &str = "x-fanout-hint-attempt";
 
 /// How much one `read` asks the host for.
 const READ_CHUNK: u64 = 64 << 10;
@@ -67,20 +63,17 @@ struct Incoming {
 impl Incoming {
     fn read(request: &IncomingRequest) -> Incoming {
         let headers = request.headers();
-        // The first of a repeated header counts, and only as text `http`'s
-        // `HeaderValue::to_str` accepts (visible ASCII): anything else would
-        // be refused when forwarded (tracestate) or is not a trace context.
-        let header = |name: &str| {
-            let value = headers.get(name).into_iter().next()?;
-            Some(
-                match value
-                    .iter()
-                    .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
-                {
-                    true => String::from_utf8(value).ok()?,
-                    false => NOT_ASCII.to_string(),
-                },
-            )
+        // The first of a repeated header counts, as `http`'s `HeaderMap::get`
+        // has it.
+        let header = |name: &str| headers.get(name).into_iter().next();
+        // Only text `http`'s `HeaderValue::to_str` accepts (visible ASCII):
+        // anything else is not a trace context, and would be refused when
+        // forwarded (tracestate).
+        let text = |value: Vec<u8>| {
+            let visible = value
+                .iter()
+                .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b));
+            visible.then(|| String::from_utf8(value).ok()).flatten()
         };
         let method = match request.method() {
             Method::Get => "GET".to_string(),
@@ -97,10 +90,10 @@ impl Incoming {
         Incoming {
             method,
             path_with_query: request.path_with_query().unwrap_or_else(|| "/".into()),
-            traceparent: header("traceparent").filter(|v| v != NOT_ASCII),
-            tracestate: header("tracestate").filter(|v| v != NOT_ASCII),
-            // Kept as is: the error names what was sent.
-            timeout: header(api::TIMEOUT_HEADER),
+            traceparent: header("traceparent").and_then(text),
+            tracestate: header("tracestate").and_then(text),
+            // Present but not text is still an error the client should see.
+            timeout: header(api::TIMEOUT_HEADER).map(|v| text(v).unwrap_or(NOT_ASCII.into())),
         }
     }
 

@@ -364,6 +364,14 @@ mod tests {
 
     const MS: fn(u64) -> Duration = Duration::from_millis;
 
+    /// One completion at the fast latency, 1 ms after the last, with the
+    /// limit full: the condition under which the limit grows.
+    fn fast_and_full(aimd: &mut Aimd, now: &mut Instant) {
+        *now += MS(1);
+        while aimd.try_admit() {}
+        aimd.finish(Some(MS(50)), *now);
+    }
+
     fn config() -> AdmissionConfig {
         AdmissionConfig {
             initial: 10,
@@ -387,10 +395,9 @@ mod tests {
     #[test]
     fn grows_while_fast_and_full() {
         let mut aimd = Aimd::new(config());
-        let t0 = Instant::now();
-        for i in 0..2_000 {
-            while aimd.try_admit() {}
-            aimd.finish(Some(MS(50)), t0 + MS(i));
+        let mut now = Instant::now();
+        for _ in 0..2_000 {
+            fast_and_full(&mut aimd, &mut now);
         }
         assert!(aimd.limit() > 40, "grew to {}", aimd.limit());
         assert!(aimd.limit() <= 100);
@@ -420,9 +427,7 @@ mod tests {
         assert!(squeezed >= 2, "never below min");
         // Back to fast: it grows again.
         for _ in 0..5_000 {
-            now += MS(1);
-            while aimd.try_admit() {}
-            aimd.finish(Some(MS(50)), now);
+            fast_and_full(&mut aimd, &mut now);
         }
         assert!(
             aimd.limit() > squeezed * 2,
@@ -437,9 +442,7 @@ mod tests {
         let mut now = Instant::now();
         // Fast and full: +1 per completion, from 10 to 80 in 70.
         for _ in 0..70 {
-            now += MS(1);
-            while aimd.try_admit() {}
-            aimd.finish(Some(MS(50)), now);
+            fast_and_full(&mut aimd, &mut now);
         }
         assert_eq!(aimd.limit(), 80);
         // Overshot: latency climbs, one decrease...
@@ -449,9 +452,7 @@ mod tests {
         assert_eq!(aimd.limit(), 72);
         // ...and from there on growth is additive (72 is above half of 80).
         for _ in 0..70 {
-            now += MS(1);
-            while aimd.try_admit() {}
-            aimd.finish(Some(MS(50)), now);
+            fast_and_full(&mut aimd, &mut now);
         }
         assert!(aimd.limit() <= 73, "{}", aimd.limit());
     }
@@ -477,17 +478,13 @@ mod tests {
         // completions; by slow start it takes one each.
         let mut completions = 0;
         while aimd.limit() < 40 {
-            now += MS(1);
-            while aimd.try_admit() {}
-            aimd.finish(Some(MS(50)), now);
+            fast_and_full(&mut aimd, &mut now);
             completions += 1;
             assert!(completions < 100, "still at {}", aimd.limit());
         }
         // Past half of where the run began, growth is additive again.
         for _ in 0..40 {
-            now += MS(1);
-            while aimd.try_admit() {}
-            aimd.finish(Some(MS(50)), now);
+            fast_and_full(&mut aimd, &mut now);
         }
         assert!(aimd.limit() <= 42, "{}", aimd.limit());
     }

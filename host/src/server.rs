@@ -193,8 +193,8 @@ impl FanoutBuilder {
 
     /// Runs the guests on a runtime of their own with `threads` workers,
     /// apart from the caller's runtime that accepts connections and sheds.
-    /// Under overload a shed 503 is then answered in about 5 ms (p99)
-    /// rather than 11–20 ms, at the price of about a tenth of the throughput
+    /// Under overload a shed 503 is then answered in about 2 ms (p99)
+    /// rather than 6 ms, at the price of about a quarter of the throughput
     /// at saturation; see BENCHMARKS.md. Off by default: the guests run on
     /// the caller's runtime.
     ///

@@ -466,7 +466,7 @@ impl WasiHttpHooks for Hooks {
 
 /// Prefix of the headers in which the guest leaves hints for the host (the
 /// attempt number, the upstream's logical name). They never leave the host.
-pub const HINT_PREFIX: &str = "x-fanout-hint-";
+pub const HINT_PREFIX: &str = fanout_guest::api::HINT_PREFIX;
 
 /// What the guest said about one outgoing request.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -485,7 +485,7 @@ pub(crate) fn take_hints(headers: &mut http::HeaderMap) -> Hints {
     let mut hints = Hints { attempt: 1 };
     for name in names {
         let value = headers.remove(&name);
-        if name.as_str() == "x-fanout-hint-attempt"
+        if name.as_str() == fanout_guest::api::HINT_ATTEMPT
             && let Some(n) = value.and_then(|v| v.to_str().ok()?.parse().ok())
         {
             hints.attempt = n;
