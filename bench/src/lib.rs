@@ -392,9 +392,9 @@ impl Harness {
         let mut micro = Micro::default();
         // Instantiation and fuel: in this process, upstreams answering at once.
         let instant = || {
-            fanout_host::upstream::from_fn(|request| async move {
+            fanout_host::adapters::from_fn(|request| async move {
                 let body = fanout_host::demo::answer_for(request.uri().path());
-                Ok(fanout_host::upstream::json_response(
+                Ok(fanout_host::adapters::json_response(
                     http::StatusCode::OK,
                     &body,
                 ))

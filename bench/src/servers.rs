@@ -187,7 +187,7 @@ pub fn fanout(
         builder = builder.cache_dir(dir);
     }
     if fixed {
-        builder = builder.admission(fanout_host::Admission::Fixed);
+        builder = builder.admission(fanout_host::AdmissionMode::Fixed);
     }
     if let Some(threads) = guest_threads {
         builder = builder.guest_threads(threads);

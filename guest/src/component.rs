@@ -1,11 +1,12 @@
 //! The thin layer that touches WASI: the `incoming-handler` export, the
 //! clock, randomness, and one upstream attempt over `wasi:http`.
 
-use crate::api::{
-    self, Answer, ApiError, HINT_ATTEMPT, HINT_UPSTREAM, MAX_UPSTREAM_BODY, Target, UpstreamFailure,
-};
+use crate::api::{self, Target};
 use crate::config::Config;
+use crate::errors::{self, ApiError, MAX_UPSTREAM_BODY, UpstreamFailure};
 use crate::fanout::{self, Attempt, Budget, Env};
+use crate::merge::Answer;
+use crate::protocol::{DEGRADED_HEADER, HINT_ATTEMPT, HINT_UPSTREAM, TIMEOUT_HEADER};
 use crate::trace::TraceContext;
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -93,7 +94,7 @@ impl Incoming {
             traceparent: header("traceparent").and_then(text),
             tracestate: header("tracestate").and_then(text),
             // Present but not text is still an error the client should see.
-            timeout: header(api::TIMEOUT_HEADER).map(|v| text(v).unwrap_or(NOT_ASCII.into())),
+            timeout: header(TIMEOUT_HEADER).map(|v| text(v).unwrap_or(NOT_ASCII.into())),
         }
     }
 
@@ -171,7 +172,7 @@ async fn respond(response_out: ResponseOutparam, answer: Answer, server_timing: 
     }
     if !answer.degraded.is_empty() {
         headers.push((
-            api::DEGRADED_HEADER.into(),
+            DEGRADED_HEADER.into(),
             answer.degraded.join(", ").into_bytes(),
         ));
     }
@@ -289,7 +290,7 @@ async fn get(
         .map_err(|()| UpstreamFailure::Transport("the response body was taken".into()))?;
     let bytes = read_body(&body).await?;
     drop(body);
-    api::parse_upstream_body(&bytes)
+    errors::parse_upstream_body(&bytes)
 }
 
 /// The request, headers checked by the host's rules, its empty body finished.

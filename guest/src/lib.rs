@@ -16,6 +16,10 @@
 //! Every error answer has the shape `{"error": {"code", "message",
 //! "upstream"?}}`.
 //!
+//! The modules, in the order a request meets them: [`protocol`] (names shared
+//! with hosts), [`config`], [`api`] (routes, validation, budget), [`fanout`]
+//! (the calls, with [`retry`]), [`merge`], [`errors`] (the one error shape).
+//!
 //! Everything except `component` is plain Rust, unit-tested natively with a
 //! fake clock and a scripted transport: only that module touches WASI. It
 //! uses the `wasip2` bindings directly for HTTP (wstd's request and response
@@ -25,7 +29,10 @@
 
 pub mod api;
 pub mod config;
+pub mod errors;
 pub mod fanout;
+pub mod merge;
+pub mod protocol;
 pub mod retry;
 pub mod trace;
 

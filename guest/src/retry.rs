@@ -1,7 +1,6 @@
 //! Retries: which failures are worth another attempt, and how long to wait
 //! before it (exponential backoff with full jitter).
 
-use crate::api::UpstreamFailure;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -59,22 +58,6 @@ impl RetryPolicy {
     pub fn backoff(&self, attempt: u32, random: u64) -> Duration {
         let ceiling = self.ceiling(attempt).as_micros() as u64;
         Duration::from_micros(random % (ceiling + 1))
-    }
-}
-
-impl UpstreamFailure {
-    /// Whether another attempt may succeed: connection-level failures,
-    /// 502/503/504 and attempt timeouts. Never a 4xx (the request itself is
-    /// wrong), a 500, an unusable body, or a request the host denied or shed
-    /// (retrying into a guardrail only adds load where there is too much).
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            UpstreamFailure::Timeout | UpstreamFailure::Transport(_) => true,
-            UpstreamFailure::Status(status) => matches!(status, 502..=504),
-            UpstreamFailure::InvalidBody(_)
-            | UpstreamFailure::Denied
-            | UpstreamFailure::Shed(_) => false,
-        }
     }
 }
 
@@ -150,21 +133,6 @@ mod tests {
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
-    }
-
-    #[test]
-    fn what_is_retried() {
-        assert!(UpstreamFailure::Timeout.is_retryable());
-        for status in [502, 503, 504] {
-            assert!(UpstreamFailure::Status(status).is_retryable(), "{status}");
-        }
-        for status in [400, 401, 403, 404, 409, 429, 500, 501] {
-            assert!(!UpstreamFailure::Status(status).is_retryable(), "{status}");
-        }
-        assert!(UpstreamFailure::Transport("ErrorCode::ConnectionRefused".into()).is_retryable());
-        assert!(!UpstreamFailure::Denied.is_retryable());
-        assert!(!UpstreamFailure::Shed("circuit open".into()).is_retryable());
-        assert!(!UpstreamFailure::InvalidBody("x".into()).is_retryable());
     }
 
     #[test]

@@ -13,7 +13,7 @@
 use anyhow::Result;
 use axum::Router;
 use axum::routing::get;
-use fanout_host::{Fanout, upstream};
+use fanout_host::{Fanout, adapters};
 use http::StatusCode;
 use serde_json::json;
 
@@ -24,7 +24,7 @@ pub fn app() -> Result<Router> {
         .upstream(
             "reviews",
             "http://reviews.in-process",
-            upstream::from_fn(|request| async move {
+            adapters::from_fn(|request| async move {
                 let id = request
                     .uri()
                     .path()
@@ -34,7 +34,7 @@ pub fn app() -> Result<Router> {
                     .to_owned();
                 let body =
                     json!({ "product": id, "rating": 4.8, "count": 1312, "source": "in-process" });
-                Ok(upstream::json_response(StatusCode::OK, &body))
+                Ok(adapters::json_response(StatusCode::OK, &body))
             }),
         )
         .build()?;

@@ -12,9 +12,10 @@
 
 use anyhow::Result;
 use bytes::Bytes;
-use fanout_host::guard::{Call, CircuitBreakerConfig, Guardrails, RetryBudgetConfig};
-use fanout_host::upstream::{UpstreamHandle, default_send_request};
-use fanout_host::{Fanout, upstream};
+use fanout_host::guard::{CircuitBreakerConfig, Guardrails, RetryBudgetConfig};
+use fanout_host::outbound::{UpstreamHandle, default_send_request};
+use fanout_host::upstream::Call;
+use fanout_host::{Fanout, adapters};
 use http::StatusCode;
 use http_body_util::{BodyExt, Empty};
 use std::time::{Duration, Instant};
@@ -27,9 +28,9 @@ async fn main() -> Result<()> {
         .transpose()?
         .unwrap_or(2000);
     let instant = |body: serde_json::Value| {
-        upstream::from_fn(move |_req| {
+        adapters::from_fn(move |_req| {
             let body = body.clone();
-            async move { Ok(upstream::json_response(StatusCode::OK, &body)) }
+            async move { Ok(adapters::json_response(StatusCode::OK, &body)) }
         })
     };
     let fanout = Fanout::builder()
@@ -96,8 +97,8 @@ async fn main() -> Result<()> {
 /// and prints the time per call with and without each layer.
 async fn guardrail_overhead() {
     const CALLS: u32 = 200_000;
-    let answer = upstream::from_fn(|_req| async {
-        Ok(upstream::json_response(
+    let answer = adapters::from_fn(|_req| async {
+        Ok(adapters::json_response(
             StatusCode::OK,
             &serde_json::json!({}),
         ))
@@ -129,14 +130,11 @@ async fn guardrail_overhead() {
             answer.clone(),
             &guardrails,
             false,
-        );
+        )
+        .expect("a valid upstream");
         let call = || Call {
             request: http::Request::get("http://u.local/x")
-                .body(
-                    Empty::<Bytes>::new()
-                        .map_err(|never| match never {})
-                        .boxed_unsync(),
-                )
+                .body(fanout_host::full_body(Bytes::new()))
                 .expect("valid request"),
             options: Default::default(),
             attempt: 1,

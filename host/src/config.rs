@@ -154,9 +154,7 @@ impl FileConfig {
             },
             memory_bytes: match l.memory_mib {
                 None => defaults.memory_bytes,
-                Some(mib) => usize::try_from(mib)
-                    .ok()
-                    .and_then(|m| m.checked_mul(1 << 20))
+                Some(mib) => crate::limits::mib_to_bytes(mib)
                     .ok_or_else(|| invalid("limits.memory_mib", format!("{mib} is too large")))?,
             },
             deadline: l
@@ -189,7 +187,7 @@ impl FileConfig {
         }
         if let Some(guest) = &self.guest {
             let json = serde_json::to_string(guest).map_err(|e| invalid("guest", e.to_string()))?;
-            builder = builder.env("FANOUT_CONFIG", json);
+            builder = builder.env(fanout_guest::protocol::ENV_CONFIG, json);
         }
         Ok((
             builder,
@@ -327,7 +325,7 @@ impl UpstreamConfig {
                         "error_rate + hang_rate exceeds 1",
                     ));
                 }
-                let simulated = SimulatedUpstream::new(latency)
+                let simulated = SimulatedUpstream::new(latency, crate::demo::answer_for)
                     .error_rate(error_rate)
                     .hang_rate(hang_rate);
                 builder.upstream(name, url, Arc::new(simulated))

@@ -18,10 +18,13 @@ use std::time::Duration;
 pub fn upstreams() -> Vec<(&'static str, &'static str, Arc<dyn Upstream>)> {
     let ms = Duration::from_millis;
     let simulated = |min: u64, max: u64| -> Arc<dyn Upstream> {
-        Arc::new(SimulatedUpstream::new(Latency::Uniform {
-            min: ms(min),
-            max: ms(max),
-        }))
+        Arc::new(SimulatedUpstream::new(
+            Latency::Uniform {
+                min: ms(min),
+                max: ms(max),
+            },
+            answer_for,
+        ))
     };
     vec![
         ("inventory", "http://inventory.demo", simulated(20, 40)),
@@ -62,12 +65,12 @@ pub async fn serve(
             .map(|(name, _, upstream)| (name, upstream))
             .collect(),
     );
-    crate::server::serve_http(listener, shutdown, Duration::from_secs(1), move |request| {
+    crate::http_server::serve_http(listener, shutdown, Duration::from_secs(1), move |request| {
         let upstreams = upstreams.clone();
         async move {
             let name = request.uri().path().split('/').nth(1).unwrap_or_default();
             let Some((_, upstream)) = upstreams.iter().find(|(n, _)| *n == name) else {
-                return crate::error_response(
+                return crate::response::error_response(
                     StatusCode::NOT_FOUND,
                     "not_found",
                     "demo upstreams serve /inventory/{id}, /pricing/{id} and /reviews/{id}",
@@ -77,9 +80,11 @@ pub async fn serve(
                 request.map(|body| body.map_err(wasmtime_wasi_http::Error::from).boxed_unsync());
             match upstream.call(request, Default::default()).await {
                 Ok(response) => response,
-                Err(e) => {
-                    crate::error_response(StatusCode::BAD_GATEWAY, "upstream_error", &e.to_string())
-                }
+                Err(e) => crate::response::error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_error",
+                    &e.to_string(),
+                ),
             }
         }
     })

@@ -1,13 +1,20 @@
-//! Errors: typed start-up errors, the request-level failures a client sees,
-//! and the mapping of transport errors to the most specific `wasi:http`
-//! error code.
+//! Errors, each mapped in one place:
+//!
+//! - [`Error`]: what stops a [`Fanout`](crate::Fanout) from being built,
+//!   before anything listens;
+//! - [`Failure`]: why a request did not get the guest's own answer, and the
+//!   client answer for each ([`Failure::to_response`]);
+//! - the `wasi:http` error code the guest sees for an upstream call that
+//!   failed below HTTP: from the pooled client's errors
+//!   ([`client_error_code`]) and from the guardrails' refusals
+//!   ([`guarded_error_code`]), by the errors' types, never their text.
 
-use crate::ResponseBody;
-use bytes::Bytes;
+use crate::guard::Blocked;
+use crate::response::{ResponseBody, error_response};
+use crate::upstream::TransportError;
 use http::{HeaderValue, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full};
+use std::error::Error as StdError;
 use std::time::Duration;
-use wasmtime_wasi_http::Error as TransportError;
 
 /// An error building or starting a [`Fanout`](crate::Fanout). All of these
 /// are raised before the server listens.
@@ -169,53 +176,39 @@ impl Failure {
     }
 }
 
-/// The one error shape: `{"error": {"code", "message"}}` with `status`.
-pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response<ResponseBody> {
-    let body = serde_json::json!({ "error": { "code": code, "message": message } });
-    let body = Full::new(Bytes::from(body.to_string()))
-        .map_err(|never| match never {})
-        .boxed_unsync();
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-}
+/// A name the HTTP adapter could not resolve. Its resolver wraps lookup
+/// errors in this type so that [`client_error_code`] can tell a DNS failure
+/// from a refused connection without reading error text.
+#[derive(Debug, thiserror::Error)]
+#[error("dns lookup failed: {0}")]
+pub struct DnsFailure(#[source] pub std::io::Error);
 
-/// Maps a pooled-client error to the most specific `wasi:http` error code,
-/// which is what the guest sees (and may retry on).
-pub fn client_error(e: hyper_util::client::legacy::Error) -> TransportError {
-    use std::error::Error as _;
+/// The most specific `wasi:http` error code for a pooled-client error:
+/// what the guest sees, and may retry on.
+pub fn client_error_code(e: &hyper_util::client::legacy::Error) -> TransportError {
     if e.is_connect() {
-        let io = e.source().and_then(|s| find_io_error(s));
-        return match io.map(|io| io.kind()) {
-            Some(std::io::ErrorKind::ConnectionRefused) => TransportError::ConnectionRefused,
+        if find::<DnsFailure>(e).is_some() {
+            return TransportError::DnsError {
+                rcode: Some("lookup failed".into()),
+                info_code: None,
+            };
+        }
+        return match find::<std::io::Error>(e).map(std::io::Error::kind) {
             Some(std::io::ErrorKind::TimedOut) => TransportError::ConnectionTimeout,
             // Not DestinationUnavailable: that code means "circuit open".
             Some(std::io::ErrorKind::HostUnreachable | std::io::ErrorKind::NetworkUnreachable) => {
                 TransportError::DestinationIpUnroutable
             }
-            _ if format!("{e:?}").contains("dns error") => TransportError::DnsError {
-                rcode: Some("lookup failed".into()),
-                info_code: None,
-            },
-            _ if format!("{e:?}").contains("timed out") => TransportError::ConnectionTimeout,
             _ => TransportError::ConnectionRefused,
         };
     }
-    let mut source = e.source();
-    while let Some(s) = source {
-        if let Some(hyper) = s.downcast_ref::<hyper::Error>() {
-            return hyper_error(hyper);
-        }
-        source = s.source();
+    match find::<hyper::Error>(e) {
+        Some(hyper) => hyper_error_code(hyper),
+        None => TransportError::InternalError(Some(e.to_string())),
     }
-    TransportError::InternalError(Some(format!("{e:#}")))
 }
 
-fn hyper_error(e: &hyper::Error) -> TransportError {
+fn hyper_error_code(e: &hyper::Error) -> TransportError {
     if e.is_incomplete_message() || e.is_closed() || e.is_canceled() {
         TransportError::ConnectionTerminated
     } else if e.is_timeout() {
@@ -229,11 +222,119 @@ fn hyper_error(e: &hyper::Error) -> TransportError {
     }
 }
 
-fn find_io_error<'a>(mut e: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
-    loop {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return Some(io);
+/// The `wasi:http` error code for whatever an upstream's guarded stack
+/// failed with: the adapter's own error, a shed (`ConnectionLimitReached`),
+/// an exhausted retry budget (likewise) or an open circuit
+/// (`DestinationUnavailable`), codes the guest can tell apart.
+pub fn guarded_error_code(error: tower::BoxError) -> TransportError {
+    let error = match error.downcast::<TransportError>() {
+        Ok(transport) => return *transport,
+        Err(other) => other,
+    };
+    if error.is::<tower::load_shed::error::Overloaded>() {
+        return TransportError::ConnectionLimitReached;
+    }
+    match error.downcast_ref::<Blocked>() {
+        Some(Blocked::CircuitOpen) => TransportError::DestinationUnavailable,
+        Some(Blocked::RetryBudget) => TransportError::ConnectionLimitReached,
+        None => TransportError::InternalError(Some(error.to_string())),
+    }
+}
+
+/// The name of an error code, for a span's `error.type`: the `wasi:http`
+/// variant's name, low in cardinality as the semantic conventions ask.
+pub fn error_code_name(e: &TransportError) -> &'static str {
+    use TransportError as E;
+    match e {
+        E::Hyper(_) => "Hyper",
+        E::Connect(_) => "Connect",
+        E::Tls(_) => "Tls",
+        E::HttpRequestBodySize(_) => "HttpRequestBodySize",
+        E::DnsTimeout => "DnsTimeout",
+        E::DnsError { .. } => "DnsError",
+        E::DestinationNotFound => "DestinationNotFound",
+        E::DestinationUnavailable => "DestinationUnavailable",
+        E::DestinationIpProhibited => "DestinationIpProhibited",
+        E::DestinationIpUnroutable => "DestinationIpUnroutable",
+        E::ConnectionRefused => "ConnectionRefused",
+        E::ConnectionTerminated => "ConnectionTerminated",
+        E::ConnectionTimeout => "ConnectionTimeout",
+        E::ConnectionReadTimeout => "ConnectionReadTimeout",
+        E::ConnectionWriteTimeout => "ConnectionWriteTimeout",
+        E::ConnectionLimitReached => "ConnectionLimitReached",
+        E::TlsProtocolError => "TlsProtocolError",
+        E::TlsCertificateError => "TlsCertificateError",
+        E::TlsAlertReceived { .. } => "TlsAlertReceived",
+        E::HttpRequestDenied => "HttpRequestDenied",
+        E::HttpRequestLengthRequired => "HttpRequestLengthRequired",
+        E::HttpRequestMethodInvalid => "HttpRequestMethodInvalid",
+        E::HttpRequestUriInvalid => "HttpRequestUriInvalid",
+        E::HttpRequestUriTooLong => "HttpRequestUriTooLong",
+        E::HttpRequestHeaderSectionSize(_) => "HttpRequestHeaderSectionSize",
+        E::HttpRequestHeaderSize { .. } => "HttpRequestHeaderSize",
+        E::HttpRequestTrailerSectionSize(_) => "HttpRequestTrailerSectionSize",
+        E::HttpRequestTrailerSize { .. } => "HttpRequestTrailerSize",
+        E::HttpResponseIncomplete => "HttpResponseIncomplete",
+        E::HttpResponseHeaderSectionSize(_) => "HttpResponseHeaderSectionSize",
+        E::HttpResponseHeaderSize { .. } => "HttpResponseHeaderSize",
+        E::HttpResponseBodySize(_) => "HttpResponseBodySize",
+        E::HttpResponseTrailerSectionSize(_) => "HttpResponseTrailerSectionSize",
+        E::HttpResponseTrailerSize { .. } => "HttpResponseTrailerSize",
+        E::HttpResponseTransferCoding(_) => "HttpResponseTransferCoding",
+        E::HttpResponseContentCoding(_) => "HttpResponseContentCoding",
+        E::HttpResponseTimeout => "HttpResponseTimeout",
+        E::HttpUpgradeFailed => "HttpUpgradeFailed",
+        E::HttpProtocolError => "HttpProtocolError",
+        E::LoopDetected => "LoopDetected",
+        E::ConfigurationError => "ConfigurationError",
+        E::InternalError(_) => "InternalError",
+        _ => "Other",
+    }
+}
+
+/// The first error of type `T` in `e`'s chain of sources, `e` included.
+fn find<'a, T: StdError + 'static>(e: &'a (dyn StdError + 'static)) -> Option<&'a T> {
+    let mut current = Some(e);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
         }
-        e = e.source()?;
+        current = e.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guardrail_refusals_get_codes_the_guest_can_tell_apart() {
+        let code = |e: tower::BoxError| error_code_name(&guarded_error_code(e));
+        assert_eq!(code(Blocked::CircuitOpen.into()), "DestinationUnavailable");
+        assert_eq!(code(Blocked::RetryBudget.into()), "ConnectionLimitReached");
+        assert_eq!(
+            code(tower::load_shed::error::Overloaded::new().into()),
+            "ConnectionLimitReached"
+        );
+        assert_eq!(
+            code(TransportError::ConnectionRefused.into()),
+            "ConnectionRefused"
+        );
+        assert_eq!(code("something else".into()), "InternalError");
+    }
+
+    #[test]
+    fn causes_are_found_by_type_through_the_chain() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("connecting")]
+        struct Outer(#[source] DnsFailure);
+        let outer = Outer(DnsFailure(std::io::Error::other("no such host")));
+        assert!(find::<DnsFailure>(&outer).is_some());
+        assert_eq!(
+            find::<std::io::Error>(&outer).map(|io| io.to_string()),
+            Some("no such host".into())
+        );
+        assert!(find::<hyper::Error>(&outer).is_none());
     }
 }

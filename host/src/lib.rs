@@ -9,8 +9,9 @@
 //! wall-clock deadline ([`Limits`]); a guest that breaks one gets a JSON
 //! error answer naming the cause, and the host keeps serving.
 //!
-//! The guest's outgoing requests are routed by authority to [`Upstream`]s:
-//! real HTTP on a pooled keep-alive client, or in-process Rust functions.
+//! The guest's outgoing requests are routed (by the upstream name the guest
+//! hints and the authority it calls) to [`Upstream`]s: real HTTP on a
+//! pooled keep-alive client, or in-process Rust functions.
 //!
 //! ## Example
 //!
@@ -18,7 +19,7 @@
 //! it for a product:
 //!
 //! ```
-//! use fanout_host::{Fanout, upstream};
+//! use fanout_host::{Fanout, adapters};
 //! use http::StatusCode;
 //! use http_body_util::{BodyExt, Empty};
 //! use serde_json::json;
@@ -28,8 +29,8 @@
 //!     // inventory and pricing: the built-in demo upstreams...
 //!     .demo_upstreams()
 //!     // ...and reviews from a Rust closure, with no network hop.
-//!     .upstream("reviews", "http://reviews.internal", upstream::from_fn(|_req| async {
-//!         Ok(upstream::json_response(StatusCode::OK, &json!({"rating": 5, "count": 1})))
+//!     .upstream("reviews", "http://reviews.internal", adapters::from_fn(|_req| async {
+//!         Ok(adapters::json_response(StatusCode::OK, &json!({"rating": 5, "count": 1})))
 //!     }))
 //!     .build()?;
 //!
@@ -46,28 +47,52 @@
 //! ```
 //!
 //! To serve it over HTTP, hand a listener to [`Fanout::serve`].
+//!
+//! ## Where things are
+//!
+//! A request flows one way through the modules: `http_server` accepts it,
+//! [`Fanout`] wraps it in its span and access log, `instance` admits it
+//! ([`admission`]) and runs the guest in a fresh store, `body` guards the
+//! answer's body. Each upstream call the guest makes flows through
+//! [`outbound`] (hints, routing, attempt records), [`guard`] (the
+//! upstream's guardrails) and one of the [`adapters`]. [`error`](Error)
+//! maps every failure to its client answer and every transport error to its
+//! `wasi:http` code. ARCHITECTURE.md at the repository's root has the
+//! numbered steps.
 
 pub mod adapters;
+mod admin;
 pub mod admission;
+mod body;
+mod builder;
+mod builtin_guest;
 pub mod cache;
 pub mod config;
 pub mod demo;
 mod error;
+mod fanout;
 pub mod guard;
+mod guest_runtime;
+mod http_server;
+mod instance;
 pub mod limits;
 pub mod metrics;
+pub mod outbound;
+mod response;
 mod runtime;
-mod server;
+mod stats;
+mod store;
 pub mod telemetry;
 pub mod upstream;
 
-pub use error::{Error, Failure, error_response};
+pub use builder::{AdmissionMode, FanoutBuilder};
+pub use error::{
+    DnsFailure, Error, Failure, client_error_code, error_code_name, guarded_error_code,
+};
+pub use fanout::Fanout;
 pub use limits::Limits;
-pub use server::{Admission, Fanout, FanoutBuilder, StatsSnapshot};
+pub use response::{ResponseBody, error_response, full_body};
+pub use stats::StatsSnapshot;
 pub use upstream::Upstream;
-
-/// Body of the answers [`Fanout::handle`] returns.
-pub type ResponseBody =
-    http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, wasmtime_wasi_http::Error>;
 
 include!(concat!(env!("OUT_DIR"), "/components.rs"));

@@ -99,6 +99,11 @@ impl Default for Limits {
     }
 }
 
+/// `mib` MiB in bytes, or `None` where that does not fit in a `usize`.
+pub fn mib_to_bytes(mib: u64) -> Option<usize> {
+    usize::try_from(mib).ok()?.checked_mul(1 << 20)
+}
+
 impl Limits {
     /// Checks the limits before anything is built, so that a bad value is a
     /// start-up error naming the setting, never a failing request.

@@ -5,6 +5,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
+use fanout_guest::protocol::{ENV_CONFIG, ENV_DEADLINE_MS};
 use fanout_host::config::FileConfig;
 use fanout_host::telemetry::Otlp;
 use fanout_host::{Fanout, Limits};
@@ -77,8 +78,8 @@ struct Args {
 
     /// Admission: `adaptive` learns how many requests may run at once from
     /// their latency; `fixed` admits up to --max-instances.
-    #[arg(long, value_enum, default_value_t = AdmissionMode::Adaptive)]
-    admission: AdmissionMode,
+    #[arg(long, value_enum, default_value_t = AdmissionFlag::Adaptive)]
+    admission: AdmissionFlag,
 
     /// Run the guests on N threads of their own, apart from the ones that
     /// accept connections: faster 503s under overload, a little less
@@ -107,7 +108,7 @@ struct Args {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum AdmissionMode {
+enum AdmissionFlag {
     Adaptive,
     Fixed,
 }
@@ -181,7 +182,7 @@ async fn main() -> Result<()> {
         match (&args.config, e) {
             (Some(_), fanout_host::Error::GuestConfig { key, reason }) => anyhow::anyhow!(
                 "invalid configuration `{}`: {reason}",
-                key.replacen("FANOUT_CONFIG", "guest", 1)
+                key.replacen(ENV_CONFIG, "guest", 1)
             ),
             (_, e) => anyhow::Error::from(e),
         }
@@ -242,13 +243,12 @@ fn configure(args: &Args) -> Result<(Fanout, SocketAddr, Option<SocketAddr>), fa
         limits.fuel = (fuel > 0).then_some(fuel);
     }
     if let Some(mib) = args.memory_mib {
-        limits.memory_bytes = usize::try_from(mib)
-            .ok()
-            .and_then(|m| m.checked_mul(1 << 20))
-            .ok_or_else(|| fanout_host::Error::InvalidLimit {
+        limits.memory_bytes = fanout_host::limits::mib_to_bytes(mib).ok_or_else(|| {
+            fanout_host::Error::InvalidLimit {
                 key: "memory",
                 reason: format!("--memory-mib {mib} is too large"),
-            })?;
+            }
+        })?;
     }
     if let Some(ms) = args.deadline_ms {
         limits.deadline = Duration::from_millis(ms);
@@ -260,8 +260,8 @@ fn configure(args: &Args) -> Result<(Fanout, SocketAddr, Option<SocketAddr>), fa
         limits.queue_wait = Duration::from_millis(ms);
     }
     builder = builder.limits(limits).admission(match args.admission {
-        AdmissionMode::Adaptive => fanout_host::Admission::Adaptive(None),
-        AdmissionMode::Fixed => fanout_host::Admission::Fixed,
+        AdmissionFlag::Adaptive => fanout_host::AdmissionMode::Adaptive(None),
+        AdmissionFlag::Fixed => fanout_host::AdmissionMode::Fixed,
     });
     if let Some(threads) = args.guest_threads {
         builder = builder.guest_threads(threads);
@@ -281,14 +281,14 @@ fn configure(args: &Args) -> Result<(Fanout, SocketAddr, Option<SocketAddr>), fa
         builder = builder.http_upstream(name, url);
     }
     if let Some(ms) = args.guest_deadline_ms {
-        builder = builder.env("FANOUT_DEADLINE_MS", ms.to_string());
+        builder = builder.env(ENV_DEADLINE_MS, ms.to_string());
     }
     if let Some(path) = &args.guest_config {
         let json = std::fs::read_to_string(path).map_err(|e| fanout_host::Error::Config {
             key: "--guest-config".into(),
             reason: format!("{}: {e}", path.display()),
         })?;
-        builder = builder.env("FANOUT_CONFIG", json);
+        builder = builder.env(ENV_CONFIG, json);
     }
     // Everything is validated and compiled here, before we listen.
     let fanout = builder.build()?;

@@ -7,7 +7,9 @@
 //! | `fanout_upstream_retries_total` | `upstream` |
 //! | `fanout_fuel_consumed` (histogram, per request) | |
 //! | `fanout_instances_in_use` (gauge) | |
-//! | `fanout_shed_total` (requests shed because the pool was full) | |
+//! | `fanout_shed_total` (requests turned away by admission: at the limit, the line full, or waited too long; 503 with `Retry-After`) | |
+//! | `fanout_queue_wait_seconds` (histogram, time spent in the admission line) | |
+//! | `fanout_admission_limit` (gauge, the adaptive limit now) | |
 //! | `fanout_guest_failures_total` (traps, limits, deadlines) | `cause` |
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -103,12 +105,12 @@ impl Default for Metrics {
         );
         registry.register(
             "fanout_shed",
-            "Requests shed because the instance pool was full (503 with Retry-After)",
+            "Requests turned away by admission (503 with Retry-After)",
             shed.clone(),
         );
         registry.register_with_unit(
             "fanout_queue_wait",
-            "Time requests waited for an instance while all were busy",
+            "Time requests waited in the admission line",
             Unit::Seconds,
             queue_wait.clone(),
         );

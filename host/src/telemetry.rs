@@ -53,6 +53,12 @@ use tracing_subscriber::registry::LookupSpan;
 /// The `tracing` target of the host's request and upstream spans.
 pub const SPAN_TARGET: &str = "fanout::otel";
 
+/// The `tracing` target of the access log: one event per request.
+pub const ACCESS_LOG_TARGET: &str = "fanout::access";
+
+/// The `tracing` target of what a guest writes to stdout and stderr.
+pub const GUEST_OUTPUT_TARGET: &str = "fanout::guest";
+
 /// The instrumentation scope the spans are exported under.
 const SCOPE: &str = "fanout-host";
 
@@ -179,4 +185,57 @@ pub(crate) fn traceparent_of(span: &tracing::Span) -> Option<http::HeaderValue> 
     )
     .parse()
     .ok()
+}
+
+/// The server span of one request (OpenTelemetry HTTP server conventions).
+/// The status is recorded when the answer is known.
+pub(crate) fn server_span(method: &http::Method, route: &str, path: &str) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: SPAN_TARGET,
+        "request",
+        otel.name = tracing::field::Empty,
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %method,
+        http.route = tracing::field::Empty,
+        url.path = %path,
+        url.scheme = "http",
+        http.response.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    if !span.is_disabled() {
+        // `other` is the metrics' catch-all label, not a route.
+        if route == "other" {
+            span.record("otel.name", method.as_str());
+        } else {
+            span.record("otel.name", format!("{method} {route}"));
+            span.record("http.route", route);
+        }
+    }
+    span
+}
+
+/// Makes sure the request carries a valid W3C `traceparent`, starting a new
+/// trace when it has none, so that the guest, the upstreams and the host's
+/// logs share one trace id. Returns that trace id.
+pub(crate) fn with_trace_context<B>(mut request: http::Request<B>) -> (http::Request<B>, String) {
+    use fanout_guest::trace::TraceContext;
+    let incoming = request
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceContext::parse);
+    let trace = match incoming {
+        Some(trace) => trace,
+        None => {
+            let root = TraceContext::new_root(|| fastrand::u64(..));
+            // The host is the caller here: its span is the guest's parent.
+            let header = root.child_header(fastrand::u64(1..));
+            if let Ok(value) = http::HeaderValue::from_str(&header) {
+                request.headers_mut().insert("traceparent", value);
+            }
+            root
+        }
+    };
+    (request, trace.trace_id_hex())
 }

@@ -5,13 +5,10 @@
 //! rightly reacts to.
 
 use anyhow::Result;
-use fanout_tests::{Behaviour, ProductUpstreams, TestHost};
+use fanout_tests::{Behaviour, MS, ProductUpstreams, TestHost};
 use http::StatusCode;
 use serde_json::json;
 use std::sync::Arc;
-use std::time::Duration;
-
-const MS: fn(u64) -> Duration = Duration::from_millis;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slower_upstreams_do_not_shrink_the_admission_limit() -> Result<()> {

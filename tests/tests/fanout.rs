@@ -2,21 +2,14 @@
 //! port 0.
 
 use anyhow::Result;
-use fanout_tests::{Behaviour, ProductUpstreams, TestHost};
+use fanout_tests::{Behaviour, MS, ProductUpstreams, TestHost};
 use http::StatusCode;
 use serde_json::{Value, json};
-use std::time::Duration;
-
-const MS: fn(u64) -> Duration = Duration::from_millis;
-
-async fn host_for(upstreams: &ProductUpstreams) -> Result<TestHost> {
-    TestHost::start(upstreams.builder().build()?).await
-}
 
 #[tokio::test]
 async fn three_slow_upstreams_cost_the_slowest_not_the_sum() -> Result<()> {
     let upstreams = ProductUpstreams::start(MS(100)).await?;
-    let host = host_for(&upstreams).await?;
+    let host = upstreams.host().await?;
 
     let answer = host.get("/products/42").await?;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
@@ -51,7 +44,7 @@ async fn three_slow_upstreams_cost_the_slowest_not_the_sum() -> Result<()> {
 #[tokio::test]
 async fn answer_has_the_contract_shape() -> Result<()> {
     let upstreams = ProductUpstreams::start(MS(0)).await?;
-    let host = host_for(&upstreams).await?;
+    let host = upstreams.host().await?;
     let answer = host.get("/products/sku_42-b").await?;
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.headers["content-type"], "application/json");
@@ -77,7 +70,7 @@ async fn answer_has_the_contract_shape() -> Result<()> {
 #[tokio::test]
 async fn bad_input_gets_json_errors() -> Result<()> {
     let upstreams = ProductUpstreams::start(MS(0)).await?;
-    let host = host_for(&upstreams).await?;
+    let host = upstreams.host().await?;
     let long = format!("/products/{}", "a".repeat(65));
     let cases: &[(&str, &str, StatusCode, &str)] = &[
         ("GET", "/products/", StatusCode::BAD_REQUEST, "invalid_id"),
@@ -145,7 +138,7 @@ async fn a_late_required_upstream_is_a_504_at_the_deadline() -> Result<()> {
     upstreams
         .pricing
         .set_behaviour(Behaviour::json(MS(2_000), json!({})));
-    let host = host_for(&upstreams).await?;
+    let host = upstreams.host().await?;
 
     let answer = host.get("/products/42").await?;
     assert_eq!(
@@ -273,9 +266,9 @@ async fn the_guest_still_validates_what_it_reads() -> Result<()> {
 #[tokio::test]
 async fn an_upstream_answer_over_the_size_cap_fails_that_upstream_alone() -> Result<()> {
     let upstreams = ProductUpstreams::start(MS(0)).await?;
-    let host = host_for(&upstreams).await?;
+    let host = upstreams.host().await?;
     let padded = |len: usize| Behaviour::json(MS(0), json!({"pad": "x".repeat(len)}));
-    let over = fanout_guest::api::MAX_UPSTREAM_BODY;
+    let over = fanout_guest::errors::MAX_UPSTREAM_BODY;
     // Optional: the answer degrades, the rest is intact.
     upstreams.reviews.set_behaviour(padded(over));
     let answer = host.get("/products/42").await?;
@@ -307,7 +300,7 @@ async fn an_upstream_answer_over_the_size_cap_fails_that_upstream_alone() -> Res
 #[tokio::test]
 async fn required_upstream_failures_are_errors_naming_the_upstream() -> Result<()> {
     let upstreams = ProductUpstreams::start(MS(0)).await?;
-    let host = host_for(&upstreams).await?;
+    let host = upstreams.host().await?;
     let cases = [
         (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -375,7 +368,7 @@ async fn an_unreachable_upstream_is_a_502() -> Result<()> {
 #[tokio::test]
 async fn fuel_per_request_leaves_headroom() -> Result<()> {
     let upstreams = ProductUpstreams::start(MS(0)).await?;
-    let host = host_for(&upstreams).await?;
+    let host = upstreams.host().await?;
     const N: u64 = 20;
     for _ in 0..N {
         assert_eq!(host.get("/products/42").await?.status, StatusCode::OK);
@@ -457,7 +450,7 @@ fn trace_id(traceparent: &str) -> &str {
 #[tokio::test]
 async fn trace_context_propagates_to_every_upstream() -> Result<()> {
     let upstreams = ProductUpstreams::start(MS(0)).await?;
-    let host = host_for(&upstreams).await?;
+    let host = upstreams.host().await?;
     let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let answer = host
         .get_with(
@@ -502,7 +495,7 @@ async fn server_timing_shows_each_upstream_and_the_total() -> Result<()> {
     upstreams
         .reviews
         .set_behaviour(Behaviour::json(MS(60), json!({"rating": 1.0, "count": 1})));
-    let host = host_for(&upstreams).await?;
+    let host = upstreams.host().await?;
     let answer = host.get("/products/42").await?;
     let timing = server_timing(&answer.headers);
     let names: Vec<&str> = timing.iter().map(|(n, _)| n.as_str()).collect();
@@ -526,7 +519,7 @@ async fn deeply_nested_upstream_json_fits_the_guest_stack() -> Result<()> {
     // The guest's stack is small on purpose (guest/build.rs): a deep body
     // must still be answered, or refused with a clear error, never trap.
     let upstreams = ProductUpstreams::start(MS(0)).await?;
-    let host = host_for(&upstreams).await?;
+    let host = upstreams.host().await?;
     // As deep as serde_json goes (its recursion limit is 128).
     upstreams
         .pricing

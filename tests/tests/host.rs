@@ -3,17 +3,16 @@
 
 use anyhow::Result;
 use fanout_host::adapters::{FixtureUpstream, Latency, SimulatedUpstream};
-use fanout_host::guard::{Call, CircuitBreakerConfig, Guardrails, RetryBudgetConfig};
-use fanout_host::upstream::{OutboundHooks, UpstreamFuture, UpstreamHandle, default_send_request};
-use fanout_host::{Fanout, upstream};
-use fanout_tests::{Behaviour, ProductUpstreams, TestHost};
+use fanout_host::guard::{CircuitBreakerConfig, Guardrails, RetryBudgetConfig};
+use fanout_host::outbound::{OutboundHooks, UpstreamHandle, default_send_request};
+use fanout_host::upstream::{Call, UpstreamFuture};
+use fanout_host::{Fanout, adapters};
+use fanout_tests::{Behaviour, MS, ProductUpstreams, TestHost};
 use http::StatusCode;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-
-const MS: fn(u64) -> Duration = Duration::from_millis;
 
 #[tokio::test]
 async fn a_full_upstream_sheds_at_once() -> Result<()> {
@@ -268,7 +267,12 @@ async fn fixtures_answer_by_path() -> Result<()> {
 
 #[tokio::test]
 async fn simulated_faults_degrade_or_fail_as_configured() -> Result<()> {
-    let sim = |latency_ms: u64| SimulatedUpstream::new(Latency::Fixed(MS(latency_ms)));
+    let sim = |latency_ms: u64| {
+        SimulatedUpstream::new(
+            Latency::Fixed(MS(latency_ms)),
+            fanout_host::demo::answer_for,
+        )
+    };
     let fanout = Fanout::builder()
         .upstream("inventory", "http://inventory.sim", Arc::new(sim(5)))
         .upstream("pricing", "http://pricing.sim", Arc::new(sim(5)))
@@ -367,7 +371,7 @@ async fn function_upstreams_serve_in_process() -> Result<()> {
         .upstream(
             "reviews",
             "http://reviews.internal",
-            upstream::from_fn(|request| async move {
+            adapters::from_fn(|request| async move {
                 let id = request
                     .uri()
                     .path()
@@ -375,7 +379,7 @@ async fn function_upstreams_serve_in_process() -> Result<()> {
                     .next()
                     .unwrap_or_default()
                     .to_string();
-                Ok(upstream::json_response(
+                Ok(adapters::json_response(
                     StatusCode::OK,
                     &json!({"for": id, "rating": 5}),
                 ))
@@ -423,7 +427,7 @@ async fn the_compiled_component_is_cached_and_a_corrupt_entry_rebuilt() -> Resul
 
     // Another component gets its own entry, never the wrong code.
     let hostile = Fanout::builder()
-        .component_path(fanout_host::HOSTILE_COMPONENT_PATH)
+        .component_path(fanout_tests::HOSTILE_COMPONENT_PATH)
         .cache_dir(dir.path())
         .build()?;
     assert_eq!(hostile.component_origin(), Origin::CompiledAndCached);
@@ -443,15 +447,15 @@ async fn a_full_host_queues_what_fits_and_sheds_the_rest_at_the_door() -> Result
         ..AdmissionConfig::new(2)
     };
     for admission in [
-        fanout_host::Admission::Fixed,
-        fanout_host::Admission::Adaptive(Some(pinned)),
+        fanout_host::AdmissionMode::Fixed,
+        fanout_host::AdmissionMode::Adaptive(Some(pinned)),
     ] {
         queues_what_fits(admission).await?;
     }
     Ok(())
 }
 
-async fn queues_what_fits(admission: fanout_host::Admission) -> Result<()> {
+async fn queues_what_fits(admission: fanout_host::AdmissionMode) -> Result<()> {
     let upstreams = ProductUpstreams::start(MS(100)).await?;
     let limits = fanout_host::Limits {
         max_instances: 2,
@@ -539,7 +543,7 @@ async fn admission_sheds_at_the_door_with_retry_after() -> Result<()> {
     };
     let fanout = upstreams
         .builder()
-        .admission(fanout_host::Admission::Adaptive(Some(config)))
+        .admission(fanout_host::AdmissionMode::Adaptive(Some(config)))
         // No line: beyond the limit, a 503 at once.
         .limits(fanout_host::Limits {
             queue_wait: Duration::ZERO,
@@ -589,7 +593,7 @@ async fn time_waited_in_line_comes_out_of_the_budget() -> Result<()> {
     let fanout = upstreams
         .builder()
         .limits(limits)
-        .admission(fanout_host::Admission::Fixed)
+        .admission(fanout_host::AdmissionMode::Fixed)
         .build()?;
     let host = TestHost::start(fanout).await?;
     let (first, second) = tokio::join!(host.get("/products/1"), async {

@@ -3,12 +3,10 @@
 
 use anyhow::{Context, Result};
 use fanout_host::{Fanout, Limits};
-use fanout_tests::{Answer, MockUpstream, TestHost};
+use fanout_tests::{Answer, MS, MockUpstream, TestHost};
 use http::StatusCode;
 use serde_json::json;
 use std::time::Duration;
-
-const MS: fn(u64) -> Duration = Duration::from_millis;
 
 fn hostile(limits: Limits) -> Result<Fanout> {
     Ok(hostile_builder(limits).build()?)
@@ -22,12 +20,12 @@ fn hostile_on_guest_threads(limits: Limits) -> Result<Fanout> {
 
 fn hostile_builder(limits: Limits) -> fanout_host::FanoutBuilder {
     Fanout::builder()
-        .component_path(fanout_host::HOSTILE_COMPONENT_PATH)
+        .component_path(fanout_tests::HOSTILE_COMPONENT_PATH)
         .cache_dir(fanout_tests::cache_dir())
         .limits(limits)
         // These tests drive the instance pool itself; adaptive admission
         // has its own tests.
-        .admission(fanout_host::Admission::Fixed)
+        .admission(fanout_host::AdmissionMode::Fixed)
 }
 
 fn limits(deadline: Duration) -> Limits {
@@ -269,7 +267,7 @@ async fn unconfigured_authorities_are_denied() -> Result<()> {
     let allowed = MockUpstream::inventory(MS(0)).await?;
     let stranger = MockUpstream::inventory(MS(0)).await?;
     let fanout = Fanout::builder()
-        .component_path(fanout_host::HOSTILE_COMPONENT_PATH)
+        .component_path(fanout_tests::HOSTILE_COMPONENT_PATH)
         .http_upstream("inventory", allowed.base_url())
         .build()?;
     let host = TestHost::start(fanout).await?;

@@ -3,12 +3,9 @@
 
 use anyhow::Result;
 use fanout_host::{Fanout, Limits};
-use fanout_tests::{Behaviour, ProductUpstreams, TestHost};
+use fanout_tests::{Behaviour, MS, ProductUpstreams, TestHost};
 use http::StatusCode;
 use http_body_util::{BodyExt, Empty};
-use std::time::Duration;
-
-const MS: fn(u64) -> Duration = Duration::from_millis;
 
 /// The value of the sample `name{labels}` in a text exposition.
 fn sample(metrics: &str, series: &str) -> Option<f64> {
@@ -104,9 +101,9 @@ async fn sheds_and_guest_failures_are_counted() -> Result<()> {
         ..Limits::default()
     };
     let fanout = Fanout::builder()
-        .component_path(fanout_host::HOSTILE_COMPONENT_PATH)
+        .component_path(fanout_tests::HOSTILE_COMPONENT_PATH)
         .limits(limits)
-        .admission(fanout_host::Admission::Fixed)
+        .admission(fanout_host::AdmissionMode::Fixed)
         .build()?;
     let host = TestHost::start(fanout).await?;
     let (parked, shed) = tokio::join!(host.get("/park"), async {
@@ -197,7 +194,7 @@ async fn the_access_log_names_the_trace_and_every_upstream_call() -> Result<()> 
 async fn guest_output_carries_the_trace_id() -> Result<()> {
     let logs = fanout_tests::capture_logs();
     let fanout = Fanout::builder()
-        .component_path(fanout_host::HOSTILE_COMPONENT_PATH)
+        .component_path(fanout_tests::HOSTILE_COMPONENT_PATH)
         .build()?;
     let host = TestHost::start(fanout).await?;
     let trace = "0af7651916cd43dd8448eb211c80319c";

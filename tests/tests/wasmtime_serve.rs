@@ -6,7 +6,7 @@
 //! them.
 
 use anyhow::{Context, Result, bail};
-use fanout_tests::{Behaviour, ProductUpstreams};
+use fanout_tests::{Behaviour, MS, ProductUpstreams};
 use http::StatusCode;
 use http_body_util::{BodyExt, Empty};
 use serde_json::{Value, json};
@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-const MS: fn(u64) -> Duration = Duration::from_millis;
 const WASMTIME_VERSION: &str = "48.0.8";
 
 /// One `wasmtime serve` at a time: each compiles the component at start

@@ -1,17 +1,11 @@
-//! The guest's guardrails end to end: retries, partial answers, the
+//! The guest's policies end to end: retries, partial answers, the
 //! deadline budget and cancellation, batches and the fan-out cap.
 
 use anyhow::Result;
-use fanout_tests::{Behaviour, MockUpstream, ProductUpstreams, TestHost};
+use fanout_tests::{Behaviour, MS, MockUpstream, ProductUpstreams, TestHost};
 use http::StatusCode;
 use serde_json::{Value, json};
-use std::time::{Duration, Instant};
-
-const MS: fn(u64) -> Duration = Duration::from_millis;
-
-async fn host_for(upstreams: &ProductUpstreams) -> Result<TestHost> {
-    TestHost::start(upstreams.builder().build()?).await
-}
+use std::time::Instant;
 
 #[tokio::test]
 async fn a_flaky_upstream_is_retried_to_a_complete_answer() -> Result<()> {
@@ -19,7 +13,7 @@ async fn a_flaky_upstream_is_retried_to_a_complete_answer() -> Result<()> {
     upstreams
         .pricing
         .script(vec![Behaviour::status(503), Behaviour::status(502)]);
-    let host = host_for(&upstreams).await?;
+    let host = upstreams.host().await?;
     let answer = host.get("/products/42").await?;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
     assert_eq!(answer.json["degraded"], json!([]));
@@ -43,7 +37,7 @@ async fn a_flaky_upstream_is_retried_to_a_complete_answer() -> Result<()> {
 async fn a_hard_down_upstream_costs_at_most_max_attempts_within_the_deadline() -> Result<()> {
     let upstreams = ProductUpstreams::start(MS(0)).await?;
     upstreams.pricing.set_behaviour(Behaviour::status(503));
-    let host = host_for(&upstreams).await?;
+    let host = upstreams.host().await?;
     let answer = host.get("/products/42").await?;
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{}", answer.json);
     assert_eq!(answer.error_code(), "upstream_error");
@@ -58,7 +52,7 @@ async fn a_hard_down_upstream_costs_at_most_max_attempts_within_the_deadline() -
 async fn client_errors_are_not_retried() -> Result<()> {
     let upstreams = ProductUpstreams::start(MS(0)).await?;
     upstreams.pricing.set_behaviour(Behaviour::status(400));
-    let host = host_for(&upstreams).await?;
+    let host = upstreams.host().await?;
     let answer = host.get("/products/42").await?;
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
     assert_eq!(upstreams.pricing.calls().len(), 1);
@@ -69,7 +63,7 @@ async fn client_errors_are_not_retried() -> Result<()> {
 async fn a_failing_optional_upstream_degrades_the_answer() -> Result<()> {
     let upstreams = ProductUpstreams::start(MS(0)).await?;
     upstreams.reviews.set_behaviour(Behaviour::status(500));
-    let host = host_for(&upstreams).await?;
+    let host = upstreams.host().await?;
     let answer = host.get("/products/42").await?;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
     assert_eq!(answer.json["degraded"], json!(["reviews"]));
@@ -83,7 +77,7 @@ async fn a_failing_optional_upstream_degrades_the_answer() -> Result<()> {
 async fn a_hanging_optional_upstream_degrades_at_the_deadline() -> Result<()> {
     let upstreams = ProductUpstreams::start(MS(10)).await?;
     upstreams.reviews.set_behaviour(Behaviour::hang());
-    let host = host_for(&upstreams).await?;
+    let host = upstreams.host().await?;
     let answer = host.get("/products/42").await?;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
     assert_eq!(answer.json["degraded"], json!(["reviews"]));
@@ -105,7 +99,7 @@ async fn every_upstream_failing_is_never_a_200() -> Result<()> {
     for upstream in [&upstreams.inventory, &upstreams.pricing, &upstreams.reviews] {
         upstream.set_behaviour(Behaviour::status(503));
     }
-    let host = host_for(&upstreams).await?;
+    let host = upstreams.host().await?;
     let answer = host.get("/products/42").await?;
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{}", answer.json);
 
@@ -124,7 +118,7 @@ async fn every_upstream_failing_is_never_a_200() -> Result<()> {
 async fn the_deadline_cancels_calls_in_flight() -> Result<()> {
     let upstreams = ProductUpstreams::start(MS(0)).await?;
     upstreams.pricing.set_behaviour(Behaviour::hang());
-    let host = host_for(&upstreams).await?;
+    let host = upstreams.host().await?;
     let sent = Instant::now();
     let answer = host.get("/products/42").await?;
     assert_eq!(
@@ -167,7 +161,7 @@ async fn the_deadline_cancels_calls_in_flight() -> Result<()> {
 #[tokio::test]
 async fn a_client_may_lower_the_budget_but_not_raise_it_past_the_cap() -> Result<()> {
     let upstreams = ProductUpstreams::start(MS(100)).await?;
-    let host = host_for(&upstreams).await?;
+    let host = upstreams.host().await?;
     let answer = host
         .get_with("/products/42", &[("x-request-timeout-ms", "50")])
         .await?;
@@ -199,7 +193,7 @@ async fn a_client_may_lower_the_budget_but_not_raise_it_past_the_cap() -> Result
 #[tokio::test]
 async fn a_batch_keeps_the_order_of_the_ids() -> Result<()> {
     let upstreams = ProductUpstreams::start(MS(5)).await?;
-    let host = host_for(&upstreams).await?;
+    let host = upstreams.host().await?;
     let answer = host.get("/products?ids=c,a,b").await?;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
     let items = answer.json["items"].as_array().unwrap();
@@ -231,7 +225,7 @@ async fn batch_items_carry_their_own_state() -> Result<()> {
     let upstreams = ProductUpstreams::start(MS(0)).await?;
     // Pricing knows no "missing"; reviews fails once.
     upstreams.reviews.script(vec![Behaviour::status(500)]);
-    let host = host_for(&upstreams).await?;
+    let host = upstreams.host().await?;
     let answer = host.get("/products?ids=a").await?;
     assert_eq!(answer.json["items"][0]["degraded"], json!(["reviews"]));
     assert_eq!(answer.headers["x-fanout-degraded"], "reviews");

@@ -1,0 +1,169 @@
+use super::*;
+use std::collections::HashMap;
+
+fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    let map: HashMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    move |k| map.get(k).cloned()
+}
+
+const BASES: [(&str, &str); 3] = [
+    ("FANOUT_UPSTREAM_INVENTORY", "http://inventory.local/"),
+    ("FANOUT_UPSTREAM_PRICING", "http://127.0.0.1:9001/v1"),
+    ("FANOUT_UPSTREAM_REVIEWS", "https://reviews.example"),
+];
+
+fn with(extra: &[(&'static str, &'static str)]) -> Result<Config, ConfigError> {
+    let mut pairs = BASES.to_vec();
+    pairs.extend_from_slice(extra);
+    Config::from_lookup(lookup(&pairs))
+}
+
+#[test]
+fn default_is_the_product_example() {
+    let config = with(&[]).unwrap();
+    assert_eq!(config.deadline, DEFAULT_DEADLINE);
+    assert_eq!(config.max_deadline, DEFAULT_MAX_DEADLINE);
+    assert_eq!(config.max_in_flight, DEFAULT_MAX_IN_FLIGHT);
+    assert_eq!(config.mode, Mode::Concurrent);
+    let route = config.route("/products").unwrap();
+    let summary: Vec<(String, &str, bool)> = route
+        .upstreams
+        .iter()
+        .map(|u| (u.url("42"), u.field.as_str(), u.required))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (
+                "http://inventory.local/inventory/42".to_string(),
+                "inventory",
+                true
+            ),
+            (
+                "http://127.0.0.1:9001/v1/pricing/42".to_string(),
+                "price",
+                true
+            ),
+            (
+                "https://reviews.example/reviews/42".to_string(),
+                "reviews",
+                false
+            ),
+        ]
+    );
+    assert_eq!(config.upstream_names(), ["inventory", "pricing", "reviews"]);
+}
+
+#[test]
+fn json_config_describes_routes() {
+    let config = with(&[(
+        "FANOUT_CONFIG",
+        r#"{"deadline_ms": 300, "max_deadline_ms": 2000, "max_in_flight": 4, "mode": "sequential",
+            "routes": [{"path": "/users/{id}", "upstreams": [
+                {"name": "pricing", "url": "{base}/u/{id}/price", "required": false,
+                 "timeout_ms": 50, "retry": {"max_attempts": 1}}]}]}"#,
+    )])
+    .unwrap();
+    assert_eq!(config.deadline, Duration::from_millis(300));
+    assert_eq!(config.max_deadline, Duration::from_millis(2000));
+    assert_eq!(config.max_in_flight, 4);
+    assert_eq!(config.mode, Mode::Sequential);
+    assert!(config.route("/products").is_none());
+    let upstream = &config.route("/users").unwrap().upstreams[0];
+    assert_eq!(upstream.url("7"), "http://127.0.0.1:9001/v1/u/7/price");
+    assert_eq!(upstream.field, "pricing");
+    assert!(!upstream.required);
+    assert_eq!(upstream.timeout, Duration::from_millis(50));
+    assert_eq!(upstream.retry.max_attempts, 1);
+}
+
+#[test]
+fn deadline_env_overrides_and_is_validated() {
+    let config = with(&[(ENV_DEADLINE_MS, "150")]).unwrap();
+    assert_eq!(config.deadline, Duration::from_millis(150));
+    for bad in ["0", "-5", "abc", "60001", ""] {
+        let err = with(&[(ENV_DEADLINE_MS, bad)]).unwrap_err();
+        assert_eq!(err.key, ENV_DEADLINE_MS, "{bad}");
+    }
+}
+
+#[test]
+fn errors_name_the_key() {
+    let cases: &[(&str, &str)] = &[
+        ("not json", "FANOUT_CONFIG"),
+        (r#"{"colour": 1}"#, "FANOUT_CONFIG"),
+        (r#"{"deadline_ms": 0}"#, "FANOUT_CONFIG.deadline_ms"),
+        (
+            r#"{"deadline_ms": 500, "max_deadline_ms": 100}"#,
+            "FANOUT_CONFIG.max_deadline_ms",
+        ),
+        (r#"{"max_in_flight": 0}"#, "FANOUT_CONFIG.max_in_flight"),
+        (r#"{"routes": []}"#, "FANOUT_CONFIG.routes"),
+        (
+            r#"{"routes": [{"path": "/p", "upstreams": [{"name": "a", "url": "http://a/{id}"}]}]}"#,
+            "FANOUT_CONFIG.routes[0].path",
+        ),
+        (
+            r#"{"routes": [{"path": "/p/{id}", "upstreams": []}]}"#,
+            "FANOUT_CONFIG.routes[0].upstreams",
+        ),
+        (
+            r#"{"routes": [{"path": "/p/{id}", "upstreams": [{"name": "a-b", "url": "http://a/{id}"}]}]}"#,
+            "FANOUT_CONFIG.routes[0].upstreams[0].name",
+        ),
+        (
+            r#"{"routes": [{"path": "/p/{id}", "upstreams": [{"name": "a", "url": "http://a/x"}]}]}"#,
+            "FANOUT_CONFIG.routes[0].upstreams[0].url",
+        ),
+        (
+            r#"{"routes": [{"path": "/p/{id}", "upstreams": [{"name": "a", "url": "http://a/{id}", "field": "id"}]}]}"#,
+            "FANOUT_CONFIG.routes[0].upstreams[0].field",
+        ),
+        (
+            r#"{"routes": [{"path": "/p/{id}", "upstreams": [{"name": "a", "url": "http://a/{id}"}, {"name": "b", "url": "http://b/{id}", "field": "a"}]}]}"#,
+            "FANOUT_CONFIG.routes[0].upstreams[1].field",
+        ),
+        (
+            r#"{"routes": [{"path": "/p/{id}", "upstreams": [{"name": "a", "url": "http://a/{id}", "timeout_ms": 0}]}]}"#,
+            "FANOUT_CONFIG.routes[0].upstreams[0].timeout_ms",
+        ),
+        (
+            r#"{"routes": [{"path": "/p/{id}", "upstreams": [{"name": "a", "url": "http://a/{id}", "retry": {"max_attempts": 0}}]}]}"#,
+            "FANOUT_CONFIG.routes[0].upstreams[0].retry",
+        ),
+        (
+            r#"{"routes": [{"path": "/p/{id}", "upstreams": [{"name": "nobase", "url": "{base}/{id}"}]}]}"#,
+            "FANOUT_UPSTREAM_NOBASE",
+        ),
+        (
+            r#"{"routes": [{"path": "/p/{id}", "upstreams": [{"name": "a", "url": "http://a/{id}"}]}, {"path": "/p/{id}", "upstreams": [{"name": "a", "url": "http://a/{id}"}]}]}"#,
+            "FANOUT_CONFIG.routes[1].path",
+        ),
+    ];
+    for (json, key) in cases {
+        let err = with(&[("FANOUT_CONFIG", json)]).unwrap_err();
+        assert_eq!(err.key, *key, "{json}: {err}");
+    }
+}
+
+#[test]
+fn missing_or_malformed_base_names_the_variable() {
+    let err = Config::from_lookup(lookup(&BASES[..2])).unwrap_err();
+    assert_eq!(err.key, "FANOUT_UPSTREAM_REVIEWS");
+
+    for bad in [
+        "ftp://x",
+        "http://",
+        "http:///path",
+        "http://a?b=c",
+        "inventory",
+    ] {
+        let mut pairs = BASES.to_vec();
+        pairs[0].1 = bad;
+        let err = Config::from_lookup(lookup(&pairs)).unwrap_err();
+        assert_eq!(err.key, "FANOUT_UPSTREAM_INVENTORY", "{bad}");
+    }
+}

@@ -1,0 +1,181 @@
+//! What goes wrong, as the client sees it: the one error shape
+//! ([`ApiError`]), why one upstream call produced nothing usable
+//! ([`UpstreamFailure`]) and how an upstream's answer is accepted.
+
+use serde_json::{Map, Value, json};
+
+/// A JSON error answer: `{"error": {"code", "message", "upstream"?}}`.
+///
+/// Clients and tests rely on `code` (stable, snake_case); `message` is for
+/// people and may change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+    pub upstream: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            upstream: None,
+        }
+    }
+
+    pub fn for_upstream(mut self, upstream: &str) -> ApiError {
+        self.upstream = Some(upstream.to_string());
+        self
+    }
+
+    pub fn to_json(&self) -> Value {
+        let mut error = Map::new();
+        error.insert("code".into(), json!(self.code));
+        error.insert("message".into(), json!(self.message));
+        if let Some(upstream) = &self.upstream {
+            error.insert("upstream".into(), json!(upstream));
+        }
+        json!({ "error": error })
+    }
+}
+
+/// Why one upstream call produced no usable answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// The request's budget ran out before the upstream answered.
+    Timeout,
+    /// The upstream answered with a non-2xx status.
+    Status(u16),
+    /// The call failed below HTTP (refused, reset, unreachable...).
+    Transport(String),
+    /// The host refused the request: the upstream is not configured
+    /// (`HttpRequestDenied`).
+    Denied,
+    /// The host shed the request without sending it: the upstream's
+    /// concurrency limit or retry budget is used up, or its circuit is open
+    /// (`ConnectionLimitReached`, `DestinationUnavailable`).
+    Shed(String),
+    /// The upstream answered 2xx with a body that is not a JSON object.
+    InvalidBody(String),
+}
+
+impl UpstreamFailure {
+    /// The answer a client sees when a required upstream fails this way.
+    pub fn to_api_error(&self, upstream: &str) -> ApiError {
+        let error = match self {
+            UpstreamFailure::Timeout => ApiError::new(
+                504,
+                "upstream_timeout",
+                format!("{upstream} did not answer within the request's deadline"),
+            ),
+            UpstreamFailure::Status(404) => ApiError::new(
+                404,
+                "item_not_found",
+                format!("{upstream} does not know this id"),
+            ),
+            UpstreamFailure::Status(status) => ApiError::new(
+                502,
+                "upstream_error",
+                format!("{upstream} answered HTTP {status}"),
+            ),
+            UpstreamFailure::Transport(why) => ApiError::new(
+                502,
+                "upstream_unavailable",
+                format!("{upstream} could not be reached: {why}"),
+            ),
+            UpstreamFailure::InvalidBody(why) => ApiError::new(
+                502,
+                "upstream_invalid_response",
+                format!("{upstream} answered with an unusable body: {why}"),
+            ),
+            UpstreamFailure::Denied => ApiError::new(
+                502,
+                "upstream_denied",
+                format!("the host does not allow calls to {upstream}'s address"),
+            ),
+            UpstreamFailure::Shed(why) => ApiError::new(
+                503,
+                "upstream_shed",
+                format!("the host shed the call to {upstream}: {why}"),
+            ),
+        };
+        error.for_upstream(upstream)
+    }
+
+    /// Whether another attempt may succeed: connection-level failures,
+    /// 502/503/504 and attempt timeouts. Never a 4xx (the request itself is
+    /// wrong), a 500, an unusable body, or a request the host denied or shed
+    /// (retrying into a guardrail only adds load where there is too much).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            UpstreamFailure::Timeout | UpstreamFailure::Transport(_) => true,
+            UpstreamFailure::Status(status) => matches!(status, 502..=504),
+            UpstreamFailure::InvalidBody(_)
+            | UpstreamFailure::Denied
+            | UpstreamFailure::Shed(_) => false,
+        }
+    }
+}
+
+/// The largest upstream answer the guest reads. An upstream's answer is one
+/// JSON object merged into one field; a bigger one is refused as invalid (that
+/// upstream fails, and the answer degrades if it is optional) rather than left
+/// to exhaust the instance's fuel (the whole request fails). Reading, parsing
+/// and writing an answer back out costs about 27 fuel a byte: the host's
+/// default 10M fuel holds one answer this size with room to spare, and a
+/// request whose answers add up to much more needs more fuel.
+pub const MAX_UPSTREAM_BODY: usize = 256 << 10;
+
+/// Parses an upstream's 2xx body: it must be a JSON object.
+pub fn parse_upstream_body(body: &[u8]) -> Result<Value, UpstreamFailure> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(value @ Value::Object(_)) => Ok(value),
+        Ok(_) => Err(UpstreamFailure::InvalidBody("not a JSON object".into())),
+        Err(e) => Err(UpstreamFailure::InvalidBody(format!("invalid JSON: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_shape_is_stable() {
+        let err = UpstreamFailure::Timeout.to_api_error("pricing");
+        let body = err.to_json();
+        assert_eq!(body["error"]["code"], "upstream_timeout");
+        assert_eq!(body["error"]["upstream"], "pricing");
+        assert!(body["error"]["message"].is_string());
+        let plain = ApiError::new(404, "not_found", "x").to_json();
+        assert!(plain["error"].get("upstream").is_none());
+    }
+
+    #[test]
+    fn upstream_bodies_must_be_objects() {
+        assert!(parse_upstream_body(br#"{"a":1}"#).is_ok());
+        for bad in [&b"[1]"[..], b"42", b"not json", b""] {
+            assert!(matches!(
+                parse_upstream_body(bad),
+                Err(UpstreamFailure::InvalidBody(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn what_is_retried() {
+        assert!(UpstreamFailure::Timeout.is_retryable());
+        for status in [502, 503, 504] {
+            assert!(UpstreamFailure::Status(status).is_retryable(), "{status}");
+        }
+        for status in [400, 401, 403, 404, 409, 429, 500, 501] {
+            assert!(!UpstreamFailure::Status(status).is_retryable(), "{status}");
+        }
+        assert!(UpstreamFailure::Transport("ErrorCode::ConnectionRefused".into()).is_retryable());
+        assert!(!UpstreamFailure::Denied.is_retryable());
+        assert!(!UpstreamFailure::Shed("circuit open".into()).is_retryable());
+        assert!(!UpstreamFailure::InvalidBody("x".into()).is_retryable());
+    }
+}

@@ -1,0 +1,329 @@
+use super::*;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+/// A virtual clock and a scripted upstream: each attempt takes the
+/// scripted latency (or times out at its timeout) and returns the
+/// scripted result. Nothing ever waits for real.
+struct FakeEnv {
+    now: Cell<Duration>,
+    script: RefCell<VecDeque<(Duration, Result<Value, UpstreamFailure>)>>,
+    attempts: RefCell<Vec<(u32, Duration, Duration)>>,
+    sleeps: RefCell<Vec<Duration>>,
+    seed: Cell<u64>,
+}
+
+impl FakeEnv {
+    fn new(script: Vec<(u64, Result<Value, UpstreamFailure>)>) -> FakeEnv {
+        FakeEnv {
+            now: Cell::new(Duration::ZERO),
+            script: RefCell::new(
+                script
+                    .into_iter()
+                    .map(|(ms, r)| (Duration::from_millis(ms), r))
+                    .collect(),
+            ),
+            attempts: RefCell::new(Vec::new()),
+            sleeps: RefCell::new(Vec::new()),
+            seed: Cell::new(1),
+        }
+    }
+
+    fn advance(&self, d: Duration) {
+        self.now.set(self.now.get() + d);
+    }
+}
+
+impl Env for FakeEnv {
+    fn now(&self) -> Duration {
+        self.now.get()
+    }
+
+    async fn sleep(&self, duration: Duration) {
+        self.sleeps.borrow_mut().push(duration);
+        self.advance(duration);
+    }
+
+    fn random(&self) -> u64 {
+        let x = self
+            .seed
+            .get()
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.seed.set(x);
+        x >> 11
+    }
+
+    async fn attempt(&self, attempt: Attempt<'_>) -> Result<Value, UpstreamFailure> {
+        self.attempts
+            .borrow_mut()
+            .push((attempt.number, self.now.get(), attempt.timeout));
+        let (latency, result) = self
+            .script
+            .borrow_mut()
+            .pop_front()
+            .expect("more attempts than scripted");
+        if latency >= attempt.timeout {
+            self.advance(attempt.timeout);
+            return Err(UpstreamFailure::Timeout);
+        }
+        self.advance(latency);
+        result
+    }
+}
+
+/// Runs a future that never really waits (the fake env never pends).
+fn run<F: Future>(future: F) -> F::Output {
+    let mut future = pin!(future);
+    match future
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
+        Poll::Ready(output) => output,
+        Poll::Pending => panic!("the fake env never pends"),
+    }
+}
+
+fn upstream(timeout_ms: u64, max_attempts: u32) -> UpstreamConfig {
+    let config = crate::config::Config::from_lookup(|k| match k {
+        "FANOUT_CONFIG" => Some(format!(
+            r#"{{"routes": [{{"path": "/p/{{id}}", "upstreams": [{{"name": "u", "url": "http://u/{{id}}",
+               "timeout_ms": {timeout_ms}, "retry": {{"max_attempts": {max_attempts},
+               "initial_backoff_ms": 10, "max_backoff_ms": 40}}}}]}}]}}"#
+        )),
+        _ => None,
+    })
+    .unwrap();
+    config.routes[0].upstreams[0].clone()
+}
+
+/// One call for id "1" with a fresh 200 ms budget.
+fn call_200ms(env: &impl Env, upstream: &UpstreamConfig) -> Result<Value, UpstreamFailure> {
+    run(call(
+        env,
+        upstream,
+        "1",
+        Budget::starting_at(MS(0), MS(200)),
+        &TRACE,
+    ))
+}
+
+const MS: fn(u64) -> Duration = Duration::from_millis;
+const TRACE: TraceContext = TraceContext {
+    trace_id: [7; 16],
+    parent_id: [1; 8],
+    flags: 1,
+};
+
+#[test]
+fn budget_arithmetic() {
+    let budget = Budget::starting_at(MS(100), MS(200));
+    assert_eq!(budget.remaining(MS(100)), MS(200));
+    assert_eq!(budget.remaining(MS(250)), MS(50));
+    assert_eq!(budget.remaining(MS(400)), Duration::ZERO);
+    assert_eq!(budget.attempt_timeout(MS(100), MS(150)), MS(150));
+    assert_eq!(budget.attempt_timeout(MS(250), MS(150)), MS(50));
+    assert_eq!(budget.attempt_timeout(MS(300), MS(150)), Duration::ZERO);
+}
+
+#[test]
+fn every_attempt_carries_the_trace_with_its_own_span() {
+    let env = FakeEnv::new(vec![
+        (1, Err(UpstreamFailure::Status(503))),
+        (1, Ok(Value::Null)),
+    ]);
+    let traced = std::cell::RefCell::new(Vec::new());
+    let recording = Recording {
+        env: &env,
+        traced: &traced,
+    };
+    let _ = run(call(
+        &recording,
+        &upstream(100, 3),
+        "1",
+        Budget::starting_at(MS(0), MS(200)),
+        &TRACE,
+    ));
+    let traced = traced.borrow();
+    assert_eq!(traced.len(), 2);
+    for header in traced.iter() {
+        let ctx = TraceContext::parse(header).expect("valid traceparent");
+        assert_eq!(ctx.trace_id, TRACE.trace_id);
+    }
+    assert_ne!(traced[0], traced[1], "each attempt is its own span");
+}
+
+/// Wraps the fake env to record each attempt's traceparent.
+struct Recording<'a> {
+    env: &'a FakeEnv,
+    traced: &'a std::cell::RefCell<Vec<String>>,
+}
+
+impl Env for Recording<'_> {
+    fn now(&self) -> Duration {
+        self.env.now()
+    }
+    fn sleep(&self, d: Duration) -> impl Future<Output = ()> {
+        self.env.sleep(d)
+    }
+    fn random(&self) -> u64 {
+        self.env.random()
+    }
+    fn attempt(&self, a: Attempt<'_>) -> impl Future<Output = Result<Value, UpstreamFailure>> {
+        self.traced.borrow_mut().push(a.traceparent.clone());
+        self.env.attempt(a)
+    }
+}
+
+#[test]
+fn server_timing_lists_upstreams_then_total() {
+    let header = server_timing(
+        &[
+            ("inventory".into(), MS(23)),
+            ("pricing".into(), Duration::from_micros(41_250)),
+        ],
+        MS(42),
+    );
+    assert_eq!(
+        header,
+        "inventory;dur=23.0, pricing;dur=41.3, total;dur=42.0"
+    );
+}
+
+#[test]
+fn flaky_upstream_succeeds_on_the_third_attempt() {
+    let env = FakeEnv::new(vec![
+        (5, Err(UpstreamFailure::Status(503))),
+        (
+            5,
+            Err(UpstreamFailure::Transport(
+                "ErrorCode::ConnectionRefused".into(),
+            )),
+        ),
+        (5, Ok(serde_json::json!({"ok": true}))),
+    ]);
+    let result = call_200ms(&env, &upstream(100, 3));
+    assert_eq!(result, Ok(serde_json::json!({"ok": true})));
+    let attempts = env.attempts.borrow();
+    assert_eq!(attempts.iter().map(|a| a.0).collect::<Vec<_>>(), [1, 2, 3]);
+    // Backoffs stay under their ceilings (10 ms, then 20 ms).
+    let sleeps = env.sleeps.borrow();
+    assert!(sleeps[0] <= MS(10) && sleeps[1] <= MS(20), "{sleeps:?}");
+}
+
+#[test]
+fn hard_down_upstream_costs_at_most_max_attempts() {
+    let env = FakeEnv::new(vec![(1, Err(UpstreamFailure::Status(503))); 10]);
+    let result = call_200ms(&env, &upstream(100, 3));
+    assert_eq!(result, Err(UpstreamFailure::Status(503)));
+    assert_eq!(env.attempts.borrow().len(), 3);
+    assert!(env.now() < MS(200));
+}
+
+#[test]
+fn client_errors_are_not_retried() {
+    for failure in [
+        UpstreamFailure::Status(404),
+        UpstreamFailure::Status(400),
+        UpstreamFailure::Status(500),
+        UpstreamFailure::Denied,
+        UpstreamFailure::Shed("limit".into()),
+    ] {
+        let env = FakeEnv::new(vec![(1, Err(failure.clone())), (1, Ok(Value::Null))]);
+        let result = call_200ms(&env, &upstream(100, 3));
+        assert_eq!(result, Err(failure));
+        assert_eq!(env.attempts.borrow().len(), 1);
+    }
+}
+
+#[test]
+fn attempt_timeouts_are_cut_to_the_budget_and_retried_while_it_lasts() {
+    // Every attempt hangs. Timeout 150 ms in a 200 ms budget: the first
+    // attempt gets 150 ms, the retry gets what is left, then no more.
+    let env = FakeEnv::new(vec![(10_000, Ok(Value::Null)); 5]);
+    let result = call_200ms(&env, &upstream(150, 5));
+    assert_eq!(result, Err(UpstreamFailure::Timeout));
+    let attempts = env.attempts.borrow();
+    assert_eq!(attempts[0].2, MS(150));
+    assert!(attempts.len() == 2, "{attempts:?}");
+    // The retry's timeout ends exactly at the deadline.
+    let (_, started, timeout) = attempts[1];
+    assert_eq!(started + timeout, MS(200));
+    assert_eq!(env.now(), MS(200));
+}
+
+#[test]
+fn no_retry_starts_that_cannot_finish() {
+    // 195 ms of a 200 ms budget are gone after the first failure: the
+    // retry would have under MIN_RETRY_BUDGET, so it is not started.
+    let env = FakeEnv::new(vec![
+        (195, Err(UpstreamFailure::Status(503))),
+        (1, Ok(Value::Null)),
+    ]);
+    let result = call_200ms(&env, &upstream(1000, 3));
+    assert_eq!(result, Err(UpstreamFailure::Status(503)));
+    assert_eq!(env.attempts.borrow().len(), 1);
+}
+
+#[test]
+fn a_retry_the_host_sheds_reports_the_original_failure() {
+    let env = FakeEnv::new(vec![
+        (1, Err(UpstreamFailure::Status(503))),
+        (0, Err(UpstreamFailure::Shed("retry budget".into()))),
+    ]);
+    let result = call_200ms(&env, &upstream(100, 3));
+    assert_eq!(result, Err(UpstreamFailure::Status(503)));
+    assert_eq!(env.attempts.borrow().len(), 2);
+}
+
+#[test]
+fn an_exhausted_budget_calls_nothing() {
+    let env = FakeEnv::new(vec![]);
+    let budget = Budget::starting_at(MS(0), MS(200));
+    env.advance(MS(200));
+    assert_eq!(
+        run(call(&env, &upstream(100, 3), "1", budget, &TRACE)),
+        Err(UpstreamFailure::Timeout)
+    );
+}
+
+#[test]
+fn fan_out_merges_in_id_order() {
+    let env = FakeEnv::new(vec![
+        (1, Ok(serde_json::json!({"n": 1}))),
+        (1, Ok(serde_json::json!({"n": 2}))),
+    ]);
+    let config = crate::config::Config::from_lookup(|k| match k {
+        "FANOUT_CONFIG" => Some(
+            r#"{"routes": [{"path": "/p/{id}", "upstreams": [{"name": "u", "url": "http://u/{id}"}]}]}"#.into(),
+        ),
+        _ => None,
+    })
+    .unwrap();
+    let ids = vec!["a".to_string(), "b".to_string()];
+    let items = run(fan_out(
+        &env,
+        &config,
+        &config.routes[0],
+        &ids,
+        Budget::starting_at(MS(0), MS(200)),
+        &TRACE,
+    ));
+    let fan_out = items;
+    // The fake clock advanced 1 ms per attempt, one after the other.
+    assert_eq!(fan_out.timings, [("u".to_string(), MS(2))]);
+    let summary: Vec<(String, Value)> = fan_out
+        .items
+        .into_iter()
+        .map(|i| (i.id, i.result.unwrap()["u"].clone()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("a".into(), serde_json::json!({"n": 1})),
+            ("b".into(), serde_json::json!({"n": 2}))
+        ]
+    );
+}

@@ -1,0 +1,343 @@
+//! Merging: each item's upstream answers into one document, and items into
+//! the answer a client gets.
+
+use crate::errors::{ApiError, UpstreamFailure};
+use serde_json::{Map, Value, json};
+
+/// One upstream's result, labelled with what the merge needs to know.
+pub struct Outcome<'a> {
+    pub upstream: &'a str,
+    pub field: &'a str,
+    pub required: bool,
+    pub result: Result<Value, UpstreamFailure>,
+}
+
+/// One merged item: `{"id", <field>: <upstream JSON or null>..., "degraded"}`,
+/// or the error that failed it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item {
+    pub id: String,
+    pub result: Result<Value, ApiError>,
+    /// Optional upstreams that failed, in configuration order.
+    pub degraded: Vec<String>,
+}
+
+/// Ranks failures so that the most telling one is reported: a 404 first (the
+/// item does not exist, whatever else went wrong), then a timeout (the
+/// client's budget is what ran out), then the rest in upstream order.
+fn rank(f: &UpstreamFailure) -> u8 {
+    match f {
+        UpstreamFailure::Status(404) => 0,
+        UpstreamFailure::Timeout => 1,
+        _ => 2,
+    }
+}
+
+fn worst<'a, 'b>(outcomes: impl Iterator<Item = &'b Outcome<'a>>) -> Option<ApiError>
+where
+    'a: 'b,
+{
+    outcomes
+        .filter_map(|o| o.result.as_ref().err().map(|f| (o.upstream, f)))
+        .min_by_key(|(_, f)| rank(f))
+        .map(|(upstream, failure)| failure.to_api_error(upstream))
+}
+
+/// Merges one item's upstream answers.
+///
+/// A failed required upstream fails the item. A failed optional upstream
+/// leaves its field `null` and is named in `degraded`. If every upstream
+/// failed, the item fails even when all were optional: an answer with no
+/// data is never a success.
+pub fn merge(id: &str, outcomes: Vec<Outcome<'_>>) -> Item {
+    let failed = |result: Result<Value, ApiError>| Item {
+        id: id.to_string(),
+        result,
+        degraded: Vec::new(),
+    };
+    if let Some(error) = worst(outcomes.iter().filter(|o| o.required)) {
+        return failed(Err(error));
+    }
+    if outcomes.iter().all(|o| o.result.is_err())
+        && let Some(error) = worst(outcomes.iter())
+    {
+        return failed(Err(error));
+    }
+    let mut answer = Map::new();
+    answer.insert("id".into(), json!(id));
+    let mut degraded = Vec::new();
+    for outcome in outcomes {
+        let value = match outcome.result {
+            Ok(value) => value,
+            Err(_) => {
+                degraded.push(outcome.upstream.to_string());
+                Value::Null
+            }
+        };
+        answer.insert(outcome.field.to_string(), value);
+    }
+    answer.insert("degraded".into(), json!(degraded));
+    Item {
+        id: id.to_string(),
+        result: Ok(Value::Object(answer)),
+        degraded,
+    }
+}
+
+/// An answer ready to send: status, JSON body, degraded upstreams.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+    pub degraded: Vec<String>,
+}
+
+impl Answer {
+    pub fn error(error: &ApiError) -> Answer {
+        Answer {
+            status: error.status,
+            body: error.to_json(),
+            degraded: Vec::new(),
+        }
+    }
+
+    /// The answer to `GET <collection>/{id}`.
+    pub fn item(item: Item) -> Answer {
+        match item.result {
+            Ok(body) => Answer {
+                status: 200,
+                body,
+                degraded: item.degraded,
+            },
+            Err(error) => Answer::error(&error),
+        }
+    }
+
+    /// The answer to a batch: `{"items": [...]}` in the order of the ids,
+    /// each item its merged object or `{"id", "error"}`. It is a 200 if any
+    /// item succeeded; otherwise the most telling item error, with the items.
+    pub fn batch(items: Vec<Item>) -> Answer {
+        let mut degraded: Vec<String> = Vec::new();
+        let mut first_error: Option<ApiError> = None;
+        let mut any_ok = false;
+        let values: Vec<Value> = items
+            .into_iter()
+            .map(|item| match item.result {
+                Ok(value) => {
+                    any_ok = true;
+                    for name in item.degraded {
+                        if !degraded.contains(&name) {
+                            degraded.push(name);
+                        }
+                    }
+                    value
+                }
+                Err(error) => {
+                    let body = json!({ "id": item.id, "error": error.to_json()["error"] });
+                    let better = match &first_error {
+                        None => true,
+                        Some(e) => error_rank(&error) < error_rank(e),
+                    };
+                    if better {
+                        first_error = Some(error);
+                    }
+                    body
+                }
+            })
+            .collect();
+        match (any_ok, first_error) {
+            (false, Some(error)) => {
+                let mut body = error.to_json();
+                body["items"] = Value::Array(values);
+                Answer {
+                    status: error.status,
+                    body,
+                    degraded,
+                }
+            }
+            _ => Answer {
+                status: 200,
+                body: json!({ "items": values }),
+                degraded,
+            },
+        }
+    }
+}
+
+fn error_rank(e: &ApiError) -> u8 {
+    match e.status {
+        404 => 0,
+        504 => 1,
+        _ => 2,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(upstream: &'static str, required: bool, v: Value) -> Outcome<'static> {
+        Outcome {
+            upstream,
+            field: upstream,
+            required,
+            result: Ok(v),
+        }
+    }
+
+    fn failed(upstream: &'static str, required: bool, f: UpstreamFailure) -> Outcome<'static> {
+        Outcome {
+            upstream,
+            field: upstream,
+            required,
+            result: Err(f),
+        }
+    }
+
+    #[test]
+    fn complete_answer_has_every_field_and_no_degraded() {
+        let item = merge(
+            "42",
+            vec![
+                ok("inventory", true, json!({"in_stock": true})),
+                ok("reviews", false, json!({"rating": 4.5})),
+            ],
+        );
+        let answer = Answer::item(item);
+        assert_eq!(answer.status, 200);
+        assert!(answer.degraded.is_empty());
+        assert_eq!(
+            answer.body,
+            json!({"id": "42", "inventory": {"in_stock": true},
+                   "reviews": {"rating": 4.5}, "degraded": []})
+        );
+    }
+
+    #[test]
+    fn failed_optional_upstream_degrades() {
+        let item = merge(
+            "42",
+            vec![
+                ok("inventory", true, json!({"in_stock": true})),
+                failed("reviews", false, UpstreamFailure::Timeout),
+            ],
+        );
+        let answer = Answer::item(item);
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.degraded, ["reviews"]);
+        assert_eq!(answer.body["reviews"], Value::Null);
+        assert_eq!(answer.body["degraded"], json!(["reviews"]));
+    }
+
+    #[test]
+    fn failed_required_upstream_fails_with_the_most_telling_error() {
+        let answer = Answer::item(merge(
+            "42",
+            vec![
+                failed("inventory", true, UpstreamFailure::Status(500)),
+                failed("pricing", true, UpstreamFailure::Timeout),
+                ok("reviews", false, json!({})),
+            ],
+        ));
+        assert_eq!(
+            (answer.status, &answer.body["error"]["upstream"]),
+            (504, &json!("pricing"))
+        );
+
+        let answer = Answer::item(merge(
+            "42",
+            vec![
+                failed("inventory", true, UpstreamFailure::Timeout),
+                failed("pricing", true, UpstreamFailure::Status(404)),
+            ],
+        ));
+        assert_eq!(
+            (answer.status, &answer.body["error"]["code"]),
+            (404, &json!("item_not_found"))
+        );
+
+        // An optional upstream's failure does not decide the error.
+        let answer = Answer::item(merge(
+            "42",
+            vec![
+                failed(
+                    "inventory",
+                    true,
+                    UpstreamFailure::Transport("refused".into()),
+                ),
+                failed("reviews", false, UpstreamFailure::Status(404)),
+            ],
+        ));
+        assert_eq!(
+            (
+                answer.status,
+                answer.body["error"]["code"].as_str(),
+                answer.body["error"]["upstream"].as_str()
+            ),
+            (502, Some("upstream_unavailable"), Some("inventory"))
+        );
+    }
+
+    #[test]
+    fn all_upstreams_failing_is_never_a_200() {
+        let answer = Answer::item(merge(
+            "42",
+            vec![
+                failed("a", false, UpstreamFailure::Status(503)),
+                failed("b", false, UpstreamFailure::Timeout),
+            ],
+        ));
+        assert_eq!(answer.status, 504);
+        assert_eq!(answer.body["error"]["upstream"], "b");
+    }
+
+    #[test]
+    fn batches_keep_order_and_per_item_state() {
+        let items = vec![
+            merge(
+                "a",
+                vec![
+                    ok("inventory", true, json!({})),
+                    failed("reviews", false, UpstreamFailure::Timeout),
+                ],
+            ),
+            merge(
+                "b",
+                vec![
+                    failed("inventory", true, UpstreamFailure::Status(404)),
+                    ok("reviews", false, json!({})),
+                ],
+            ),
+            merge(
+                "c",
+                vec![
+                    ok("inventory", true, json!({})),
+                    ok("reviews", false, json!({})),
+                ],
+            ),
+        ];
+        let answer = Answer::batch(items);
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.degraded, ["reviews"]);
+        let items = answer.body["items"].as_array().unwrap();
+        let ids: Vec<&str> = items.iter().map(|i| i["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        assert_eq!(items[0]["degraded"], json!(["reviews"]));
+        assert_eq!(items[1]["error"]["code"], "item_not_found");
+        assert_eq!(items[2]["degraded"], json!([]));
+
+        let all_failed = Answer::batch(vec![
+            merge(
+                "a",
+                vec![failed("inventory", true, UpstreamFailure::Status(503))],
+            ),
+            merge(
+                "b",
+                vec![failed("inventory", true, UpstreamFailure::Timeout)],
+            ),
+        ]);
+        assert_eq!(all_failed.status, 504);
+        assert_eq!(all_failed.body["error"]["code"], "upstream_timeout");
+        assert_eq!(all_failed.body["items"].as_array().unwrap().len(), 2);
+    }
+}

@@ -1,0 +1,49 @@
+//! The built-in upstream adapters: implementations of
+//! [`Upstream`](crate::upstream::Upstream).
+//!
+//! | adapter | what it is for |
+//! |---|---|
+//! | [`HttpUpstream`] | real HTTP/1.1 on a pooled keep-alive client |
+//! | [`FixtureUpstream`] | JSON answers from files keyed by path: demos, contract tests |
+//! | [`from_fn`] | an in-process async closure: no network hop for an embedding app |
+//! | [`SimulatedUpstream`] | a latency distribution plus error and hang rates: demos, benchmarks, fault injection |
+
+mod fixture;
+mod func;
+mod http;
+mod simulated;
+
+pub use fixture::FixtureUpstream;
+pub use func::from_fn;
+pub use http::{
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, HttpOptions, HttpUpstream,
+    POOL_MAX_IDLE_PER_HOST,
+};
+pub use simulated::{Latency, SimulatedUpstream};
+
+use crate::response::full_body;
+use crate::upstream::{TransportError, UpstreamBody};
+use ::http::{Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+
+/// A JSON answer, for in-process upstreams.
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<UpstreamBody> {
+    let mut response = Response::new(full_body(value.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Reads the whole request body before answering, as a server on the other
+/// end of a socket would: the guest is still writing it, and dropping it
+/// early would fail the guest's write.
+pub(crate) async fn read_body(
+    request: Request<UpstreamBody>,
+) -> Result<Request<UpstreamBody>, TransportError> {
+    let (parts, body) = request.into_parts();
+    let bytes = body.collect().await?.to_bytes();
+    Ok(Request::from_parts(parts, full_body(bytes)))
+}

@@ -1,0 +1,312 @@
+//! The admission limit itself: AIMD with slow start, as pure logic with
+//! time passed in (the module above has the why).
+
+use std::time::{Duration, Instant};
+
+/// Settings of the limiter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdmissionConfig {
+    /// Limit at start; it adapts from there.
+    pub initial: usize,
+    pub min: usize,
+    /// Never more than this (the instance pool's size).
+    pub max: usize,
+    /// A request is "slow" when it takes longer than `tolerance` times the
+    /// fastest latency of the last `min_window` (and at least `slack` more).
+    pub tolerance: f64,
+    pub slack: Duration,
+    /// How long the fastest latency is remembered; old minima expire so
+    /// that a change in upstream latency is learnt.
+    pub min_window: Duration,
+    /// Multiplicative decrease on a slow request.
+    pub decrease: f64,
+}
+
+impl AdmissionConfig {
+    pub fn new(max: usize) -> AdmissionConfig {
+        AdmissionConfig {
+            initial: (max / 4).clamp(1, max.max(1)),
+            min: 2.min(max.max(1)),
+            max: max.max(1),
+            tolerance: 2.0,
+            slack: Duration::from_millis(20),
+            min_window: Duration::from_secs(10),
+            decrease: 0.9,
+        }
+    }
+}
+
+/// The limiter's state, with time passed in: the logic is testable.
+#[derive(Debug, Clone)]
+pub struct Aimd {
+    config: AdmissionConfig,
+    limit: f64,
+    pub(super) in_flight: usize,
+    min_latency: Option<(Duration, Instant)>,
+    /// Moving average of recent latencies (weight 1/8, as TCP's smoothed
+    /// RTT): one slow request among fast ones is noise, not congestion.
+    smoothed: Option<Duration>,
+    last_decrease: Option<Instant>,
+    /// The limit when the current run of decreases began; `None` once the
+    /// limit has grown since.
+    run_from: Option<f64>,
+    /// Below this the limit grows by one per completion (slow start):
+    /// without bound until the first decrease, then half the limit a run
+    /// of decreases began from.
+    slow_start_below: f64,
+}
+
+impl Aimd {
+    pub fn new(config: AdmissionConfig) -> Aimd {
+        Aimd {
+            config,
+            limit: config.initial as f64,
+            in_flight: 0,
+            min_latency: None,
+            smoothed: None,
+            last_decrease: None,
+            run_from: None,
+            slow_start_below: f64::INFINITY,
+        }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit as usize
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Admits a request if the limit allows.
+    pub fn try_admit(&mut self) -> bool {
+        if self.in_flight >= self.limit() {
+            return false;
+        }
+        self.in_flight += 1;
+        true
+    }
+
+    /// A request admitted earlier finished after `latency`, at `now`.
+    /// `None`: it ended without a latency worth learning from (cancelled).
+    pub fn finish(&mut self, latency: Option<Duration>, now: Instant) {
+        if let Some(latency) = latency {
+            self.learn(latency, now);
+        }
+        self.release();
+    }
+
+    /// A request admitted earlier gives its place back.
+    pub fn release(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+    }
+
+    /// A request still holding its place took `latency`, at `now`.
+    pub fn learn(&mut self, latency: Duration, now: Instant) {
+        let fresh = |(_, at): (Duration, Instant)| now.duration_since(at) < self.config.min_window;
+        match self.min_latency {
+            Some(min) if fresh(min) && min.0 <= latency => {}
+            _ => self.min_latency = Some((latency, now)),
+        }
+        let min = self.min_latency.map(|(d, _)| d).unwrap_or(latency);
+        let smoothed = match self.smoothed {
+            None => latency,
+            Some(s) if latency >= s => s + (latency - s) / 8,
+            Some(s) => s - (s - latency) / 8,
+        };
+        self.smoothed = Some(smoothed);
+        let threshold = min
+            .mul_f64(self.config.tolerance)
+            .max(min + self.config.slack);
+        if smoothed > threshold {
+            // At most once per round trip: one slow burst is one signal.
+            let recent = self
+                .last_decrease
+                .is_some_and(|at| now.duration_since(at) < smoothed);
+            if !recent {
+                let from = *self.run_from.get_or_insert(self.limit);
+                self.slow_start_below = from / 2.0;
+                self.limit = (self.limit * self.config.decrease).max(self.config.min as f64);
+                self.last_decrease = Some(now);
+            }
+        } else if self.in_flight >= self.limit() {
+            // Grow only when the limit is what holds requests back: about
+            // +1 per round trip's worth of completions, or +1 per
+            // completion in slow start.
+            self.run_from = None;
+            let step = if self.limit < self.slow_start_below {
+                1.0
+            } else {
+                1.0 / self.limit
+            };
+            self.limit = (self.limit + step).min(self.config.max as f64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    /// One completion at the fast latency, 1 ms after the last, with the
+    /// limit full: the condition under which the limit grows.
+    fn fast_and_full(aimd: &mut Aimd, now: &mut Instant) {
+        *now += MS(1);
+        while aimd.try_admit() {}
+        aimd.finish(Some(MS(50)), *now);
+    }
+
+    fn config() -> AdmissionConfig {
+        AdmissionConfig {
+            initial: 10,
+            min: 2,
+            max: 100,
+            ..AdmissionConfig::new(100)
+        }
+    }
+
+    #[test]
+    fn sheds_beyond_the_limit() {
+        let mut aimd = Aimd::new(config());
+        for _ in 0..10 {
+            assert!(aimd.try_admit());
+        }
+        assert!(!aimd.try_admit(), "the 11th is shed");
+        aimd.finish(None, Instant::now());
+        assert!(aimd.try_admit(), "a finished request frees its place");
+    }
+
+    #[test]
+    fn grows_while_fast_and_full() {
+        let mut aimd = Aimd::new(config());
+        let mut now = Instant::now();
+        for _ in 0..2_000 {
+            fast_and_full(&mut aimd, &mut now);
+        }
+        assert!(aimd.limit() > 40, "grew to {}", aimd.limit());
+        assert!(aimd.limit() <= 100);
+    }
+
+    #[test]
+    fn shrinks_when_latency_climbs_then_recovers() {
+        let mut aimd = Aimd::new(AdmissionConfig {
+            initial: 80,
+            ..config()
+        });
+        let mut now = Instant::now();
+        // Learn the fast latency.
+        for _ in 0..20 {
+            assert!(aimd.try_admit());
+            aimd.finish(Some(MS(50)), now);
+        }
+        let before = aimd.limit();
+        // Overload: requests take 400 ms (queueing for CPU).
+        for _ in 0..30 {
+            now += MS(400);
+            assert!(aimd.try_admit());
+            aimd.finish(Some(MS(400)), now);
+        }
+        let squeezed = aimd.limit();
+        assert!(squeezed < before / 2, "{before} -> {squeezed}");
+        assert!(squeezed >= 2, "never below min");
+        // Back to fast: it grows again.
+        for _ in 0..5_000 {
+            fast_and_full(&mut aimd, &mut now);
+        }
+        assert!(
+            aimd.limit() > squeezed * 2,
+            "{squeezed} -> {}",
+            aimd.limit()
+        );
+    }
+
+    #[test]
+    fn it_starts_in_slow_start_until_the_first_slow_signal() {
+        let mut aimd = Aimd::new(config());
+        let mut now = Instant::now();
+        // Fast and full: +1 per completion, from 10 to 80 in 70.
+        for _ in 0..70 {
+            fast_and_full(&mut aimd, &mut now);
+        }
+        assert_eq!(aimd.limit(), 80);
+        // Overshot: latency climbs, one decrease...
+        now += MS(1);
+        aimd.try_admit();
+        aimd.finish(Some(MS(1000)), now);
+        assert_eq!(aimd.limit(), 72);
+        // ...and from there on growth is additive (72 is above half of 80).
+        for _ in 0..70 {
+            fast_and_full(&mut aimd, &mut now);
+        }
+        assert!(aimd.limit() <= 73, "{}", aimd.limit());
+    }
+
+    #[test]
+    fn a_collapse_recovers_by_slow_start() {
+        let mut aimd = Aimd::new(AdmissionConfig {
+            initial: 80,
+            ..config()
+        });
+        let mut now = Instant::now();
+        aimd.try_admit();
+        aimd.finish(Some(MS(50)), now);
+        // A long stall (within the fast latency's memory): decrease after
+        // decrease.
+        for _ in 0..24 {
+            now += MS(400);
+            aimd.try_admit();
+            aimd.finish(Some(MS(400)), now);
+        }
+        assert!(aimd.limit() < 10, "{}", aimd.limit());
+        // Fast again. One per round trip, back to 40 would take ~800
+        // completions; by slow start it takes one each.
+        let mut completions = 0;
+        while aimd.limit() < 40 {
+            fast_and_full(&mut aimd, &mut now);
+            completions += 1;
+            assert!(completions < 100, "still at {}", aimd.limit());
+        }
+        // Past half of where the run began, growth is additive again.
+        for _ in 0..40 {
+            fast_and_full(&mut aimd, &mut now);
+        }
+        assert!(aimd.limit() <= 42, "{}", aimd.limit());
+    }
+
+    #[test]
+    fn one_slow_burst_is_one_decrease() {
+        let mut aimd = Aimd::new(AdmissionConfig {
+            initial: 50,
+            ..config()
+        });
+        let now = Instant::now();
+        aimd.try_admit();
+        aimd.finish(Some(MS(50)), now);
+        for _ in 0..10 {
+            aimd.try_admit();
+            aimd.finish(Some(MS(300)), now + MS(1));
+        }
+        assert_eq!(aimd.limit(), 45, "a single decrease by a tenth");
+    }
+
+    #[test]
+    fn the_fastest_latency_expires() {
+        let mut aimd = Aimd::new(config());
+        let t0 = Instant::now();
+        aimd.try_admit();
+        aimd.finish(Some(MS(5)), t0);
+        // Upstreams became slower for good: 100 ms is the new normal once
+        // the old 5 ms minimum has expired, and stops counting as slow.
+        let later = t0 + Duration::from_secs(11);
+        aimd.try_admit();
+        aimd.finish(Some(MS(100)), later);
+        let limit = aimd.limit();
+        for i in 0..10 {
+            aimd.try_admit();
+            aimd.finish(Some(MS(100)), later + MS(i));
+        }
+        assert!(aimd.limit() >= limit, "not treated as slow");
+    }
+}

@@ -1,0 +1,336 @@
+//! [`FanoutBuilder`]: everything a [`Fanout`] is made of, validated and
+//! compiled before anything listens.
+
+use crate::adapters::HttpUpstream;
+use crate::admission::{Admission, AdmissionConfig};
+use crate::builtin_guest::BuiltinGuest;
+use crate::demo;
+use crate::error::Error;
+use crate::fanout::Fanout;
+use crate::guard::Guardrails;
+use crate::guest_runtime::GuestRuntime;
+use crate::instance::Runner;
+use crate::limits::Limits;
+use crate::metrics::Metrics;
+use crate::outbound::{DefaultHooks, OutboundHooks, UpstreamHandle, Upstreams};
+use crate::runtime::{self, EpochTicker};
+use crate::stats::Stats;
+use crate::store::RequestState;
+use crate::upstream::Upstream;
+use fanout_guest::protocol::ENV_UPSTREAM_PREFIX;
+use std::borrow::Cow;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::Semaphore;
+use wasmtime::component::Linker;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+
+/// Builds a [`Fanout`]. Everything is validated and the component compiled in
+/// [`build`](FanoutBuilder::build), before anything listens.
+pub struct FanoutBuilder {
+    component: ComponentSource,
+    limits: Limits,
+    upstreams: Vec<PendingUpstream>,
+    env: Vec<(String, String)>,
+    http: HttpUpstream,
+    hooks: Arc<dyn OutboundHooks>,
+    cache_dir: Option<PathBuf>,
+    admission: AdmissionMode,
+    guest_threads: Option<usize>,
+}
+
+/// How requests are admitted before they get an instance. Either way, a
+/// request that finds no place waits in line for up to
+/// [`Limits::queue_wait`], when its expected wait fits, and is otherwise
+/// shed at once with a 503 and `Retry-After`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AdmissionMode {
+    /// Up to `max_instances` at once.
+    Fixed,
+    /// A limit learnt from latency (see [`admission`](crate::admission)),
+    /// at most `max_instances`: the default. `None` derives the settings
+    /// from the limits.
+    Adaptive(Option<AdmissionConfig>),
+}
+
+struct PendingUpstream {
+    name: String,
+    base_url: String,
+    upstream: Arc<dyn Upstream>,
+    guardrails: Guardrails,
+    is_http: bool,
+}
+
+enum ComponentSource {
+    /// The guest built from `guest/`, whose configuration the host knows.
+    BuiltIn,
+    Bytes(Cow<'static, [u8]>),
+    Path(PathBuf),
+}
+
+impl Default for FanoutBuilder {
+    fn default() -> Self {
+        FanoutBuilder {
+            component: ComponentSource::BuiltIn,
+            limits: Limits::default(),
+            upstreams: Vec::new(),
+            env: Vec::new(),
+            http: HttpUpstream::default(),
+            hooks: Arc::new(DefaultHooks),
+            cache_dir: None,
+            admission: AdmissionMode::Adaptive(None),
+            guest_threads: None,
+        }
+    }
+}
+
+impl FanoutBuilder {
+    /// Runs this component (a `wasi:http/proxy` component, as bytes) instead
+    /// of the built-in guest.
+    pub fn component_bytes(mut self, bytes: impl Into<Cow<'static, [u8]>>) -> Self {
+        self.component = ComponentSource::Bytes(bytes.into());
+        self
+    }
+
+    /// Runs the component at `path` instead of the built-in guest.
+    pub fn component_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.component = ComponentSource::Path(path.into());
+        self
+    }
+
+    /// Sets the per-request limits ([`Limits::default`] unless set).
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Registers upstream `name`: the guest is told `base_url` (through the
+    /// `FANOUT_UPSTREAM_<NAME>` environment variable) and its requests to
+    /// that authority go to `upstream`. A second call with the same name
+    /// replaces the first.
+    pub fn upstream(
+        self,
+        name: impl Into<String>,
+        base_url: impl Into<String>,
+        upstream: Arc<dyn Upstream>,
+    ) -> Self {
+        self.add_upstream(name.into(), base_url.into(), upstream, false)
+    }
+
+    fn add_upstream(
+        mut self,
+        name: String,
+        base_url: String,
+        upstream: Arc<dyn Upstream>,
+        is_http: bool,
+    ) -> Self {
+        // A replaced upstream keeps the guardrails set for its name.
+        let guardrails = self
+            .upstreams
+            .iter()
+            .find(|u| u.name == name)
+            .map(|u| u.guardrails.clone())
+            .unwrap_or_default();
+        self.upstreams.retain(|u| u.name != name);
+        self.upstreams.push(PendingUpstream {
+            name,
+            base_url,
+            upstream,
+            guardrails,
+            is_http,
+        });
+        self
+    }
+
+    /// Registers upstream `name` served over HTTP at `base_url` by
+    /// `upstream` (for example an [`HttpUpstream`] with its own timeouts).
+    /// Upstreams registered this way may share an authority.
+    pub fn http_upstream_with(
+        self,
+        name: impl Into<String>,
+        base_url: impl Into<String>,
+        upstream: HttpUpstream,
+    ) -> Self {
+        self.add_upstream(name.into(), base_url.into(), Arc::new(upstream), true)
+    }
+
+    /// Sets the cross-request guardrails of upstream `name` (registered
+    /// before or after this call).
+    pub fn guardrails(mut self, name: &str, guardrails: Guardrails) -> Self {
+        match self.upstreams.iter_mut().find(|u| u.name == name) {
+            Some(upstream) => upstream.guardrails = guardrails,
+            None => self.upstreams.push(PendingUpstream {
+                name: name.to_string(),
+                base_url: String::new(),
+                upstream: Arc::new(HttpUpstream::default()),
+                guardrails,
+                is_http: false,
+            }),
+        }
+        self
+    }
+
+    /// Caches the compiled component in `dir`, so that the next start with
+    /// the same component and engine settings skips compilation (see
+    /// [`cache`](crate::cache)). Off by default in the library; the `fanout`
+    /// binary turns it on.
+    pub fn cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cache_dir = Some(dir.into());
+        self
+    }
+
+    /// How requests are admitted ([`AdmissionMode::Adaptive`] by default:
+    /// see BENCHMARKS.md for the two under overload).
+    pub fn admission(mut self, admission: AdmissionMode) -> Self {
+        self.admission = admission;
+        self
+    }
+
+    /// Runs the guests on a runtime of their own with `threads` workers,
+    /// apart from the caller's runtime that accepts connections and sheds.
+    /// Under overload a shed 503 is then answered faster (p99 2.2 ms rather
+    /// than 6.3 ms at c=500 in BENCHMARKS.md), at the price of about a
+    /// quarter of the throughput at saturation. Off by default: the guests run on
+    /// the caller's runtime.
+    ///
+    /// Each request crosses between the runtimes once each way: the guest's
+    /// answer is read to its end (up to [`HANDOFF_BUFFER`](crate::limits::HANDOFF_BUFFER)) before it goes
+    /// back, so its first byte leaves when its last is written, and a
+    /// guest that fails before then gets its failure's own answer (a 504
+    /// at the deadline) instead of a broken body. A larger body streams.
+    pub fn guest_threads(mut self, threads: usize) -> Self {
+        self.guest_threads = Some(threads.max(1));
+        self
+    }
+
+    /// Hooks into every outgoing request (see [`OutboundHooks`]).
+    pub fn outbound_hooks(mut self, hooks: Arc<dyn OutboundHooks>) -> Self {
+        self.hooks = hooks;
+        self
+    }
+
+    /// Registers upstream `name` served over real HTTP at `base_url`, on the
+    /// shared pooled client.
+    pub fn http_upstream(self, name: impl Into<String>, base_url: impl Into<String>) -> Self {
+        let http = Arc::new(self.http.clone());
+        self.add_upstream(name.into(), base_url.into(), http, true)
+    }
+
+    /// Registers the built-in in-process demo upstreams.
+    pub fn demo_upstreams(mut self) -> Self {
+        for (name, base, upstream) in demo::upstreams() {
+            self = self.upstream(name, base, upstream);
+        }
+        self
+    }
+
+    /// Sets an extra environment variable for the guest (for example
+    /// `FANOUT_DEADLINE_MS`).
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Validates the configuration, compiles and links the component, and
+    /// starts the epoch ticker.
+    pub fn build(self) -> Result<Fanout, Error> {
+        self.limits.validate()?;
+        let mut upstreams = Upstreams::default();
+        let mut env = self.env;
+        for pending in self.upstreams {
+            let name = pending.name;
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(Error::InvalidUpstream {
+                    name,
+                    reason: "names are made of A-Z, a-z, 0-9 and '_'".into(),
+                });
+            }
+            if pending.base_url.is_empty() {
+                return Err(Error::InvalidUpstream {
+                    name,
+                    reason: "guardrails were set, but no upstream was registered".into(),
+                });
+            }
+            pending
+                .guardrails
+                .validate()
+                .map_err(|reason| Error::InvalidUpstream {
+                    name: name.clone(),
+                    reason,
+                })?;
+            env.push((
+                format!("{ENV_UPSTREAM_PREFIX}{}", name.to_ascii_uppercase()),
+                pending.base_url.clone(),
+            ));
+            upstreams.insert(UpstreamHandle::new(
+                name,
+                pending.base_url,
+                pending.upstream,
+                &pending.guardrails,
+                pending.is_http,
+            )?)?;
+        }
+
+        let builtin = match self.component {
+            ComponentSource::BuiltIn => Some(BuiltinGuest::configure(&env, &self.limits)?),
+            _ => None,
+        };
+
+        let engine = runtime::engine(&self.limits).map_err(Error::wasmtime)?;
+        let bytes: Cow<'_, [u8]> = match &self.component {
+            ComponentSource::BuiltIn => Cow::Borrowed(crate::GUEST_COMPONENT),
+            ComponentSource::Bytes(bytes) => Cow::Borrowed(bytes),
+            ComponentSource::Path(path) => {
+                Cow::Owned(std::fs::read(path).map_err(|source| Error::ReadComponent {
+                    path: path.clone(),
+                    source,
+                })?)
+            }
+        };
+        let (component, origin) =
+            crate::cache::load_or_compile(&engine, &bytes, self.cache_dir.as_deref())
+                .map_err(|e| Error::Component(format!("{e:#}")))?;
+        tracing::debug!(?origin, "component ready");
+
+        let mut linker = Linker::<RequestState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(Error::wasmtime)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+            .map_err(Error::wasmtime)?;
+        let pre = linker
+            .instantiate_pre(&component)
+            .and_then(ProxyPre::new)
+            .map_err(|e| Error::Component(format!("{e:#}")))?;
+
+        let max_instances = self.limits.max_instances as usize;
+        let admission = match self.admission {
+            AdmissionMode::Fixed => Admission::fixed(max_instances),
+            AdmissionMode::Adaptive(config) => {
+                Admission::new(config.unwrap_or_else(|| AdmissionConfig::new(max_instances)))
+            }
+        };
+        let ticker = EpochTicker::start(engine.clone())?;
+        let runner = Runner {
+            pre,
+            limits: self.limits,
+            upstreams: Arc::new(upstreams),
+            hooks: self.hooks,
+            env,
+            instances: Arc::new(Semaphore::new(max_instances)),
+            stats: Stats::default(),
+            metrics: Arc::new(Metrics::default()),
+            builtin,
+            admission,
+            adaptive: matches!(self.admission, AdmissionMode::Adaptive(_)),
+            guests: self.guest_threads.map(GuestRuntime::new).transpose()?,
+            _ticker: ticker,
+        };
+        Ok(Fanout::new(runner, origin))
+    }
+}
+
+impl Fanout {
+    /// A builder with the built-in guest, default limits and no upstreams.
+    pub fn builder() -> FanoutBuilder {
+        FanoutBuilder::default()
+    }
+}

@@ -1,0 +1,213 @@
+//! What the host knows about its own guest (`guest/`), and uses only when
+//! it runs that guest: its configuration, checked at start; its routes, for
+//! the metrics' `route` label; and its budget header, through which the
+//! time a request waited in line is taken out of its budget. Another
+//! component gets none of this and works all the same.
+
+use crate::error::{Error, Failure};
+use crate::limits::Limits;
+use fanout_guest::config::Config;
+use fanout_guest::protocol::TIMEOUT_HEADER;
+use http::Request;
+use std::time::Duration;
+
+/// A wait shorter than this is not taken out of the guest's budget: it is
+/// within the budget's own rounding (milliseconds).
+const WAIT_WORTH_CHARGING: Duration = Duration::from_millis(1);
+
+/// The built-in guest, as configured for this host.
+#[derive(Debug, Clone)]
+pub(crate) struct BuiltinGuest {
+    /// Collections of its routes (`/products`).
+    collections: Vec<String>,
+    /// Its default budget.
+    budget: Duration,
+}
+
+impl BuiltinGuest {
+    /// Reads the guest's configuration from the environment it will get,
+    /// exactly as the guest will, so that a mistake is a start-up error
+    /// naming the key rather than a 500 on every request.
+    pub(crate) fn configure(
+        env: &[(String, String)],
+        limits: &Limits,
+    ) -> Result<BuiltinGuest, Error> {
+        let lookup = |key: &str| {
+            env.iter()
+                .rev()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+        };
+        let config = Config::from_lookup(lookup).map_err(|e| Error::GuestConfig {
+            key: e.key,
+            reason: e.reason,
+        })?;
+        check_against_limits(&config, limits)?;
+        Ok(BuiltinGuest {
+            collections: config.routes.into_iter().map(|r| r.collection).collect(),
+            budget: config.deadline,
+        })
+    }
+
+    /// The metrics label for `path`: a route template (`/products/{id}`,
+    /// `/products`), or `other` (bounded cardinality).
+    pub(crate) fn route_label(&self, path: &str) -> String {
+        for collection in &self.collections {
+            if path == collection {
+                return collection.clone();
+            }
+            if path
+                .strip_prefix(collection.as_str())
+                .is_some_and(|rest| rest.starts_with('/'))
+            {
+                return format!("{collection}/{{id}}");
+            }
+        }
+        "other".into()
+    }
+
+    /// The guest's default budget.
+    pub(crate) fn budget(&self) -> Duration {
+        self.budget
+    }
+}
+
+/// Takes the time a request waited for an instance out of its budget, so
+/// that the answer still comes within the budget its client counts from: a
+/// smaller `x-request-timeout-ms` for the guest. Without the header,
+/// `default_budget` is the base: the built-in guest's; another component's
+/// is unknown to the host, and such a request is left alone.
+pub(crate) fn charge_wait<B>(
+    request: &mut Request<B>,
+    waited: Duration,
+    default_budget: Option<Duration>,
+) -> Result<(), Failure> {
+    if waited <= WAIT_WORTH_CHARGING {
+        return Ok(());
+    }
+    let asked = request
+        .headers()
+        .get(TIMEOUT_HEADER)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+        .map(Duration::from_millis);
+    // A malformed header is the guest's to reject, with its own error.
+    if asked.is_none() && request.headers().contains_key(TIMEOUT_HEADER) {
+        return Ok(());
+    }
+    let Some(budget) = asked.or(default_budget) else {
+        return Ok(());
+    };
+    let left = budget.saturating_sub(waited).as_millis() as u64;
+    if left == 0 {
+        return Err(Failure::QueueTimeout { waited });
+    }
+    request
+        .headers_mut()
+        .insert(TIMEOUT_HEADER, http::HeaderValue::from(left));
+    Ok(())
+}
+
+/// The guest's budgets against the host's limits: the host must not cut a
+/// request the guest may still answer, and the line must leave time to run.
+fn check_against_limits(config: &Config, limits: &Limits) -> Result<(), Error> {
+    if config.max_deadline >= limits.deadline {
+        return Err(Error::GuestConfig {
+            key: "max_deadline_ms".into(),
+            reason: format!(
+                "the guest's largest budget ({} ms) must be below the host's deadline ({} ms), \
+                 or the host cuts requests before the guest can answer them",
+                config.max_deadline.as_millis(),
+                limits.deadline.as_millis()
+            ),
+        });
+    }
+    // A request that waited in line as long as its budget has none left to
+    // run. Clients may ask for up to the largest budget: a line that long
+    // serves nobody; one as long as the default budget serves only those
+    // who ask for more, which is worth a word at start-up.
+    if limits.queue_wait >= config.max_deadline {
+        return Err(Error::InvalidLimit {
+            key: "queue_wait",
+            reason: format!(
+                "{} ms is as long as the guest's largest budget ({} ms): a request that \
+                 waited that long would have no time left to run; keep it well below its \
+                 default budget ({} ms)",
+                limits.queue_wait.as_millis(),
+                config.max_deadline.as_millis(),
+                config.deadline.as_millis(),
+            ),
+        });
+    }
+    if limits.queue_wait >= config.deadline {
+        tracing::warn!(
+            queue_wait_ms = limits.queue_wait.as_millis() as u64,
+            budget_ms = config.deadline.as_millis() as u64,
+            "the line may be as long as the guest's default budget: a request that waits \
+             that long is answered 503 queue_timeout instead of running"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guest() -> BuiltinGuest {
+        BuiltinGuest {
+            collections: vec!["/products".into()],
+            budget: Duration::from_millis(200),
+        }
+    }
+
+    #[test]
+    fn route_labels_are_templates_or_other() {
+        let guest = guest();
+        assert_eq!(guest.route_label("/products/42"), "/products/{id}");
+        assert_eq!(guest.route_label("/products"), "/products");
+        assert_eq!(guest.route_label("/productsX/1"), "other");
+        assert_eq!(guest.route_label("/"), "other");
+    }
+
+    fn budget_after(header: Option<&str>, waited_ms: u64) -> Result<Option<String>, Failure> {
+        let mut request = Request::new(());
+        if let Some(value) = header {
+            request
+                .headers_mut()
+                .insert(TIMEOUT_HEADER, value.parse().unwrap());
+        }
+        let waited = Duration::from_millis(waited_ms);
+        charge_wait(&mut request, waited, Some(guest().budget()))?;
+        Ok(request
+            .headers()
+            .get(TIMEOUT_HEADER)
+            .map(|v| v.to_str().unwrap().to_string()))
+    }
+
+    #[test]
+    fn the_wait_comes_out_of_the_budget() {
+        // The default budget, less the wait.
+        assert_eq!(budget_after(None, 30).unwrap().as_deref(), Some("170"));
+        // The client's budget, less the wait.
+        assert_eq!(
+            budget_after(Some("500"), 30).unwrap().as_deref(),
+            Some("470")
+        );
+        // Too short a wait to charge: left alone.
+        assert_eq!(budget_after(None, 1).unwrap(), None);
+        // Malformed: left for the guest to refuse.
+        assert_eq!(
+            budget_after(Some("soon"), 30).unwrap().as_deref(),
+            Some("soon")
+        );
+        // Another component, no header: its budget is unknown.
+        let mut request = Request::new(());
+        charge_wait(&mut request, Duration::from_millis(30), None).unwrap();
+        assert!(request.headers().is_empty());
+        // Nothing left: refused before it runs.
+        assert_eq!(
+            budget_after(Some("20"), 30).unwrap_err().code(),
+            "queue_timeout"
+        );
+    }
+}

@@ -1,0 +1,164 @@
+//! Cross-request guardrails on the way to each upstream, as tower layers.
+//!
+//! A guest instance lives for one request, so anything that must remember
+//! across requests lives here. Each upstream gets its own stack, outermost
+//! first:
+//!
+//! 1. **retry budget**: a retry attempt (the guest marks it) is refused once
+//!    retries would exceed the configured fraction of the upstream's calls;
+//!    refusing first means a refused retry costs nothing below.
+//! 2. **circuit breaker**: while open, calls fail at once; after `open_for`
+//!    one probe goes through (half-open) and its outcome closes or reopens it.
+//!    It sits above the concurrency limit so that an open circuit takes no
+//!    slot, and it ignores sheds (they say nothing about the upstream).
+//! 3. **load shed + concurrency limit**: at most `max_concurrency` calls in
+//!    flight; beyond, a call fails at once instead of queueing.
+//! 4. the adapter itself.
+//!
+//! Each refusal reaches the guest as a `wasi:http` error code it can tell
+//! apart: `ConnectionLimitReached` for a shed or an exhausted retry budget,
+//! `DestinationUnavailable` for an open circuit.
+
+mod circuit_breaker;
+mod retry_budget;
+
+use crate::upstream::{Call, Upstream, UpstreamBody};
+use circuit_breaker::CircuitBreakerLayer;
+use http::Response;
+use retry_budget::RetryBudgetLayer;
+use std::sync::Arc;
+use std::time::Duration;
+use tower::util::BoxCloneSyncService;
+use tower::{BoxError, ServiceBuilder, ServiceExt};
+
+/// The guarded service of one upstream.
+pub(crate) type GuardedService = BoxCloneSyncService<Call, Response<UpstreamBody>, BoxError>;
+
+/// Guardrail settings of one upstream. `None` turns a guardrail off.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Guardrails {
+    pub max_concurrency: Option<usize>,
+    pub circuit_breaker: Option<CircuitBreakerConfig>,
+    pub retry_budget: Option<RetryBudgetConfig>,
+}
+
+/// When a circuit opens, and for how long.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitBreakerConfig {
+    /// Opens after this many failures in a row.
+    pub consecutive_failures: u32,
+    /// Or when this fraction of the last `window` calls failed...
+    pub failure_rate: f64,
+    pub window: usize,
+    /// ...once the window holds at least this many calls.
+    pub min_calls: usize,
+    /// Stays open this long before letting a probe through.
+    #[serde(rename = "open_ms", with = "millis")]
+    pub open_for: Duration,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        CircuitBreakerConfig {
+            consecutive_failures: 5,
+            failure_rate: 0.5,
+            window: 20,
+            min_calls: 10,
+            open_for: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How many retries an upstream takes, relative to its first attempts.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryBudgetConfig {
+    /// Retries may add at most this fraction of the first attempts...
+    pub ratio: f32,
+    /// ...plus this many per second regardless...
+    pub min_per_sec: u32,
+    /// ...counted over this sliding window.
+    #[serde(rename = "window_ms", with = "millis")]
+    pub window: Duration,
+}
+
+impl Default for RetryBudgetConfig {
+    fn default() -> Self {
+        RetryBudgetConfig {
+            ratio: 0.2,
+            min_per_sec: 10,
+            window: Duration::from_secs(10),
+        }
+    }
+}
+
+mod millis {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+impl Guardrails {
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.max_concurrency == Some(0) {
+            return Err("max_concurrency must be at least 1".into());
+        }
+        if let Some(cb) = &self.circuit_breaker {
+            if cb.consecutive_failures == 0 || cb.window == 0 || cb.min_calls > cb.window {
+                return Err(
+                    "circuit_breaker needs consecutive_failures >= 1 and 1 <= min_calls <= window"
+                        .into(),
+                );
+            }
+            if !(0.0..=1.0).contains(&cb.failure_rate) || cb.failure_rate == 0.0 {
+                return Err("circuit_breaker.failure_rate must be in (0, 1]".into());
+            }
+        }
+        if let Some(rb) = &self.retry_budget
+            && (!(0.0..=1000.0).contains(&rb.ratio) || rb.window < Duration::from_secs(1))
+        {
+            return Err("retry_budget needs 0 <= ratio <= 1000 and window_ms >= 1000".into());
+        }
+        Ok(())
+    }
+
+    /// Builds the guarded service around `upstream`.
+    pub(crate) fn wrap(&self, upstream: Arc<dyn Upstream>) -> GuardedService {
+        let adapter = tower::service_fn(move |call: Call| {
+            let response = upstream.call(call.request, call.options);
+            async move { response.await.map_err(BoxError::from) }
+        });
+        let limited = ServiceBuilder::new()
+            .option_layer(
+                self.max_concurrency
+                    .map(|_| tower::load_shed::LoadShedLayer::new()),
+            )
+            .option_layer(
+                self.max_concurrency
+                    .map(tower::limit::ConcurrencyLimitLayer::new),
+            )
+            .service(adapter);
+        let service = ServiceBuilder::new()
+            .option_layer(self.retry_budget.clone().map(RetryBudgetLayer::new))
+            .option_layer(self.circuit_breaker.clone().map(CircuitBreakerLayer::new))
+            .service(limited)
+            .map_err(Into::<BoxError>::into);
+        BoxCloneSyncService::new(service)
+    }
+}
+
+/// Why a guardrail blocked a call before it reached the upstream. The
+/// mapping to the guest's error code is in [`error`](crate::error).
+#[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
+pub enum Blocked {
+    /// The upstream's circuit breaker is open.
+    #[error("the upstream's circuit breaker is open")]
+    CircuitOpen,
+    /// Retries to this upstream used up their budget.
+    #[error("the upstream's retry budget is used up")]
+    RetryBudget,
+}

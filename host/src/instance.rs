@@ -1,0 +1,480 @@
+//! One request's life in an instance, in order:
+//!
+//! 1. [`Runner::admit`]: a place under the admission limit (perhaps after a
+//!    wait in line, taken out of the request's budget) and an instance slot;
+//! 2. [`Runner::new_store`]: a fresh store with its limits (fuel, epoch
+//!    deadline, memory) and the request's outgoing hooks;
+//! 3. [`run_guest`]: instantiate and call the guest's `incoming-handler`,
+//!    under the wall-clock deadline, in a task of its own (it may go on
+//!    streaming the body after the head is out);
+//! 4. [`await_head`]: wait for the guest's response head, and teach the
+//!    admission limit from how long it took;
+//! 5. [`classify`]: name the cause when the guest failed.
+//!
+//! With [`FanoutBuilder::guest_threads`](crate::FanoutBuilder::guest_threads),
+//! steps 3 and 4 run on the guests' own runtime ([`on_guest_runtime`]).
+
+use crate::admission::{Admission, Refusal, Ticket};
+use crate::body::{self, GuestCut};
+use crate::builtin_guest::{self, BuiltinGuest};
+use crate::error::Failure;
+use crate::guest_runtime::GuestRuntime;
+use crate::limits::{GUEST_OUTPUT_CAPACITY, HANDOFF_BUFFER, Limits};
+use crate::metrics::Metrics;
+use crate::outbound::{AttemptLog, OutboundHooks, RequestHooks, Upstreams};
+use crate::response::ResponseBody;
+use crate::runtime::{self, EpochTicker};
+use crate::stats::Stats;
+use crate::store::{MemoryLimiter, RequestState};
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Body;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use wasmtime::component::{Resource, ResourceTable};
+use wasmtime::{Store, StoreLimitsBuilder, Trap};
+use wasmtime_wasi::WasiCtx;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode as OutparamError, Scheme};
+use wasmtime_wasi_http::p2::types::{HostIncomingRequest, HostResponseOutparam};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpView};
+
+/// Everything a request needs to get and run an instance, shared by all
+/// requests of one [`Fanout`](crate::Fanout).
+pub(crate) struct Runner {
+    pub(crate) pre: ProxyPre<RequestState>,
+    pub(crate) limits: Limits,
+    pub(crate) upstreams: Arc<Upstreams>,
+    pub(crate) hooks: Arc<dyn OutboundHooks>,
+    pub(crate) env: Vec<(String, String)>,
+    /// The instance pool's slots: one per instance the pooling allocator
+    /// may hold at once.
+    pub(crate) instances: Arc<Semaphore>,
+    pub(crate) stats: Stats,
+    pub(crate) metrics: Arc<Metrics>,
+    /// The built-in guest's configuration; `None` for another component.
+    pub(crate) builtin: Option<BuiltinGuest>,
+    /// The admission limit and its line; a fixed one for
+    /// [`AdmissionMode::Fixed`](crate::AdmissionMode::Fixed).
+    pub(crate) admission: Admission,
+    pub(crate) adaptive: bool,
+    /// Where the guests run, when apart from the connections.
+    pub(crate) guests: Option<GuestRuntime>,
+    // Dropped last among the fields that matter: stops and joins the thread.
+    pub(crate) _ticker: EpochTicker,
+}
+
+/// A request's admission: its place under the limit and its instance
+/// slot. Dropping it gives both back and takes it off the in-use gauge,
+/// whichever way the request ends.
+struct Place {
+    ticket: Ticket,
+    _slot: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.metrics.instances_in_use.dec();
+    }
+}
+
+/// What the guest writes to stdout and stderr, kept for the log.
+struct GuestOutput {
+    stdout: MemoryOutputPipe,
+    stderr: MemoryOutputPipe,
+}
+
+impl Runner {
+    /// Runs `request` in a fresh instance and returns the guest's answer
+    /// (its body still streaming), or why there is none.
+    pub(crate) async fn run<B>(
+        self: &Arc<Self>,
+        request: Request<B>,
+        trace_id: &str,
+        attempts: AttemptLog,
+        span: tracing::Span,
+    ) -> Result<Response<ResponseBody>, Failure>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<tower::BoxError>,
+    {
+        let mut request = for_the_guest(request);
+        let place = self.admit().await?;
+        let default_budget = self.builtin.as_ref().map(BuiltinGuest::budget);
+        builtin_guest::charge_wait(&mut request, place.ticket.waited(), default_budget)?;
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+
+        let (mut store, output) = self.new_store(attempts.clone(), span)?;
+        let (sender, receiver) = oneshot::channel();
+        let (request, outparam) = (|| -> wasmtime::Result<_> {
+            let mut http = store.data_mut().http();
+            let request = http.new_incoming_request(Scheme::Http, request)?;
+            let outparam = http.new_response_outparam(sender)?;
+            Ok((request, outparam))
+        })()
+        .map_err(|e| Failure::Internal(format!("{e:#}")))?;
+
+        // How the guest failed, if it did: set before the store (and with it
+        // the body's sender) is dropped, so that a body it leaves unfinished
+        // ends in an error, not in what looks like a complete answer.
+        let failure = Arc::new(OnceLock::new());
+        let cut = GuestCut {
+            failure: failure.clone(),
+            metrics: self.metrics.clone(),
+            trace_id: trace_id.to_string(),
+        };
+        let admitted_at = place.ticket.admitted();
+        let guest = run_guest(
+            self.clone(),
+            store,
+            output,
+            request,
+            outparam,
+            place,
+            failure,
+            trace_id.to_string(),
+        );
+        let runner = self.clone();
+        match &self.guests {
+            // In a task of its own, which outlives the answer's head.
+            None => {
+                let task = tokio::spawn(guest);
+                let ended = async move { task.await.map_err(|join| join.to_string()) };
+                let response = await_head(&runner, receiver, ended, &attempts, admitted_at).await?;
+                Ok(response.map(|body| cut.guard(body)))
+            }
+            Some(guests) => {
+                let exchange =
+                    on_guest_runtime(runner, guest, receiver, attempts, admitted_at, cut);
+                guests
+                    .handle()
+                    .spawn(exchange)
+                    .await
+                    .unwrap_or_else(|join| {
+                        Err(Failure::Internal(format!("guest task failed: {join}")))
+                    })
+            }
+        }
+    }
+
+    /// Admission happens at the door, before an instance is spent: the
+    /// limit (learnt, or the pool's size) and its line. A place is held as
+    /// long as the instance, so the pool always has one for it.
+    async fn admit(&self) -> Result<Place, Failure> {
+        let limits = &self.limits;
+        let admitted = self.admission.admit(limits.queue_wait).await;
+        let waited = match &admitted {
+            Ok(ticket) => ticket.waited(),
+            Err(Refusal::WaitedTooLong { waited }) => *waited,
+            Err(_) => Duration::ZERO,
+        };
+        if !waited.is_zero() {
+            self.metrics.queue_wait.observe(waited.as_secs_f64());
+        }
+        let ticket = admitted.map_err(|refusal| match refusal {
+            Refusal::AtLimit { limit } if self.adaptive => Failure::Overloaded { limit },
+            Refusal::AtLimit { .. } => Failure::PoolFull {
+                max_instances: limits.max_instances,
+            },
+            Refusal::LineTooLong { expected } => Failure::QueueFull {
+                expected_wait: expected,
+                max_wait: limits.queue_wait,
+            },
+            Refusal::WaitedTooLong { waited } => Failure::QueueTimeout { waited },
+        })?;
+        let slot = self
+            .instances
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Failure::PoolFull {
+                max_instances: limits.max_instances,
+            })?;
+        self.metrics.instances_in_use.inc();
+        Ok(Place {
+            ticket,
+            _slot: slot,
+            metrics: self.metrics.clone(),
+        })
+    }
+
+    /// A fresh store for one request, with its limits set.
+    fn new_store(
+        &self,
+        attempts: AttemptLog,
+        span: tracing::Span,
+    ) -> Result<(Store<RequestState>, GuestOutput), Failure> {
+        let limits = &self.limits;
+        let output = GuestOutput {
+            stdout: MemoryOutputPipe::new(GUEST_OUTPUT_CAPACITY),
+            stderr: MemoryOutputPipe::new(GUEST_OUTPUT_CAPACITY),
+        };
+        let mut store = Store::new(
+            self.pre.engine(),
+            RequestState {
+                wasi: WasiCtx::builder()
+                    .envs(&self.env)
+                    .stdout(output.stdout.clone())
+                    .stderr(output.stderr.clone())
+                    .build(),
+                http: WasiHttpCtx::new(),
+                table: ResourceTable::new(),
+                hooks: RequestHooks {
+                    upstreams: self.upstreams.clone(),
+                    outbound: self.hooks.clone(),
+                    metrics: self.metrics.clone(),
+                    attempts,
+                    span,
+                },
+                limiter: MemoryLimiter {
+                    limits: StoreLimitsBuilder::new()
+                        .memory_size(limits.memory_bytes)
+                        .build(),
+                    memory_denied: false,
+                },
+            },
+        );
+        store.limiter(|state| &mut state.limiter);
+        let internal = |e: wasmtime::Error| Failure::Internal(format!("{e:#}"));
+        if let Some(fuel) = limits.fuel {
+            store.set_fuel(fuel).map_err(internal)?;
+            store
+                .fuel_async_yield_interval(runtime::fuel_yield_interval())
+                .map_err(internal)?;
+        }
+        store.set_epoch_deadline(limits.epoch_ticks());
+        store.epoch_deadline_trap();
+        Ok((store, output))
+    }
+}
+
+/// The request as the guest gets it: its body's errors in `wasi:http`
+/// terms, and an authority, which `wasi:http` requires. An HTTP/1.0 client
+/// or an embedding app may send none: the guest gets `localhost`.
+fn for_the_guest<B>(
+    request: Request<B>,
+) -> Request<impl Body<Data = Bytes, Error = wasmtime_wasi_http::Error> + Send + 'static>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<tower::BoxError>,
+{
+    use http_body_util::BodyExt;
+    let mut request = request.map(|body| body.map_err(body::incoming_body_error));
+    if request.uri().authority().is_none() && !request.headers().contains_key(http::header::HOST) {
+        request.headers_mut().insert(
+            http::header::HOST,
+            http::HeaderValue::from_static("localhost"),
+        );
+    }
+    request
+}
+
+/// Instantiates the guest and runs its handler to the end, under the
+/// wall-clock deadline; returns how it failed, if it did. The failure is
+/// also set in `failure` before the store is dropped (see [`GuestCut`]).
+#[allow(clippy::too_many_arguments)]
+async fn run_guest(
+    runner: Arc<Runner>,
+    mut store: Store<RequestState>,
+    output: GuestOutput,
+    request: Resource<HostIncomingRequest>,
+    outparam: Resource<HostResponseOutparam>,
+    place: Place,
+    failure: Arc<OnceLock<Failure>>,
+    trace_id: String,
+) -> Option<Failure> {
+    let limits = runner.limits;
+    let ran = tokio::time::timeout(limits.deadline, async {
+        let t0 = Instant::now();
+        let proxy = runner.pre.instantiate_async(&mut store).await?;
+        runner.stats.record_instantiation(t0.elapsed());
+        proxy
+            .wasi_http_incoming_handler()
+            .call_handle(&mut store, request, outparam)
+            .await
+    })
+    .await;
+    if let Some(fuel) = limits.fuel {
+        let used = fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+        runner
+            .stats
+            .fuel_consumed
+            .fetch_add(used, Ordering::Relaxed);
+        runner.metrics.fuel.observe(used as f64);
+    }
+    log_guest_output("stdout", &output.stdout, &trace_id);
+    log_guest_output("stderr", &output.stderr, &trace_id);
+    let failed = match ran {
+        Err(_elapsed) => Some(Failure::Deadline {
+            deadline: limits.deadline,
+        }),
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(classify(&e, store.data().limiter.memory_denied, &limits)),
+    };
+    if let Some(failed) = &failed {
+        let _ = failure.set(failed.clone());
+    }
+    // The store holds the instance's pool slot: free the slot before the
+    // place, or a request admitted in between finds the pool full
+    // ("maximum concurrent limit reached").
+    drop(store);
+    drop(place);
+    failed
+}
+
+/// Waits for the guest's response head and teaches the admission limit
+/// from its timing; when the guest ended without one, `ended` says why.
+async fn await_head(
+    runner: &Runner,
+    receiver: oneshot::Receiver<Result<Response<ResponseBody>, OutparamError>>,
+    ended: impl Future<Output = Result<Option<Failure>, String>>,
+    attempts: &AttemptLog,
+    admitted_at: Instant,
+) -> Result<Response<ResponseBody>, Failure> {
+    let answered = receiver.await;
+    // The time to the response head, less the time spent waiting on
+    // upstreams, is what the limiter learns from.
+    let upstream_wait = attempts.upstream_wait(admitted_at, Instant::now());
+    runner.admission.learn(admitted_at, upstream_wait);
+    if runner.adaptive {
+        runner
+            .metrics
+            .admission_limit
+            .set(runner.admission.snapshot().0 as i64);
+    }
+    match answered {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(code)) => Err(Failure::NoResponse(format!(
+            "the guest answered with error code {code:?}"
+        ))),
+        // The sender was dropped with the store: the task ended without
+        // an answer, and its result says why.
+        Err(_) => match ended.await {
+            Ok(Some(failure)) => Err(failure),
+            Ok(None) => Err(Failure::NoResponse(
+                "the handler returned without setting a response".into(),
+            )),
+            Err(join) => Err(Failure::Internal(format!("guest task failed: {join}"))),
+        },
+    }
+}
+
+/// The whole exchange on the guests' runtime, body included: the
+/// connection's runtime is woken once, for a finished answer, not for each
+/// frame of a stream (see [`GuestRuntime`]).
+async fn on_guest_runtime(
+    runner: Arc<Runner>,
+    guest: impl Future<Output = Option<Failure>> + Send + 'static,
+    receiver: oneshot::Receiver<Result<Response<ResponseBody>, OutparamError>>,
+    attempts: AttemptLog,
+    admitted_at: Instant,
+    cut: GuestCut,
+) -> Result<Response<ResponseBody>, Failure> {
+    let (outcome_tx, outcome) = oneshot::channel();
+    let guest = async move {
+        let _ = outcome_tx.send(guest.await);
+    };
+    let answered = async move {
+        let ended = async move { outcome.await.map_err(|e| e.to_string()) };
+        let response = await_head(&runner, receiver, ended, &attempts, admitted_at).await?;
+        body::buffer_body(response, HANDOFF_BUFFER, cut).await
+    };
+    // Both in this task; a guest still running once the answer is ready (a
+    // body beyond the buffer, work after the answer) goes on in a task of
+    // its own.
+    let (mut guest, mut answered) = (Box::pin(guest), std::pin::pin!(answered));
+    let mut guest_done = false;
+    let answer = loop {
+        tokio::select! {
+            answer = &mut answered => break answer,
+            () = &mut guest, if !guest_done => guest_done = true,
+        }
+    };
+    if !guest_done {
+        tokio::spawn(guest);
+    }
+    answer
+}
+
+/// Names the cause of a failed guest run. The memory flag goes first: a
+/// refused `memory.grow` surfaces as whatever the guest's allocator does next.
+fn classify(e: &wasmtime::Error, memory_denied: bool, limits: &Limits) -> Failure {
+    if memory_denied {
+        return Failure::MemoryLimit {
+            bytes: limits.memory_bytes,
+        };
+    }
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => Failure::FuelExhausted {
+            fuel: limits.fuel.unwrap_or(u64::MAX),
+        },
+        Some(Trap::Interrupt) => Failure::Deadline {
+            deadline: limits.deadline,
+        },
+        Some(trap) => Failure::Trap(trap.to_string()),
+        None => Failure::Trap(format!("{e:#}")),
+    }
+}
+
+/// Guest output becomes log events, one per line, never raw bytes on the
+/// host's own stdout.
+fn log_guest_output(stream: &'static str, pipe: &MemoryOutputPipe, trace_id: &str) {
+    let contents = pipe.contents();
+    if contents.is_empty() {
+        return;
+    }
+    for line in String::from_utf8_lossy(&contents).lines() {
+        tracing::info!(target: crate::telemetry::GUEST_OUTPUT_TARGET, stream, %trace_id, "{line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits::default()
+    }
+
+    #[test]
+    fn failures_are_named_by_their_trap() {
+        let limits = limits();
+        let fuel = wasmtime::Error::new(Trap::OutOfFuel);
+        assert_eq!(
+            classify(&fuel, false, &limits).code(),
+            "guest_fuel_exhausted"
+        );
+        let interrupt = wasmtime::Error::new(Trap::Interrupt);
+        assert_eq!(
+            classify(&interrupt, false, &limits).code(),
+            "deadline_exceeded"
+        );
+        let unreachable = wasmtime::Error::new(Trap::UnreachableCodeReached);
+        assert_eq!(classify(&unreachable, false, &limits).code(), "guest_trap");
+        // A refused memory.grow wins over whatever trap followed it.
+        assert_eq!(
+            classify(&unreachable, true, &limits).code(),
+            "guest_memory_limit"
+        );
+        let other = wasmtime::Error::msg("no such export");
+        assert_eq!(classify(&other, false, &limits).code(), "guest_trap");
+    }
+
+    #[test]
+    fn the_guest_always_gets_an_authority() {
+        let request = Request::get("/products/1")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let request = for_the_guest(request);
+        assert_eq!(request.headers()["host"], "localhost");
+        let request = Request::get("/products/1")
+            .header("host", "api.example")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        assert_eq!(for_the_guest(request).headers()["host"], "api.example");
+    }
+}

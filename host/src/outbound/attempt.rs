@@ -1,0 +1,280 @@
+//! The record of one request's upstream attempts: what its access log line
+//! lists, what admission subtracts from its latency, and each attempt's
+//! client span and metrics.
+
+use crate::metrics::Metrics;
+use crate::upstream::{TransportError, UpstreamBody};
+use http::{Request, Response};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// One upstream attempt of one request.
+#[derive(Debug, Clone)]
+pub(crate) struct CallRecord {
+    pub(crate) started: Instant,
+    pub(crate) upstream: String,
+    pub(crate) attempt: u32,
+    pub(crate) outcome: &'static str,
+    pub(crate) duration: Duration,
+}
+
+/// The attempts of one request so far, shared between its outgoing calls
+/// (which add to it) and the request (which reads it when it answers).
+#[derive(Clone, Default)]
+pub(crate) struct AttemptLog(Arc<Mutex<Vec<CallRecord>>>);
+
+impl AttemptLog {
+    fn push(&self, record: CallRecord) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(record);
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&[CallRecord]) -> T) -> T {
+        f(&self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// `inventory:ok:23.1ms pricing#2:timeout:150.2ms`, for the access log.
+    pub(crate) fn summary(&self) -> String {
+        self.with(|calls| {
+            calls
+                .iter()
+                .map(|c| {
+                    let attempt = if c.attempt > 1 {
+                        format!("#{}", c.attempt)
+                    } else {
+                        String::new()
+                    };
+                    format!(
+                        "{}{attempt}:{}:{:.1}ms",
+                        c.upstream,
+                        c.outcome,
+                        c.duration.as_secs_f64() * 1e3
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+    }
+
+    /// How long, between `since` and `until`, at least one attempt was in
+    /// flight: the time the request spent waiting on its upstreams rather
+    /// than on the host.
+    pub(crate) fn upstream_wait(&self, since: Instant, until: Instant) -> Duration {
+        self.with(|calls| union_of(calls, since, until))
+    }
+}
+
+fn union_of(calls: &[CallRecord], since: Instant, until: Instant) -> Duration {
+    let mut spans: Vec<(Instant, Instant)> = calls
+        .iter()
+        .map(|c| (c.started.max(since), (c.started + c.duration).min(until)))
+        .filter(|(a, b)| a < b)
+        .collect();
+    spans.sort();
+    let mut total = Duration::ZERO;
+    let mut current: Option<(Instant, Instant)> = None;
+    for (a, b) in spans {
+        current = match current {
+            Some((s, e)) if a <= e => Some((s, e.max(b))),
+            Some((s, e)) => {
+                total += e - s;
+                Some((a, b))
+            }
+            None => Some((a, b)),
+        };
+    }
+    if let Some((s, e)) = current {
+        total += e - s;
+    }
+    total
+}
+
+/// Records an attempt when it ends, or as `timeout` if the guest drops it
+/// first (its own timeout or deadline ran out).
+pub(crate) struct AttemptRecorder {
+    metrics: Arc<Metrics>,
+    log: AttemptLog,
+    upstream: String,
+    attempt: u32,
+    started: Instant,
+    done: bool,
+    span: tracing::Span,
+}
+
+impl AttemptRecorder {
+    /// Starts the record and the client span of attempt `attempt` to
+    /// `upstream`, under the request's `parent` span.
+    pub(crate) fn start(
+        metrics: Arc<Metrics>,
+        log: AttemptLog,
+        parent: &tracing::Span,
+        upstream: &str,
+        attempt: u32,
+        request: &Request<UpstreamBody>,
+    ) -> AttemptRecorder {
+        AttemptRecorder {
+            metrics,
+            log,
+            upstream: upstream.to_string(),
+            attempt,
+            started: Instant::now(),
+            done: false,
+            span: client_span(parent, upstream, attempt, request),
+        }
+    }
+
+    /// The attempt's client span.
+    pub(crate) fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+
+    /// Records how the attempt ended.
+    pub(crate) fn finish(mut self, result: &Result<Response<UpstreamBody>, TransportError>) {
+        if !self.span.is_disabled() {
+            if let Ok(response) = result {
+                self.span
+                    .record("http.response.status_code", response.status().as_u16());
+            }
+            match result {
+                Ok(response) if response.status().is_server_error() => {
+                    self.span.record("error.type", response.status().as_str());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.span
+                        .record("error.type", crate::error::error_code_name(e));
+                }
+            }
+        }
+        self.end(outcome(result));
+    }
+
+    fn end(&mut self, outcome: &'static str) {
+        self.done = true;
+        if outcome != "ok" {
+            self.span.record("otel.status_code", "ERROR");
+        }
+        let duration = self.started.elapsed();
+        self.metrics
+            .client_attempt(&self.upstream, outcome, duration);
+        self.log.push(CallRecord {
+            started: self.started,
+            upstream: self.upstream.clone(),
+            attempt: self.attempt,
+            outcome,
+            duration,
+        });
+    }
+}
+
+impl Drop for AttemptRecorder {
+    fn drop(&mut self) {
+        if !self.done {
+            // The guest gave up on the attempt: its timeout or deadline.
+            self.span.record("error.type", "timeout");
+            self.end("timeout");
+        }
+    }
+}
+
+/// The outcome label of an attempt's result (metrics and access log).
+fn outcome(result: &Result<Response<UpstreamBody>, TransportError>) -> &'static str {
+    match result {
+        Ok(response) if response.status().is_server_error() => "error",
+        Ok(_) => "ok",
+        Err(TransportError::ConnectionLimitReached) => "shed",
+        Err(TransportError::DestinationUnavailable) => "circuit_open",
+        Err(
+            TransportError::HttpResponseTimeout
+            | TransportError::ConnectionTimeout
+            | TransportError::ConnectionReadTimeout,
+        ) => "timeout",
+        Err(_) => "error",
+    }
+}
+
+/// The client span of one attempt (OpenTelemetry HTTP client conventions).
+fn client_span(
+    parent: &tracing::Span,
+    upstream: &str,
+    attempt: u32,
+    request: &Request<UpstreamBody>,
+) -> tracing::Span {
+    let uri = request.uri();
+    let span = tracing::info_span!(
+        target: crate::telemetry::SPAN_TARGET,
+        parent: parent,
+        "upstream",
+        otel.name = %request.method(),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %request.method(),
+        server.address = uri.host().unwrap_or_default(),
+        server.port = uri.port_u16().unwrap_or(80),
+        url.full = %uri,
+        http.request.resend_count = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        fanout.upstream = upstream,
+    );
+    if attempt > 1 {
+        span.record("http.request.resend_count", attempt - 1);
+    }
+    span
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_wait_is_the_union_of_the_attempts() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let call = |from: u64, took: u64| CallRecord {
+            started: t0 + ms(from),
+            upstream: "u".into(),
+            attempt: 1,
+            outcome: "ok",
+            duration: ms(took),
+        };
+        let log = AttemptLog::default();
+        // Two overlapping (10-60, 20-50), then a retry (70-90): 70 ms.
+        for c in [call(10, 50), call(20, 30), call(70, 20)] {
+            log.push(c);
+        }
+        assert_eq!(log.upstream_wait(t0, t0 + ms(100)), ms(70));
+        // Clipped to the window.
+        assert_eq!(log.upstream_wait(t0 + ms(30), t0 + ms(80)), ms(40));
+        assert_eq!(
+            AttemptLog::default().upstream_wait(t0, t0 + ms(100)),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn the_summary_names_each_attempt() {
+        let t0 = Instant::now();
+        let log = AttemptLog::default();
+        log.push(CallRecord {
+            started: t0,
+            upstream: "inventory".into(),
+            attempt: 1,
+            outcome: "ok",
+            duration: Duration::from_micros(23_140),
+        });
+        log.push(CallRecord {
+            started: t0,
+            upstream: "pricing".into(),
+            attempt: 2,
+            outcome: "timeout",
+            duration: Duration::from_micros(150_200),
+        });
+        assert_eq!(
+            log.summary(),
+            "inventory:ok:23.1ms pricing#2:timeout:150.2ms"
+        );
+    }
+}
