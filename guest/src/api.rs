@@ -14,9 +14,19 @@ pub const MAX_ID_LEN: usize = 64;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target<'a> {
     /// `GET <collection>/{id}`.
-    Item { route: &'a Route, id: String },
+    Item {
+        /// The route it matched.
+        route: &'a Route,
+        /// The item's id, validated.
+        id: String,
+    },
     /// `GET <collection>?ids=a,b,c`.
-    Batch { route: &'a Route, ids: Vec<String> },
+    Batch {
+        /// The route it matched.
+        route: &'a Route,
+        /// The ids, validated, in the order asked for.
+        ids: Vec<String>,
+    },
 }
 
 /// Maps method, path and query to a configured route, or to the error a

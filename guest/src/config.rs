@@ -62,24 +62,33 @@ pub enum Mode {
 #[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
+    /// The default budget of a request, in milliseconds (200).
     pub deadline_ms: Option<u64>,
+    /// The largest budget a client may ask for, in milliseconds (1000).
     pub max_deadline_ms: Option<u64>,
+    /// Upstream calls in flight at once for one request (16).
     pub max_in_flight: Option<usize>,
+    /// How an item's upstreams are called (`concurrent`).
     pub mode: Option<Mode>,
+    /// The routes; the product example by default.
     pub routes: Option<Vec<RawRoute>>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+/// One route as written.
 pub struct RawRoute {
     /// `/<collection>/{id}`; the batch form `/<collection>?ids=a,b` comes with it.
     pub path: String,
+    /// The upstreams each item of the route calls.
     pub upstreams: Vec<RawUpstream>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+/// One upstream of a route as written.
 pub struct RawUpstream {
+    /// Its logical name: `FANOUT_UPSTREAM_<NAME>` gives its base URL.
     pub name: String,
     /// URL template: `{base}` is the upstream's base URL, `{id}` the item id.
     pub url: String,
@@ -88,7 +97,9 @@ pub struct RawUpstream {
     /// A required upstream's failure fails the item; an optional one's
     /// leaves its field null and names it in `degraded`. Default: true.
     pub required: Option<bool>,
+    /// Per-attempt timeout in milliseconds (150).
     pub timeout_ms: Option<u64>,
+    /// How failed attempts are retried.
     pub retry: Option<RetryPolicy>,
 }
 
@@ -97,22 +108,28 @@ pub struct RawUpstream {
 pub struct Route {
     /// The collection path, e.g. `/products`: items live at `/products/{id}`.
     pub collection: String,
-    pub upstreams: Vec<UpstreamConfig>,
+    /// The upstreams each item calls, in configuration order.
+    pub upstreams: Vec<RouteUpstream>,
 }
 
 /// A validated upstream of a route.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamConfig {
+pub struct RouteUpstream {
+    /// Its logical name: `FANOUT_UPSTREAM_<NAME>` gives its base URL.
     pub name: String,
+    /// The answer's field it fills.
     pub field: String,
+    /// Whether its failure fails the item (else the item degrades).
     pub required: bool,
+    /// Per-attempt timeout, cut to the remaining budget.
     pub timeout: Duration,
+    /// How failed attempts are retried.
     pub retry: RetryPolicy,
     /// The URL template with `{base}` already substituted.
     url: String,
 }
 
-impl UpstreamConfig {
+impl RouteUpstream {
     /// The URL to call for item `id` (already validated by the caller).
     pub fn url(&self, id: &str) -> String {
         self.url.replace("{id}", id)
@@ -122,17 +139,24 @@ impl UpstreamConfig {
 /// Everything the guest needs, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
+    /// The default budget of a request.
     pub deadline: Duration,
+    /// The largest budget a client may ask for.
     pub max_deadline: Duration,
+    /// Upstream calls in flight at once for one request.
     pub max_in_flight: usize,
+    /// How an item's upstreams are called.
     pub mode: Mode,
+    /// The routes, longest collection first where they overlap.
     pub routes: Vec<Route>,
 }
 
 /// A configuration the guest cannot work with: it names the key and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
+    /// The key at fault (`FANOUT_CONFIG.routes[0].path`).
     pub key: String,
+    /// What is wrong with it.
     pub reason: String,
 }
 
@@ -322,7 +346,7 @@ fn validate_route(
             "a route needs at least one upstream",
         ));
     }
-    let mut upstreams: Vec<UpstreamConfig> = Vec::new();
+    let mut upstreams: Vec<RouteUpstream> = Vec::new();
     for (i, u) in raw.upstreams.into_iter().enumerate() {
         let key = || format!("{}.upstreams[{i}]", route_key());
         if u.name.is_empty()
@@ -377,7 +401,7 @@ fn validate_route(
         retry
             .validate()
             .map_err(|reason| error(format!("{}.retry", key()), reason))?;
-        upstreams.push(UpstreamConfig {
+        upstreams.push(RouteUpstream {
             name: u.name,
             field,
             required: u.required.unwrap_or(true),

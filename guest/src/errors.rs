@@ -10,13 +10,18 @@ use serde_json::{Map, Value, json};
 /// people and may change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
+    /// The HTTP status.
     pub status: u16,
+    /// The stable, snake_case code.
     pub code: &'static str,
+    /// A sentence for people.
     pub message: String,
+    /// The upstream at fault, if one is.
     pub upstream: Option<String>,
 }
 
 impl ApiError {
+    /// An error with no upstream named.
     pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
@@ -26,11 +31,13 @@ impl ApiError {
         }
     }
 
+    /// Names the upstream at fault.
     pub fn for_upstream(mut self, upstream: &str) -> ApiError {
         self.upstream = Some(upstream.to_string());
         self
     }
 
+    /// The body: `{"error": {"code", "message", "upstream"?}}`.
     pub fn to_json(&self) -> Value {
         let mut error = Map::new();
         error.insert("code".into(), json!(self.code));

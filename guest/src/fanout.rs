@@ -6,7 +6,7 @@
 //! the same code runs in the component on WASI and in unit tests on a fake
 //! clock with a scripted transport.
 
-use crate::config::{Config, Mode, Route, UpstreamConfig};
+use crate::config::{Config, Mode, Route, RouteUpstream};
 use crate::errors::UpstreamFailure;
 use crate::merge::{self, Item, Outcome};
 use crate::trace::TraceContext;
@@ -23,7 +23,9 @@ pub const MIN_RETRY_BUDGET: Duration = Duration::from_millis(10);
 /// One attempt at one upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attempt<'a> {
+    /// The upstream's logical name.
     pub upstream: &'a str,
+    /// The URL to call.
     pub url: String,
     /// 1 for the first attempt.
     pub number: u32,
@@ -37,6 +39,7 @@ pub struct Attempt<'a> {
 pub trait Env {
     /// Time since an arbitrary origin; monotonic.
     fn now(&self) -> Duration;
+    /// Waits `duration`.
     fn sleep(&self, duration: Duration) -> impl Future<Output = ()>;
     /// 64 random bits, for backoff jitter.
     fn random(&self) -> u64;
@@ -53,12 +56,14 @@ pub struct Budget {
 }
 
 impl Budget {
+    /// A budget of `budget` from `now`.
     pub fn starting_at(now: Duration, budget: Duration) -> Budget {
         Budget {
             deadline: now + budget,
         }
     }
 
+    /// What is left of the budget at `now`.
     pub fn remaining(&self, now: Duration) -> Duration {
         self.deadline.saturating_sub(now)
     }
@@ -73,7 +78,7 @@ impl Budget {
 /// Calls one upstream for one id, retrying per its policy, within `budget`.
 pub async fn call<E: Env>(
     env: &E,
-    upstream: &UpstreamConfig,
+    upstream: &RouteUpstream,
     id: &str,
     budget: Budget,
     trace: &TraceContext,
@@ -122,7 +127,9 @@ pub async fn call<E: Env>(
 /// in route order.
 #[derive(Debug)]
 pub struct Gathered {
+    /// The merged items, in the order asked for.
     pub items: Vec<Item>,
+    /// Each upstream's time, for `Server-Timing`.
     pub timings: Vec<(String, Duration)>,
 }
 

@@ -27,6 +27,8 @@
 //! writes a GET's empty body after sending it, which a host may already have
 //! dropped) and wstd's reactor to wait.
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod config;
 pub mod errors;

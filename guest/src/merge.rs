@@ -6,9 +6,13 @@ use serde_json::{Map, Value, json};
 
 /// One upstream's result, labelled with what the merge needs to know.
 pub struct Outcome<'a> {
+    /// The upstream's logical name.
     pub upstream: &'a str,
+    /// The field it fills.
     pub field: &'a str,
+    /// Whether its failure fails the item.
     pub required: bool,
+    /// Its JSON answer, or why there is none.
     pub result: Result<Value, UpstreamFailure>,
 }
 
@@ -16,7 +20,9 @@ pub struct Outcome<'a> {
 /// or the error that failed it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Item {
+    /// The item's id.
     pub id: String,
+    /// The merged object, or the error that failed the item.
     pub result: Result<Value, ApiError>,
     /// Optional upstreams that failed, in configuration order.
     pub degraded: Vec<String>,
@@ -87,12 +93,16 @@ pub fn merge(id: &str, outcomes: Vec<Outcome<'_>>) -> Item {
 /// An answer ready to send: status, JSON body, degraded upstreams.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Answer {
+    /// The HTTP status.
     pub status: u16,
+    /// The JSON body.
     pub body: Value,
+    /// Optional upstreams that failed (the `x-fanout-degraded` header).
     pub degraded: Vec<String>,
 }
 
 impl Answer {
+    /// The answer for an error.
     pub fn error(error: &ApiError) -> Answer {
         Answer {
             status: error.status,

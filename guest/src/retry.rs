@@ -27,6 +27,7 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// Checks the policy's bounds, saying what is wrong.
     pub fn validate(&self) -> Result<(), String> {
         if !(1..=10).contains(&self.max_attempts) {
             return Err(format!(

@@ -8,9 +8,11 @@
 /// The trace a request belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceContext {
+    /// The trace's id.
     pub trace_id: [u8; 16],
     /// The caller's span (all zeros when the guest started the trace).
     pub parent_id: [u8; 8],
+    /// The trace flags (bit 0: sampled).
     pub flags: u8,
 }
 
@@ -70,6 +72,7 @@ impl TraceContext {
         out
     }
 
+    /// The trace id as 32 lower-case hex digits.
     pub fn trace_id_hex(&self) -> String {
         let mut out = String::with_capacity(32);
         push_hex(&mut out, &self.trace_id);

@@ -278,7 +278,7 @@ impl FanoutBuilder {
 
         let engine = runtime::engine(&self.limits).map_err(Error::wasmtime)?;
         let bytes: Cow<'_, [u8]> = match &self.component {
-            ComponentSource::BuiltIn => Cow::Borrowed(crate::GUEST_COMPONENT),
+            ComponentSource::BuiltIn => Cow::Borrowed(crate::builtin_guest::GUEST_COMPONENT),
             ComponentSource::Bytes(bytes) => Cow::Borrowed(bytes),
             ComponentSource::Path(path) => {
                 Cow::Owned(std::fs::read(path).map_err(|source| Error::ReadComponent {

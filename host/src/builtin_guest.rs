@@ -11,6 +11,9 @@ use fanout_guest::protocol::TIMEOUT_HEADER;
 use http::Request;
 use std::time::Duration;
 
+// GUEST_COMPONENT_PATH and GUEST_COMPONENT, written by build.rs.
+include!(concat!(env!("OUT_DIR"), "/components.rs"));
+
 /// A wait shorter than this is not taken out of the guest's budget: it is
 /// within the budget's own rounding (milliseconds).
 const WAIT_WORTH_CHARGING: Duration = Duration::from_millis(1);

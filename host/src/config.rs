@@ -27,9 +27,10 @@
 //! See the `fanout.toml` at the root of the repository for every key.
 
 use crate::adapters::{FixtureUpstream, HttpOptions, HttpUpstream, Latency, SimulatedUpstream};
+use crate::builder::FanoutBuilder;
+use crate::error::Error;
 use crate::guard::{CircuitBreakerConfig, Guardrails, RetryBudgetConfig};
 use crate::limits::Limits;
-use crate::{Error, FanoutBuilder};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -41,14 +42,17 @@ use std::time::Duration;
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    /// Where the aggregator listens.
     pub listen: Option<SocketAddr>,
     /// Admin listener: /metrics, /healthz, /readyz.
     pub admin: Option<SocketAddr>,
     /// A component to serve instead of the built-in guest.
     pub component: Option<PathBuf>,
     #[serde(default)]
+    /// Per-request limits.
     pub limits: LimitsConfig,
     #[serde(default)]
+    /// The upstreams, by name.
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     /// The guest's configuration (`FANOUT_CONFIG`): routes, budget, caps.
     pub guest: Option<fanout_guest::config::RawConfig>,
@@ -56,11 +60,15 @@ pub struct FileConfig {
 
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+/// The `[limits]` table (see [`Limits`] for the defaults).
 pub struct LimitsConfig {
     /// Fuel per request; 0 for unlimited (and no fuel metering).
     pub fuel: Option<u64>,
+    /// Linear memory per instance, in MiB.
     pub memory_mib: Option<u64>,
+    /// Wall-clock limit per request, in milliseconds.
     pub deadline_ms: Option<u64>,
+    /// Instances at once: the pool's size.
     pub max_instances: Option<u32>,
     /// How long a request may wait for a busy pool; 0 sheds at once.
     pub queue_wait_ms: Option<u64>,
@@ -68,9 +76,13 @@ pub struct LimitsConfig {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
+/// Which adapter serves an upstream.
 pub enum AdapterKind {
+    /// Real HTTP on the pooled client.
     Http,
+    /// JSON files keyed by path.
     Fixture,
+    /// A latency distribution with injected faults.
     Simulated,
 }
 
@@ -78,26 +90,40 @@ pub enum AdapterKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
+    /// Which adapter serves it.
     pub adapter: AdapterKind,
     /// `http`: the upstream's base URL. Other adapters: the base URL the
     /// guest is told (default `http://<name>.<adapter>`), routed in-process.
     pub url: Option<String>,
+    /// `http`: longest time to open a connection.
     pub connect_timeout_ms: Option<u64>,
+    /// `http`: longest wait for the response head.
     pub response_timeout_ms: Option<u64>,
+    /// `http`: how long an idle connection is kept.
     pub idle_timeout_ms: Option<u64>,
     /// `fixture`: the directory of `*.json` answers, relative to the file.
     pub dir: Option<PathBuf>,
     /// `simulated`: latency, and the fractions of calls that fail or hang.
     pub latency: Option<LatencyConfig>,
+    /// `simulated`: the share of calls answered 503.
     pub error_rate: Option<f64>,
+    /// `simulated`: the share of calls never answered.
     pub hang_rate: Option<f64>,
+    /// Guardrail: calls in flight at once.
     pub max_concurrency: Option<usize>,
+    /// Guardrail: the circuit breaker.
     pub circuit_breaker: Option<CircuitBreakerConfig>,
+    /// Guardrail: the retry budget.
     pub retry_budget: Option<RetryBudgetConfig>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(tag = "distribution", rename_all = "snake_case", deny_unknown_fields)]
+/// A `simulated` upstream's latency distribution.
+#[allow(
+    missing_docs,
+    reason = "the fields are those of adapters::Latency, in milliseconds"
+)]
 pub enum LatencyConfig {
     Fixed { ms: u64 },
     Uniform { min_ms: u64, max_ms: u64 },
@@ -107,7 +133,9 @@ pub enum LatencyConfig {
 /// What the file decides beyond the [`FanoutBuilder`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
+    /// Where the aggregator listens.
     pub listen: Option<SocketAddr>,
+    /// Where the admin endpoints listen.
     pub admin: Option<SocketAddr>,
 }
 
@@ -338,6 +366,7 @@ impl UpstreamConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fanout::Fanout;
 
     fn parse(text: &str) -> Result<FileConfig, String> {
         toml::from_str(text).map_err(|e| e.to_string())
@@ -345,7 +374,7 @@ mod tests {
 
     fn apply_err(text: &str) -> String {
         let config = parse(text).expect("parses");
-        match config.apply(crate::Fanout::builder()) {
+        match config.apply(Fanout::builder()) {
             Ok(_) => panic!("accepted: {text}"),
             Err(e) => e.to_string(),
         }
@@ -395,7 +424,7 @@ mod tests {
     fn the_shipped_example_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fanout.toml");
         let config = FileConfig::load(&path).expect("fanout.toml parses");
-        let (builder, settings) = config.apply(crate::Fanout::builder()).expect("applies");
+        let (builder, settings) = config.apply(Fanout::builder()).expect("applies");
         assert!(settings.listen.is_some());
         builder.build().expect("fanout.toml builds");
     }

@@ -1,6 +1,6 @@
 //! Errors, each mapped in one place:
 //!
-//! - [`Error`]: what stops a [`Fanout`](crate::Fanout) from being built,
+//! - [`Error`]: what stops a `Fanout` from being built,
 //!   before anything listens;
 //! - [`Failure`]: why a request did not get the guest's own answer, and the
 //!   client answer for each ([`Failure::to_response`]);
@@ -16,10 +16,14 @@ use http::{HeaderValue, Response, StatusCode, header};
 use std::error::Error as StdError;
 use std::time::Duration;
 
-/// An error building or starting a [`Fanout`](crate::Fanout). All of these
+/// An error building or starting a `Fanout`. All of these
 /// are raised before the server listens.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
+#[allow(
+    missing_docs,
+    reason = "each variant's #[error] message says what it is"
+)]
 pub enum Error {
     #[error("invalid limit `{key}`: {reason}")]
     InvalidLimit { key: &'static str, reason: String },
@@ -55,6 +59,10 @@ impl Error {
 
 /// Why a request did not get the guest's own answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(
+    missing_docs,
+    reason = "the fields are the limits or waits the message names"
+)]
 pub enum Failure {
     /// Every instance of the pool is busy.
     PoolFull { max_instances: u32 },
@@ -97,6 +105,7 @@ impl Failure {
         )
     }
 
+    /// The HTTP status the client gets.
     pub fn status(&self) -> StatusCode {
         match self {
             Failure::PoolFull { .. }
@@ -128,6 +137,7 @@ impl Failure {
         }
     }
 
+    /// A sentence for people, in the body and the log.
     pub fn message(&self) -> String {
         match self {
             Failure::PoolFull { max_instances } => {
@@ -165,6 +175,7 @@ impl Failure {
         }
     }
 
+    /// The JSON error answer, with `Retry-After` on a shed.
     pub fn to_response(&self) -> Response<ResponseBody> {
         let mut response = error_response(self.status(), self.code(), &self.message());
         if self.is_shed() {

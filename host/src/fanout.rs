@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 
 /// The aggregator: a compiled, pre-instantiated component plus its upstreams
-/// and limits. Built by [`FanoutBuilder`](crate::FanoutBuilder); cheap to
+/// and limits. Built by `FanoutBuilder`; cheap to
 /// clone, and clones share everything.
 #[derive(Clone)]
 pub struct Fanout {

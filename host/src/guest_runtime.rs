@@ -1,5 +1,5 @@
 //! The guests' own tokio runtime, when
-//! [`FanoutBuilder::guest_threads`](crate::FanoutBuilder::guest_threads) asks for one.
+//! `FanoutBuilder::guest_threads` asks for one.
 
 use crate::error::Error;
 

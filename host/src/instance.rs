@@ -11,7 +11,7 @@
 //!    admission limit from how long it took;
 //! 5. [`classify`]: name the cause when the guest failed.
 //!
-//! With [`FanoutBuilder::guest_threads`](crate::FanoutBuilder::guest_threads),
+//! With `FanoutBuilder::guest_threads`,
 //! steps 3 and 4 run on the guests' own runtime ([`on_guest_runtime`]).
 
 use crate::admission::{Admission, Refusal, Ticket};
@@ -44,7 +44,7 @@ use wasmtime_wasi_http::p2::types::{HostIncomingRequest, HostResponseOutparam};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpView};
 
 /// Everything a request needs to get and run an instance, shared by all
-/// requests of one [`Fanout`](crate::Fanout).
+/// requests of one `Fanout`.
 pub(crate) struct Runner {
     pub(crate) pre: ProxyPre<RequestState>,
     pub(crate) limits: Limits,
@@ -59,7 +59,7 @@ pub(crate) struct Runner {
     /// The built-in guest's configuration; `None` for another component.
     pub(crate) builtin: Option<BuiltinGuest>,
     /// The admission limit and its line; a fixed one for
-    /// [`AdmissionMode::Fixed`](crate::AdmissionMode::Fixed).
+    /// `AdmissionMode::Fixed`.
     pub(crate) admission: Admission,
     pub(crate) adaptive: bool,
     /// Where the guests run, when apart from the connections.

@@ -60,6 +60,8 @@
 //! `wasi:http` code. ARCHITECTURE.md at the repository's root has the
 //! numbered steps.
 
+#![warn(missing_docs)]
+
 pub mod adapters;
 mod admin;
 pub mod admission;
@@ -86,6 +88,7 @@ pub mod telemetry;
 pub mod upstream;
 
 pub use builder::{AdmissionMode, FanoutBuilder};
+pub use builtin_guest::{GUEST_COMPONENT, GUEST_COMPONENT_PATH};
 pub use error::{
     DnsFailure, Error, Failure, client_error_code, error_code_name, guarded_error_code,
 };
@@ -94,5 +97,3 @@ pub use limits::Limits;
 pub use response::{ResponseBody, error_response, full_body};
 pub use stats::StatsSnapshot;
 pub use upstream::Upstream;
-
-include!(concat!(env!("OUT_DIR"), "/components.rs"));

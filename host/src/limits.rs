@@ -36,6 +36,7 @@ pub const CORE_INSTANCES_PER_REQUEST: u32 = 6;
 
 /// Linear memories and tables per component instance, with the same margin.
 pub const MEMORIES_PER_REQUEST: u32 = 2;
+/// Tables one request's instances may use.
 pub const TABLES_PER_REQUEST: u32 = 4;
 
 /// How long a request may wait for a free instance when all are busy, by
@@ -58,7 +59,7 @@ pub const DEFAULT_QUEUE_WAIT: Duration = Duration::from_millis(100);
 pub const MEMORY_KEEP_RESIDENT: usize = 4 << 20;
 
 /// Bytes of an answer's body read on the guests' runtime before the answer
-/// is handed to the connection's (with [`crate::FanoutBuilder::guest_threads`]):
+/// is handed to the connection's (with `FanoutBuilder::guest_threads`):
 /// a body this small crosses in one piece, a larger one streams on. An
 /// aggregated answer is a few KiB; the cap bounds the memory an answer
 /// holds while it waits to be written.
@@ -68,7 +69,7 @@ pub const HANDOFF_BUFFER: usize = 256 << 10;
 /// refused (the guest's write fails) rather than buffered without bound.
 pub const GUEST_OUTPUT_CAPACITY: usize = 64 << 10;
 
-/// Per-request limits, shared by every instance of a [`Fanout`](crate::Fanout).
+/// Per-request limits, shared by every instance of a `Fanout`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Fuel per request. `None` compiles the component without fuel
@@ -107,9 +108,9 @@ pub fn mib_to_bytes(mib: u64) -> Option<usize> {
 impl Limits {
     /// Checks the limits before anything is built, so that a bad value is a
     /// start-up error naming the setting, never a failing request.
-    pub fn validate(&self) -> Result<(), crate::Error> {
+    pub fn validate(&self) -> Result<(), crate::error::Error> {
         let invalid =
-            |key: &'static str, reason: String| crate::Error::InvalidLimit { key, reason };
+            |key: &'static str, reason: String| crate::error::Error::InvalidLimit { key, reason };
         if self.fuel == Some(0) {
             return Err(invalid("fuel", "must be at least 1".into()));
         }

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 
-/// Body of the answers [`Fanout::handle`](crate::Fanout::handle) returns
+/// Body of the answers `Fanout::handle` returns
 /// (and of what upstreams answer: the same `wasi:http` body type).
 pub type ResponseBody =
     http_body_util::combinators::UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>;

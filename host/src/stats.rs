@@ -1,4 +1,4 @@
-//! Counters since start-up, read through [`Fanout::stats`](crate::Fanout::stats).
+//! Counters since start-up, read through `Fanout::stats`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

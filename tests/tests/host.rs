@@ -620,3 +620,63 @@ async fn time_waited_in_line_comes_out_of_the_budget() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn upstreams_sharing_an_authority_keep_their_own_guardrails() -> Result<()> {
+    // pricing and reviews behind one gateway (one mock): the guest's hint
+    // names the upstream, so each call gets its own guardrails and name.
+    let logs = fanout_tests::capture_logs();
+    let upstreams = ProductUpstreams::start(MS(30)).await?;
+    let gateway = upstreams.pricing.base_url();
+    let fanout = Fanout::builder()
+        .cache_dir(fanout_tests::cache_dir())
+        .http_upstream("inventory", upstreams.inventory.base_url())
+        .http_upstream("pricing", gateway.clone())
+        .http_upstream("reviews", gateway)
+        .guardrails(
+            "reviews",
+            Guardrails {
+                max_concurrency: Some(1),
+                ..Guardrails::default()
+            },
+        )
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+    // Two at once: reviews' limit of 1 sheds one of them; pricing, at the
+    // same authority, has no limit and is never shed.
+    let (first, second) = tokio::join!(host.get("/products/1"), host.get("/products/2"));
+    let (first, second) = (first?, second?);
+    for answer in [&first, &second] {
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    }
+    let degraded: Vec<&Value> = [&first, &second]
+        .iter()
+        .flat_map(|a| a.json["degraded"].as_array().unwrap())
+        .collect();
+    assert_eq!(degraded, [&json!("reviews")], "{first:?} {second:?}");
+
+    let events = logs.events();
+    let calls: Vec<&str> = events
+        .iter()
+        .filter(|e| e["target"] == "fanout::access")
+        .filter_map(|e| e["upstreams"].as_str())
+        .collect();
+    assert_eq!(calls.len(), 2, "{events:#?}");
+    for line in &calls {
+        assert_eq!(line.matches("pricing:ok:").count(), 1, "{line}");
+        assert_eq!(line.matches("inventory:ok:").count(), 1, "{line}");
+    }
+    let reviews: Vec<&str> = calls
+        .iter()
+        .flat_map(|line| line.split(' ').filter(|c| c.starts_with("reviews")))
+        .collect();
+    assert!(
+        reviews.iter().any(|c| c.starts_with("reviews:ok:")),
+        "{reviews:?}"
+    );
+    assert!(
+        reviews.iter().any(|c| c.starts_with("reviews:shed:")),
+        "{reviews:?}"
+    );
+    Ok(())
+}

@@ -86,7 +86,7 @@ fn run<F: Future>(future: F) -> F::Output {
     }
 }
 
-fn upstream(timeout_ms: u64, max_attempts: u32) -> UpstreamConfig {
+fn upstream(timeout_ms: u64, max_attempts: u32) -> RouteUpstream {
     let config = crate::config::Config::from_lookup(|k| match k {
         "FANOUT_CONFIG" => Some(format!(
             r#"{{"routes": [{{"path": "/p/{{id}}", "upstreams": [{{"name": "u", "url": "http://u/{{id}}",
@@ -100,7 +100,7 @@ fn upstream(timeout_ms: u64, max_attempts: u32) -> UpstreamConfig {
 }
 
 /// One call for id "1" with a fresh 200 ms budget.
-fn call_200ms(env: &impl Env, upstream: &UpstreamConfig) -> Result<Value, UpstreamFailure> {
+fn call_200ms(env: &impl Env, upstream: &RouteUpstream) -> Result<Value, UpstreamFailure> {
     run(call(
         env,
         upstream,

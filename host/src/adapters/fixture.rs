@@ -19,11 +19,11 @@ pub struct FixtureUpstream {
 impl FixtureUpstream {
     /// Loads every `*.json` file under `dir`. Each must be valid JSON: a
     /// broken fixture is a start-up error, not a failing request.
-    pub fn from_dir(dir: impl AsRef<Path>) -> Result<FixtureUpstream, crate::Error> {
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<FixtureUpstream, crate::error::Error> {
         let dir = dir.as_ref();
         let mut answers = HashMap::new();
         let mut pending: Vec<PathBuf> = vec![dir.to_path_buf()];
-        let io = |path: &Path, e: std::io::Error| crate::Error::Fixture {
+        let io = |path: &Path, e: std::io::Error| crate::error::Error::Fixture {
             path: path.to_path_buf(),
             reason: e.to_string(),
         };
@@ -39,7 +39,7 @@ impl FixtureUpstream {
                 }
                 let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
                 serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|e| {
-                    crate::Error::Fixture {
+                    crate::error::Error::Fixture {
                         path: path.clone(),
                         reason: format!("invalid JSON: {e}"),
                     }
@@ -54,7 +54,7 @@ impl FixtureUpstream {
             }
         }
         if answers.is_empty() {
-            return Err(crate::Error::Fixture {
+            return Err(crate::error::Error::Fixture {
                 path: dir.to_path_buf(),
                 reason: "no *.json files".into(),
             });

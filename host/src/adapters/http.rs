@@ -24,10 +24,12 @@ pub const POOL_MAX_IDLE_PER_HOST: usize = 512;
 /// Settings of an [`HttpUpstream`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpOptions {
+    /// Longest time to open a TCP connection.
     pub connect_timeout: Duration,
     /// Longest wait for the response head; `None`: only the guest's own
     /// first-byte timeout applies.
     pub response_timeout: Option<Duration>,
+    /// How long an idle pooled connection is kept.
     pub idle_timeout: Duration,
 }
 
@@ -58,6 +60,7 @@ impl Default for HttpUpstream {
 }
 
 impl HttpUpstream {
+    /// A client with its own connection pool.
     pub fn new(options: HttpOptions) -> HttpUpstream {
         let mut connector = HttpConnector::new_with_resolver(Resolver(GaiResolver::new()));
         connector.set_connect_timeout(Some(options.connect_timeout));

@@ -10,16 +10,21 @@ use wasmtime_wasi_http::RequestOptions;
 /// A latency distribution for [`SimulatedUpstream`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Latency {
+    /// Always the same.
     Fixed(Duration),
     /// Uniform in `[min, max]`.
     Uniform {
+        /// The shortest.
         min: Duration,
+        /// The longest.
         max: Duration,
     },
     /// Log-normal: the typical shape of service latency, with a long tail.
     /// `median` is its median, `sigma` the standard deviation of its log.
     LogNormal {
+        /// The median latency.
         median: Duration,
+        /// The standard deviation of the latency's log.
         sigma: f64,
     },
 }

@@ -8,12 +8,14 @@ use std::time::{Duration, Instant};
 pub struct AdmissionConfig {
     /// Limit at start; it adapts from there.
     pub initial: usize,
+    /// Never less than this.
     pub min: usize,
     /// Never more than this (the instance pool's size).
     pub max: usize,
     /// A request is "slow" when it takes longer than `tolerance` times the
     /// fastest latency of the last `min_window` (and at least `slack` more).
     pub tolerance: f64,
+    /// A latency at most this far above the fastest is never slow.
     pub slack: Duration,
     /// How long the fastest latency is remembered; old minima expire so
     /// that a change in upstream latency is learnt.
@@ -23,6 +25,7 @@ pub struct AdmissionConfig {
 }
 
 impl AdmissionConfig {
+    /// Settings for a pool of `max` instances.
     pub fn new(max: usize) -> AdmissionConfig {
         AdmissionConfig {
             initial: (max / 4).clamp(1, max.max(1)),
@@ -57,6 +60,7 @@ pub struct Aimd {
 }
 
 impl Aimd {
+    /// A limiter at its initial limit.
     pub fn new(config: AdmissionConfig) -> Aimd {
         Aimd {
             config,
@@ -70,10 +74,12 @@ impl Aimd {
         }
     }
 
+    /// The limit now.
     pub fn limit(&self) -> usize {
         self.limit as usize
     }
 
+    /// Requests admitted and not finished.
     pub fn in_flight(&self) -> usize {
         self.in_flight
     }

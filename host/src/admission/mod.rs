@@ -59,11 +59,20 @@ impl Shared {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     /// At the limit, and waiting is not allowed.
-    AtLimit { limit: usize },
+    AtLimit {
+        /// The limit then.
+        limit: usize,
+    },
     /// The expected wait in line is longer than allowed.
-    LineTooLong { expected: Duration },
+    LineTooLong {
+        /// The wait the line would have meant.
+        expected: Duration,
+    },
     /// Waited as long as allowed.
-    WaitedTooLong { waited: Duration },
+    WaitedTooLong {
+        /// How long it waited.
+        waited: Duration,
+    },
 }
 
 /// A request's place, given back when dropped: hold it as long as the
@@ -75,6 +84,7 @@ pub struct Ticket {
 }
 
 impl Admission {
+    /// An adaptive limit with `config`.
     pub fn new(config: AdmissionConfig) -> Admission {
         Admission {
             state: Arc::new(Mutex::new(Shared {

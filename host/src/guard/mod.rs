@@ -37,8 +37,11 @@ pub(crate) type GuardedService = BoxCloneSyncService<Call, Response<UpstreamBody
 /// Guardrail settings of one upstream. `None` turns a guardrail off.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Guardrails {
+    /// Calls in flight at once; beyond, a call is shed.
     pub max_concurrency: Option<usize>,
+    /// When the circuit opens, and for how long.
     pub circuit_breaker: Option<CircuitBreakerConfig>,
+    /// How many retries the upstream takes.
     pub retry_budget: Option<RetryBudgetConfig>,
 }
 
@@ -50,6 +53,7 @@ pub struct CircuitBreakerConfig {
     pub consecutive_failures: u32,
     /// Or when this fraction of the last `window` calls failed...
     pub failure_rate: f64,
+    /// ...over this many of the last calls...
     pub window: usize,
     /// ...once the window holds at least this many calls.
     pub min_calls: usize,

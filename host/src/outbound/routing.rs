@@ -31,8 +31,8 @@ impl UpstreamHandle {
         upstream: Arc<dyn Upstream>,
         guardrails: &Guardrails,
         is_http: bool,
-    ) -> Result<UpstreamHandle, crate::Error> {
-        let invalid = |reason: String| crate::Error::InvalidUpstream {
+    ) -> Result<UpstreamHandle, crate::error::Error> {
+        let invalid = |reason: String| crate::error::Error::InvalidUpstream {
             name: name.clone(),
             reason,
         };
@@ -83,11 +83,11 @@ pub(crate) struct Upstreams {
 impl Upstreams {
     /// Registers `handle`, keyed by its name and by its authority. Only
     /// upstreams served over HTTP may share an authority.
-    pub(crate) fn insert(&mut self, handle: UpstreamHandle) -> Result<(), crate::Error> {
+    pub(crate) fn insert(&mut self, handle: UpstreamHandle) -> Result<(), crate::error::Error> {
         if let Some(other) = self.by_authority.get(&handle.authority)
             && !(other.is_http && handle.is_http)
         {
-            return Err(crate::Error::InvalidUpstream {
+            return Err(crate::error::Error::InvalidUpstream {
                 reason: format!(
                     "authority `{}` is already used by upstream `{}`; \
                      requests are routed by authority, so in-process upstreams need their own",
