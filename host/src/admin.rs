@@ -24,10 +24,15 @@ pub(crate) async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    crate::http_server::serve_http(listener, shutdown, Duration::from_secs(1), move |request| {
-        let answer = view.answer(request.uri().path());
-        async move { answer }
-    })
+    crate::http_server::serve_http(
+        listener,
+        shutdown,
+        Duration::from_secs(1),
+        move |request, _| {
+            let answer = view.answer(request.uri().path());
+            async move { answer }
+        },
+    )
     .await
 }
 

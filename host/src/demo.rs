@@ -65,29 +65,34 @@ pub async fn serve(
             .map(|(name, _, upstream)| (name, upstream))
             .collect(),
     );
-    crate::http_server::serve_http(listener, shutdown, Duration::from_secs(1), move |request| {
-        let upstreams = upstreams.clone();
-        async move {
-            let name = request.uri().path().split('/').nth(1).unwrap_or_default();
-            let Some((_, upstream)) = upstreams.iter().find(|(n, _)| *n == name) else {
-                return crate::response::error_response(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    "demo upstreams serve /inventory/{id}, /pricing/{id} and /reviews/{id}",
-                );
-            };
-            let request =
-                request.map(|body| body.map_err(wasmtime_wasi_http::Error::from).boxed_unsync());
-            match upstream.call(request, Default::default()).await {
-                Ok(response) => response,
-                Err(e) => crate::response::error_response(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_error",
-                    &e.to_string(),
-                ),
+    crate::http_server::serve_http(
+        listener,
+        shutdown,
+        Duration::from_secs(1),
+        move |request, _| {
+            let upstreams = upstreams.clone();
+            async move {
+                let name = request.uri().path().split('/').nth(1).unwrap_or_default();
+                let Some((_, upstream)) = upstreams.iter().find(|(n, _)| *n == name) else {
+                    return crate::response::error_response(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        "demo upstreams serve /inventory/{id}, /pricing/{id} and /reviews/{id}",
+                    );
+                };
+                let request = request
+                    .map(|body| body.map_err(wasmtime_wasi_http::Error::from).boxed_unsync());
+                match upstream.call(request, Default::default()).await {
+                    Ok(response) => response,
+                    Err(e) => crate::response::error_response(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_error",
+                        &e.to_string(),
+                    ),
+                }
             }
-        }
-    })
+        },
+    )
     .await
 }
 

@@ -10,6 +10,7 @@
 //!   ([`guarded_error_code`]), by the errors' types, never their text.
 
 use crate::guard::Blocked;
+use crate::limits::RETRY_AFTER;
 use crate::response::{ResponseBody, error_response};
 use crate::upstream::TransportError;
 use http::{HeaderValue, Response, StatusCode, header};
@@ -179,13 +180,20 @@ impl Failure {
     pub fn to_response(&self) -> Response<ResponseBody> {
         let mut response = error_response(self.status(), self.code(), &self.message());
         if self.is_shed() {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(RETRY_AFTER.as_secs()),
+            );
+            response.extensions_mut().insert(Shed);
         }
         response
     }
 }
+
+/// Marks an answer the host shed (on the response's extensions), for the
+/// server's pacing of clients that retry at once.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shed;
 
 /// A name the HTTP adapter could not resolve. Its resolver wraps lookup
 /// errors in this type so that [`client_error_code`] can tell a DNS failure

@@ -6,7 +6,7 @@
 
 use crate::admin::{self, AdminView};
 use crate::cache::Origin;
-use crate::error::Failure;
+use crate::error::{Failure, Shed};
 use crate::instance::Runner;
 use crate::limits::Limits;
 use crate::metrics::{CauseLabel, Metrics};
@@ -159,7 +159,9 @@ impl Fanout {
 
     /// Serves HTTP/1.1 on `listener` until `shutdown` resolves, then stops
     /// accepting and lets the requests in flight finish (bounded by the
-    /// request deadline).
+    /// request deadline). A client that comes back on its connection sooner
+    /// than a shed's `Retry-After` asked gets its next shed no sooner than
+    /// that (see `Connection::pace_shed`).
     pub async fn serve(
         &self,
         listener: TcpListener,
@@ -167,9 +169,15 @@ impl Fanout {
     ) -> std::io::Result<()> {
         let fanout = self.clone();
         let grace = self.runner.limits.deadline + Duration::from_secs(1);
-        crate::http_server::serve_http(listener, shutdown, grace, move |request| {
+        crate::http_server::serve_http(listener, shutdown, grace, move |request, connection| {
             let fanout = fanout.clone();
-            async move { fanout.handle(request).await }
+            async move {
+                let response = fanout.handle(request).await;
+                if response.extensions().get::<Shed>().is_some() && connection.pace_shed().await {
+                    fanout.runner.metrics.sheds_held.inc();
+                }
+                response
+            }
         })
         .await
     }

@@ -1,14 +1,54 @@
 //! The HTTP/1.1 accept loop, shared by the aggregator, the admin endpoints
-//! and the demo upstreams' server.
+//! and the demo upstreams' server, and what it remembers per connection.
 
+use crate::limits::RETRY_AFTER;
 use crate::response::ResponseBody;
 use http::{Request, Response};
 use std::future::Future;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
+/// What the server remembers about one client connection.
+#[derive(Default)]
+pub(crate) struct Connection {
+    /// When the last shed answer on this connection went out.
+    last_shed: Mutex<Option<Instant>>,
+}
+
+impl Connection {
+    /// Holds a shed answer on this connection until [`RETRY_AFTER`] after
+    /// the previous one, when the client came back sooner than that
+    /// answer's `Retry-After` asked; returns whether it held it.
+    ///
+    /// Most load generators and retry loops answer a 503 with a new request
+    /// at once. Shedding them fast only turns the host's CPU into 503s (65k
+    /// a second at c=500, leaving ~1% for real answers): such a client gets
+    /// its next 503 when it should have asked, one a second, while a
+    /// client that honours `Retry-After`, or a new one, is answered at once.
+    pub(crate) async fn pace_shed(&self) -> bool {
+        let now = Instant::now();
+        let hold_until = {
+            let mut last = self.last_shed.lock().unwrap_or_else(|e| e.into_inner());
+            let until = last
+                .map(|shed| shed + RETRY_AFTER)
+                .filter(|until| *until > now);
+            *last = Some(until.unwrap_or(now));
+            until
+        };
+        match hold_until {
+            Some(until) => {
+                tokio::time::sleep_until(until.into()).await;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// An HTTP/1.1 server loop with graceful shutdown: `handler` answers every
-/// request; after `shutdown`, connections get `grace` to finish.
+/// request, with what is known of its connection; after `shutdown`,
+/// connections get `grace` to finish.
 pub(crate) async fn serve_http<H, F>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
@@ -16,7 +56,7 @@ pub(crate) async fn serve_http<H, F>(
     handler: H,
 ) -> std::io::Result<()>
 where
-    H: Fn(Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<hyper::body::Incoming>, Arc<Connection>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
     use hyper_util::rt::TokioIo;
@@ -38,8 +78,9 @@ where
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
+        let state = Arc::new(Connection::default());
         let service = hyper::service::service_fn(move |request| {
-            let answer = handler(request);
+            let answer = handler(request, state.clone());
             async move { Ok::<_, std::convert::Infallible>(answer.await) }
         });
         let connection = hyper::server::conn::http1::Builder::new()
@@ -60,4 +101,29 @@ where
         tracing::warn!("connections still open after {grace:?}; closing them");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_comes_back_too_soon_waits_for_its_shed() {
+        let connection = Connection::default();
+        let t0 = tokio::time::Instant::now();
+        assert!(!connection.pace_shed().await, "the first shed goes at once");
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert!(connection.pace_shed().await, "back after 10 ms: held");
+        // Timers round up to the millisecond.
+        let held = t0.elapsed();
+        assert!(
+            (RETRY_AFTER..RETRY_AFTER + Duration::from_millis(2)).contains(&held),
+            "held {held:?}: until Retry-After after the first"
+        );
+        tokio::time::advance(RETRY_AFTER).await;
+        assert!(
+            !connection.pace_shed().await,
+            "back after Retry-After: at once"
+        );
+    }
 }

@@ -8,6 +8,7 @@
 //! | `fanout_fuel_consumed` (histogram, per request) | |
 //! | `fanout_instances_in_use` (gauge) | |
 //! | `fanout_shed_total` (requests turned away by admission: at the limit, the line full, or waited too long; 503 with `Retry-After`) | |
+//! | `fanout_shed_held_total` (shed answers held until `Retry-After` because the client came back sooner on its connection) | |
 //! | `fanout_queue_wait_seconds` (histogram, time spent in the admission line) | |
 //! | `fanout_admission_limit` (gauge, the adaptive limit now) | |
 //! | `fanout_guest_failures_total` (traps, limits, deadlines) | `cause` |
@@ -58,6 +59,7 @@ pub struct Metrics {
     pub(crate) fuel: Histogram,
     pub(crate) instances_in_use: Gauge,
     pub(crate) shed: Counter,
+    pub(crate) sheds_held: Counter,
     pub(crate) queue_wait: Histogram,
     pub(crate) admission_limit: Gauge,
     pub(crate) failures: Family<CauseLabel, Counter>,
@@ -73,6 +75,7 @@ impl Default for Metrics {
         let fuel = Histogram::new(exponential_buckets(10_000.0, 2.0, 15));
         let instances_in_use = Gauge::default();
         let shed = Counter::default();
+        let sheds_held = Counter::default();
         let queue_wait = latency_histogram();
         let admission_limit = Gauge::default();
         let failures = Family::<CauseLabel, Counter>::default();
@@ -108,6 +111,11 @@ impl Default for Metrics {
             "Requests turned away by admission (503 with Retry-After)",
             shed.clone(),
         );
+        registry.register(
+            "fanout_shed_held",
+            "Shed answers held until Retry-After, the client having come back sooner",
+            sheds_held.clone(),
+        );
         registry.register_with_unit(
             "fanout_queue_wait",
             "Time requests waited in the admission line",
@@ -132,6 +140,7 @@ impl Default for Metrics {
             fuel,
             instances_in_use,
             shed,
+            sheds_held,
             queue_wait,
             admission_limit,
             failures,

@@ -42,7 +42,8 @@ async fn slower_upstreams_do_not_shrink_the_admission_limit() -> Result<()> {
         }
     };
     // Learn the fast latency, then the upstreams take five times as long.
-    assert!(load(10).await?.iter().all(|s| *s == StatusCode::OK));
+    let fast = load(10).await?;
+    assert!(fast.iter().all(|s| *s == StatusCode::OK), "{fast:?}");
     for mock in [&upstreams.inventory, &upstreams.pricing, &upstreams.reviews] {
         mock.set_behaviour(Behaviour::json(MS(100), json!({"ok": true})));
     }
