@@ -93,11 +93,15 @@ pub async fn run(
     label: &str,
     backoff: Backoff,
 ) -> LoadResult {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(usize::MAX)
-        .build(connector);
+    // Each client keeps a connection of its own, as wrk's and k6's do: a
+    // client's requests are then told apart from another's by the server.
+    let client = || -> Client<HttpConnector, Empty<Bytes>> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(1)
+            .build(connector)
+    };
     let uri: http::Uri = url.parse().expect("a valid URL");
     let start = Instant::now() + warmup;
     let end = start + measure;
@@ -122,7 +126,7 @@ pub async fn run(
     let seconds = measure.as_secs().max(1) as usize + 1;
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
-            let client = client.clone();
+            let client = client();
             let uri = uri.clone();
             tokio::spawn(async move {
                 let mut stats = TaskStats {

@@ -277,12 +277,16 @@ impl Harness {
     /// threads of their own.
     pub async fn overload(&self) -> Result<Vec<Run>> {
         use driver::Backoff::{None as Hostile, RetryAfter};
+        // Clients that re-send at once first (wrk, hey, k6 and most retry
+        // loops), then clients that honour Retry-After.
         let plan = [
-            (Target::Fanout, 500, RetryAfter),
-            (Target::Fanout, 5000, RetryAfter),
             (Target::Fanout, 500, Hostile),
             (Target::Fanout, 5000, Hostile),
-            (Target::FanoutFixed, 500, RetryAfter),
+            (Target::Native, 500, Hostile),
+            (Target::WasmtimeServe, 500, Hostile),
+            (Target::FanoutFixed, 500, Hostile),
+            (Target::Fanout, 500, RetryAfter),
+            (Target::Fanout, 5000, RetryAfter),
             (Target::FanoutGuestThreads, 500, RetryAfter),
         ];
         let mut runs = Vec::new();

@@ -222,10 +222,9 @@ pub fn markdown(r: &Results) -> String {
          all in one run: absolute numbers vary from machine to machine, the ratios \
          are the result. The machine is shared and noisy: each cell is the median of \
          the repeats, with the spread (min–max) in brackets. The load driver keeps \
-         a fixed number of clients, each sending its next request when the last is \
-         answered; after a 503 with `Retry-After` a client waits that long first, \
-         as a well-behaved client does (the overload section also shows clients \
-         that do not).\n",
+         a fixed number of clients, each sending its next request as soon as the \
+         last is answered, 503 or not, as wrk, hey, k6 and most retry loops do \
+         (the overload section also shows clients that honour `Retry-After`).\n",
         m.date, m.cores, m.cpu_model
     );
     let _ = writeln!(out, "Reproduce with:\n\n```sh");
@@ -291,23 +290,33 @@ pub fn markdown(r: &Results) -> String {
 
     // Goals.
     let p99 = |c| median_of(lat, Target::Fanout, c, |x| x.load.p99_ms);
-    // Overload goals from the overload scenario (clients that honour
-    // Retry-After), or from the latency scenario's c=500 without it.
-    let honouring: Vec<Run> = r
-        .overload
-        .iter()
-        .filter(|x| x.load.backoff == Backoff::RetryAfter)
-        .cloned()
-        .collect();
-    let over: &[Run] = if group(&honouring, Target::Fanout, 500).is_empty() {
+    // Overload goals from the overload scenario, or from the latency
+    // scenario's c=500: goodput with clients that re-send at once; the
+    // speed of a 503 with clients that honour Retry-After (one that does
+    // not gets its next 503 no sooner than Retry-After asked).
+    let by_backoff = |backoff: Backoff| -> Vec<Run> {
+        r.overload
+            .iter()
+            .filter(|x| x.load.backoff == backoff)
+            .cloned()
+            .collect()
+    };
+    let (hostile, honouring) = (by_backoff(Backoff::None), by_backoff(Backoff::RetryAfter));
+    let over: &[Run] = if group(&hostile, Target::Fanout, 500).is_empty() {
         lat
     } else {
-        &honouring
+        &hostile
     };
-    let fanout_500: Vec<&Run> = group(over, Target::Fanout, 500);
     let goodput_500 = good(over, Target::Fanout, 500);
+    let goodput_5000 = good(over, Target::Fanout, 5000);
+    let ok_p99 = stat(
+        group(over, Target::Fanout, 500)
+            .iter()
+            .filter_map(|x| x.load.ok_p99_ms),
+    )
+    .median;
+    let fanout_500: Vec<&Run> = group(&honouring, Target::Fanout, 500);
     let non_2xx_p99 = stat(fanout_500.iter().filter_map(|x| x.load.non_2xx_p99_ms)).median;
-    let ok_p99 = stat(fanout_500.iter().filter_map(|x| x.load.ok_p99_ms)).median;
     let only_503 = fanout_500.iter().all(|x| {
         x.load
             .statuses
@@ -332,13 +341,20 @@ pub fn markdown(r: &Results) -> String {
     let frac = goodput_500 / fanout_sat;
     let _ = writeln!(
         out,
-        "| `fanout` goodput at c=500 / its saturation rps | ≥ 90% | {:.0}% ({goodput_500:.0} / {fanout_sat:.0}) | {} |",
+        "| `fanout` goodput at c=500, clients re-sending at once / its saturation rps | ≥ 90% | {:.0}% ({goodput_500:.0} / {fanout_sat:.0}) | {} |",
         frac * 100.0,
         verdict(frac, frac >= 0.9)
     );
+    let frac = goodput_5000 / fanout_sat;
     let _ = writeln!(
         out,
-        "| `fanout` non-2xx at c=500 are fast 503s | only 503, p99 < 5 ms | {}, p99 {} | {} |",
+        "| `fanout` goodput at c=5000, clients re-sending at once / its saturation rps | ≥ 80% | {:.0}% ({goodput_5000:.0} / {fanout_sat:.0}) | {} |",
+        frac * 100.0,
+        verdict(frac, frac >= 0.8)
+    );
+    let _ = writeln!(
+        out,
+        "| `fanout` non-2xx at c=500, clients honouring Retry-After, are fast 503s | only 503, p99 < 5 ms | {}, p99 {} | {} |",
         if only_503 {
             "only 503"
         } else {
@@ -357,8 +373,8 @@ pub fn markdown(r: &Results) -> String {
     );
     let _ = writeln!(
         out,
-        "| `fanout` 2xx at c=500 inside the budget | p99 ≤ 200 ms | {ok_p99:.1} ms | {} |",
-        verdict(ok_p99, ok_p99 <= 200.0)
+        "| `fanout` 2xx at c=500 inside the budget + line | p99 ≤ 300 ms | {ok_p99:.1} ms | {} |",
+        verdict(ok_p99, ok_p99 <= 300.0)
     );
     let vs_blocking = good(lat, Target::Fanout, 500) / good(lat, Target::Blocking, 500);
     let _ = writeln!(
