@@ -6,8 +6,10 @@ use crate::response::ResponseBody;
 use http::{Request, Response};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::TcpListener;
+// tokio's clock, which the tests can pause, for the pacing below.
+use tokio::time::Instant;
 
 /// What the server remembers about one client connection.
 #[derive(Default)]
@@ -38,7 +40,7 @@ impl Connection {
         };
         match hold_until {
             Some(until) => {
-                tokio::time::sleep_until(until.into()).await;
+                tokio::time::sleep_until(until).await;
                 true
             }
             None => false,
