@@ -90,7 +90,7 @@ pub mod upstream;
 pub use builder::{AdmissionMode, FanoutBuilder};
 pub use builtin_guest::{GUEST_COMPONENT, GUEST_COMPONENT_PATH};
 pub use error::{
-    DnsFailure, Error, Failure, client_error_code, error_code_name, guarded_error_code,
+    DnsFailure, Error, Failure, RETRY_AFTER, client_error_code, error_code_name, guarded_error_code,
 };
 pub use fanout::Fanout;
 pub use limits::Limits;

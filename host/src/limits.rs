@@ -39,10 +39,6 @@ pub const MEMORIES_PER_REQUEST: u32 = 2;
 /// Tables one request's instances may use.
 pub const TABLES_PER_REQUEST: u32 = 4;
 
-/// What a shed answer's `Retry-After` asks of the client, and the least time
-/// between two shed answers on one connection.
-pub const RETRY_AFTER: Duration = Duration::from_secs(1);
-
 /// How long a request may wait for a free instance when all are busy, by
 /// default. A request whose expected wait (from the queue ahead of it and
 /// the measured time an instance is held) is longer gets a 503 at once.
