@@ -13,6 +13,7 @@ use std::sync::{Arc, OnceLock};
 
 /// What a guest that failed after sending its answer's head left behind:
 /// the failure (set by the guest's task), and where to report it.
+#[derive(Clone)]
 pub(crate) struct GuestCut {
     pub(crate) failure: Arc<OnceLock<Failure>>,
     pub(crate) metrics: Arc<Metrics>,

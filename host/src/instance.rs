@@ -122,22 +122,19 @@ impl Runner {
         // How the guest failed, if it did: set before the store (and with it
         // the body's sender) is dropped, so that a body it leaves unfinished
         // ends in an error, not in what looks like a complete answer.
-        let failure = Arc::new(OnceLock::new());
         let cut = GuestCut {
-            failure: failure.clone(),
+            failure: Arc::new(OnceLock::new()),
             metrics: self.metrics.clone(),
             trace_id: trace_id.to_string(),
         };
         let admitted_at = place.ticket.admitted();
         let guest = run_guest(
             self.clone(),
-            store,
-            output,
+            (store, output),
             request,
             outparam,
             place,
-            failure,
-            trace_id.to_string(),
+            cut.clone(),
         );
         let runner = self.clone();
         match &self.guests {
@@ -275,17 +272,14 @@ where
 
 /// Instantiates the guest and runs its handler to the end, under the
 /// wall-clock deadline; returns how it failed, if it did. The failure is
-/// also set in `failure` before the store is dropped (see [`GuestCut`]).
-#[allow(clippy::too_many_arguments)]
+/// also set in `cut` before the store is dropped (see [`GuestCut`]).
 async fn run_guest(
     runner: Arc<Runner>,
-    mut store: Store<RequestState>,
-    output: GuestOutput,
+    (mut store, output): (Store<RequestState>, GuestOutput),
     request: Resource<HostIncomingRequest>,
     outparam: Resource<HostResponseOutparam>,
     place: Place,
-    failure: Arc<OnceLock<Failure>>,
-    trace_id: String,
+    cut: GuestCut,
 ) -> Option<Failure> {
     let limits = runner.limits;
     let ran = tokio::time::timeout(limits.deadline, async {
@@ -306,8 +300,8 @@ async fn run_guest(
             .fetch_add(used, Ordering::Relaxed);
         runner.metrics.fuel.observe(used as f64);
     }
-    log_guest_output("stdout", &output.stdout, &trace_id);
-    log_guest_output("stderr", &output.stderr, &trace_id);
+    log_guest_output("stdout", &output.stdout, &cut.trace_id);
+    log_guest_output("stderr", &output.stderr, &cut.trace_id);
     let failed = match ran {
         Err(_elapsed) => Some(Failure::Deadline {
             deadline: limits.deadline,
@@ -316,7 +310,7 @@ async fn run_guest(
         Ok(Err(e)) => Some(classify(&e, store.data().limiter.memory_denied, &limits)),
     };
     if let Some(failed) = &failed {
-        let _ = failure.set(failed.clone());
+        let _ = cut.failure.set(failed.clone());
     }
     // The store holds the instance's pool slot: free the slot before the
     // place, or a request admitted in between finds the pool full
