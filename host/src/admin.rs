@@ -1,21 +1,23 @@
 //! The admin endpoints, on a listener of their own: `/metrics`
 //! (Prometheus text), `/healthz` (the process is up) and `/readyz` (the
-//! component is compiled and the pool has a free instance).
+//! server accepts requests: from when `Fanout::serve` listens until its
+//! shutdown begins).
 
 use crate::metrics::Metrics;
 use crate::response::{ResponseBody, error_response, with_body};
 use http::{Response, StatusCode};
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
-/// What the admin endpoints read: the metrics and the instance pool.
+/// What the admin endpoints read: the metrics and whether the server
+/// accepts requests.
 #[derive(Clone)]
 pub(crate) struct AdminView {
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) instances: Arc<Semaphore>,
+    pub(crate) accepting: Arc<AtomicBool>,
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown`.
@@ -28,6 +30,7 @@ pub(crate) async fn serve(
         listener,
         shutdown,
         Duration::from_secs(1),
+        crate::http_server::ConnectionLimits::default(),
         move |request, _| {
             let answer = view.answer(request.uri().path());
             async move { answer }
@@ -46,19 +49,17 @@ impl AdminView {
                 self.metrics.encode(),
             ),
             "/healthz" => with_body(StatusCode::OK, JSON, r#"{"status":"ok"}"#),
-            "/readyz" => {
-                let free = self.instances.available_permits();
-                let (status, state) = if free > 0 {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "busy")
-                };
-                with_body(
-                    status,
+            // Not the pool's state: a busy pool queues or sheds by itself,
+            // and a readiness that flaps with load takes replicas out of a
+            // load balancer exactly when they are needed.
+            "/readyz" => match self.accepting.load(Ordering::Relaxed) {
+                true => with_body(StatusCode::OK, JSON, r#"{"status":"ready"}"#),
+                false => with_body(
+                    StatusCode::SERVICE_UNAVAILABLE,
                     JSON,
-                    format!(r#"{{"status":"{state}","instances_free":{free}}}"#),
-                )
-            }
+                    r#"{"status":"not_accepting"}"#,
+                ),
+            },
             _ => error_response(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -73,13 +74,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn readiness_follows_the_pool() {
+    fn readiness_follows_the_listener() {
         let view = AdminView {
             metrics: Arc::new(Metrics::default()),
-            instances: Arc::new(Semaphore::new(1)),
+            accepting: Arc::new(AtomicBool::new(true)),
         };
         assert_eq!(view.answer("/readyz").status(), StatusCode::OK);
-        let _held = view.instances.try_acquire().unwrap();
+        view.accepting.store(false, Ordering::Relaxed);
         assert_eq!(
             view.answer("/readyz").status(),
             StatusCode::SERVICE_UNAVAILABLE

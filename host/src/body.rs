@@ -10,6 +10,7 @@ use http::Response;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame};
 use std::sync::{Arc, OnceLock};
+use tokio::task::AbortHandle;
 
 /// What a guest that failed after sending its answer's head left behind:
 /// the failure (set by the guest's task), and where to report it.
@@ -76,6 +77,92 @@ impl Body for CutOff {
         // The end is only known once the inner body has said so and the
         // guest's outcome has been looked at.
         false
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Stops a guest's task when its answer is dropped unfinished: the client
+/// went away (before the head, or mid-body). Aborting the task drops the
+/// store, and with it every upstream call in flight (each one's connection
+/// is closed) and every retry the guest would have started.
+pub(crate) struct GuestTask(Option<AbortHandle>);
+
+impl GuestTask {
+    pub(crate) fn new(task: AbortHandle) -> GuestTask {
+        GuestTask(Some(task))
+    }
+
+    /// The answer is complete: the guest may finish what it does after it.
+    fn release(&mut self) {
+        self.0 = None;
+    }
+
+    /// `response`, stopping the guest if its body is dropped before its
+    /// end.
+    pub(crate) fn until_end_of(self, response: Response<ResponseBody>) -> Response<ResponseBody> {
+        let length = response
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        let mut task = self;
+        response.map(|body| {
+            let left = length.or(body.size_hint().exact());
+            if left == Some(0) {
+                // Nothing to wait for (hyper may not even poll it).
+                task.release();
+            }
+            UntilEnd { body, task, left }.boxed_unsync()
+        })
+    }
+}
+
+impl Drop for GuestTask {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A body that stops the guest's task when dropped before its end.
+struct UntilEnd {
+    body: ResponseBody,
+    task: GuestTask,
+    /// Bytes still to come of a body of known length: hyper drops such a
+    /// body once it has them all, without polling it to its end.
+    left: Option<u64>,
+}
+
+impl Body for UntilEnd {
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.body).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(None | Some(Err(_))) => this.task.release(),
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(left), Some(data)) = (&mut this.left, frame.data_ref()) {
+                    *left = left.saturating_sub(data.len() as u64);
+                    if *left == 0 {
+                        this.task.release();
+                    }
+                }
+            }
+            std::task::Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {

@@ -72,6 +72,15 @@ pub struct LimitsConfig {
     pub max_instances: Option<u32>,
     /// How long a request may wait for a busy pool; 0 sheds at once.
     pub queue_wait_ms: Option<u64>,
+    /// How long a client may take to send a request head (also the
+    /// keep-alive idle timeout), in milliseconds.
+    pub header_timeout_ms: Option<u64>,
+    /// Header fields a request may carry.
+    pub max_headers: Option<usize>,
+    /// Size of a request head, in KiB.
+    pub max_header_kib: Option<usize>,
+    /// Client connections open at once.
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -194,6 +203,18 @@ impl FileConfig {
                 .queue_wait_ms
                 .map(Duration::from_millis)
                 .unwrap_or(defaults.queue_wait),
+            header_timeout: l
+                .header_timeout_ms
+                .map(Duration::from_millis)
+                .unwrap_or(defaults.header_timeout),
+            max_headers: l.max_headers.unwrap_or(defaults.max_headers),
+            max_header_bytes: match l.max_header_kib {
+                None => defaults.max_header_bytes,
+                Some(kib) => kib.checked_mul(1 << 10).ok_or_else(|| {
+                    invalid("limits.max_header_kib", format!("{kib} is too large"))
+                })?,
+            },
+            max_connections: l.max_connections.unwrap_or(defaults.max_connections),
         })
     }
 

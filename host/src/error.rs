@@ -88,6 +88,9 @@ pub enum Failure {
     Trap(String),
     /// The guest returned without answering, or answered with an error code.
     NoResponse(String),
+    /// The request cannot be given to the guest as it is (a `Host` that
+    /// is not a valid authority, say).
+    BadRequest(String),
     /// The host could not set the request up.
     Internal(String),
 }
@@ -113,6 +116,7 @@ impl Failure {
             | Failure::QueueFull { .. }
             | Failure::QueueTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Failure::Deadline { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Failure::BadRequest(_) => StatusCode::BAD_REQUEST,
             Failure::FuelExhausted { .. }
             | Failure::MemoryLimit { .. }
             | Failure::Trap(_)
@@ -133,6 +137,7 @@ impl Failure {
             Failure::Deadline { .. } => "deadline_exceeded",
             Failure::Trap(_) => "guest_trap",
             Failure::NoResponse(_) => "guest_no_response",
+            Failure::BadRequest(_) => "bad_request",
             Failure::Internal(_) => "internal_error",
         }
     }
@@ -171,13 +176,29 @@ impl Failure {
             ),
             Failure::Trap(trap) => format!("the guest trapped: {trap}"),
             Failure::NoResponse(why) => format!("the guest gave no response: {why}"),
+            Failure::BadRequest(why) => format!("bad request: {why}"),
             Failure::Internal(why) => format!("internal error: {why}"),
         }
     }
 
+    /// What the client is told. A trap's text, a missing answer's reason
+    /// and an internal error's detail describe the host and the guest, not
+    /// the request: the client gets the cause and the trace id to quote,
+    /// and the log line with that trace id has the details.
+    pub fn public_message(&self, trace_id: &str) -> String {
+        match self {
+            Failure::Trap(_) | Failure::NoResponse(_) | Failure::Internal(_) => format!(
+                "the request failed inside the host ({}); quote trace id {trace_id}",
+                self.code()
+            ),
+            _ => self.message(),
+        }
+    }
+
     /// The JSON error answer, with `Retry-After` on a shed.
-    pub fn to_response(&self) -> Response<ResponseBody> {
-        let mut response = error_response(self.status(), self.code(), &self.message());
+    pub fn to_response(&self, trace_id: &str) -> Response<ResponseBody> {
+        let mut response =
+            error_response(self.status(), self.code(), &self.public_message(trace_id));
         if self.is_shed() {
             response.headers_mut().insert(
                 header::RETRY_AFTER,

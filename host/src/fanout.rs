@@ -19,7 +19,7 @@ use http::{Request, Response};
 use hyper::body::Body;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tracing::Instrument;
@@ -31,6 +31,8 @@ use tracing::Instrument;
 pub struct Fanout {
     runner: Arc<Runner>,
     origin: Origin,
+    /// Whether [`Fanout::serve`] accepts requests, for `/readyz`.
+    accepting: Arc<AtomicBool>,
 }
 
 impl Fanout {
@@ -38,6 +40,7 @@ impl Fanout {
         Fanout {
             runner: Arc::new(runner),
             origin,
+            accepting: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -85,7 +88,8 @@ impl Fanout {
     {
         let started = Instant::now();
         let method = request.method().clone();
-        let path = request.uri().path().to_string();
+        // The client chooses the path: logs and spans get a bounded copy.
+        let path = telemetry::bounded(request.uri().path()).into_owned();
         let route = match &self.runner.builtin {
             Some(guest) => guest.route_label(&path),
             None => "other".into(),
@@ -99,35 +103,27 @@ impl Fanout {
         }
         let (request, trace_id) = telemetry::with_trace_context(request);
         let attempts = AttemptLog::default();
+        let mut line = AccessLine {
+            runner: self.runner.clone(),
+            trace_id,
+            method,
+            path,
+            route,
+            started,
+            attempts: attempts.clone(),
+            span: span.clone(),
+            done: false,
+        };
         let ran = self
             .runner
-            .run(request, &trace_id, attempts.clone(), span.clone())
-            .instrument(span.clone())
+            .run(request, &line.trace_id, attempts, span.clone())
+            .instrument(span)
             .await;
         let response = match ran {
             Ok(response) => response,
-            Err(failure) => self.failed(&failure, &trace_id, &method, &path),
+            Err(failure) => self.failed(&failure, &line.trace_id, &line.method, &line.path),
         };
-        let took = started.elapsed();
-        let status = response.status().as_u16();
-        span.record("http.response.status_code", status);
-        if response.status().is_server_error() {
-            span.record("error.type", status.to_string());
-            span.record("otel.status_code", "ERROR");
-        }
-        drop(span);
-        self.runner.metrics.server_request(&route, status, took);
-        // The summary costs allocations: only when someone reads it.
-        if tracing::enabled!(target: ACCESS_LOG_TARGET, tracing::Level::INFO) {
-            let upstreams = attempts.summary();
-            tracing::info!(
-                target: ACCESS_LOG_TARGET,
-                %trace_id, %method, %path, %route, status,
-                duration_ms = took.as_secs_f64() * 1e3,
-                %upstreams,
-                "request"
-            );
-        }
+        line.finish(response.status().as_u16());
         response
     }
 
@@ -154,7 +150,7 @@ impl Fanout {
             metrics.failures.get_or_create(&CauseLabel { cause }).inc();
             tracing::warn!(%trace_id, %method, %path, cause, status, "{}", failure.message());
         }
-        failure.to_response()
+        failure.to_response(trace_id)
     }
 
     /// Serves HTTP/1.1 on `listener` until `shutdown` resolves, then stops
@@ -169,23 +165,38 @@ impl Fanout {
     ) -> std::io::Result<()> {
         let fanout = self.clone();
         let grace = self.runner.limits.deadline + Duration::from_secs(1);
-        crate::http_server::serve_http(listener, shutdown, grace, move |request, connection| {
-            let fanout = fanout.clone();
-            async move {
-                let response = fanout.handle(request).await;
-                if response.extensions().get::<Shed>().is_some() && connection.pace_shed().await {
-                    fanout.runner.metrics.sheds_held.inc();
+        // Unready from the moment shutdown begins, before the listener
+        // closes, so that a load balancer stops sending first.
+        let accepting = self.accepting.clone();
+        accepting.store(true, Ordering::Relaxed);
+        let shutdown = async move {
+            shutdown.await;
+            accepting.store(false, Ordering::Relaxed);
+        };
+        crate::http_server::serve_http(
+            listener,
+            shutdown,
+            grace,
+            self.runner.limits.connections(),
+            move |request, connection| {
+                let fanout = fanout.clone();
+                async move {
+                    let response = fanout.handle(request).await;
+                    if response.extensions().get::<Shed>().is_some() && connection.pace_shed().await
+                    {
+                        fanout.runner.metrics.sheds_held.inc();
+                    }
+                    response
                 }
-                response
-            }
-        })
+            },
+        )
         .await
     }
 
     /// Serves the admin endpoints on `listener` until `shutdown`:
     /// `/metrics` (Prometheus text), `/healthz` (the process is up) and
-    /// `/readyz` (the component is compiled and the pool has a free
-    /// instance).
+    /// `/readyz` (200 while [`Fanout::serve`] accepts requests, 503 before
+    /// and from the moment its shutdown begins).
     pub async fn serve_admin(
         &self,
         listener: TcpListener,
@@ -193,9 +204,67 @@ impl Fanout {
     ) -> std::io::Result<()> {
         let view = AdminView {
             metrics: self.runner.metrics.clone(),
-            instances: self.runner.instances.clone(),
+            accepting: self.accepting.clone(),
         };
         admin::serve(view, listener, shutdown).await
+    }
+}
+
+/// HTTP status of the access line of a client that went away before its
+/// answer, as nginx logs it.
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// A request's access line, metrics and span status, written once however
+/// the request ends: with its answer's status, or, when the request's
+/// future is dropped first (the client closed its connection), with
+/// [`CLIENT_CLOSED_REQUEST`].
+struct AccessLine {
+    runner: Arc<Runner>,
+    trace_id: String,
+    method: http::Method,
+    path: String,
+    route: String,
+    started: Instant,
+    attempts: AttemptLog,
+    span: tracing::Span,
+    done: bool,
+}
+
+impl AccessLine {
+    fn finish(&mut self, status: u16) {
+        self.done = true;
+        let took = self.started.elapsed();
+        let span = &self.span;
+        span.record("http.response.status_code", status);
+        if status >= 500 {
+            span.record("error.type", status.to_string());
+            span.record("otel.status_code", "ERROR");
+        }
+        self.runner
+            .metrics
+            .server_request(&self.route, status, took);
+        // The summary costs allocations: only when someone reads it.
+        if tracing::enabled!(target: ACCESS_LOG_TARGET, tracing::Level::INFO) {
+            let upstreams = self.attempts.summary();
+            let (trace_id, method, path, route) =
+                (&self.trace_id, &self.method, &self.path, &self.route);
+            tracing::info!(
+                target: ACCESS_LOG_TARGET,
+                %trace_id, %method, %path, %route, status,
+                duration_ms = took.as_secs_f64() * 1e3,
+                %upstreams,
+                "request"
+            );
+        }
+    }
+}
+
+impl Drop for AccessLine {
+    fn drop(&mut self) {
+        if !self.done {
+            self.span.record("error.type", "client_closed_request");
+            self.finish(CLIENT_CLOSED_REQUEST);
+        }
     }
 }
 

@@ -48,23 +48,58 @@ impl Connection {
     }
 }
 
+/// What a client connection may hold of the server (see the defaults in
+/// [`limits`](crate::limits)).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnectionLimits {
+    pub(crate) header_timeout: Duration,
+    pub(crate) max_headers: usize,
+    pub(crate) max_header_bytes: usize,
+    pub(crate) max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        crate::limits::Limits::default().connections()
+    }
+}
+
 /// An HTTP/1.1 server loop with graceful shutdown: `handler` answers every
 /// request, with what is known of its connection; after `shutdown`,
 /// connections get `grace` to finish.
+///
+/// Slow and idle clients are closed after the header timeout (hyper applies
+/// it only with a timer), oversized heads get `431`, and at most
+/// `max_connections` are open at once: at the cap the loop waits for one to
+/// close before it accepts again, rather than accepting and refusing (which
+/// would spin on a client that reconnects at once).
 pub(crate) async fn serve_http<H, F>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
+    limits: ConnectionLimits,
     handler: H,
 ) -> std::io::Result<()>
 where
     H: Fn(Request<hyper::body::Incoming>, Arc<Connection>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
-    use hyper_util::rt::TokioIo;
+    use hyper_util::rt::{TokioIo, TokioTimer};
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .keep_alive(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_headers(limits.max_headers)
+        .max_buf_size(limits.max_header_bytes);
     loop {
+        let place = tokio::select! {
+            place = open.clone().acquire_owned() => place.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -85,14 +120,13 @@ where
             let answer = handler(request, state.clone());
             async move { Ok::<_, std::convert::Infallible>(answer.await) }
         });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), service);
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
+            drop(place);
         });
     }
     drop(listener);

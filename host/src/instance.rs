@@ -15,7 +15,7 @@
 //! steps 3 and 4 run on the guests' own runtime ([`on_guest_runtime`]).
 
 use crate::admission::{Admission, Refusal, Ticket};
-use crate::body::{self, GuestCut};
+use crate::body::{self, GuestCut, GuestTask};
 use crate::builtin_guest::{self, BuiltinGuest};
 use crate::error::Failure;
 use crate::guest_runtime::GuestRuntime;
@@ -103,7 +103,7 @@ impl Runner {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<tower::BoxError>,
     {
-        let mut request = for_the_guest(request);
+        let mut request = for_the_guest(request)?;
         let place = self.admit().await?;
         let default_budget = self.builtin.as_ref().map(BuiltinGuest::budget);
         builtin_guest::charge_wait(&mut request, place.ticket.waited(), default_budget)?;
@@ -139,22 +139,23 @@ impl Runner {
         let runner = self.clone();
         match &self.guests {
             // In a task of its own, which outlives the answer's head.
+            // Should this future be dropped (the client went away), the
+            // guard stops the guest; once the head is out, the body holds it.
             None => {
                 let task = tokio::spawn(guest);
+                let stop = GuestTask::new(task.abort_handle());
                 let ended = async move { task.await.map_err(|join| join.to_string()) };
                 let response = await_head(&runner, receiver, ended, &attempts, admitted_at).await?;
-                Ok(response.map(|body| cut.guard(body)))
+                Ok(stop.until_end_of(response.map(|body| cut.guard(body))))
             }
             Some(guests) => {
                 let exchange =
                     on_guest_runtime(runner, guest, receiver, attempts, admitted_at, cut);
-                guests
-                    .handle()
-                    .spawn(exchange)
-                    .await
-                    .unwrap_or_else(|join| {
-                        Err(Failure::Internal(format!("guest task failed: {join}")))
-                    })
+                let task = guests.handle().spawn(exchange);
+                let _stop = GuestTask::new(task.abort_handle());
+                task.await.unwrap_or_else(|join| {
+                    Err(Failure::Internal(format!("guest task failed: {join}")))
+                })
             }
         }
     }
@@ -251,23 +252,43 @@ impl Runner {
 
 /// The request as the guest gets it: its body's errors in `wasi:http`
 /// terms, and an authority, which `wasi:http` requires. An HTTP/1.0 client
-/// or an embedding app may send none: the guest gets `localhost`.
+/// or an embedding app may send none: the guest gets `localhost`. A `Host`
+/// that is not an authority (non-ASCII bytes, spaces) is the client's
+/// error, refused before an instance is spent.
 fn for_the_guest<B>(
     request: Request<B>,
-) -> Request<impl Body<Data = Bytes, Error = wasmtime_wasi_http::Error> + Send + 'static>
+) -> Result<
+    Request<impl Body<Data = Bytes, Error = wasmtime_wasi_http::Error> + Send + 'static>,
+    Failure,
+>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<tower::BoxError>,
 {
     use http_body_util::BodyExt;
     let mut request = request.map(|body| body.map_err(body::incoming_body_error));
-    if request.uri().authority().is_none() && !request.headers().contains_key(http::header::HOST) {
-        request.headers_mut().insert(
-            http::header::HOST,
-            http::HeaderValue::from_static("localhost"),
-        );
+    if request.uri().authority().is_none() {
+        match request.headers().get(http::header::HOST) {
+            None => {
+                request.headers_mut().insert(
+                    http::header::HOST,
+                    http::HeaderValue::from_static("localhost"),
+                );
+            }
+            Some(host) => {
+                let valid = host
+                    .to_str()
+                    .ok()
+                    .and_then(|host| host.parse::<http::uri::Authority>().ok());
+                if valid.is_none() {
+                    return Err(Failure::BadRequest(
+                        "the Host header is not a valid authority".into(),
+                    ));
+                }
+            }
+        }
     }
-    request
+    Ok(request)
 }
 
 /// Instantiates the guest and runs its handler to the end, under the
@@ -388,10 +409,11 @@ async fn on_guest_runtime(
             () = &mut guest, if !guest_done => guest_done = true,
         }
     };
-    if !guest_done {
-        tokio::spawn(guest);
+    if guest_done {
+        return answer;
     }
-    answer
+    let stop = GuestTask::new(tokio::spawn(guest).abort_handle());
+    answer.map(|response| stop.until_end_of(response))
 }
 
 /// Names the cause of a failed guest run. The memory flag goes first: a
@@ -463,12 +485,23 @@ mod tests {
         let request = Request::get("/products/1")
             .body(http_body_util::Empty::<Bytes>::new())
             .unwrap();
-        let request = for_the_guest(request);
+        let request = for_the_guest(request).unwrap();
         assert_eq!(request.headers()["host"], "localhost");
         let request = Request::get("/products/1")
             .header("host", "api.example")
             .body(http_body_util::Empty::<Bytes>::new())
             .unwrap();
-        assert_eq!(for_the_guest(request).headers()["host"], "api.example");
+        assert_eq!(
+            for_the_guest(request).unwrap().headers()["host"],
+            "api.example"
+        );
+        for host in [&b"caf\xc3\xa9.example"[..], b"a b", b"a/b"] {
+            let request = Request::get("/products/1")
+                .header("host", http::HeaderValue::from_bytes(host).unwrap())
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            let refused = for_the_guest(request).err().expect("refused");
+            assert_eq!(refused.status(), http::StatusCode::BAD_REQUEST);
+        }
     }
 }

@@ -69,7 +69,28 @@ pub const HANDOFF_BUFFER: usize = 256 << 10;
 /// refused (the guest's write fails) rather than buffered without bound.
 pub const GUEST_OUTPUT_CAPACITY: usize = 64 << 10;
 
-/// Per-request limits, shared by every instance of a `Fanout`.
+/// How long a client may take to send a request's head, counted from when
+/// the connection is ready for it: just accepted, or idle after an answer
+/// (hyper starts the timer then), so it is also the keep-alive idle
+/// timeout. A client that sends half a head, or nothing, is closed then.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Header fields a request may carry; beyond, `431`. hyper's default.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+
+/// Bytes of a request head (request line and headers) the server buffers;
+/// a larger head gets `431`. A path the guest would refuse anyway is far
+/// shorter.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 << 10;
+
+/// Client connections open at once; beyond, the server stops accepting
+/// (the kernel's backlog holds the next ones) until one closes. Above the
+/// bench's 5,000 closed-loop clients, below the 20,000 file descriptors a
+/// process gets here.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// Per-request limits, shared by every instance of a `Fanout`, and the
+/// limits of the client connections that bring the requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Fuel per request. `None` compiles the component without fuel
@@ -86,6 +107,14 @@ pub struct Limits {
     /// How long a request may wait for an instance when all are busy
     /// (zero: a 503 at once). See [`DEFAULT_QUEUE_WAIT`].
     pub queue_wait: Duration,
+    /// See [`DEFAULT_HEADER_TIMEOUT`].
+    pub header_timeout: Duration,
+    /// See [`DEFAULT_MAX_HEADERS`].
+    pub max_headers: usize,
+    /// See [`DEFAULT_MAX_HEADER_BYTES`].
+    pub max_header_bytes: usize,
+    /// See [`DEFAULT_MAX_CONNECTIONS`].
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -96,6 +125,10 @@ impl Default for Limits {
             deadline: DEFAULT_DEADLINE,
             max_instances: DEFAULT_MAX_INSTANCES,
             queue_wait: DEFAULT_QUEUE_WAIT,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            max_headers: DEFAULT_MAX_HEADERS,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -153,7 +186,39 @@ impl Limits {
                 ),
             ));
         }
+        if self.header_timeout.is_zero() || self.header_timeout > Duration::from_secs(3600) {
+            return Err(invalid(
+                "header_timeout",
+                format!("{:?} is outside 1ms..=3600s", self.header_timeout),
+            ));
+        }
+        if !(1..=10_000).contains(&self.max_headers) {
+            return Err(invalid(
+                "max_headers",
+                format!("{} is outside 1..=10000", self.max_headers),
+            ));
+        }
+        // hyper's read buffer cannot be smaller.
+        if !(8 << 10..=1 << 20).contains(&self.max_header_bytes) {
+            return Err(invalid(
+                "max_header_bytes",
+                format!("{} is outside 8 KiB..=1 MiB", self.max_header_bytes),
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("max_connections", "must be at least 1".into()));
+        }
         Ok(())
+    }
+
+    /// The limits of the client connections.
+    pub(crate) fn connections(&self) -> crate::http_server::ConnectionLimits {
+        crate::http_server::ConnectionLimits {
+            header_timeout: self.header_timeout,
+            max_headers: self.max_headers,
+            max_header_bytes: self.max_header_bytes,
+            max_connections: self.max_connections,
+        }
     }
 
     /// The epoch deadline in ticks, rounded up.

@@ -76,6 +76,16 @@ struct Args {
     #[arg(long)]
     queue_wait_ms: Option<u64>,
 
+    /// How long a client may take to send a request head, and stay idle
+    /// between requests, in milliseconds [default: 5000].
+    #[arg(long)]
+    header_timeout_ms: Option<u64>,
+
+    /// Client connections open at once; beyond, new ones wait in the
+    /// kernel's backlog [default: 10000].
+    #[arg(long)]
+    max_connections: Option<usize>,
+
     /// Admission: `adaptive` learns how many requests may run at once from
     /// their latency; `fixed` admits up to --max-instances.
     #[arg(long, value_enum, default_value_t = AdmissionFlag::Adaptive)]
@@ -258,6 +268,12 @@ fn configure(args: &Args) -> Result<(Fanout, SocketAddr, Option<SocketAddr>), fa
     }
     if let Some(ms) = args.queue_wait_ms {
         limits.queue_wait = Duration::from_millis(ms);
+    }
+    if let Some(ms) = args.header_timeout_ms {
+        limits.header_timeout = Duration::from_millis(ms);
+    }
+    if let Some(n) = args.max_connections {
+        limits.max_connections = n;
     }
     builder = builder.limits(limits).admission(match args.admission {
         AdmissionFlag::Adaptive => fanout_host::AdmissionMode::Adaptive(None),

@@ -189,6 +189,22 @@ pub(crate) fn traceparent_of(span: &tracing::Span) -> Option<http::HeaderValue> 
 
 /// The server span of one request (OpenTelemetry HTTP server conventions).
 /// The status is recorded when the answer is known.
+/// Longest client-chosen string (a path, a header) copied into a log line
+/// or a span attribute; longer ones are cut there and marked with `…`.
+pub const MAX_LOGGED_LEN: usize = 256;
+
+/// `text` cut to [`MAX_LOGGED_LEN`] bytes on a character boundary.
+pub fn bounded(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_LOGGED_LEN {
+        return text.into();
+    }
+    let mut end = MAX_LOGGED_LEN;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end]).into()
+}
+
 pub(crate) fn server_span(method: &http::Method, route: &str, path: &str) -> tracing::Span {
     let span = tracing::info_span!(
         target: SPAN_TARGET,

@@ -1,0 +1,198 @@
+//! Hostile clients and failing upstreams: nothing wedged, leaked or left
+//! running (issue #20).
+
+use anyhow::Result;
+use fanout_host::Limits;
+use fanout_tests::{MS, ProductUpstreams, TestHost};
+use http::StatusCode;
+use std::time::Instant;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Waits (bounded) until no upstream of `upstreams` is working on a call.
+async fn until_idle(upstreams: &ProductUpstreams) -> bool {
+    tokio::time::timeout(MS(1000), async {
+        while upstreams.inventory.in_flight()
+            + upstreams.pricing.in_flight()
+            + upstreams.reviews.in_flight()
+            > 0
+        {
+            tokio::time::sleep(MS(1)).await;
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_stops_its_upstream_calls() -> Result<()> {
+    let logs = fanout_tests::capture_logs();
+    let upstreams = ProductUpstreams::start(MS(150)).await?;
+    let host = upstreams.host().await?;
+    let mut client = TcpStream::connect(host.addr).await?;
+    client
+        .write_all(b"GET /products/x HTTP/1.1\r\nhost: fanout\r\n\r\n")
+        .await?;
+    // The calls are out once each upstream has seen one.
+    tokio::time::timeout(MS(1000), async {
+        while upstreams.inventory.calls().is_empty()
+            || upstreams.pricing.calls().is_empty()
+            || upstreams.reviews.calls().is_empty()
+        {
+            tokio::time::sleep(MS(1)).await;
+        }
+    })
+    .await?;
+    drop(client);
+    let left = Instant::now();
+    assert!(until_idle(&upstreams).await, "upstream work went on");
+    let mut slowest = MS(0);
+    for upstream in [&upstreams.inventory, &upstreams.pricing, &upstreams.reviews] {
+        let calls = upstream.calls();
+        assert_eq!(calls.len(), 1, "no retry after the client left: {calls:?}");
+        let call = &calls[0];
+        assert!(call.cut_off(), "the upstream saw its caller go: {call:?}");
+        slowest = slowest.max(call.ended.unwrap().saturating_duration_since(left));
+    }
+    println!("upstream calls closed {slowest:?} after the client left");
+    // Aborted (about 1 ms here), well short of the upstreams' 150 ms.
+    assert!(slowest < MS(25), "{slowest:?}");
+
+    // Past when retries would have started (the budget is 200 ms): none.
+    tokio::time::sleep(MS(250)).await;
+    let calls = upstreams.inventory.calls().len()
+        + upstreams.pricing.calls().len()
+        + upstreams.reviews.calls().len();
+    assert_eq!(calls, 3);
+
+    let access: Vec<_> = logs
+        .events()
+        .into_iter()
+        .filter(|e| e["target"] == "fanout::access")
+        .collect();
+    assert_eq!(access.len(), 1, "{access:#?}");
+    assert_eq!(access[0]["status"], 499, "{access:#?}");
+    assert_eq!(host.fanout.stats().instances_in_use, 0);
+    Ok(())
+}
+
+/// Reads what the server sends on `stream` until it closes the connection,
+/// or `None` if it is still open after `wait`.
+async fn until_closed(stream: &mut TcpStream, wait: std::time::Duration) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut read = Vec::new();
+    tokio::time::timeout(wait, stream.read_to_end(&mut read))
+        .await
+        .ok()
+        .map(|_| read)
+}
+
+/// The host with the three product upstreams and these connection limits.
+async fn host_with(
+    upstreams: &ProductUpstreams,
+    set: impl FnOnce(&mut Limits),
+) -> Result<TestHost> {
+    let mut limits = Limits::default();
+    set(&mut limits);
+    TestHost::start(upstreams.builder().limits(limits).build()?).await
+}
+
+#[tokio::test]
+async fn half_sent_heads_are_closed_after_the_header_timeout() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    let host = host_with(&upstreams, |l| l.header_timeout = MS(300)).await?;
+    let mut slow = Vec::new();
+    for _ in 0..50 {
+        let mut client = TcpStream::connect(host.addr).await?;
+        client
+            .write_all(b"GET /products/1 HTTP/1.1\r\nhost: fa")
+            .await?;
+        slow.push(client);
+    }
+    // An idle keep-alive connection counts as slow too.
+    let mut idle = TcpStream::connect(host.addr).await?;
+    // Meanwhile the host serves.
+    let started = Instant::now();
+    let answer = host.get("/products/1").await?;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    for client in slow.iter_mut().chain([&mut idle]) {
+        let closed = until_closed(client, MS(2000)).await;
+        assert!(closed.is_some(), "a slow client is still connected");
+    }
+    let took = started.elapsed();
+    assert!(took >= MS(250), "closed before the timeout: {took:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_connection_cap_holds_and_frees_as_connections_close() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    let host = host_with(&upstreams, |l| l.max_connections = 4).await?;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(TcpStream::connect(host.addr).await?);
+    }
+    // The fifth gets through the kernel's backlog, not to the server.
+    let fifth = tokio::spawn({
+        let url = host.url("/products/1");
+        async move {
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<http_body_util::Empty<bytes::Bytes>>();
+            client
+                .get(url.parse()?)
+                .await
+                .map(|r| r.status())
+                .map_err(anyhow::Error::from)
+        }
+    });
+    tokio::time::sleep(MS(300)).await;
+    assert!(
+        !fifth.is_finished(),
+        "a fifth connection was served at the cap"
+    );
+    drop(held.pop());
+    let status = tokio::time::timeout(MS(2000), fifth).await???;
+    assert_eq!(status, StatusCode::OK);
+    Ok(())
+}
+
+#[tokio::test]
+async fn oversized_and_malformed_heads_are_client_errors() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    let host = upstreams.host().await?;
+    let raw = |head: Vec<u8>| async move {
+        let mut client = TcpStream::connect(host.addr).await?;
+        client.write_all(&head).await?;
+        let read = until_closed(&mut client, MS(2000))
+            .await
+            .unwrap_or_default();
+        anyhow::Ok(String::from_utf8_lossy(&read).into_owned())
+    };
+    // A Host that is not an authority: the JSON shape, 400, nothing leaked.
+    let answer =
+        raw(b"GET /products/1 HTTP/1.1\r\nhost: caf\xc3\xa9\r\nconnection: close\r\n\r\n".to_vec())
+            .await?;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains(r#""code":"bad_request""#), "{answer}");
+    assert_eq!(host.fanout.stats().instances_in_use, 0);
+    // Too many header fields, and too large a head: 431 from the server.
+    let mut many = b"GET /products/1 HTTP/1.1\r\nhost: a\r\n".to_vec();
+    for i in 0..150 {
+        many.extend_from_slice(format!("x-h{i}: v\r\n").as_bytes());
+    }
+    many.extend_from_slice(b"\r\n");
+    let answer = raw(many).await?;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    let mut large = b"GET /products/1 HTTP/1.1\r\nhost: a\r\nx-big: ".to_vec();
+    large.extend(std::iter::repeat_n(b'a', 64 << 10));
+    large.extend_from_slice(b"\r\n\r\n");
+    let answer = raw(large).await?;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    // Garbage is a 400.
+    let answer = raw(b"\x16\x03\x01 not http\r\n\r\n".to_vec()).await?;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // And the host still serves.
+    assert_eq!(host.get("/products/1").await?.status, StatusCode::OK);
+    Ok(())
+}
