@@ -130,7 +130,10 @@ impl FanoutBuilder {
             .iter()
             .find(|u| u.name == name)
             .map(|u| u.guardrails.clone())
-            .unwrap_or_default();
+            .unwrap_or_else(|| match is_http {
+                true => Guardrails::http_defaults(),
+                false => Guardrails::default(),
+            });
         self.upstreams.retain(|u| u.name != name);
         self.upstreams.push(PendingUpstream {
             name,

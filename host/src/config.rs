@@ -292,10 +292,16 @@ impl UpstreamConfig {
             AdapterKind::Simulated,
         )?;
 
+        // What the file leaves out, an http upstream takes from its
+        // defaults; in-process ones have none.
+        let defaults = match self.adapter {
+            AdapterKind::Http => Guardrails::http_defaults(),
+            _ => Guardrails::default(),
+        };
         let guardrails = Guardrails {
-            max_concurrency: self.max_concurrency,
-            circuit_breaker: self.circuit_breaker.clone(),
-            retry_budget: self.retry_budget.clone(),
+            max_concurrency: self.max_concurrency.or(defaults.max_concurrency),
+            circuit_breaker: self.circuit_breaker.clone().or(defaults.circuit_breaker),
+            retry_budget: self.retry_budget.clone().or(defaults.retry_budget),
         };
         guardrails
             .validate()

@@ -196,3 +196,21 @@ async fn oversized_and_malformed_heads_are_client_errors() -> Result<()> {
     assert_eq!(host.get("/products/1").await?.status, StatusCode::OK);
     Ok(())
 }
+
+#[tokio::test]
+async fn http_upstreams_get_a_circuit_breaker_by_default() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    upstreams
+        .pricing
+        .set_behaviour(fanout_tests::Behaviour::status(503));
+    let host = upstreams.host().await?;
+    for _ in 0..4 {
+        let answer = host.get("/products/1").await?;
+        assert!(answer.status.is_server_error(), "{}", answer.json);
+    }
+    // Three attempts, then two: five failures in a row open the circuit,
+    // and the last two requests cost pricing nothing.
+    assert_eq!(upstreams.pricing.calls().len(), 5);
+    assert_eq!(host.get("/products/1").await?.error_code(), "upstream_shed");
+    Ok(())
+}

@@ -1,12 +1,22 @@
 //! The circuit breaker: while open, calls fail at once; after `open_for`
 //! one probe goes through (half-open) and its outcome closes or reopens it.
 //!
-//! tower has no circuit breaker, and the crates that offered one were
-//! unmaintained or brought their own runtime when this was written; this
-//! one is small and knows which failures count (sheds do not).
+//! Every call admitted records an outcome, however it ends: an answer (a
+//! 5xx is a failure), an error (a shed is not counted: it says nothing of
+//! the upstream), or the call being dropped unfinished, which is what the
+//! guest's attempt timeout and the request's deadline do to a hanging
+//! upstream: a failure. A probe has its own timeout, so that a hanging
+//! probe reopens the circuit rather than holding it half-open.
+//!
+//! Why not `tower-resilience-circuitbreaker` (0.14, read for this): a call
+//! dropped before it ends records no outcome there (its half-open permit
+//! is handed back), so an upstream that hangs past every caller's timeout
+//! never opens the circuit, the second defect this layer had; it also
+//! takes an async mutex on every call. This one is ~250 lines and is
+//! tested for exactly these cases.
 
 use super::{Blocked, CircuitBreakerConfig};
-use crate::upstream::{Call, UpstreamBody};
+use crate::upstream::{Call, TransportError, UpstreamBody};
 use http::Response;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -57,14 +67,28 @@ where
     }
 
     fn call(&mut self, call: Call) -> Self::Future {
-        let admitted = self.state.lock().unwrap().admit(Instant::now());
+        let (admitted, probe_timeout) = {
+            let mut breaker = lock(&self.state);
+            (breaker.admit(Instant::now()), breaker.config.probe_timeout)
+        };
         let Some(probe) = admitted else {
             return Box::pin(std::future::ready(Err(Blocked::CircuitOpen.into())));
         };
-        let state = self.state.clone();
+        let mut pending = Pending {
+            state: Some(self.state.clone()),
+            probe,
+        };
         let response = self.inner.call(call);
         Box::pin(async move {
-            let result = response.await;
+            let result = if probe {
+                match tokio::time::timeout(probe_timeout, response).await {
+                    Ok(result) => result,
+                    // As the guest's own timeout would have said it.
+                    Err(_) => Err(TransportError::ConnectionReadTimeout.into()),
+                }
+            } else {
+                response.await
+            };
             let outcome = match &result {
                 Ok(response) if response.status().is_server_error() => Some(false),
                 Ok(_) => Some(true),
@@ -72,14 +96,43 @@ where
                 Err(e) if e.is::<tower::load_shed::error::Overloaded>() => None,
                 Err(_) => Some(false),
             };
-            let mut breaker = state.lock().unwrap();
-            match outcome {
-                Some(ok) => breaker.record(ok, probe, Instant::now()),
-                None if probe => breaker.probe_in_flight = false,
-                None => {}
-            }
+            pending.end(outcome);
             result
         })
+    }
+}
+
+fn lock(state: &Mutex<Breaker>) -> std::sync::MutexGuard<'_, Breaker> {
+    // The breaker's state is valid after any panic: each change is whole.
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// An admitted call whose outcome is not recorded yet: dropped unfinished,
+/// it records a failure.
+struct Pending {
+    /// `None` once the outcome is recorded.
+    state: Option<Arc<Mutex<Breaker>>>,
+    probe: bool,
+}
+
+impl Pending {
+    /// Records the outcome (`None`: the call says nothing either way).
+    fn end(&mut self, outcome: Option<bool>) {
+        let Some(state) = self.state.take() else {
+            return;
+        };
+        let mut breaker = lock(&state);
+        match outcome {
+            Some(ok) => breaker.record(ok, self.probe, Instant::now()),
+            None if self.probe => breaker.probe_in_flight = false,
+            None => {}
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.end(Some(false));
     }
 }
 
@@ -180,6 +233,108 @@ mod tests {
             window: 10,
             min_calls: 6,
             open_for: Duration::from_millis(100),
+            probe_timeout: Duration::from_millis(50),
+        }
+    }
+
+    /// A breaker (open for 50 ms, probes time out after 50 ms) around an
+    /// upstream that hangs while `hang` is set and answers 200 otherwise.
+    fn guarded(
+        hang: Arc<std::sync::atomic::AtomicBool>,
+    ) -> impl Service<Call, Response = Response<UpstreamBody>, Error = BoxError, Future: Send> + Clone
+    {
+        use std::sync::atomic::Ordering;
+        let upstream = tower::service_fn(move |_call: Call| {
+            let hang = hang.load(Ordering::SeqCst);
+            async move {
+                if hang {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, BoxError>(Response::new(crate::response::full_body("{}")))
+            }
+        });
+        let config = CircuitBreakerConfig {
+            open_for: Duration::from_millis(50),
+            ..config()
+        };
+        CircuitBreakerLayer::new(config).layer(upstream)
+    }
+
+    fn call() -> Call {
+        Call {
+            request: http::Request::new(crate::response::full_body("")),
+            options: Default::default(),
+            attempt: 1,
+        }
+    }
+
+    fn is_open(result: &Result<Response<UpstreamBody>, BoxError>) -> bool {
+        matches!(result, Err(e) if e.downcast_ref::<Blocked>() == Some(&Blocked::CircuitOpen))
+    }
+
+    #[tokio::test]
+    async fn calls_dropped_unfinished_count_as_failures() {
+        use tower::ServiceExt;
+        let hang = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let service = guarded(hang.clone());
+        // The guest's attempt timeout drops each call: three failures.
+        for _ in 0..3 {
+            let call = service.clone().oneshot(call());
+            assert!(
+                tokio::time::timeout(Duration::from_millis(5), call)
+                    .await
+                    .is_err()
+            );
+        }
+        assert!(is_open(&service.clone().oneshot(call()).await), "open");
+    }
+
+    #[tokio::test]
+    async fn a_hanging_probe_reopens_and_a_later_probe_closes() {
+        use std::sync::atomic::Ordering;
+        use tower::ServiceExt;
+        let hang = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let service = guarded(hang.clone());
+        for _ in 0..3 {
+            let call = service.clone().oneshot(call());
+            let _ = tokio::time::timeout(Duration::from_millis(5), call).await;
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        // Half-open: the probe hangs, and its own timeout ends it.
+        let started = Instant::now();
+        let probe = service.clone().oneshot(call()).await;
+        assert!(
+            matches!(
+                probe
+                    .as_ref()
+                    .err()
+                    .and_then(|e| e.downcast_ref::<TransportError>()),
+                Some(TransportError::ConnectionReadTimeout)
+            ),
+            "{:?}",
+            probe.map(|r| r.status())
+        );
+        assert!(started.elapsed() < Duration::from_millis(500));
+        assert!(is_open(&service.clone().oneshot(call()).await), "reopened");
+
+        // A probe the caller drops reopens it too, rather than wedging it.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let dropped = service.clone().oneshot(call());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(5), dropped)
+                .await
+                .is_err()
+        );
+        assert!(is_open(&service.clone().oneshot(call()).await), "reopened");
+
+        // The upstream recovers: the next probe closes the circuit.
+        hang.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let probe = service.clone().oneshot(call()).await;
+        assert_eq!(probe.unwrap().status(), http::StatusCode::OK);
+        for _ in 0..5 {
+            let after = service.clone().oneshot(call()).await;
+            assert_eq!(after.unwrap().status(), http::StatusCode::OK, "closed");
         }
     }
 

@@ -8,8 +8,10 @@
 //!    retries would exceed the configured fraction of the upstream's calls;
 //!    refusing first means a refused retry costs nothing below.
 //! 2. **circuit breaker**: while open, calls fail at once; after `open_for`
-//!    one probe goes through (half-open) and its outcome closes or reopens it.
-//!    It sits above the concurrency limit so that an open circuit takes no
+//!    one probe goes through (half-open, with its own timeout) and its
+//!    outcome closes or reopens it. Every admitted call records an outcome,
+//!    a call dropped unfinished (timed out by the guest) as a failure. It
+//!    sits above the concurrency limit so that an open circuit takes no
 //!    slot, and it ignores sheds (they say nothing about the upstream).
 //! 3. **load shed + concurrency limit**: at most `max_concurrency` calls in
 //!    flight; beyond, a call fails at once instead of queueing.
@@ -34,7 +36,8 @@ use tower::{BoxError, ServiceBuilder, ServiceExt};
 /// The guarded service of one upstream.
 pub(crate) type GuardedService = BoxCloneSyncService<Call, Response<UpstreamBody>, BoxError>;
 
-/// Guardrail settings of one upstream. `None` turns a guardrail off.
+/// Guardrail settings of one upstream. `None` turns a guardrail off; an
+/// `http` upstream starts from [`Guardrails::http_defaults`].
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Guardrails {
     /// Calls in flight at once; beyond, a call is shed.
@@ -60,6 +63,9 @@ pub struct CircuitBreakerConfig {
     /// Stays open this long before letting a probe through.
     #[serde(rename = "open_ms", with = "millis")]
     pub open_for: Duration,
+    /// A probe not answered within this fails, and the circuit reopens.
+    #[serde(rename = "probe_timeout_ms", with = "millis")]
+    pub probe_timeout: Duration,
 }
 
 impl Default for CircuitBreakerConfig {
@@ -70,6 +76,7 @@ impl Default for CircuitBreakerConfig {
             window: 20,
             min_calls: 10,
             open_for: Duration::from_secs(5),
+            probe_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -106,7 +113,25 @@ mod millis {
     }
 }
 
+/// The concurrency cap of an `http` upstream unless configured: four calls
+/// per instance of the default pool (256), so that it never binds on a
+/// healthy upstream, only on one that stalls and would otherwise take
+/// every pooled connection and file descriptor.
+pub const DEFAULT_HTTP_MAX_CONCURRENCY: usize = 1024;
+
 impl Guardrails {
+    /// What an `http` upstream gets unless configured otherwise: a
+    /// concurrency cap ([`DEFAULT_HTTP_MAX_CONCURRENCY`]), a circuit breaker
+    /// and a retry budget with their defaults. A remote service can fail in
+    /// every way these guard against; in-process upstreams get none.
+    pub fn http_defaults() -> Guardrails {
+        Guardrails {
+            max_concurrency: Some(DEFAULT_HTTP_MAX_CONCURRENCY),
+            circuit_breaker: Some(CircuitBreakerConfig::default()),
+            retry_budget: Some(RetryBudgetConfig::default()),
+        }
+    }
+
     pub(crate) fn validate(&self) -> Result<(), String> {
         if self.max_concurrency == Some(0) {
             return Err("max_concurrency must be at least 1".into());
@@ -117,6 +142,9 @@ impl Guardrails {
                     "circuit_breaker needs consecutive_failures >= 1 and 1 <= min_calls <= window"
                         .into(),
                 );
+            }
+            if cb.probe_timeout.is_zero() {
+                return Err("circuit_breaker.probe_timeout_ms must be at least 1".into());
             }
             if !(0.0..=1.0).contains(&cb.failure_rate) || cb.failure_rate == 0.0 {
                 return Err("circuit_breaker.failure_rate must be in (0, 1]".into());
