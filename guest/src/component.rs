@@ -92,7 +92,9 @@ impl Incoming {
             method,
             path_with_query: request.path_with_query().unwrap_or_else(|| "/".into()),
             traceparent: header("traceparent").and_then(text),
-            tracestate: header("tracestate").and_then(text),
+            tracestate: header("tracestate")
+                .and_then(text)
+                .and_then(crate::trace::bounded_tracestate),
             // Present but not text is still an error the client should see.
             timeout: header(TIMEOUT_HEADER).map(|v| text(v).unwrap_or(NOT_ASCII.into())),
         }

@@ -106,9 +106,35 @@ fn decode<const N: usize>(hex: &str) -> Option<[u8; N]> {
     Some(out)
 }
 
+/// Longest `tracestate` passed on, in bytes, and most list members: the
+/// W3C limits (a vendor may drop a longer one). A client's value goes onto
+/// every upstream call, 300 of them for a batch: an unbounded one would be
+/// copied as often.
+pub const MAX_TRACESTATE_LEN: usize = 512;
+/// See [`MAX_TRACESTATE_LEN`].
+pub const MAX_TRACESTATE_MEMBERS: usize = 32;
+
+/// The client's `tracestate` if it is within the W3C limits, else `None`
+/// (dropped whole: which members matter is the vendors' to say).
+pub fn bounded_tracestate(value: String) -> Option<String> {
+    let members = value.split(',').filter(|m| !m.trim().is_empty()).count();
+    (value.len() <= MAX_TRACESTATE_LEN && members <= MAX_TRACESTATE_MEMBERS).then_some(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tracestate_is_kept_within_the_w3c_limits() {
+        let ok = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7".to_string();
+        assert_eq!(bounded_tracestate(ok.clone()), Some(ok));
+        assert_eq!(bounded_tracestate("a=b".repeat(200)), None, "too long");
+        let many: Vec<String> = (0..33).map(|i| format!("v{i}=x")).collect();
+        assert_eq!(bounded_tracestate(many.join(",")), None, "too many members");
+        let max: Vec<String> = (0..32).map(|i| format!("v{i}=x")).collect();
+        assert!(bounded_tracestate(max.join(",")).is_some());
+    }
 
     const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 

@@ -7,10 +7,13 @@ use std::time::Duration;
 
 /// Fuel for one request. A product fan-out (wstd's runtime + serde_json)
 /// burns about 230k units (measured by `examples/measure.rs` and checked by
-/// the `fuel_per_request_leaves_headroom` test); the limit leaves ~40x
-/// headroom for larger answers and batches while still stopping a runaway
-/// loop within a few tens of milliseconds of CPU.
-pub const DEFAULT_FUEL: u64 = 10_000_000;
+/// the `fuel_per_request_leaves_headroom` test), each upstream call about
+/// 50k more. The largest request the API allows is a batch of 100 ids with
+/// a 1 s budget: 300 calls, 14.8M units when all answer, up to 900
+/// attempts (~45M) when an upstream fails every attempt; the limit covers
+/// that (the `the_largest_batch_*` tests). A runaway loop still burns it
+/// in a few tens of milliseconds of CPU.
+pub const DEFAULT_FUEL: u64 = 60_000_000;
 
 /// Linear memory one instance may grow to. The guest needs about 1.2 MiB.
 pub const DEFAULT_MEMORY_BYTES: usize = 64 << 20;

@@ -53,7 +53,7 @@ struct Args {
     upstreams: Vec<(String, String)>,
 
     /// Fuel per request; 0 for unlimited, which also compiles the component
-    /// without fuel metering [default: 10000000].
+    /// without fuel metering [default: 60000000].
     #[arg(long)]
     fuel: Option<u64>,
 

@@ -214,3 +214,65 @@ async fn http_upstreams_get_a_circuit_breaker_by_default() -> Result<()> {
     assert_eq!(host.get("/products/1").await?.error_code(), "upstream_shed");
     Ok(())
 }
+
+/// `GET /products?ids=0,...,99` with the largest budget a client may ask.
+async fn largest_batch(host: &TestHost) -> Result<fanout_tests::Answer> {
+    use fanout_guest::config::{DEFAULT_MAX_DEADLINE, MAX_BATCH_IDS};
+    use fanout_guest::protocol::TIMEOUT_HEADER;
+    let ids: Vec<String> = (0..MAX_BATCH_IDS).map(|i| i.to_string()).collect();
+    let budget = DEFAULT_MAX_DEADLINE.as_millis().to_string();
+    host.get_with(
+        &format!("/products?ids={}", ids.join(",")),
+        &[(TIMEOUT_HEADER, &budget)],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_largest_batch_with_the_largest_budget_completes() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(10)).await?;
+    let host = upstreams.host().await?;
+    let answer = largest_batch(&host).await?;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    let items = answer.json["items"].as_array().expect("items");
+    assert_eq!(items.len(), fanout_guest::config::MAX_BATCH_IDS);
+    let whole = items
+        .iter()
+        .filter(|item| item["degraded"] == serde_json::json!([]) && item["price"]["amount"] == 12.5)
+        .count();
+    assert_eq!(whole, items.len(), "every item whole");
+    println!(
+        "largest batch: {} fuel, {:?}",
+        host.fanout.stats().fuel_consumed,
+        answer.elapsed
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_largest_batch_with_every_retry_spent_completes() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(10)).await?;
+    upstreams
+        .reviews
+        .set_behaviour(fanout_tests::Behaviour::status(503));
+    // No breaker or retry budget to save the guest its attempts: all 300
+    // reviews attempts go out.
+    let fanout = upstreams
+        .builder()
+        .guardrails("reviews", fanout_host::guard::Guardrails::default())
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+    let answer = largest_batch(&host).await?;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.error_code());
+    assert_eq!(
+        answer.json["items"][99]["degraded"],
+        serde_json::json!(["reviews"])
+    );
+    assert_eq!(upstreams.reviews.calls().len(), 300);
+    println!(
+        "largest batch, every reviews attempt failing: {} fuel, {:?}",
+        host.fanout.stats().fuel_consumed,
+        answer.elapsed
+    );
+    Ok(())
+}

@@ -39,6 +39,15 @@ impl UpstreamHandle {
         let uri: http::Uri = base_url
             .parse()
             .map_err(|e| invalid(format!("base URL `{base_url}`: {e}")))?;
+        // Credentials in a URL end up in logs, spans and the guest's
+        // environment; the URL is not repeated here for the same reason.
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return Err(invalid(
+                "the base URL carries credentials (user:password@); \
+                 give the upstream's credentials another way"
+                    .into(),
+            ));
+        }
         match uri.scheme_str() {
             Some("http") => {}
             Some("https") => {
@@ -172,6 +181,21 @@ mod tests {
             Some("pricing")
         );
         assert_eq!(name("elsewhere:1", Some("pricing")), None);
+    }
+
+    #[tokio::test]
+    async fn credentials_in_a_base_url_are_refused_unrepeated() {
+        let http: Arc<dyn Upstream> = Arc::new(HttpUpstream::default());
+        let refused = UpstreamHandle::new(
+            "pricing".into(),
+            "http://user:s3cret@pricing:80".into(),
+            http,
+            &Guardrails::default(),
+            true,
+        );
+        let message = refused.err().expect("refused").to_string();
+        assert!(message.contains("credentials"), "{message}");
+        assert!(!message.contains("s3cret"), "{message}");
     }
 
     #[tokio::test]
