@@ -81,6 +81,8 @@ pub enum Failure {
     FuelExhausted { fuel: u64 },
     /// The guest tried to grow its memory past the limit.
     MemoryLimit { bytes: usize },
+    /// The guest held more host resources at once than allowed.
+    ResourceLimit { max: usize },
     /// The request ran past its deadline, either computing (epoch) or
     /// waiting (wall clock).
     Deadline { deadline: Duration },
@@ -119,6 +121,7 @@ impl Failure {
             Failure::BadRequest(_) => StatusCode::BAD_REQUEST,
             Failure::FuelExhausted { .. }
             | Failure::MemoryLimit { .. }
+            | Failure::ResourceLimit { .. }
             | Failure::Trap(_)
             | Failure::NoResponse(_)
             | Failure::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -134,6 +137,7 @@ impl Failure {
             Failure::QueueTimeout { .. } => "queue_timeout",
             Failure::FuelExhausted { .. } => "guest_fuel_exhausted",
             Failure::MemoryLimit { .. } => "guest_memory_limit",
+            Failure::ResourceLimit { .. } => "guest_resource_limit",
             Failure::Deadline { .. } => "deadline_exceeded",
             Failure::Trap(_) => "guest_trap",
             Failure::NoResponse(_) => "guest_no_response",
@@ -169,6 +173,9 @@ impl Failure {
             Failure::MemoryLimit { bytes } => format!(
                 "the guest tried to grow its memory past the {} MiB limit",
                 bytes >> 20
+            ),
+            Failure::ResourceLimit { max } => format!(
+                "the guest held more than {max} host resources (headers, requests, bodies) at once"
             ),
             Failure::Deadline { deadline } => format!(
                 "the request did not finish within its {} ms deadline",

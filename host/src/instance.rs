@@ -19,7 +19,7 @@ use crate::body::{self, GuestCut, GuestTask};
 use crate::builtin_guest::{self, BuiltinGuest};
 use crate::error::Failure;
 use crate::guest_runtime::GuestRuntime;
-use crate::limits::{GUEST_OUTPUT_CAPACITY, HANDOFF_BUFFER, Limits};
+use crate::limits::{GUEST_OUTPUT_CAPACITY, HANDOFF_BUFFER, Limits, MAX_GUEST_RESOURCES};
 use crate::metrics::Metrics;
 use crate::outbound::{AttemptLog, OutboundHooks, RequestHooks, Upstreams};
 use crate::response::ResponseBody;
@@ -34,7 +34,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
-use wasmtime::component::{Resource, ResourceTable};
+use wasmtime::component::{Resource, ResourceTable, ResourceTableError};
 use wasmtime::{Store, StoreLimitsBuilder, Trap};
 use wasmtime_wasi::WasiCtx;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
@@ -220,7 +220,11 @@ impl Runner {
                     .stderr(output.stderr.clone())
                     .build(),
                 http: WasiHttpCtx::new(),
-                table: ResourceTable::new(),
+                table: {
+                    let mut table = ResourceTable::new();
+                    table.set_max_capacity(MAX_GUEST_RESOURCES);
+                    table
+                },
                 hooks: RequestHooks {
                     upstreams: self.upstreams.clone(),
                     outbound: self.hooks.clone(),
@@ -422,6 +426,11 @@ fn classify(e: &wasmtime::Error, memory_denied: bool, limits: &Limits) -> Failur
     if memory_denied {
         return Failure::MemoryLimit {
             bytes: limits.memory_bytes,
+        };
+    }
+    if let Some(ResourceTableError::Full) = e.downcast_ref::<ResourceTableError>() {
+        return Failure::ResourceLimit {
+            max: MAX_GUEST_RESOURCES,
         };
     }
     match e.downcast_ref::<Trap>() {

@@ -92,6 +92,18 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 << 10;
 /// process gets here.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
+/// Host resources (header fields, requests, bodies, futures...) one
+/// request's guest may hold at once. The host keeps them in its own memory,
+/// outside the guest's memory cap; the largest batch holds a few hundred.
+/// Beyond, the guest's call fails and the request ends with
+/// `guest_resource_limit`.
+pub const MAX_GUEST_RESOURCES: usize = 4096;
+
+/// Bytes of a request body the guest may send to an in-process upstream
+/// (which holds it whole in host memory); beyond, the call fails with
+/// `HttpRequestBodySize`. Real HTTP upstreams stream bodies.
+pub const MAX_IN_PROCESS_BODY: usize = 1 << 20;
+
 /// Per-request limits, shared by every instance of a `Fanout`, and the
 /// limits of the client connections that bring the requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,6 +13,9 @@
 //!   pieces with a pause between them, so that the host sees a body that is
 //!   still being written.
 //! - `/stall`: sends the head and one piece of the body, then waits forever.
+//! - `/post?<n>&<url>`: POSTs `n` bytes to `<url>` and reports the outcome.
+//! - `/resources?<n>`: creates `n` host resources (header fields) and holds
+//!   them all (the resource table's cap).
 
 #![cfg(target_arch = "wasm32")]
 // `wstd::http_server` also emits a `fn main` for bin crates; unused here.
@@ -72,6 +75,30 @@ async fn main(request: Request<Body>) -> Result<Response<Body>, wstd::http::Erro
                 },
             };
             Ok(answer(StatusCode::OK, outcome)?)
+        }
+        "/post" => {
+            let query = request.uri().query().unwrap_or_default().to_string();
+            let (n, url) = query.split_once('&').unwrap_or(("0", ""));
+            let body = vec![b'x'; n.parse()?];
+            let outcome = match Client::new()
+                .send(Request::post(url).body(Body::from(body))?)
+                .await
+            {
+                Ok(response) => format!(r#"{{"status":{}}}"#, response.status().as_u16()),
+                Err(e) => match e.downcast_ref::<ErrorCode>() {
+                    Some(code) => format!(r#"{{"error":"{code:?}"}}"#),
+                    None => format!(r#"{{"error":{:?}}}"#, e.to_string()),
+                },
+            };
+            Ok(answer(StatusCode::OK, outcome)?)
+        }
+        "/resources" => {
+            let n: usize = request.uri().query().unwrap_or("0").parse()?;
+            let held: Vec<_> = (0..n).map(|_| wasip2::http::types::Fields::new()).collect();
+            Ok(answer(
+                StatusCode::OK,
+                format!(r#"{{"held":{}}}"#, black_box(held).len()),
+            )?)
         }
         "/stream" => {
             let total: usize = request.uri().query().unwrap_or("0").parse()?;

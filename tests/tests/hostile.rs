@@ -421,9 +421,13 @@ async fn a_body_the_guest_leaves_unfinished_ends_in_an_error() -> Result<()> {
         ("one runtime", hostile as fn(Limits) -> Result<Fanout>),
         ("guest threads", hostile_on_guest_threads),
     ] {
-        let host = TestHost::start(build(limits(deadline))?).await?;
-        // Fuel runs out a few hundred KiB into this body, past the
+        // 10M fuel runs out a few hundred KiB into this body, past the
         // guest threads' buffer: the head is out on both.
+        let limits = Limits {
+            fuel: Some(10_000_000),
+            ..limits(deadline)
+        };
+        let host = TestHost::start(build(limits)?).await?;
         let (head, body, _) = host.get_raw("/stream?4000000").await.context(mode)?;
         assert_eq!(head.status, StatusCode::OK, "{mode}");
         assert!(body.is_err(), "{mode}: fuel: {body:?}");
@@ -466,5 +470,44 @@ async fn on_guest_threads_a_full_pool_sheds_at_once() -> Result<()> {
     assert!(shed.elapsed < MS(100), "{:?}", shed.elapsed);
     assert_eq!(parked.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(host.get("/ok").await?.status, StatusCode::OK);
+    Ok(())
+}
+
+#[tokio::test]
+async fn host_resources_held_at_once_are_capped() -> Result<()> {
+    let host = TestHost::start(hostile(limits(Duration::from_secs(2)))?).await?;
+    let answer = host.get("/resources?100").await?;
+    assert_eq!(answer.json, json!({"held": 100}));
+    let too_many = fanout_host::limits::MAX_GUEST_RESOURCES * 2;
+    misbehave(
+        &host,
+        &format!("/resources?{too_many}"),
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "guest_resource_limit",
+    )
+    .await
+}
+
+#[tokio::test]
+async fn bodies_sent_to_in_process_upstreams_are_capped() -> Result<()> {
+    let sink = fanout_host::adapters::from_fn(|request| async move {
+        let _ = request;
+        Ok(fanout_host::adapters::json_response(
+            StatusCode::OK,
+            &json!({}),
+        ))
+    });
+    let fanout = hostile_builder(limits(Duration::from_secs(2)))
+        .upstream("sink", "http://sink.test", sink)
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+    let small = host.get("/post?1000&http://sink.test/").await?;
+    assert_eq!(small.json, json!({"status": 200}));
+    let max = fanout_host::limits::MAX_IN_PROCESS_BODY;
+    let answer = host
+        .get(&format!("/post?{}&http://sink.test/", 2 * max))
+        .await?;
+    let error = answer.json["error"].as_str().unwrap_or_default();
+    assert!(error.contains("HttpRequestBodySize"), "{}", answer.json);
     Ok(())
 }

@@ -39,11 +39,30 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<
 
 /// Reads the whole request body before answering, as a server on the other
 /// end of a socket would: the guest is still writing it, and dropping it
-/// early would fail the guest's write.
+/// early would fail the guest's write. Up to
+/// [`MAX_IN_PROCESS_BODY`](crate::limits::MAX_IN_PROCESS_BODY): it is held
+/// in host memory, outside the guest's cap.
 pub(crate) async fn read_body(
     request: Request<UpstreamBody>,
 ) -> Result<Request<UpstreamBody>, TransportError> {
     let (parts, body) = request.into_parts();
-    let bytes = body.collect().await?.to_bytes();
+    let bytes = read_limited(body).await?;
     Ok(Request::from_parts(parts, full_body(bytes)))
+}
+
+/// `body` whole, or `HttpRequestBodySize` past
+/// [`MAX_IN_PROCESS_BODY`](crate::limits::MAX_IN_PROCESS_BODY).
+pub(crate) async fn read_limited(body: UpstreamBody) -> Result<bytes::Bytes, TransportError> {
+    use crate::limits::MAX_IN_PROCESS_BODY;
+    let limited = http_body_util::Limited::new(body, MAX_IN_PROCESS_BODY);
+    match limited.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) => match e.downcast::<TransportError>() {
+            Ok(transport) => Err(*transport),
+            // Only `LengthLimitError` is left.
+            Err(_) => Err(TransportError::HttpRequestBodySize(Some(
+                MAX_IN_PROCESS_BODY as u64 + 1,
+            ))),
+        },
+    }
 }

@@ -112,8 +112,7 @@ impl WasiHttpHooks for RequestHooks {
             // would surface as a write error, hiding the denial.
             let body = request.into_body();
             return Box::new(async move {
-                use http_body_util::BodyExt;
-                let _ = body.collect().await;
+                let _ = crate::adapters::read_limited(body).await;
                 Err(TransportError::HttpRequestDenied)
             });
         };
