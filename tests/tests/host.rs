@@ -411,9 +411,21 @@ async fn the_compiled_component_is_cached_and_a_corrupt_entry_rebuilt() -> Resul
     assert_eq!(host.get("/products/1").await?.status, StatusCode::OK);
 
     // Flip one byte in the middle of the entry: detected, rebuilt, rewritten.
-    let entries: Vec<_> = std::fs::read_dir(dir.path())?.collect::<Result<_, _>>()?;
-    assert_eq!(entries.len(), 1, "one entry, no temporary files left");
-    let path = entries[0].path();
+    let names = || -> Result<Vec<String>> {
+        let mut names = std::fs::read_dir(dir.path())?
+            .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<Vec<_>>>()?;
+        names.sort();
+        Ok(names)
+    };
+    let listed = names()?;
+    assert_eq!(
+        listed.len(),
+        2,
+        "one entry and the key, no temporary files left: {listed:?}"
+    );
+    assert_eq!(listed[1], "key");
+    let path = dir.path().join(&listed[0]);
     let mut bytes = std::fs::read(&path)?;
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
@@ -425,13 +437,32 @@ async fn the_compiled_component_is_cached_and_a_corrupt_entry_rebuilt() -> Resul
     std::fs::write(&path, &bytes[..100])?;
     assert_eq!(build()?.component_origin(), Origin::Rebuilt);
 
+    // A planted entry: the real compiled code of another build, checksummed
+    // as entries once were, but not tagged with this cache's key. Never
+    // loaded.
+    let genuine = std::fs::read(&path)?;
+    let payload = &genuine[32..];
+    let mut planted = {
+        use sha2::Digest;
+        sha2::Sha256::digest(payload).to_vec()
+    };
+    planted.extend_from_slice(payload);
+    std::fs::write(&path, &planted)?;
+    assert_eq!(build()?.component_origin(), Origin::Rebuilt);
+
+    // A folder anyone may write in: neither read nor written.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))?;
+    assert_eq!(build()?.component_origin(), Origin::CacheRefused);
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))?;
+
     // Another component gets its own entry, never the wrong code.
     let hostile = Fanout::builder()
         .component_path(fanout_tests::HOSTILE_COMPONENT_PATH)
         .cache_dir(dir.path())
         .build()?;
     assert_eq!(hostile.component_origin(), Origin::CompiledAndCached);
-    assert_eq!(std::fs::read_dir(dir.path())?.count(), 2);
+    assert_eq!(std::fs::read_dir(dir.path())?.count(), 3);
     Ok(())
 }
 
