@@ -3,7 +3,7 @@
 
 use crate::api::{self, Target};
 use crate::config::Config;
-use crate::errors::{self, ApiError, MAX_UPSTREAM_BODY, UpstreamFailure};
+use crate::errors::{self, ApiError, MAX_UPSTREAM_BODY, UpstreamFailure, parse_retry_after};
 use crate::fanout::{self, Attempt, Budget, Env};
 use crate::merge::Answer;
 use crate::protocol::{DEGRADED_HEADER, HINT_ATTEMPT, HINT_UPSTREAM, TIMEOUT_HEADER};
@@ -285,7 +285,18 @@ async fn get(
     };
     let status = response.status();
     if !(200..300).contains(&status) {
-        return Err(UpstreamFailure::Status(status));
+        let retry_after = response.headers().get("retry-after").into_iter().next();
+        return Err(match (status, retry_after) {
+            (429 | 503, Some(value)) => UpstreamFailure::Throttled {
+                status,
+                // Present but not seconds (a date): not within this request.
+                retry_after: std::str::from_utf8(&value)
+                    .ok()
+                    .and_then(parse_retry_after)
+                    .unwrap_or(Duration::from_secs(3600)),
+            },
+            _ => UpstreamFailure::Status(status),
+        });
     }
     let body = response
         .consume()

@@ -3,6 +3,7 @@
 //! ([`UpstreamFailure`]) and how an upstream's answer is accepted.
 
 use serde_json::{Map, Value, json};
+use std::time::Duration;
 
 /// A JSON error answer: `{"error": {"code", "message", "upstream"?}}`.
 ///
@@ -56,6 +57,15 @@ pub enum UpstreamFailure {
     Timeout,
     /// The upstream answered with a non-2xx status.
     Status(u16),
+    /// The upstream answered 429 or 503 with a `Retry-After`: no retry
+    /// sooner than `retry_after`, none at all if that does not fit in the
+    /// budget.
+    Throttled {
+        /// 429 or 503.
+        status: u16,
+        /// What the upstream asked for.
+        retry_after: Duration,
+    },
     /// The call failed below HTTP (refused, reset, unreachable...).
     Transport(String),
     /// The host refused the request: the upstream is not configured
@@ -83,11 +93,13 @@ impl UpstreamFailure {
                 "item_not_found",
                 format!("{upstream} does not know this id"),
             ),
-            UpstreamFailure::Status(status) => ApiError::new(
-                502,
-                "upstream_error",
-                format!("{upstream} answered HTTP {status}"),
-            ),
+            UpstreamFailure::Status(status) | UpstreamFailure::Throttled { status, .. } => {
+                ApiError::new(
+                    502,
+                    "upstream_error",
+                    format!("{upstream} answered HTTP {status}"),
+                )
+            }
             UpstreamFailure::Transport(why) => ApiError::new(
                 502,
                 "upstream_unavailable",
@@ -113,18 +125,32 @@ impl UpstreamFailure {
     }
 
     /// Whether another attempt may succeed: connection-level failures,
-    /// 502/503/504 and attempt timeouts. Never a 4xx (the request itself is
+    /// 502/503/504, a 429 that says when (`Retry-After`) and attempt
+    /// timeouts. Never a 4xx (the request itself is
     /// wrong), a 500, an unusable body, or a request the host denied or shed
     /// (retrying into a guardrail only adds load where there is too much).
     pub fn is_retryable(&self) -> bool {
         match self {
-            UpstreamFailure::Timeout | UpstreamFailure::Transport(_) => true,
+            UpstreamFailure::Timeout
+            | UpstreamFailure::Transport(_)
+            | UpstreamFailure::Throttled { .. } => true,
             UpstreamFailure::Status(status) => matches!(status, 502..=504),
             UpstreamFailure::InvalidBody(_)
             | UpstreamFailure::Denied
             | UpstreamFailure::Shed(_) => false,
         }
     }
+}
+
+/// A `Retry-After` in delta-seconds; `None` for anything else, the
+/// HTTP-date form included (a caller treats that as "not within this
+/// request": a date is seconds away at least, past any budget here).
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    value
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .map(|s| Duration::from_secs(s.into()))
 }
 
 /// The largest upstream answer the guest reads. An upstream's answer is one
@@ -181,6 +207,20 @@ mod tests {
             assert!(!UpstreamFailure::Status(status).is_retryable(), "{status}");
         }
         assert!(UpstreamFailure::Transport("ErrorCode::ConnectionRefused".into()).is_retryable());
+        let throttled = UpstreamFailure::Throttled {
+            status: 429,
+            retry_after: Duration::from_millis(20),
+        };
+        assert!(throttled.is_retryable());
+        assert_eq!(
+            parse_retry_after("2"),
+            Some(Duration::from_secs(2)),
+            "delta-seconds"
+        );
+        assert_eq!(parse_retry_after(" 0 "), Some(Duration::ZERO));
+        // An HTTP date, or garbage: not understood, so not honoured.
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2026 07:28:00 GMT"), None);
+        assert_eq!(parse_retry_after("-1"), None);
         assert!(!UpstreamFailure::Denied.is_retryable());
         assert!(!UpstreamFailure::Shed("circuit open".into()).is_retryable());
         assert!(!UpstreamFailure::InvalidBody("x".into()).is_retryable());

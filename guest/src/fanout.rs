@@ -112,8 +112,12 @@ pub async fn call<E: Env>(
         if number >= upstream.retry.max_attempts || !failure.is_retryable() {
             return Err(failure);
         }
-        let backoff = upstream.retry.backoff(number, env.random());
-        if budget.remaining(env.now()) < backoff + MIN_RETRY_BUDGET {
+        let mut backoff = upstream.retry.backoff(number, env.random());
+        // Never sooner than the upstream asked.
+        if let UpstreamFailure::Throttled { retry_after, .. } = &failure {
+            backoff = backoff.max(*retry_after);
+        }
+        if budget.remaining(env.now()) < backoff.saturating_add(MIN_RETRY_BUDGET) {
             return Err(failure);
         }
         env.sleep(backoff).await;

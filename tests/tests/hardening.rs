@@ -276,3 +276,155 @@ async fn the_largest_batch_with_every_retry_spent_completes() -> Result<()> {
     );
     Ok(())
 }
+
+/// `GET /products/1` with pricing (required) replaced by `fault`: the
+/// answer, and how many calls pricing took.
+async fn with_faulty_pricing(fault: fanout_tests::Fault) -> Result<(fanout_tests::Answer, usize)> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    let pricing = fanout_tests::FaultyUpstream::start(fault).await?;
+    let fanout = upstreams
+        .builder()
+        .http_upstream("pricing", pricing.base_url())
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+    let answer = host.get("/products/1").await?;
+    // The default budget is 200 ms; the answer never comes later.
+    assert!(
+        answer.elapsed < MS(300),
+        "{:?}: {}",
+        answer.elapsed,
+        answer.json
+    );
+    assert_eq!(host.fanout.stats().instances_in_use, 0);
+    Ok((answer, pricing.calls()))
+}
+
+fn assert_error(answer: &fanout_tests::Answer, status: u16, code: &str) {
+    assert_eq!(answer.status.as_u16(), status, "{}", answer.json);
+    assert_eq!(answer.error_code(), code, "{}", answer.json);
+    assert_eq!(
+        answer.json["error"]["upstream"], "pricing",
+        "{}",
+        answer.json
+    );
+}
+
+mod faults {
+    use super::*;
+    use fanout_tests::Fault;
+
+    #[tokio::test]
+    async fn refused() -> Result<()> {
+        let (answer, _) = with_faulty_pricing(Fault::Refuse).await?;
+        assert_error(&answer, 502, "upstream_unavailable");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn reset_mid_body() -> Result<()> {
+        let (answer, calls) = with_faulty_pricing(Fault::ResetMidBody).await?;
+        assert_eq!(answer.status.as_u16(), 502, "{}", answer.json);
+        assert_eq!(calls, 3, "a transport failure is retried");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn hang() -> Result<()> {
+        let (answer, _) = with_faulty_pricing(Fault::Hang).await?;
+        assert_error(&answer, 504, "upstream_timeout");
+        assert!(answer.elapsed >= MS(150), "{:?}", answer.elapsed);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn slow_body() -> Result<()> {
+        // About 150 bytes at 5 ms each: well past the budget.
+        let (answer, _) = with_faulty_pricing(Fault::SlowBody(MS(5))).await?;
+        assert_error(&answer, 504, "upstream_timeout");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn server_error() -> Result<()> {
+        let (answer, calls) = with_faulty_pricing(Fault::Status(500)).await?;
+        assert_error(&answer, 502, "upstream_error");
+        assert_eq!(calls, 1, "a 500 is not retried");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn throttled_with_retry_after() -> Result<()> {
+        for status in [429, 503] {
+            // Asked to wait a second, with 200 ms of budget: no retry at all.
+            let (answer, calls) = with_faulty_pricing(Fault::Throttle(status, "1")).await?;
+            assert_error(&answer, 502, "upstream_error");
+            assert_eq!(calls, 1, "{status}");
+            // A date is not within this request either.
+            let later = "Wed, 21 Oct 2099 07:28:00 GMT";
+            let (_, calls) = with_faulty_pricing(Fault::Throttle(status, later)).await?;
+            assert_eq!(calls, 1, "{status}");
+            // Asked to wait nothing: retried as usual.
+            let (answer, calls) = with_faulty_pricing(Fault::Throttle(status, "0")).await?;
+            assert_error(&answer, 502, "upstream_error");
+            assert_eq!(calls, 3, "{status}");
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn bad_json() -> Result<()> {
+        let (answer, calls) = with_faulty_pricing(Fault::BadJson).await?;
+        assert_error(&answer, 502, "upstream_invalid_response");
+        assert_eq!(calls, 1);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn oversized() -> Result<()> {
+        let too_big = fanout_guest::errors::MAX_UPSTREAM_BODY + 1;
+        let (answer, _) = with_faulty_pricing(Fault::Oversized(too_big)).await?;
+        assert_error(&answer, 502, "upstream_invalid_response");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn flaky() -> Result<()> {
+        let (answer, calls) = with_faulty_pricing(Fault::Flaky).await?;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+        assert_eq!(answer.json["price"]["amount"], 12.5);
+        assert_eq!(calls, 2, "503, then the retry's 200");
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn tracestate_beyond_the_w3c_limits_is_not_passed_on() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    let host = upstreams.host().await?;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let long = format!("vendor={}", "x".repeat(600));
+    let answer = host
+        .get_with(
+            "/products/1",
+            &[("traceparent", traceparent), ("tracestate", &long)],
+        )
+        .await?;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    for call in upstreams.pricing.calls() {
+        assert!(
+            call.headers.get("tracestate").is_none(),
+            "{:?}",
+            call.headers
+        );
+    }
+    // 60 KB of it does not even get in: the head is over its limit.
+    let huge = format!("vendor={}", "x".repeat(60 << 10));
+    let error = host
+        .get_with("/products/1", &[("tracestate", &huge)])
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(error.contains("431"), "{error}");
+    Ok(())
+}

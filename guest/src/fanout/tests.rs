@@ -327,3 +327,27 @@ fn fan_out_merges_in_id_order() {
         ]
     );
 }
+
+#[test]
+fn a_retry_after_is_waited_for_or_not_retried_at_all() {
+    let throttled = |ms| UpstreamFailure::Throttled {
+        status: 429,
+        retry_after: MS(ms),
+    };
+    // 50 ms asked, 200 ms budget: the retry waits the 50 ms, then succeeds.
+    let env = FakeEnv::new(vec![
+        (5, Err(throttled(50))),
+        (5, Ok(serde_json::json!({}))),
+    ]);
+    assert!(call_200ms(&env, &upstream(150, 3)).is_ok());
+    let sleeps = env.sleeps.borrow();
+    assert_eq!(sleeps.len(), 1);
+    assert!(sleeps[0] >= MS(50), "{sleeps:?}");
+
+    // 1 s asked: it cannot fit, so no retry (the upstream asked for none
+    // this soon), and the throttling is what is reported.
+    let env = FakeEnv::new(vec![(5, Err(throttled(1000)))]);
+    assert_eq!(call_200ms(&env, &upstream(150, 3)), Err(throttled(1000)));
+    assert_eq!(env.attempts.borrow().len(), 1);
+    assert!(env.sleeps.borrow().is_empty());
+}
