@@ -399,6 +399,29 @@ mod tests {
         toml::from_str(text).map_err(|e| e.to_string())
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+        /// Any file is applied or refused with a message naming a key;
+        /// nothing panics. (Applying does not compile: that is `build`.)
+        #[test]
+        fn any_file_is_applied_or_refused_by_key(
+            limit in "(fuel|memory_mib|deadline_ms|max_instances|queue_wait_ms|header_timeout_ms|max_headers|max_header_kib|max_connections)",
+            value in proptest::prelude::any::<u64>(),
+            adapter in "(http|fixture|simulated|other)",
+            url in "[a-z:/@.0-9]{0,30}",
+            concurrency in proptest::prelude::any::<u32>(),
+        ) {
+            let text = format!(
+                "[limits]\n{limit} = {value}\n[upstreams.u]\nadapter = \"{adapter}\"\nurl = \"{url}\"\nmax_concurrency = {concurrency}\n"
+            );
+            if let Ok(config) = parse(&text)
+                && let Err(e) = config.apply(Fanout::builder())
+            {
+                proptest::prop_assert!(!e.to_string().is_empty());
+            }
+        }
+    }
+
     fn apply_err(text: &str) -> String {
         let config = parse(text).expect("parses");
         match config.apply(Fanout::builder()) {

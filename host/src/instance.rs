@@ -489,6 +489,26 @@ mod tests {
         assert_eq!(classify(&other, false, &limits).code(), "guest_trap");
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_host_header_is_passed_on_or_refused_with_a_400(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80)
+        ) {
+            let Ok(host) = http::HeaderValue::from_bytes(&bytes) else {
+                return Ok(());
+            };
+            let request = Request::get("/products/1")
+                .header("host", host)
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            match for_the_guest(request) {
+                // What wasmtime-wasi-http will need of it.
+                Ok(request) => proptest::prop_assert!(request.headers()["host"].to_str().is_ok()),
+                Err(refused) => proptest::prop_assert_eq!(refused.status(), http::StatusCode::BAD_REQUEST),
+            }
+        }
+    }
+
     #[test]
     fn the_guest_always_gets_an_authority() {
         let request = Request::get("/products/1")
