@@ -363,6 +363,144 @@ fn cpu_of(pid: u32) -> Duration {
     targets::cpu_time_of(pid)
 }
 
+/// Clients of the soak that hang up mid-request, each in a loop.
+pub const SOAK_QUITTERS: usize = 20;
+/// How far into a request a quitter hangs up: before any answer (the
+/// upstreams take 50 ms).
+const SOAK_QUIT_AFTER: Duration = Duration::from_millis(20);
+/// Clients of the soak that re-send at once.
+pub const SOAK_CONCURRENCY: usize = 500;
+
+/// The long run against faulty upstreams.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Soak {
+    pub seconds: f64,
+    pub load: LoadResult,
+    /// Requests whose client hung up 20 ms in.
+    pub hangups: u64,
+    /// Resident memory when the measured window opened and when it closed.
+    pub rss_start_bytes: u64,
+    pub rss_end_bytes: u64,
+    /// RSS every 10 s of the window, from its start.
+    #[serde(default)]
+    pub rss_per_10s: Vec<u64>,
+    /// Open file descriptors before any load (after one request), when
+    /// the window opened, and once the load stopped and the upstream
+    /// pool's idle connections have been reaped (62 s later).
+    #[serde(default)]
+    pub fds_idle: usize,
+    pub fds_start: usize,
+    pub fds_end: usize,
+}
+
+impl Harness {
+    /// `soak`: `fanout` at c=500 (re-sending clients) for `length`, against
+    /// upstreams that fail 10 % of calls in four ways, while 20 more
+    /// clients hang up 20 ms into each of their requests.
+    pub async fn soak(&self, length: Duration) -> Result<Soak> {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let upstreams = Process::start(
+            "upstreams",
+            &self.exe,
+            &["serve-upstreams", "--delay-ms", "50", "--faults"].map(String::from),
+        )
+        .await?;
+        let Some(process) = self.start(Target::Fanout, &upstreams).await? else {
+            anyhow::bail!("fanout did not start");
+        };
+        let url = format!("{}/products/42", process.base);
+        driver::get_once(&url).await?;
+        let fds_idle = process.open_fds();
+        let addr = process
+            .base
+            .trim_start_matches("http://")
+            .parse::<std::net::SocketAddr>()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let hangups = Arc::new(AtomicU64::new(0));
+        let quitters: Vec<_> = (0..SOAK_QUITTERS)
+            .map(|_| {
+                let (stop, hangups) = (stop.clone(), hangups.clone());
+                tokio::spawn(async move {
+                    use tokio::io::AsyncWriteExt;
+                    while !stop.load(Ordering::Relaxed) {
+                        let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+                            tokio::time::sleep(SOAK_QUIT_AFTER).await;
+                            continue;
+                        };
+                        let head = b"GET /products/42 HTTP/1.1\r\nhost: fanout\r\n\r\n";
+                        if stream.write_all(head).await.is_ok() {
+                            tokio::time::sleep(SOAK_QUIT_AFTER).await;
+                            hangups.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        let at_start = {
+            let (pid, warmup) = (process.pid(), self.warmup);
+            let fds = move || {
+                pid.and_then(|pid| std::fs::read_dir(format!("/proc/{pid}/fd")).ok())
+                    .map(|dir| dir.count())
+                    .unwrap_or(0)
+            };
+            tokio::spawn(async move {
+                tokio::time::sleep(warmup).await;
+                (pid.map(targets::rss_of).unwrap_or(0), fds())
+            })
+        };
+        let sampler = {
+            let (pid, warmup) = (process.pid(), self.warmup);
+            let samples = (length.as_secs() / 10) as usize;
+            tokio::spawn(async move {
+                tokio::time::sleep(warmup).await;
+                let mut rss = Vec::new();
+                for _ in 0..samples {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    rss.push(pid.map(targets::rss_of).unwrap_or(0));
+                }
+                rss
+            })
+        };
+        let load = driver::run(
+            &url,
+            SOAK_CONCURRENCY,
+            self.warmup,
+            length,
+            "soak fanout c=500",
+            driver::Backoff::None,
+        )
+        .await;
+        let rss_end = process.rss();
+        stop.store(true, Ordering::Relaxed);
+        for quitter in quitters {
+            let _ = quitter.await;
+        }
+        let (rss_start, fds_start) = at_start.await.unwrap_or_default();
+        let rss_per_10s = sampler.await.unwrap_or_default();
+        // Once the clients are gone and the upstream pool's idle
+        // connections have timed out, what is open should be what was open
+        // before the load. hyper-util's pool reaps idle connections on a
+        // timer of the idle timeout's period: up to two periods.
+        let idle = fanout_host::adapters::DEFAULT_IDLE_TIMEOUT * 2 + Duration::from_secs(2);
+        tokio::time::sleep(idle).await;
+        let fds_end = process.open_fds();
+        process.stop().await;
+        upstreams.stop().await;
+        Ok(Soak {
+            seconds: length.as_secs_f64(),
+            load,
+            hangups: hangups.load(Ordering::Relaxed),
+            rss_start_bytes: rss_start,
+            rss_end_bytes: rss_end,
+            rss_per_10s,
+            fds_idle,
+            fds_start,
+            fds_end,
+        })
+    }
+}
+
 /// A long run's shape over time.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Sustained {

@@ -59,12 +59,23 @@ enum Command {
     /// `fanout` at 500 and 5000 in flight with 50 ms upstreams, with
     /// clients that honour Retry-After and with clients that do not.
     Overload,
+    /// `fanout` at c=500 for a long window against faulty upstreams, with
+    /// clients that hang up mid-request: answers by code, RSS and open file
+    /// descriptors at the start and the end.
+    Soak {
+        /// Length of the window, in seconds.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     #[command(hide = true)]
     ServeUpstreams {
         #[arg(long, default_value_t = 50)]
         delay_ms: u64,
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
+        /// Misbehave on a share of calls (503, bad JSON, hang, slow).
+        #[arg(long)]
+        faults: bool,
     },
     #[command(hide = true)]
     ServeBlocking {
@@ -118,10 +129,14 @@ fn main() -> Result<()> {
             servers::announce(listener.local_addr()?);
             servers::blocking(listener, upstream, workers)
         }
-        Command::ServeUpstreams { delay_ms, listen } => runtime.block_on(async {
+        Command::ServeUpstreams {
+            delay_ms,
+            listen,
+            faults,
+        } => runtime.block_on(async {
             let listener = tokio::net::TcpListener::bind(listen).await?;
             servers::announce(listener.local_addr()?);
-            servers::upstreams(listener, Duration::from_millis(delay_ms)).await
+            servers::upstreams(listener, Duration::from_millis(delay_ms), faults).await
         }),
         Command::ServeNative { upstream } => runtime.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -280,6 +295,16 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
                 "cargo run -p fanout-bench --release -- overload {common}"
             ));
             results.overload = h.overload().await?;
+        }
+        Command::Soak { seconds } => {
+            if let Ok(text) = std::fs::read_to_string(out.join("bench/results.json")) {
+                results = serde_json::from_str(&text).context("bench/results.json")?;
+            }
+            results.commands.push(format!(
+                "cargo run -p fanout-bench --release -- soak --warmup {} --seconds {seconds}",
+                h.warmup.as_secs_f64()
+            ));
+            results.soak = Some(h.soak(Duration::from_secs(seconds)).await?);
         }
         Command::Micro => {
             // Refresh the micro figures of an existing report, if there is

@@ -19,6 +19,9 @@ pub struct Results {
     pub overload: Vec<Run>,
     pub sustained: Vec<Sustained>,
     pub micro: Option<Micro>,
+    /// The long run against faulty upstreams.
+    #[serde(default)]
+    pub soak: Option<crate::Soak>,
     pub skipped: Vec<String>,
 }
 
@@ -503,7 +506,82 @@ pub fn markdown(r: &Results) -> String {
         );
         out.push('\n');
     }
+    if let Some(soak) = &r.soak {
+        soak_section(&mut out, soak);
+    }
     out
+}
+
+fn soak_section(out: &mut String, s: &crate::Soak) {
+    let l = &s.load;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let growth = |from: u64, to: u64| (to as f64 / from.max(1) as f64 - 1.0) * 100.0;
+    let half = s.rss_per_10s.get(s.rss_per_10s.len() / 2).copied();
+    let _ = writeln!(
+        out,
+        "## Soak: {:.0} s at c={}, faulty upstreams, clients that hang up\n",
+        s.seconds, l.concurrency
+    );
+    let _ = writeln!(
+        out,
+        "`fanout` (defaults) with {} clients that re-send at once, against upstreams \
+         at 50 ms of which 10 % of calls fail (5 % 503, 2 % not JSON, 2 % 5 s late, \
+         1 % 300 ms late), while {} more clients hang up 20 ms into every request \
+         ({} hang-ups in all). Goal: RSS growth under 5 % once the pool is warm \
+         (the instances' memories are touched as the load ramps up, then RSS is \
+         flat: see every 10 s), and no file descriptor left behind.\n",
+        l.concurrency,
+        crate::SOAK_QUITTERS,
+        s.hangups
+    );
+    let _ = writeln!(out, "| measure | value |\n|---|---|");
+    let _ = writeln!(
+        out,
+        "| requests answered | {} ({:.0}/s) |",
+        l.requests, l.rps
+    );
+    let _ = writeln!(out, "| 2xx per second | {:.0} |", l.goodput);
+    let codes: Vec<String> = l
+        .statuses
+        .iter()
+        .map(|(code, n)| format!("{code}: {n}"))
+        .collect();
+    let _ = writeln!(out, "| answers by status | {} |", codes.join(", "));
+    if !l.errors.is_empty() {
+        let errors: Vec<String> = l.errors.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+        let _ = writeln!(out, "| no answer | {} |", errors.join(", "));
+    }
+    let _ = writeln!(
+        out,
+        "| 2xx p99 / all p99 | {:.1} ms / {:.1} ms |",
+        l.ok_p99_ms.unwrap_or(f64::NAN),
+        l.p99_ms
+    );
+    let _ = writeln!(
+        out,
+        "| RSS at the start / end of the window | {:.1} MiB / {:.1} MiB ({:+.1} %) |",
+        mib(s.rss_start_bytes),
+        mib(s.rss_end_bytes),
+        growth(s.rss_start_bytes, s.rss_end_bytes)
+    );
+    if let Some(half) = half {
+        let _ = writeln!(
+            out,
+            "| RSS growth over the second half of the window | {:+.1} % |",
+            growth(half, s.rss_end_bytes)
+        );
+    }
+    let per_10s: Vec<String> = s
+        .rss_per_10s
+        .iter()
+        .map(|b| format!("{:.1}", mib(*b)))
+        .collect();
+    let _ = writeln!(out, "| RSS every 10 s (MiB) | {} |", per_10s.join(", "));
+    let _ = writeln!(
+        out,
+        "| open file descriptors: before the load / under it / 62 s after it (idle upstream connections reaped) | {} / {} / {} |\n",
+        s.fds_idle, s.fds_start, s.fds_end
+    );
 }
 
 fn plot(path: &Path, runs: &[Run]) -> Result<()> {

@@ -65,8 +65,9 @@ fn json(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
     response
 }
 
-/// Inventory, pricing and reviews on one port, each answering after `delay`.
-pub async fn upstreams(listener: TcpListener, delay: Duration) -> Result<()> {
+/// Inventory, pricing and reviews on one port, each answering after `delay`;
+/// with `faults`, a share of calls misbehave (see [`Fault::pick`]).
+pub async fn upstreams(listener: TcpListener, delay: Duration, faults: bool) -> Result<()> {
     serve(listener, move |request| async move {
         // Also the OTLP collector of `fanout-telemetry`: it takes the
         // export and answers an empty (fully successful) response.
@@ -75,15 +76,52 @@ pub async fn upstreams(listener: TcpListener, delay: Duration) -> Result<()> {
             let _ = request.into_body().collect().await;
             return Response::new(Full::new(Bytes::new()));
         }
+        let fault = if faults { Fault::pick() } else { Fault::None };
+        let delay = match fault {
+            // Past every budget: the guest times the call out.
+            Fault::Hang => Duration::from_secs(5),
+            Fault::Slow => Duration::from_millis(300),
+            _ => delay,
+        };
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        json(
-            StatusCode::OK,
-            &fanout_host::demo::answer_for(request.uri().path()),
-        )
+        match fault {
+            Fault::Unavailable => json(StatusCode::SERVICE_UNAVAILABLE, &json!({})),
+            Fault::BadJson => Response::new(Full::new(Bytes::from_static(b"<html>oops</html>"))),
+            _ => json(
+                StatusCode::OK,
+                &fanout_host::demo::answer_for(request.uri().path()),
+            ),
+        }
     })
     .await
+}
+
+/// What a faulty upstream does with one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    /// 5 %: 503 (retried by the guest).
+    Unavailable,
+    /// 2 %: 200 with a body that is not JSON.
+    BadJson,
+    /// 2 %: an answer 5 s late.
+    Hang,
+    /// 1 %: an answer 300 ms late, past the 200 ms budget.
+    Slow,
+}
+
+impl Fault {
+    pub fn pick() -> Fault {
+        match fastrand::u32(0..100) {
+            0..5 => Fault::Unavailable,
+            5..7 => Fault::BadJson,
+            7..9 => Fault::Hang,
+            9..10 => Fault::Slow,
+            _ => Fault::None,
+        }
+    }
 }
 
 fn valid_id(id: &str) -> bool {

@@ -78,8 +78,14 @@ impl Process {
     }
 
     pub fn rss(&self) -> u64 {
+        self.pid().map(rss_of).unwrap_or(0)
+    }
+
+    /// File descriptors the process has open now.
+    pub fn open_fds(&self) -> usize {
         self.pid()
-            .map(|pid| status_kib(pid, "VmRSS:") * 1024)
+            .and_then(|pid| std::fs::read_dir(format!("/proc/{pid}/fd")).ok())
+            .map(|dir| dir.count())
             .unwrap_or(0)
     }
 
@@ -116,6 +122,11 @@ pub fn cpu_time_of(pid: u32) -> Duration {
         .map(|f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum())
         .unwrap_or(0);
     Duration::from_millis(ticks * 10)
+}
+
+/// Resident memory (VmRSS) of `pid` now, in bytes.
+pub fn rss_of(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:") * 1024
 }
 
 fn status_kib(pid: u32, key: &str) -> u64 {
