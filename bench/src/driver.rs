@@ -65,6 +65,9 @@ pub struct LoadResult {
     pub rps_per_second: Vec<u64>,
     /// The first body of each non-2xx status, to say what it was.
     pub samples: BTreeMap<u16, String>,
+    /// Open loop: the arrival rate offered (`concurrency` is then the peak
+    /// in flight).
+    pub offered_rps: Option<f64>,
 }
 
 struct TaskStats {
@@ -272,6 +275,7 @@ pub async fn run(
         errors,
         rps_per_second: per_second,
         samples,
+        offered_rps: None,
     }
 }
 

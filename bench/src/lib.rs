@@ -13,6 +13,7 @@
 //! | `wasmtime-serve` | `wasmtime serve -Scli` running the same component (when installed) |
 
 pub mod driver;
+pub mod open_loop;
 pub mod report;
 pub mod servers;
 pub mod targets;
@@ -188,8 +189,8 @@ impl Harness {
         let Window {
             scenario,
             concurrency,
-            delay,
             repeat,
+            ..
         } = window;
         let url = format!("{}/products/42", process.base);
         let label = format!(
@@ -197,6 +198,53 @@ impl Harness {
             target.name(),
             repeat + 1
         );
+        let load = driver::run(
+            &url,
+            concurrency,
+            self.warmup,
+            self.measure,
+            &label,
+            self.backoff,
+        );
+        self.account(window, target, process, upstreams, load).await
+    }
+
+    /// One open-loop window against `target`: `rate` requests a second.
+    pub async fn measure_open(
+        &self,
+        window: Window<'_>,
+        rate: f64,
+        target: Target,
+        process: &Process,
+        upstreams: &Process,
+    ) -> Run {
+        let url = format!("{}/products/42", process.base);
+        eprintln!(
+            "{} {} at {rate:.0}/s #{}",
+            window.scenario,
+            target.name(),
+            window.repeat + 1
+        );
+        let load = open_loop::run(&url, rate, self.warmup, self.measure);
+        self.account(window, target, process, upstreams, load).await
+    }
+
+    /// Runs `load` and reads the CPU the target and the upstreams used in
+    /// its measured window.
+    async fn account(
+        &self,
+        window: Window<'_>,
+        target: Target,
+        process: &Process,
+        upstreams: &Process,
+        load: impl std::future::Future<Output = LoadResult>,
+    ) -> Run {
+        let Window {
+            scenario,
+            delay,
+            repeat,
+            ..
+        } = window;
         // CPU is read when the measured window opens and when it closes.
         let at_start = {
             let (t, u) = (process.pid(), upstreams.pid());
@@ -206,15 +254,7 @@ impl Harness {
                 (Instant::now(), t.map(cpu_of), u.map(cpu_of))
             })
         };
-        let load = driver::run(
-            &url,
-            concurrency,
-            self.warmup,
-            self.measure,
-            &label,
-            self.backoff,
-        )
-        .await;
+        let load = load.await;
         let (_, t0, u0) = at_start.await.unwrap_or((Instant::now(), None, None));
         let target_cpu = process.cpu().saturating_sub(t0.unwrap_or_default());
         let upstream_cpu = upstreams.cpu().saturating_sub(u0.unwrap_or_default());
@@ -229,6 +269,52 @@ impl Harness {
             upstream_cpu_s: upstream_cpu.as_secs_f64(),
             load,
         }
+    }
+
+    /// Open loop with 50 ms upstreams: `fanout` at 1x, 2x and 10x
+    /// `capacity` (its own saturation rate), `native` and `wasmtime-serve`
+    /// at 2x. 10x last: it leaves the most sockets in TIME_WAIT.
+    pub async fn open_loop(&self, capacity: f64) -> Result<Vec<Run>> {
+        let delay = Duration::from_millis(50);
+        let plan = [
+            (Target::Fanout, 1.0),
+            (Target::Fanout, 2.0),
+            (Target::Native, 2.0),
+            (Target::WasmtimeServe, 2.0),
+            (Target::Fanout, 10.0),
+        ];
+        let upstreams = self.upstreams(delay).await?;
+        let mut runs = Vec::new();
+        for (target, times) in plan {
+            let Some(process) = self.start(target, &upstreams).await? else {
+                continue;
+            };
+            for repeat in 0..self.repeats {
+                let window = Window {
+                    scenario: "open-loop",
+                    concurrency: 0,
+                    delay,
+                    repeat,
+                };
+                // Each run may open thousands of connections: let the
+                // previous ones' TIME_WAIT drain so that the client has
+                // ports left.
+                for _ in 0..60 {
+                    if targets::time_wait_sockets() < 5_000 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                let run = self
+                    .measure_open(window, capacity * times, target, &process, &upstreams)
+                    .await;
+                eprintln!("{}", report::one_line(&run));
+                runs.push(run);
+            }
+            process.stop().await;
+        }
+        upstreams.stop().await;
+        Ok(runs)
     }
 
     /// `latency`: 50 ms upstreams, at 5, 50 and 500 requests in flight.

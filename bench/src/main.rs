@@ -59,6 +59,10 @@ enum Command {
     /// `fanout` at 500 and 5000 in flight with 50 ms upstreams, with
     /// clients that honour Retry-After and with clients that do not.
     Overload,
+    /// Open loop: `fanout`'s saturation rate measured first, then a
+    /// constant arrival rate of 1x, 2x and 10x it (and 2x for `native` and
+    /// `wasmtime-serve`), with 50 ms upstreams.
+    OpenLoop,
     /// `fanout` at c=500 for a long window against faulty upstreams, with
     /// clients that hang up mid-request: answers by code, RSS and open file
     /// descriptors at the start and the end.
@@ -241,6 +245,14 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
             results.saturation = h.saturation(&saturation_targets, SATURATION_C).await?;
             if only.is_empty() || only.iter().any(|o| o == "fanout") {
                 results.overload = h.overload().await?;
+                let capacity =
+                    report::median_of(&results.saturation, Target::Fanout, SATURATION_C, |r| {
+                        r.load.goodput
+                    });
+                if capacity > 0.0 {
+                    results.open_loop_capacity = Some(capacity);
+                    results.open_loop = h.open_loop(capacity).await?;
+                }
             }
             for target in chosen(&[Target::Fanout, Target::WasmtimeServe]) {
                 if let Some(s) = h
@@ -295,6 +307,26 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
                 "cargo run -p fanout-bench --release -- overload {common}"
             ));
             results.overload = h.overload().await?;
+        }
+        Command::OpenLoop => {
+            if let Ok(text) = std::fs::read_to_string(out.join("bench/results.json")) {
+                results = serde_json::from_str(&text).context("bench/results.json")?;
+            }
+            results.commands.push(format!(
+                "cargo run -p fanout-bench --release -- open-loop {common}"
+            ));
+            let saturation = Harness {
+                repeats: 1,
+                ..h.clone()
+            }
+            .saturation(&[Target::Fanout], SATURATION_C)
+            .await?;
+            let capacity = saturation
+                .first()
+                .map(|run| run.load.goodput)
+                .context("fanout's saturation")?;
+            results.open_loop_capacity = Some(capacity);
+            results.open_loop = h.open_loop(capacity).await?;
         }
         Command::Soak { seconds } => {
             if let Ok(text) = std::fs::read_to_string(out.join("bench/results.json")) {

@@ -19,6 +19,14 @@ pub struct Results {
     pub overload: Vec<Run>,
     pub sustained: Vec<Sustained>,
     pub micro: Option<Micro>,
+    /// Open loop (constant arrival rate) at multiples of `fanout`'s
+    /// saturation rate.
+    #[serde(default)]
+    pub open_loop: Vec<Run>,
+    /// `fanout`'s saturation rate the open-loop rates are multiples of,
+    /// measured in the same run.
+    #[serde(default)]
+    pub open_loop_capacity: Option<f64>,
     /// The long run against faulty upstreams.
     #[serde(default)]
     pub soak: Option<crate::Soak>,
@@ -127,7 +135,7 @@ fn levels(runs: &[Run]) -> Vec<usize> {
     levels
 }
 
-fn median_of(runs: &[Run], target: Target, c: usize, f: impl Fn(&Run) -> f64) -> f64 {
+pub fn median_of(runs: &[Run], target: Target, c: usize, f: impl Fn(&Run) -> f64) -> f64 {
     stat(group(runs, target, c).into_iter().map(f)).median
 }
 
@@ -506,10 +514,69 @@ pub fn markdown(r: &Results) -> String {
         );
         out.push('\n');
     }
+    if let (Some(capacity), false) = (r.open_loop_capacity, r.open_loop.is_empty()) {
+        open_loop_section(&mut out, capacity, &r.open_loop);
+    }
     if let Some(soak) = &r.soak {
         soak_section(&mut out, soak);
     }
     out
+}
+
+fn open_loop_section(out: &mut String, capacity: f64, runs: &[Run]) {
+    let _ = writeln!(
+        out,
+        "## Open loop: upstreams at 50 ms, a constant arrival rate\n"
+    );
+    let _ = writeln!(
+        out,
+        "Requests arrive at a fixed rate whatever the server does (as wrk2 or k6's \
+         constant-arrival-rate send them), over a shared pool of keep-alive \
+         connections; each latency counts from when the request was due, so a \
+         slow server cannot hide its queue (no coordinated omission). The rates \
+         are multiples of `fanout`'s own saturation rate measured in the same run: \
+         {capacity:.0} rps. Goal at 2x: goodput at least 90 % of that, every non-2xx \
+         a 503 answered in under 5 ms.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| target | offered | 2xx/s | goodput / capacity | 2xx p99 | non-2xx (by code) | non-2xx p99 | not answered | peak in flight | CPU ms/request |\n|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for run in runs {
+        let l = &run.load;
+        let offered = l.offered_rps.unwrap_or_default();
+        let codes: Vec<String> = l
+            .statuses
+            .iter()
+            .filter(|(code, _)| !(200..300).contains(*code))
+            .map(|(code, n)| format!("{code}: {n}"))
+            .collect();
+        let errors: u64 = l.errors.values().sum();
+        let ms = |v: Option<f64>| {
+            v.map(|v| format!("{v:.1} ms"))
+                .unwrap_or_else(|| "–".into())
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {:.0}/s ({:.0}x) | {:.0} | {:.0} % | {} | {} | {} | {} | {} | {:.3} |",
+            run.target.name(),
+            offered,
+            offered / capacity,
+            l.goodput,
+            l.goodput / capacity * 100.0,
+            ms(l.ok_p99_ms),
+            if codes.is_empty() {
+                "–".into()
+            } else {
+                codes.join(", ")
+            },
+            ms(l.non_2xx_p99_ms),
+            errors,
+            l.concurrency,
+            run.cpu_ms_per_request
+        );
+    }
+    out.push('\n');
 }
 
 fn soak_section(out: &mut String, s: &crate::Soak) {

@@ -40,7 +40,16 @@ where
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     loop {
-        let (stream, _) = listener.accept().await?;
+        // Out of file descriptors (EMFILE) must not end the server: wait
+        // for some to close, as the fanout host does.
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                eprintln!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         tokio::spawn(async move {
