@@ -53,8 +53,12 @@ async fn slower_upstreams_do_not_shrink_the_admission_limit() -> Result<()> {
         "nothing shed: {slow:?}"
     );
     let limit = host.fanout.stats().admission_limit.unwrap();
+    // A limiter that learnt from the upstreams' wait would shrink by a
+    // tenth per round trip here, to about half in these eight rounds. A
+    // decrease or two from a noisy shared machine (CI saw 64 to 57 once)
+    // is not that.
     assert!(
-        limit >= initial,
+        limit * 4 >= initial * 3,
         "the limit shrank from {initial} to {limit}"
     );
     let metrics = host.fanout.metrics().encode();
