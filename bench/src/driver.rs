@@ -202,12 +202,7 @@ pub async fn run(
                             }
                         }
                         Ok(Err(e)) => {
-                            let kind = if format!("{e:?}").contains("Connect") {
-                                "connect"
-                            } else {
-                                "other"
-                            };
-                            *stats.errors.entry(kind.into()).or_default() += 1;
+                            *stats.errors.entry(error_kind(&*e).into()).or_default() += 1;
                             // A refused connection would spin: back off a little.
                             tokio::time::sleep(Duration::from_millis(1)).await;
                         }
@@ -276,6 +271,16 @@ pub async fn run(
         rps_per_second: per_second,
         samples,
         offered_rps: None,
+    }
+}
+
+/// How a request that got no answer failed: `connect` or `other`.
+pub fn error_kind(e: &(dyn std::error::Error + Send + Sync)) -> &'static str {
+    // hyper-util's client error says "Connect" in its debug form only.
+    if format!("{e:?}").contains("Connect") {
+        "connect"
+    } else {
+        "other"
     }
 }
 

@@ -122,12 +122,10 @@ pub async fn run(url: &str, rate: f64, warmup: Duration, measure: Duration) -> L
                     }
                 }
                 Ok(Err(e)) => {
-                    let kind = if format!("{e:?}").contains("Connect") {
-                        "connect"
-                    } else {
-                        "other"
-                    };
-                    *tally.errors.entry(kind.into()).or_default() += 1;
+                    *tally
+                        .errors
+                        .entry(crate::driver::error_kind(&*e).into())
+                        .or_default() += 1;
                 }
                 Err(_) => *tally.errors.entry("timeout".into()).or_default() += 1,
             }

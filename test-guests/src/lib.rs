@@ -64,33 +64,19 @@ async fn main(request: Request<Body>) -> Result<Response<Body>, wstd::http::Erro
         }
         "/call" => {
             let url = request.uri().query().unwrap_or_default().to_string();
-            let outcome = match Client::new()
+            let sent = Client::new()
                 .send(Request::get(&url).body(Body::empty())?)
-                .await
-            {
-                Ok(response) => format!(r#"{{"status":{}}}"#, response.status().as_u16()),
-                Err(e) => match e.downcast_ref::<ErrorCode>() {
-                    Some(code) => format!(r#"{{"error":"{code:?}"}}"#),
-                    None => format!(r#"{{"error":{:?}}}"#, e.to_string()),
-                },
-            };
-            Ok(answer(StatusCode::OK, outcome)?)
+                .await;
+            Ok(answer(StatusCode::OK, outcome(sent))?)
         }
         "/post" => {
             let query = request.uri().query().unwrap_or_default().to_string();
             let (n, url) = query.split_once('&').unwrap_or(("0", ""));
             let body = vec![b'x'; n.parse()?];
-            let outcome = match Client::new()
+            let sent = Client::new()
                 .send(Request::post(url).body(Body::from(body))?)
-                .await
-            {
-                Ok(response) => format!(r#"{{"status":{}}}"#, response.status().as_u16()),
-                Err(e) => match e.downcast_ref::<ErrorCode>() {
-                    Some(code) => format!(r#"{{"error":"{code:?}"}}"#),
-                    None => format!(r#"{{"error":{:?}}}"#, e.to_string()),
-                },
-            };
-            Ok(answer(StatusCode::OK, outcome)?)
+                .await;
+            Ok(answer(StatusCode::OK, outcome(sent))?)
         }
         "/resources" => {
             let n: usize = request.uri().query().unwrap_or("0").parse()?;
@@ -131,5 +117,16 @@ async fn main(request: Request<Body>) -> Result<Response<Body>, wstd::http::Erro
                 .body(Body::from_stream(pieces))?)
         }
         _ => Ok(answer(StatusCode::NOT_FOUND, "{}".into())?),
+    }
+}
+
+/// What an outgoing call came to, as JSON: its status, or its error code.
+fn outcome(sent: Result<Response<Body>, wstd::http::Error>) -> String {
+    match sent {
+        Ok(response) => format!(r#"{{"status":{}}}"#, response.status().as_u16()),
+        Err(e) => match e.downcast_ref::<ErrorCode>() {
+            Some(code) => format!(r#"{{"error":"{code:?}"}}"#),
+            None => format!(r#"{{"error":{:?}}}"#, e.to_string()),
+        },
     }
 }
