@@ -81,7 +81,7 @@ struct TaskStats {
     samples: BTreeMap<u16, String>,
 }
 
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     // Microseconds, up to the request timeout, 3 significant digits.
     Histogram::new_with_bounds(1, REQUEST_TIMEOUT.as_micros() as u64 * 2, 3).expect("bounds")
 }
@@ -243,34 +243,50 @@ pub async fn run(
     ticker.abort();
     progress.finish_and_clear();
     per_second.truncate(measure.as_secs() as usize);
-    let secs = measure.as_secs_f64();
-    let ms = |us: u64| us as f64 / 1e3;
-    let requests = all.len();
-    let ok: u64 = statuses
-        .iter()
-        .filter(|(s, _)| (200..300).contains(*s))
-        .map(|(_, n)| n)
-        .sum();
     LoadResult {
         concurrency,
-        seconds: secs,
-        requests,
-        rps: requests as f64 / secs,
-        goodput: ok as f64 / secs,
-        p50_ms: ms(all.value_at_quantile(0.5)),
-        p90_ms: ms(all.value_at_quantile(0.9)),
-        p99_ms: ms(all.value_at_quantile(0.99)),
-        p999_ms: ms(all.value_at_quantile(0.999)),
-        max_ms: ms(all.max()),
-        statuses,
-        non_2xx_p99_ms: (!failed.is_empty()).then(|| ms(failed.value_at_quantile(0.99))),
-        ok_p99_ms: (!ok_latency.is_empty()).then(|| ms(ok_latency.value_at_quantile(0.99))),
         backoff,
         backoffs,
         errors,
         rps_per_second: per_second,
         samples,
-        offered_rps: None,
+        ..LoadResult::from_latencies(measure, &all, &ok_latency, &failed, statuses)
+    }
+}
+
+impl LoadResult {
+    /// The rates and percentiles of a window of `measure` from its latency
+    /// histograms (all answers, 2xx, the rest) and its answers by status;
+    /// the other fields are left to the driver.
+    pub fn from_latencies(
+        measure: Duration,
+        all: &Histogram<u64>,
+        ok: &Histogram<u64>,
+        failed: &Histogram<u64>,
+        statuses: BTreeMap<u16, u64>,
+    ) -> LoadResult {
+        let secs = measure.as_secs_f64();
+        let ms = |us: u64| us as f64 / 1e3;
+        let good: u64 = statuses
+            .iter()
+            .filter(|(s, _)| (200..300).contains(*s))
+            .map(|(_, n)| n)
+            .sum();
+        LoadResult {
+            seconds: secs,
+            requests: all.len(),
+            rps: all.len() as f64 / secs,
+            goodput: good as f64 / secs,
+            p50_ms: ms(all.value_at_quantile(0.5)),
+            p90_ms: ms(all.value_at_quantile(0.9)),
+            p99_ms: ms(all.value_at_quantile(0.99)),
+            p999_ms: ms(all.value_at_quantile(0.999)),
+            max_ms: ms(all.max()),
+            statuses,
+            non_2xx_p99_ms: (!failed.is_empty()).then(|| ms(failed.value_at_quantile(0.99))),
+            ok_p99_ms: (!ok.is_empty()).then(|| ms(ok.value_at_quantile(0.99))),
+            ..LoadResult::default()
+        }
     }
 }
 

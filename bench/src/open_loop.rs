@@ -8,9 +8,8 @@
 //! do: a connection free when a request is due is reused, else a new one
 //! is opened.
 
-use crate::driver::{Backoff, LoadResult, REQUEST_TIMEOUT};
+use crate::driver::{Backoff, LoadResult, REQUEST_TIMEOUT, histogram};
 use bytes::Bytes;
-use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -42,10 +41,6 @@ pub async fn run(url: &str, rate: f64, warmup: Duration, measure: Duration) -> L
         .pool_max_idle_per_host(MAX_IN_FLIGHT)
         .build(connector);
     let uri: http::Uri = url.parse().expect("a valid URL");
-    let histogram = || {
-        Histogram::<u64>::new_with_bounds(1, REQUEST_TIMEOUT.as_micros() as u64 * 2, 3)
-            .expect("bounds")
-    };
     let all = Arc::new(Mutex::new(histogram()));
     let ok = Arc::new(Mutex::new(histogram()));
     let failed = Arc::new(Mutex::new(histogram()));
@@ -144,33 +139,13 @@ pub async fn run(url: &str, rate: f64, warmup: Duration, measure: Duration) -> L
         ok.lock().unwrap().clone(),
         failed.lock().unwrap().clone(),
     );
-    let secs = measure.as_secs_f64();
-    let ms = |us: u64| us as f64 / 1e3;
-    let good: u64 = tally
-        .statuses
-        .iter()
-        .filter(|(s, _)| (200..300).contains(*s))
-        .map(|(_, n)| n)
-        .sum();
     LoadResult {
         concurrency: peak.load(Ordering::Relaxed),
-        seconds: secs,
-        requests: all.len(),
-        rps: all.len() as f64 / secs,
-        goodput: good as f64 / secs,
-        p50_ms: ms(all.value_at_quantile(0.5)),
-        p90_ms: ms(all.value_at_quantile(0.9)),
-        p99_ms: ms(all.value_at_quantile(0.99)),
-        p999_ms: ms(all.value_at_quantile(0.999)),
-        max_ms: ms(all.max()),
-        statuses: tally.statuses,
-        non_2xx_p99_ms: (!failed.is_empty()).then(|| ms(failed.value_at_quantile(0.99))),
-        ok_p99_ms: (!ok.is_empty()).then(|| ms(ok.value_at_quantile(0.99))),
         backoff: Backoff::None,
-        backoffs: 0,
         errors: tally.errors,
         rps_per_second: tally.per_second,
         samples: tally.samples,
         offered_rps: Some(rate),
+        ..LoadResult::from_latencies(measure, &all, &ok, &failed, tally.statuses)
     }
 }

@@ -30,7 +30,7 @@ pub(crate) async fn serve(
         listener,
         shutdown,
         Duration::from_secs(1),
-        crate::http_server::ConnectionLimits::default(),
+        crate::limits::ConnectionLimits::default(),
         move |request, _| {
             let answer = view.answer(request.uri().path());
             async move { answer }

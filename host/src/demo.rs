@@ -69,7 +69,7 @@ pub async fn serve(
         listener,
         shutdown,
         Duration::from_secs(1),
-        crate::http_server::ConnectionLimits::default(),
+        crate::limits::ConnectionLimits::default(),
         move |request, _| {
             let upstreams = upstreams.clone();
             async move {

@@ -104,7 +104,7 @@ impl Fanout {
         let (request, trace_id) = telemetry::with_trace_context(request);
         let attempts = AttemptLog::default();
         let mut line = AccessLine {
-            runner: self.runner.clone(),
+            metrics: self.runner.metrics.clone(),
             trace_id,
             method,
             path,
@@ -145,6 +145,9 @@ impl Fanout {
             // when clients ignore Retry-After: the access line and
             // `fanout_shed_total` say enough.
             metrics.shed.inc();
+            tracing::debug!(%trace_id, %method, %path, cause, status, "{}", failure.message());
+        } else if failure.status().is_client_error() {
+            // The client's mistake, not the guest's: the access line says it.
             tracing::debug!(%trace_id, %method, %path, cause, status, "{}", failure.message());
         } else {
             metrics.failures.get_or_create(&CauseLabel { cause }).inc();
@@ -219,7 +222,7 @@ pub const CLIENT_CLOSED_REQUEST: u16 = 499;
 /// future is dropped first (the client closed its connection), with
 /// [`CLIENT_CLOSED_REQUEST`].
 struct AccessLine {
-    runner: Arc<Runner>,
+    metrics: Arc<Metrics>,
     trace_id: String,
     method: http::Method,
     path: String,
@@ -240,9 +243,7 @@ impl AccessLine {
             span.record("error.type", status.to_string());
             span.record("otel.status_code", "ERROR");
         }
-        self.runner
-            .metrics
-            .server_request(&self.route, status, took);
+        self.metrics.server_request(&self.route, status, took);
         // The summary costs allocations: only when someone reads it.
         if tracing::enabled!(target: ACCESS_LOG_TARGET, tracing::Level::INFO) {
             let upstreams = self.attempts.summary();

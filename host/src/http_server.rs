@@ -2,6 +2,7 @@
 //! and the demo upstreams' server, and what it remembers per connection.
 
 use crate::error::RETRY_AFTER;
+use crate::limits::ConnectionLimits;
 use crate::response::ResponseBody;
 use http::{Request, Response};
 use std::future::Future;
@@ -45,22 +46,6 @@ impl Connection {
             }
             None => false,
         }
-    }
-}
-
-/// What a client connection may hold of the server (see the defaults in
-/// [`limits`](crate::limits)).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ConnectionLimits {
-    pub(crate) header_timeout: Duration,
-    pub(crate) max_headers: usize,
-    pub(crate) max_header_bytes: usize,
-    pub(crate) max_connections: usize,
-}
-
-impl Default for ConnectionLimits {
-    fn default() -> Self {
-        crate::limits::Limits::default().connections()
     }
 }
 

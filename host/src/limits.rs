@@ -104,6 +104,22 @@ pub const MAX_GUEST_RESOURCES: usize = 4096;
 /// `HttpRequestBodySize`. Real HTTP upstreams stream bodies.
 pub const MAX_IN_PROCESS_BODY: usize = 1 << 20;
 
+/// What a client connection may hold of the server: the part of
+/// [`Limits`] the accept loop applies.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnectionLimits {
+    pub(crate) header_timeout: Duration,
+    pub(crate) max_headers: usize,
+    pub(crate) max_header_bytes: usize,
+    pub(crate) max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Limits::default().connections()
+    }
+}
+
 /// Per-request limits, shared by every instance of a `Fanout`, and the
 /// limits of the client connections that bring the requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,8 +243,8 @@ impl Limits {
     }
 
     /// The limits of the client connections.
-    pub(crate) fn connections(&self) -> crate::http_server::ConnectionLimits {
-        crate::http_server::ConnectionLimits {
+    pub(crate) fn connections(&self) -> ConnectionLimits {
+        ConnectionLimits {
             header_timeout: self.header_timeout,
             max_headers: self.max_headers,
             max_header_bytes: self.max_header_bytes,

@@ -14,7 +14,7 @@ pub use faulty_upstream::{Fault, FaultyUpstream};
 pub use logs::{Logs, capture_logs};
 pub use mock_upstream::{Behaviour, Call, MockUpstream, ProductUpstreams};
 pub use otlp::{OtlpReceiver, ReceivedSpan};
-pub use test_host::{Answer, TestHost, cache_dir};
+pub use test_host::{Answer, TestHost, cache_dir, get_json};
 
 /// Milliseconds, for brevity in tests: `MS(50)`.
 pub const MS: fn(u64) -> std::time::Duration = std::time::Duration::from_millis;

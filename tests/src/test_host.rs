@@ -130,6 +130,28 @@ impl Drop for TestHost {
     }
 }
 
+/// `GET url` with `headers` on a fresh client, for servers other than a
+/// [`TestHost`] (`wasmtime serve`, `jco serve`): the status, the headers,
+/// the JSON body and the time to its end.
+pub async fn get_json(
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<(StatusCode, HeaderMap, serde_json::Value, Duration)> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let mut request = http::Request::get(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let started = Instant::now();
+    let response = client.request(request.body(Empty::new())?).await?;
+    let (status, headers) = (response.status(), response.headers().clone());
+    let body = response.into_body().collect().await?.to_bytes();
+    let elapsed = started.elapsed();
+    let json = serde_json::from_slice(&body)
+        .with_context(|| format!("not JSON: {:?}", String::from_utf8_lossy(&body)))?;
+    Ok((status, headers, json, elapsed))
+}
+
 /// A decoded answer.
 #[derive(Debug)]
 pub struct Answer {

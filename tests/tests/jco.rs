@@ -9,11 +9,10 @@
 use anyhow::{Context, Result, bail};
 use fanout_tests::{Behaviour, MS, ProductUpstreams};
 use http::StatusCode;
-use http_body_util::{BodyExt, Empty};
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::process::{Child, Command};
 
 const JCO_VERSION: &str = "1.35.0";
@@ -110,21 +109,7 @@ impl JcoServe {
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<(StatusCode, http::HeaderMap, Value, Duration)> {
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<Empty<bytes::Bytes>>();
-        let mut request = http::Request::get(format!("{}{path}", self.base));
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        let started = Instant::now();
-        let response = client.request(request.body(Empty::new())?).await?;
-        let (status, headers) = (response.status(), response.headers().clone());
-        let body = response.into_body().collect().await?.to_bytes();
-        let elapsed = started.elapsed();
-        let json = serde_json::from_slice(&body)
-            .with_context(|| format!("not JSON: {:?}", String::from_utf8_lossy(&body)))?;
-        Ok((status, headers, json, elapsed))
+        fanout_tests::get_json(&format!("{}{path}", self.base), headers).await
     }
 
     async fn get(&self, path: &str) -> Result<(StatusCode, http::HeaderMap, Value, Duration)> {

@@ -11,7 +11,7 @@ use http::StatusCode;
 use http_body_util::{BodyExt, Empty};
 use serde_json::{Value, json};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -100,17 +100,7 @@ impl WasmtimeServe {
     }
 
     async fn get(&self, path: &str) -> Result<(StatusCode, http::HeaderMap, Value, Duration)> {
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<Empty<bytes::Bytes>>();
-        let started = Instant::now();
-        let response = client.get(format!("{}{path}", self.base).parse()?).await?;
-        let (status, headers) = (response.status(), response.headers().clone());
-        let body = response.into_body().collect().await?.to_bytes();
-        let elapsed = started.elapsed();
-        let json = serde_json::from_slice(&body)
-            .with_context(|| format!("not JSON: {:?}", String::from_utf8_lossy(&body)))?;
-        Ok((status, headers, json, elapsed))
+        fanout_tests::get_json(&format!("{}{path}", self.base), &[]).await
     }
 
     /// Stops it as ctrl-c would (graceful), and waits.
