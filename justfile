@@ -46,6 +46,11 @@ serve-wasmtime addr="127.0.0.1:8081" upstreams="127.0.0.1:9000": build-guest
         --env FANOUT_UPSTREAM_REVIEWS=http://{{upstreams}} \
         {{guest_wasm}}
 
+# The container image: a static (musl) fanout in a FROM scratch image, its
+# compiled-component cache warmed at build time (podman or buildah).
+image tag="fanout:latest":
+    deploy/image/build.sh {{tag}}
+
 # Every benchmark scenario (~16 minutes): BENCHMARKS.md, bench/results.json, bench/latency.svg.
 bench *ARGS:
     cargo run -p fanout-bench --release -- all {{ARGS}}

@@ -86,10 +86,45 @@ pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, REQUEST_TIMEOUT.as_micros() as u64 * 2, 3).expect("bounds")
 }
 
-/// Keeps `concurrency` requests to `url` in flight for `warmup + measure`,
+/// The URLs closed-loop clients ask for.
+#[derive(Clone, Debug)]
+pub enum Urls {
+    /// The same one every time.
+    One(http::Uri),
+    /// Hot keys: [`HOT_SHARE`] of the requests on ten products, the rest
+    /// spread over a million (each seen about once).
+    HotKeys { base: String },
+}
+
+/// The share of hot-key requests that ask for one of the ten hot ids.
+pub const HOT_SHARE: f64 = 0.9;
+
+impl Urls {
+    pub fn one(url: &str) -> Urls {
+        Urls::One(url.parse().expect("a valid URL"))
+    }
+
+    fn pick(&self) -> http::Uri {
+        match self {
+            Urls::One(uri) => uri.clone(),
+            Urls::HotKeys { base } => {
+                let id = if fastrand::f64() < HOT_SHARE {
+                    fastrand::u32(1..=10)
+                } else {
+                    fastrand::u32(11..=1_000_000)
+                };
+                format!("{base}/products/{id}")
+                    .parse()
+                    .expect("a valid URL")
+            }
+        }
+    }
+}
+
+/// Keeps `concurrency` requests to `urls` in flight for `warmup + measure`,
 /// recording only those sent during `measure`.
 pub async fn run(
-    url: &str,
+    urls: Urls,
     concurrency: usize,
     warmup: Duration,
     measure: Duration,
@@ -105,7 +140,6 @@ pub async fn run(
             .pool_max_idle_per_host(1)
             .build(connector)
     };
-    let uri: http::Uri = url.parse().expect("a valid URL");
     let start = Instant::now() + warmup;
     let end = start + measure;
     let progress = ProgressBar::new(measure.as_secs().max(1));
@@ -130,7 +164,7 @@ pub async fn run(
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
             let client = client();
-            let uri = uri.clone();
+            let urls = urls.clone();
             tokio::spawn(async move {
                 let mut stats = TaskStats {
                     all: histogram(),
@@ -148,7 +182,7 @@ pub async fn run(
                         break;
                     }
                     let outcome = tokio::time::timeout(REQUEST_TIMEOUT, async {
-                        let response = client.get(uri.clone()).await?;
+                        let response = client.get(urls.pick()).await?;
                         let status = response.status().as_u16();
                         let retry_after = response
                             .headers()
@@ -300,6 +334,15 @@ pub fn error_kind(e: &(dyn std::error::Error + Send + Sync)) -> &'static str {
     }
 }
 
+/// One GET whose answer is a JSON number (the upstreams' `/calls`).
+pub async fn get_number(url: &str) -> anyhow::Result<u64> {
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let response = client.get(url.parse()?).await?;
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(serde_json::from_slice(&body)?)
+}
+
 /// One GET, its status.
 pub async fn get_once(url: &str) -> anyhow::Result<u16> {
     let client: Client<HttpConnector, Empty<Bytes>> =
@@ -308,4 +351,35 @@ pub async fn get_once(url: &str) -> anyhow::Result<u16> {
     let status = response.status().as_u16();
     response.into_body().collect().await?;
     Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hot_keys_ask_for_ten_products_nine_times_in_ten() {
+        let urls = Urls::HotKeys {
+            base: "http://fanout".into(),
+        };
+        let n = 20_000;
+        let hot = (0..n)
+            .filter(|_| {
+                let uri = urls.pick();
+                let id: u32 = uri
+                    .path()
+                    .strip_prefix("/products/")
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                id <= 10
+            })
+            .count();
+        let share = hot as f64 / n as f64;
+        assert!((share - HOT_SHARE).abs() < 0.02, "{share}");
+        assert_eq!(
+            Urls::one("http://x/products/42").pick().path(),
+            "/products/42"
+        );
+    }
 }

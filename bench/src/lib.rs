@@ -52,6 +52,10 @@ pub enum Target {
     /// `fanout` with its telemetry on: JSON access logs and OTLP span
     /// export (measured at saturation, beside `fanout`).
     FanoutTelemetry,
+    /// `fanout` coalescing identical upstream GETs (hot keys).
+    FanoutCoalesce,
+    /// `fanout` coalescing and caching upstream answers for 1 s (hot keys).
+    FanoutCache,
     Native,
     WasmtimeServe,
 }
@@ -85,6 +89,8 @@ impl Target {
             Target::FanoutFixed => "fanout-fixed",
             Target::FanoutGuestThreads => "fanout-guest-threads",
             Target::FanoutTelemetry => "fanout-telemetry",
+            Target::FanoutCoalesce => "fanout-coalesce",
+            Target::FanoutCache => "fanout-cache",
             Target::Native => "native",
             Target::WasmtimeServe => "wasmtime-serve",
         }
@@ -113,6 +119,9 @@ pub struct Run {
     pub upstream_cpu_s: f64,
     /// CPU milliseconds per answered request, target only.
     pub cpu_ms_per_request: f64,
+    /// Calls the upstreams had in the window (hot keys only).
+    #[serde(default)]
+    pub upstream_calls: Option<u64>,
 }
 
 impl Harness {
@@ -150,12 +159,16 @@ impl Harness {
             | Target::FanoutSequential
             | Target::FanoutFixed
             | Target::FanoutGuestThreads
-            | Target::FanoutTelemetry => {
+            | Target::FanoutTelemetry
+            | Target::FanoutCoalesce
+            | Target::FanoutCache => {
                 let variant: &[&str] = match target {
                     Target::FanoutSequential => &["--sequential"],
                     Target::FanoutFixed => &["--fixed"],
                     Target::FanoutGuestThreads => &["--guest-threads", "2"],
                     Target::FanoutTelemetry => &["--telemetry"],
+                    Target::FanoutCoalesce => &["--coalesce"],
+                    Target::FanoutCache => &["--cache-ttl-ms", "1000"],
                     _ => &[],
                 };
                 Process::start(target.name(), &self.exe, &own("serve-fanout", variant)).await?
@@ -199,7 +212,7 @@ impl Harness {
             repeat + 1
         );
         let load = driver::run(
-            &url,
+            driver::Urls::one(&url),
             concurrency,
             self.warmup,
             self.measure,
@@ -267,6 +280,7 @@ impl Harness {
             cpu_ms_per_request: target_cpu.as_secs_f64() * 1e3 / answered as f64,
             target_cpu_s: target_cpu.as_secs_f64(),
             upstream_cpu_s: upstream_cpu.as_secs_f64(),
+            upstream_calls: None,
             load,
         }
     }
@@ -386,6 +400,60 @@ impl Harness {
                     .await?,
             );
         }
+        Ok(runs)
+    }
+
+    /// Hot keys: 50 ms upstreams, c=500 clients that re-send at once, 90 %
+    /// of the requests on ten products. `fanout` making every call, then
+    /// coalescing identical ones, then caching answers for 1 s, alternating
+    /// window by window; each window starts a fresh process (a cold cache).
+    pub async fn hot_keys(&self) -> Result<Vec<Run>> {
+        const C: usize = 500;
+        let delay = Duration::from_millis(50);
+        let upstreams = self.upstreams(delay).await?;
+        let calls_url = format!("{}/calls", upstreams.base);
+        let mut runs = Vec::new();
+        for repeat in 0..self.repeats {
+            for target in [Target::Fanout, Target::FanoutCoalesce, Target::FanoutCache] {
+                let Some(process) = self.start(target, &upstreams).await? else {
+                    continue;
+                };
+                let window = Window {
+                    scenario: "hot-keys",
+                    concurrency: C,
+                    delay,
+                    repeat,
+                };
+                let label = format!("hot-keys {} c={C} #{}", target.name(), repeat + 1);
+                let at_start = {
+                    let (url, warmup) = (calls_url.clone(), self.warmup);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(warmup).await;
+                        driver::get_number(&url).await
+                    })
+                };
+                let load = driver::run(
+                    driver::Urls::HotKeys {
+                        base: process.base.clone(),
+                    },
+                    C,
+                    self.warmup,
+                    self.measure,
+                    &label,
+                    self.backoff,
+                );
+                let mut run = self
+                    .account(window, target, &process, &upstreams, load)
+                    .await;
+                let end = driver::get_number(&calls_url).await?;
+                let start = at_start.await??;
+                run.upstream_calls = Some(end.saturating_sub(start));
+                eprintln!("{}", report::one_line(&run));
+                runs.push(run);
+                process.stop().await;
+            }
+        }
+        upstreams.stop().await;
         Ok(runs)
     }
 
@@ -549,7 +617,7 @@ impl Harness {
             })
         };
         let load = driver::run(
-            &url,
+            driver::Urls::one(&url),
             SOAK_CONCURRENCY,
             self.warmup,
             length,
@@ -718,7 +786,7 @@ impl Harness {
         micro.peak_rss_idle_mib = process.peak_rss() as f64 / 1048576.0;
         // 500 requests held in flight by 1 s upstreams.
         let load = driver::run(
-            &url,
+            driver::Urls::one(&url),
             500,
             Duration::ZERO,
             Duration::from_secs(3),

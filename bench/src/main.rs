@@ -56,6 +56,9 @@ enum Command {
     Saturation,
     /// Instantiation, fuel, memory per request, time to first answer.
     Micro,
+    /// Hot keys: 90 % of requests on ten products at c=500, `fanout` with
+    /// every call made, coalescing, and a 1 s cache, side by side.
+    HotKeys,
     /// `fanout` at 500 and 5000 in flight with 50 ms upstreams, with
     /// clients that honour Retry-After and with clients that do not.
     Overload,
@@ -118,6 +121,13 @@ enum Command {
         /// here to the upstream server, which also acts as a collector.
         #[arg(long)]
         telemetry: bool,
+        /// Coalesce identical upstream GETs (off: each request makes its
+        /// own calls, as the other aggregators do).
+        #[arg(long)]
+        coalesce: bool,
+        /// Also store upstream answers this long (implies --coalesce).
+        #[arg(long)]
+        cache_ttl_ms: Option<u64>,
     },
 }
 
@@ -156,6 +166,8 @@ fn main() -> Result<()> {
             max_instances,
             cache_dir,
             telemetry,
+            coalesce,
+            cache_ttl_ms,
         } => runtime.block_on(async {
             let _otlp = if telemetry {
                 Some(servers::telemetry(&upstream)?)
@@ -175,6 +187,13 @@ fn main() -> Result<()> {
                 cache_dir,
                 fixed,
                 guest_threads,
+                match (cache_ttl_ms, coalesce) {
+                    (Some(ms), _) => servers::Identical::Cache {
+                        ttl: Duration::from_millis(ms),
+                    },
+                    (None, true) => servers::Identical::Coalesce,
+                    (None, false) => servers::Identical::CallEach,
+                },
             )?;
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             servers::announce(listener.local_addr()?);
@@ -253,6 +272,7 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
                     results.open_loop_capacity = Some(capacity);
                     results.open_loop = h.open_loop(capacity).await?;
                 }
+                results.hot_keys = h.hot_keys().await?;
             }
             for target in chosen(&[Target::Fanout, Target::WasmtimeServe]) {
                 if let Some(s) = h
@@ -327,6 +347,15 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
                 .context("fanout's saturation")?;
             results.open_loop_capacity = Some(capacity);
             results.open_loop = h.open_loop(capacity).await?;
+        }
+        Command::HotKeys => {
+            if let Ok(text) = std::fs::read_to_string(out.join("bench/results.json")) {
+                results = serde_json::from_str(&text).context("bench/results.json")?;
+            }
+            results.commands.push(format!(
+                "cargo run -p fanout-bench --release -- hot-keys {common}"
+            ));
+            results.hot_keys = h.hot_keys().await?;
         }
         Command::Soak { seconds } => {
             if let Ok(text) = std::fs::read_to_string(out.join("bench/results.json")) {

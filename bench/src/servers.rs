@@ -74,10 +74,19 @@ fn json(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
     response
 }
 
+/// Calls the upstream server has answered, for `GET /calls`.
+static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Inventory, pricing and reviews on one port, each answering after `delay`;
 /// with `faults`, a share of calls misbehave (see [`Fault::pick`]).
+/// `GET /calls` says how many calls it has had.
 pub async fn upstreams(listener: TcpListener, delay: Duration, faults: bool) -> Result<()> {
     serve(listener, move |request| async move {
+        use std::sync::atomic::Ordering;
+        if request.uri().path() == "/calls" {
+            return json(StatusCode::OK, &json!(CALLS.load(Ordering::Relaxed)));
+        }
+        CALLS.fetch_add(1, Ordering::Relaxed);
         // Also the OTLP collector of `fanout-telemetry`: it takes the
         // export and answers an empty (fully successful) response.
         if request.uri().path() == "/v1/traces" {
@@ -210,6 +219,19 @@ pub async fn native(listener: TcpListener, upstream: String) -> Result<()> {
 /// The fanout host, as the `fanout` binary runs it, with the three upstreams
 /// over HTTP; `guest_config` may set the guest to call them one by one.
 /// Compiles the component before it returns.
+/// How `serve-fanout` treats identical upstream GETs.
+#[derive(Debug, Clone, Copy)]
+pub enum Identical {
+    /// Each request makes its own calls, as the native and the blocking
+    /// aggregators' do: the comparison rows, where every request asks for
+    /// the same product.
+    CallEach,
+    /// Identical calls in flight at once are made once.
+    Coalesce,
+    /// Coalesced, and answers stored for `ttl`.
+    Cache { ttl: Duration },
+}
+
 pub fn fanout(
     upstream: String,
     guest_config: Option<String>,
@@ -217,6 +239,7 @@ pub fn fanout(
     cache_dir: Option<std::path::PathBuf>,
     fixed: bool,
     guest_threads: Option<usize>,
+    identical: Identical,
 ) -> Result<fanout_host::Fanout> {
     let mut limits = fanout_host::Limits::default();
     if let Some(n) = max_instances {
@@ -238,6 +261,19 @@ pub fn fanout(
     }
     if let Some(threads) = guest_threads {
         builder = builder.guest_threads(threads);
+    }
+    match identical {
+        Identical::CallEach => builder = builder.coalescing(false),
+        Identical::Coalesce => {}
+        Identical::Cache { ttl } => {
+            for name in ["inventory", "pricing", "reviews"] {
+                let config = fanout_host::response_cache::ResponseCacheConfig {
+                    ttl,
+                    ..Default::default()
+                };
+                builder = builder.response_cache(name, config);
+            }
+        }
     }
     Ok(builder.build()?)
 }

@@ -99,7 +99,7 @@ async fn clients_honour_retry_after_unless_told_not_to() -> Result<()> {
     let url = shedding_server().await?;
     let window = Duration::from_millis(1500);
     let polite = driver::run(
-        &url,
+        driver::Urls::one(&url),
         2,
         Duration::ZERO,
         window,
@@ -111,7 +111,15 @@ async fn clients_honour_retry_after_unless_told_not_to() -> Result<()> {
     assert!((2..=6).contains(&polite.requests), "{polite:?}");
     assert_eq!(polite.backoffs, polite.requests);
     assert_eq!(polite.statuses.get(&503), Some(&polite.requests));
-    let hostile = driver::run(&url, 2, Duration::ZERO, window, "hostile", Backoff::None).await;
+    let hostile = driver::run(
+        driver::Urls::one(&url),
+        2,
+        Duration::ZERO,
+        window,
+        "hostile",
+        Backoff::None,
+    )
+    .await;
     assert!(hostile.requests > 100, "{hostile:?}");
     assert_eq!(hostile.backoffs, 0);
     Ok(())

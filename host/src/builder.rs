@@ -13,6 +13,7 @@ use crate::instance::Runner;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::outbound::{DefaultHooks, OutboundHooks, UpstreamHandle, Upstreams};
+use crate::response_cache::ResponseCacheConfig;
 use crate::runtime::{self, EpochTicker};
 use crate::stats::Stats;
 use crate::store::RequestState;
@@ -37,6 +38,7 @@ pub struct FanoutBuilder {
     cache_dir: Option<PathBuf>,
     admission: AdmissionMode,
     guest_threads: Option<usize>,
+    coalescing: bool,
 }
 
 /// How requests are admitted before they get an instance. Either way, a
@@ -59,6 +61,9 @@ struct PendingUpstream {
     upstream: Arc<dyn Upstream>,
     guardrails: Guardrails,
     is_http: bool,
+    response_cache: Option<ResponseCacheConfig>,
+    /// `None`: on for `http` upstreams, off for in-process ones.
+    coalesce: Option<bool>,
 }
 
 enum ComponentSource {
@@ -80,6 +85,7 @@ impl Default for FanoutBuilder {
             cache_dir: None,
             admission: AdmissionMode::Adaptive(None),
             guest_threads: None,
+            coalescing: true,
         }
     }
 }
@@ -124,25 +130,45 @@ impl FanoutBuilder {
         upstream: Arc<dyn Upstream>,
         is_http: bool,
     ) -> Self {
-        // A replaced upstream keeps the guardrails set for its name.
-        let guardrails = self
-            .upstreams
-            .iter()
-            .find(|u| u.name == name)
-            .map(|u| u.guardrails.clone())
-            .unwrap_or_else(|| match is_http {
-                true => Guardrails::http_defaults(),
-                false => Guardrails::default(),
-            });
-        self.upstreams.retain(|u| u.name != name);
+        // A replaced upstream keeps the settings made for its name.
+        let replaced = self.upstreams.iter().position(|u| u.name == name);
+        let replaced = replaced.map(|i| self.upstreams.remove(i));
+        let (guardrails, response_cache, coalesce) = match replaced {
+            Some(old) => (old.guardrails, old.response_cache, old.coalesce),
+            None if is_http => (Guardrails::http_defaults(), None, None),
+            None => (Guardrails::default(), None, None),
+        };
         self.upstreams.push(PendingUpstream {
             name,
             base_url,
             upstream,
             guardrails,
             is_http,
+            response_cache,
+            coalesce,
         });
         self
+    }
+
+    /// The pending upstream `name`, registered before or, as a placeholder
+    /// that `build` refuses unless filled, after this call.
+    fn settings_of(&mut self, name: &str) -> &mut PendingUpstream {
+        let index = match self.upstreams.iter().position(|u| u.name == name) {
+            Some(index) => index,
+            None => {
+                self.upstreams.push(PendingUpstream {
+                    name: name.to_string(),
+                    base_url: String::new(),
+                    upstream: Arc::new(HttpUpstream::default()),
+                    guardrails: Guardrails::default(),
+                    is_http: false,
+                    response_cache: None,
+                    coalesce: None,
+                });
+                self.upstreams.len() - 1
+            }
+        };
+        &mut self.upstreams[index]
     }
 
     /// Registers upstream `name` served over HTTP at `base_url` by
@@ -160,16 +186,30 @@ impl FanoutBuilder {
     /// Sets the cross-request guardrails of upstream `name` (registered
     /// before or after this call).
     pub fn guardrails(mut self, name: &str, guardrails: Guardrails) -> Self {
-        match self.upstreams.iter_mut().find(|u| u.name == name) {
-            Some(upstream) => upstream.guardrails = guardrails,
-            None => self.upstreams.push(PendingUpstream {
-                name: name.to_string(),
-                base_url: String::new(),
-                upstream: Arc::new(HttpUpstream::default()),
-                guardrails,
-                is_http: false,
-            }),
-        }
+        self.settings_of(name).guardrails = guardrails;
+        self
+    }
+
+    /// Stores the GET answers of upstream `name` in a bounded cache, as far
+    /// as their `Cache-Control` lets a shared cache (see
+    /// [`response_cache`](crate::response_cache)). Off unless set.
+    pub fn response_cache(mut self, name: &str, config: ResponseCacheConfig) -> Self {
+        self.settings_of(name).response_cache = Some(config);
+        self
+    }
+
+    /// Turns request coalescing for upstream `name` on or off: while a GET
+    /// is in flight, identical ones wait for its answer. On by default for
+    /// `http` upstreams, off for in-process ones.
+    pub fn coalesce(mut self, name: &str, on: bool) -> Self {
+        self.settings_of(name).coalesce = Some(on);
+        self
+    }
+
+    /// Whether `http` upstreams not set one by one ([`coalesce`](Self::coalesce))
+    /// coalesce identical GETs: yes unless turned off here.
+    pub fn coalescing(mut self, on: bool) -> Self {
+        self.coalescing = on;
         self
     }
 
@@ -238,6 +278,7 @@ impl FanoutBuilder {
     /// starts the epoch ticker.
     pub fn build(self) -> Result<Fanout, Error> {
         self.limits.validate()?;
+        let metrics = Arc::new(Metrics::default());
         let mut upstreams = Upstreams::default();
         let mut env = self.env;
         for pending in self.upstreams {
@@ -257,6 +298,10 @@ impl FanoutBuilder {
             pending
                 .guardrails
                 .validate()
+                .and_then(|()| match &pending.response_cache {
+                    Some(cache) => cache.validate(),
+                    None => Ok(()),
+                })
                 .map_err(|reason| Error::InvalidUpstream {
                     name: name.clone(),
                     reason,
@@ -265,13 +310,21 @@ impl FanoutBuilder {
                 format!("{ENV_UPSTREAM_PREFIX}{}", name.to_ascii_uppercase()),
                 pending.base_url.clone(),
             ));
-            upstreams.insert(UpstreamHandle::new(
+            let handle = UpstreamHandle::new(
                 name,
                 pending.base_url,
                 pending.upstream,
                 &pending.guardrails,
                 pending.is_http,
-            )?)?;
+            )?;
+            let coalesce = pending
+                .coalesce
+                .unwrap_or(pending.is_http && self.coalescing);
+            upstreams.insert(if coalesce || pending.response_cache.is_some() {
+                handle.with_response_cache(pending.response_cache, metrics.clone())
+            } else {
+                handle
+            })?;
         }
 
         let builtin = match self.component {
@@ -293,7 +346,7 @@ impl FanoutBuilder {
         let (component, origin) =
             crate::cache::load_or_compile(&engine, &bytes, self.cache_dir.as_deref())
                 .map_err(|e| Error::Component(format!("{e:#}")))?;
-        tracing::debug!(?origin, "component ready");
+        tracing::info!(?origin, "component ready");
 
         let mut linker = Linker::<RequestState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(Error::wasmtime)?;
@@ -320,7 +373,7 @@ impl FanoutBuilder {
             env,
             instances: Arc::new(Semaphore::new(max_instances)),
             stats: Stats::default(),
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             builtin,
             admission,
             adaptive: matches!(self.admission, AdmissionMode::Adaptive(_)),

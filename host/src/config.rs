@@ -31,6 +31,7 @@ use crate::builder::FanoutBuilder;
 use crate::error::Error;
 use crate::guard::{CircuitBreakerConfig, Guardrails, RetryBudgetConfig};
 use crate::limits::Limits;
+use crate::response_cache::ResponseCacheConfig;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -124,6 +125,11 @@ pub struct UpstreamConfig {
     pub circuit_breaker: Option<CircuitBreakerConfig>,
     /// Guardrail: the retry budget.
     pub retry_budget: Option<RetryBudgetConfig>,
+    /// A cache of the upstream's GET answers; off unless set.
+    pub cache: Option<ResponseCacheConfig>,
+    /// Identical GETs in flight at once wait for one call (default: on for
+    /// `http` upstreams).
+    pub coalesce: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -386,7 +392,20 @@ impl UpstreamConfig {
                 builder.upstream(name, url, Arc::new(simulated))
             }
         };
-        Ok(builder.guardrails(name, guardrails))
+        let mut builder = builder.guardrails(name, guardrails);
+        if let Some(cache) = &self.cache {
+            cache.validate().map_err(|reason| {
+                invalid(
+                    key("cache"),
+                    reason.trim_start_matches("cache.").to_string(),
+                )
+            })?;
+            builder = builder.response_cache(name, cache.clone());
+        }
+        if let Some(on) = self.coalesce {
+            builder = builder.coalesce(name, on);
+        }
+        Ok(builder)
     }
 }
 
@@ -436,6 +455,8 @@ mod tests {
         assert!(err.contains("colour") && err.contains("line 2"), "{err}");
         let err = parse("[upstreams.a]\nadapter = \"carrier-pigeon\"\n").unwrap_err();
         assert!(err.contains("carrier-pigeon"), "{err}");
+        let err = parse("[upstreams.a]\nadapter = \"http\"\ncache = { ttl = 5 }\n").unwrap_err();
+        assert!(err.contains("ttl"), "{err}");
         let err = parse("listen = \"not an address\"\n").unwrap_err();
         assert!(err.contains("listen"), "{err}");
     }
@@ -460,6 +481,14 @@ mod tests {
             (
                 "[upstreams.p]\nadapter = \"simulated\"\nmax_concurrency = 0\n",
                 "upstreams.p",
+            ),
+            (
+                "[upstreams.p]\nadapter = \"http\"\nurl = \"http://x\"\ncache = { ttl_ms = 0 }\n",
+                "upstreams.p.cache",
+            ),
+            (
+                "[upstreams.p]\nadapter = \"http\"\nurl = \"http://x\"\ncache = { max_entry_kib = 2048, max_mib = 1 }\n",
+                "upstreams.p.cache",
             ),
             ("[limits]\nmax_instances = 0\n", "limits.max_instances"),
             ("[limits]\nmemory_mib = 0\n", "limits.memory"),

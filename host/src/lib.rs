@@ -81,10 +81,12 @@ pub mod limits;
 pub mod metrics;
 pub mod outbound;
 mod response;
+pub mod response_cache;
 mod runtime;
 mod stats;
 mod store;
 pub mod telemetry;
+mod units;
 pub mod upstream;
 
 pub use builder::{AdmissionMode, FanoutBuilder};

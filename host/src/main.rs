@@ -91,6 +91,11 @@ struct Args {
     #[arg(long, value_enum, default_value_t = AdmissionFlag::Adaptive)]
     admission: AdmissionFlag,
 
+    /// Do not coalesce identical upstream GETs in flight at once (on by
+    /// default for http upstreams; `coalesce` per upstream in the file wins).
+    #[arg(long)]
+    no_coalesce: bool,
+
     /// Run the guests on N threads of their own, apart from the ones that
     /// accept connections: faster 503s under overload, a little less
     /// throughput at saturation [default: the same threads].
@@ -111,6 +116,12 @@ struct Args {
     /// of the component under `wasmtime serve`.
     #[arg(long)]
     demo_upstreams_only: bool,
+
+    /// Validate the configuration and compile the component (filling the
+    /// cache), then exit without serving: a configuration check, and how
+    /// the container image warms its cache at build time.
+    #[arg(long)]
+    check: bool,
 
     /// Log format; json by default when stdout is not a terminal.
     #[arg(long, value_enum)]
@@ -199,6 +210,14 @@ async fn main() -> Result<()> {
         .context("fanout did not start")
     })?;
 
+    if args.check {
+        for (name, base) in fanout.upstreams() {
+            tracing::info!(upstream = %name, %base, "upstream");
+        }
+        println!("configuration valid, component compiled");
+        return Ok(());
+    }
+
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -279,6 +298,9 @@ fn configure(args: &Args) -> Result<(Fanout, SocketAddr, Option<SocketAddr>), fa
         AdmissionFlag::Adaptive => fanout_host::AdmissionMode::Adaptive(None),
         AdmissionFlag::Fixed => fanout_host::AdmissionMode::Fixed,
     });
+    if args.no_coalesce {
+        builder = builder.coalescing(false);
+    }
     if let Some(threads) = args.guest_threads {
         builder = builder.guest_threads(threads);
     }

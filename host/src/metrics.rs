@@ -12,6 +12,9 @@
 //! | `fanout_queue_wait_seconds` (histogram, time spent in the admission line) | |
 //! | `fanout_admission_limit` (gauge, the adaptive limit now) | |
 //! | `fanout_guest_failures_total` (traps, limits, deadlines) | `cause` |
+//! | `fanout_response_cache_lookups_total` (upstream GETs by how they were answered: hit, stale, coalesced, miss, pass) | `upstream`, `result` |
+//! | `fanout_response_cache_evictions_total` (entries pushed out by the bounds) | `upstream` |
+//! | `fanout_response_cache_bytes` (gauge, stored answers) | `upstream` |
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -39,6 +42,12 @@ pub(crate) struct UpstreamLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct CacheLabels {
+    pub(crate) upstream: String,
+    pub(crate) result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct CauseLabel {
     pub(crate) cause: &'static str,
 }
@@ -63,6 +72,9 @@ pub struct Metrics {
     pub(crate) queue_wait: Histogram,
     pub(crate) admission_limit: Gauge,
     pub(crate) failures: Family<CauseLabel, Counter>,
+    pub(crate) response_cache_lookups: Family<CacheLabels, Counter>,
+    pub(crate) response_cache_evictions: Family<UpstreamLabel, Counter>,
+    pub(crate) response_cache_bytes: Family<UpstreamLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -79,6 +91,9 @@ impl Default for Metrics {
         let queue_wait = latency_histogram();
         let admission_limit = Gauge::default();
         let failures = Family::<CauseLabel, Counter>::default();
+        let response_cache_lookups = Family::<CacheLabels, Counter>::default();
+        let response_cache_evictions = Family::<UpstreamLabel, Counter>::default();
+        let response_cache_bytes = Family::<UpstreamLabel, Gauge>::default();
         registry.register_with_unit(
             "http_server_request_duration",
             "Duration of incoming requests, by route and status",
@@ -132,6 +147,22 @@ impl Default for Metrics {
             "Requests the host answered for the guest, by cause",
             failures.clone(),
         );
+        registry.register(
+            "fanout_response_cache_lookups",
+            "Upstream GETs by how they were answered: hit, stale, coalesced, miss, pass",
+            response_cache_lookups.clone(),
+        );
+        registry.register(
+            "fanout_response_cache_evictions",
+            "Stored answers pushed out by the cache's bounds",
+            response_cache_evictions.clone(),
+        );
+        registry.register_with_unit(
+            "fanout_response_cache",
+            "Bytes of stored answers",
+            Unit::Bytes,
+            response_cache_bytes.clone(),
+        );
         Metrics {
             registry,
             server,
@@ -144,6 +175,9 @@ impl Default for Metrics {
             queue_wait,
             admission_limit,
             failures,
+            response_cache_lookups,
+            response_cache_evictions,
+            response_cache_bytes,
         }
     }
 }

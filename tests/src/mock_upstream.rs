@@ -34,12 +34,14 @@ impl Call {
     }
 }
 
-/// How a mock answers: a status and a body, after a delay.
+/// How a mock answers: a status, fields and a body, after a delay.
 #[derive(Clone)]
 pub struct Behaviour {
     pub delay: Duration,
     pub status: StatusCode,
     pub body: String,
+    /// Fields of the answer beyond `content-type: application/json`.
+    pub headers: Vec<(String, String)>,
 }
 
 impl Behaviour {
@@ -49,7 +51,14 @@ impl Behaviour {
             delay: Duration::ZERO,
             status: StatusCode::from_u16(status).expect("a valid status"),
             body: "{}".into(),
+            headers: Vec::new(),
         }
+    }
+
+    /// The same, with one more field in the answer.
+    pub fn with_header(mut self, name: &str, value: &str) -> Behaviour {
+        self.headers.push((name.into(), value.into()));
+        self
     }
 
     /// Never answers in any test's time.
@@ -62,6 +71,7 @@ impl Behaviour {
             delay,
             status: StatusCode::OK,
             body: body.to_string(),
+            headers: Vec::new(),
         }
     }
 }
@@ -215,6 +225,12 @@ async fn serve(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
+    for (name, value) in &behaviour.headers {
+        response.headers_mut().append(
+            http::HeaderName::from_bytes(name.as_bytes()).expect("a field name"),
+            value.parse().expect("a field value"),
+        );
+    }
     Ok(response)
 }
 

@@ -329,9 +329,9 @@ async fn required_upstream_failures_are_errors_naming_the_upstream() -> Result<(
     ];
     for (upstream_status, body, status, code) in cases {
         upstreams.pricing.set_behaviour(Behaviour {
-            delay: MS(0),
             status: upstream_status,
             body: body.into(),
+            ..Behaviour::status(200)
         });
         let answer = host.get("/products/42").await?;
         assert_eq!(

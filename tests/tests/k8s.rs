@@ -1,16 +1,18 @@
 //! The shipped Kubernetes manifests parse, and each has what its API
 //! requires and what fanout needs of it: probes on the admin port's
 //! endpoints, a grace period longer than the request deadline, resources,
-//! and selectors that match.
+//! selectors that match, and the image's user.
 
 use anyhow::{Context, Result};
 use serde_norway::Value;
 use std::path::PathBuf;
 
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
 fn manifest(name: &str) -> Result<Value> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy/k8s")
-        .join(name);
+    let path = root().join("deploy/k8s").join(name);
     let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
     let value: Value = serde_norway::from_str(&text).with_context(|| path.display().to_string())?;
     // What every Kubernetes object needs.
@@ -122,6 +124,26 @@ fn the_deployment_probes_drains_and_is_sized() -> Result<()> {
             .as_str()
             .is_some()
     );
+
+    // The pods run as the image's user, who owns its warmed cache (a
+    // cache of another user's is refused, and the pod would compile at
+    // every start on its read-only root).
+    let containerfile = std::fs::read_to_string(root().join("deploy/image/Containerfile"))?;
+    let image_user = containerfile
+        .lines()
+        .find_map(|line| line.strip_prefix("USER "))
+        .and_then(|user| user.split(':').next())
+        .context("the Containerfile sets no USER")?;
+    let run_as = &container["securityContext"]["runAsUser"];
+    assert_eq!(
+        run_as.as_u64().map(|u| u.to_string()).as_deref(),
+        Some(image_user)
+    );
+    assert!(
+        containerfile.contains(&format!("--chown={image_user}:")),
+        "the cache is not the image user's"
+    );
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
     Ok(())
 }
 

@@ -44,6 +44,9 @@ async fn clients_that_resend_at_once_do_not_starve_the_answers() -> Result<()> {
     let fanout = upstreams
         .builder()
         .admission(fanout_host::AdmissionMode::Fixed)
+        // Clients ask for the same ids at once: every admitted request must
+        // make its own calls for the count below.
+        .coalescing(false)
         .limits(fanout_host::Limits {
             max_instances: 4,
             queue_wait: std::time::Duration::ZERO,

@@ -61,10 +61,10 @@ pub struct CircuitBreakerConfig {
     /// ...once the window holds at least this many calls.
     pub min_calls: usize,
     /// Stays open this long before letting a probe through.
-    #[serde(rename = "open_ms", with = "millis")]
+    #[serde(rename = "open_ms", with = "crate::units::millis")]
     pub open_for: Duration,
     /// A probe not answered within this fails, and the circuit reopens.
-    #[serde(rename = "probe_timeout_ms", with = "millis")]
+    #[serde(rename = "probe_timeout_ms", with = "crate::units::millis")]
     pub probe_timeout: Duration,
 }
 
@@ -90,7 +90,7 @@ pub struct RetryBudgetConfig {
     /// ...plus this many per second regardless...
     pub min_per_sec: u32,
     /// ...counted over this sliding window.
-    #[serde(rename = "window_ms", with = "millis")]
+    #[serde(rename = "window_ms", with = "crate::units::millis")]
     pub window: Duration,
 }
 
@@ -101,15 +101,6 @@ impl Default for RetryBudgetConfig {
             min_per_sec: 10,
             window: Duration::from_secs(10),
         }
-    }
-}
-
-mod millis {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
     }
 }
 

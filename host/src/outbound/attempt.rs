@@ -3,6 +3,7 @@
 //! client span and metrics.
 
 use crate::metrics::Metrics;
+use crate::response_cache::CacheStatus;
 use crate::upstream::{TransportError, UpstreamBody};
 use http::{Request, Response};
 use std::sync::{Arc, Mutex};
@@ -16,6 +17,8 @@ pub(crate) struct CallRecord {
     pub(crate) attempt: u32,
     pub(crate) outcome: &'static str,
     pub(crate) duration: Duration,
+    /// Answered without a call of its own: `hit`, `stale` or `coalesced`.
+    pub(crate) cache: Option<&'static str>,
 }
 
 /// The attempts of one request so far, shared between its outgoing calls
@@ -35,7 +38,8 @@ impl AttemptLog {
         f(&self.0.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// `inventory:ok:23.1ms pricing#2:timeout:150.2ms`, for the access log.
+    /// `inventory:ok:23.1ms pricing#2:timeout:150.2ms reviews:ok:0.1ms:hit`,
+    /// for the access log.
     pub(crate) fn summary(&self) -> String {
         self.with(|calls| {
             calls
@@ -46,8 +50,9 @@ impl AttemptLog {
                     } else {
                         String::new()
                     };
+                    let cache = c.cache.map(|c| format!(":{c}")).unwrap_or_default();
                     format!(
-                        "{}{attempt}:{}:{:.1}ms",
+                        "{}{attempt}:{}:{:.1}ms{cache}",
                         c.upstream,
                         c.outcome,
                         c.duration.as_secs_f64() * 1e3
@@ -100,6 +105,7 @@ pub(crate) struct AttemptRecorder {
     attempt: u32,
     started: Instant,
     done: bool,
+    cache: Option<&'static str>,
     span: tracing::Span,
 }
 
@@ -121,6 +127,7 @@ impl AttemptRecorder {
             attempt,
             started: Instant::now(),
             done: false,
+            cache: None,
             span: client_span(parent, upstream, attempt, request),
         }
     }
@@ -132,6 +139,19 @@ impl AttemptRecorder {
 
     /// Records how the attempt ended.
     pub(crate) fn finish(mut self, result: &Result<Response<UpstreamBody>, TransportError>) {
+        let cache = result
+            .as_ref()
+            .ok()
+            .and_then(|r| r.extensions().get::<CacheStatus>().copied());
+        if let Some(cache) = cache {
+            self.span.record("fanout.cache", cache.as_str());
+            if matches!(
+                cache,
+                CacheStatus::Hit | CacheStatus::Stale | CacheStatus::Coalesced
+            ) {
+                self.cache = Some(cache.as_str());
+            }
+        }
         if !self.span.is_disabled() {
             if let Ok(response) = result {
                 self.span
@@ -165,6 +185,7 @@ impl AttemptRecorder {
             attempt: self.attempt,
             outcome,
             duration,
+            cache: self.cache,
         });
     }
 }
@@ -218,6 +239,7 @@ fn client_span(
         http.response.status_code = tracing::field::Empty,
         error.type = tracing::field::Empty,
         fanout.upstream = upstream,
+        fanout.cache = tracing::field::Empty,
     );
     if attempt > 1 {
         span.record("http.request.resend_count", attempt - 1);
@@ -239,6 +261,7 @@ mod tests {
             attempt: 1,
             outcome: "ok",
             duration: ms(took),
+            cache: None,
         };
         let log = AttemptLog::default();
         // Two overlapping (10-60, 20-50), then a retry (70-90): 70 ms.
@@ -264,6 +287,7 @@ mod tests {
             attempt: 1,
             outcome: "ok",
             duration: Duration::from_micros(23_140),
+            cache: None,
         });
         log.push(CallRecord {
             started: t0,
@@ -271,10 +295,19 @@ mod tests {
             attempt: 2,
             outcome: "timeout",
             duration: Duration::from_micros(150_200),
+            cache: None,
+        });
+        log.push(CallRecord {
+            started: t0,
+            upstream: "reviews".into(),
+            attempt: 1,
+            outcome: "ok",
+            duration: Duration::from_micros(80),
+            cache: Some("hit"),
         });
         assert_eq!(
             log.summary(),
-            "inventory:ok:23.1ms pricing#2:timeout:150.2ms"
+            "inventory:ok:23.1ms pricing#2:timeout:150.2ms reviews:ok:0.1ms:hit"
         );
     }
 }

@@ -4,9 +4,12 @@
 //! registered is refused.
 
 use crate::guard::{GuardedService, Guardrails};
+use crate::metrics::Metrics;
+use crate::response_cache::{ResponseCacheConfig, ResponseCacheLayer};
 use crate::upstream::Upstream;
 use std::collections::HashMap;
 use std::sync::Arc;
+use tower::Layer;
 
 /// A registered upstream: its logical name, the base URL the guest is told,
 /// and the guarded service that reaches it.
@@ -69,6 +72,18 @@ impl UpstreamHandle {
             authority,
             is_http,
         })
+    }
+
+    /// Puts request coalescing, and a cache when `config` is set, in front
+    /// of the guardrails (see [`response_cache`](crate::response_cache)).
+    pub(crate) fn with_response_cache(
+        mut self,
+        config: Option<ResponseCacheConfig>,
+        metrics: Arc<Metrics>,
+    ) -> UpstreamHandle {
+        let layer = ResponseCacheLayer::new(&self.name, config, metrics);
+        self.service = GuardedService::new(layer.layer(self.service));
+        self
     }
 
     /// The upstream's logical name (`inventory`).

@@ -1,0 +1,119 @@
+//! Request coalescing and the response cache end to end: the built-in guest
+//! under the fanout host, upstreams counting their calls. (The cache's
+//! rules, to the millisecond, are unit tests in `host/src/response_cache`.)
+
+use anyhow::Result;
+use fanout_host::response_cache::ResponseCacheConfig;
+use fanout_tests::{MS, ProductUpstreams, TestHost};
+use http::StatusCode;
+use std::time::Duration;
+
+async fn wave(host: &TestHost, n: usize) -> Result<()> {
+    let answers = futures_util::future::join_all((0..n).map(|_| host.get("/products/42"))).await;
+    for answer in answers {
+        let answer = answer?;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+        assert_eq!(answer.json["degraded"], serde_json::json!([]));
+    }
+    Ok(())
+}
+
+fn calls(upstreams: &ProductUpstreams) -> [usize; 3] {
+    [
+        upstreams.inventory.calls().len(),
+        upstreams.pricing.calls().len(),
+        upstreams.reviews.calls().len(),
+    ]
+}
+
+fn metric(host: &TestHost, name_and_labels: &str) -> u64 {
+    let text = host.fanout.metrics().encode();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_requests_make_one_call_per_upstream() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(100)).await?;
+    // All fifty admitted at once, whatever the adaptive limit has learnt.
+    let fanout = upstreams
+        .builder()
+        .admission(fanout_host::AdmissionMode::Fixed)
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+    wave(&host, 50).await?;
+    assert_eq!(calls(&upstreams), [1, 1, 1], "coalescing is on by default");
+    assert_eq!(
+        metric(
+            &host,
+            "fanout_response_cache_lookups_total{upstream=\"pricing\",result=\"coalesced\"}"
+        ),
+        49
+    );
+    // Nothing is stored without a cache: the next wave calls once more.
+    wave(&host, 50).await?;
+    assert_eq!(calls(&upstreams), [2, 2, 2]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalescing_can_be_turned_off() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(100)).await?;
+    let fanout = upstreams
+        .builder()
+        .coalescing(false)
+        .coalesce("reviews", true)
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+    wave(&host, 10).await?;
+    assert_eq!(calls(&upstreams), [10, 10, 1], "only reviews coalesces");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_cached_upstream_is_not_called_again_within_its_ttl() -> Result<()> {
+    let logs = fanout_tests::capture_logs();
+    let upstreams = ProductUpstreams::start(MS(50)).await?;
+    let fanout = upstreams
+        .builder()
+        .response_cache(
+            "pricing",
+            ResponseCacheConfig {
+                ttl: Duration::from_secs(60),
+                ..ResponseCacheConfig::default()
+            },
+        )
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+    wave(&host, 20).await?;
+    wave(&host, 20).await?;
+    let [inventory, pricing, reviews] = calls(&upstreams);
+    assert_eq!(pricing, 1, "stored after the first call");
+    assert_eq!((inventory, reviews), (2, 2), "coalesced, not stored");
+    let answer = host.get("/products/42").await?;
+    assert_eq!(answer.json["price"]["amount"], 12.5);
+    assert_eq!(upstreams.pricing.calls().len(), 1);
+    assert_eq!(
+        metric(
+            &host,
+            "fanout_response_cache_lookups_total{upstream=\"pricing\",result=\"hit\"}"
+        ),
+        20 + 1
+    );
+    assert!(metric(&host, "fanout_response_cache_bytes{upstream=\"pricing\"}") > 0);
+    // The access line says which calls were answered without one.
+    let access = logs
+        .events()
+        .into_iter()
+        .rfind(|e| e["message"] == "request")
+        .expect("an access line");
+    let summary = access["upstreams"].as_str().unwrap_or_default().to_string();
+    assert!(
+        summary
+            .split(' ')
+            .any(|call| call.starts_with("pricing:ok:") && call.ends_with(":hit")),
+        "{access}"
+    );
+    Ok(())
+}
