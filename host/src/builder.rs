@@ -1,7 +1,7 @@
 //! [`FanoutBuilder`]: everything a [`Fanout`] is made of, validated and
 //! compiled before anything listens.
 
-use crate::adapters::HttpUpstream;
+use crate::adapters::{HttpUpstream, WithHeaders, resolve_header};
 use crate::admission::{Admission, AdmissionConfig};
 use crate::builtin_guest::BuiltinGuest;
 use crate::demo;
@@ -64,6 +64,8 @@ struct PendingUpstream {
     response_cache: Option<ResponseCacheConfig>,
     /// `None`: on for `http` upstreams, off for in-process ones.
     coalesce: Option<bool>,
+    /// Fields the host adds to every call, as (name, template) pairs.
+    headers: Vec<(String, String)>,
 }
 
 enum ComponentSource {
@@ -133,10 +135,15 @@ impl FanoutBuilder {
         // A replaced upstream keeps the settings made for its name.
         let replaced = self.upstreams.iter().position(|u| u.name == name);
         let replaced = replaced.map(|i| self.upstreams.remove(i));
-        let (guardrails, response_cache, coalesce) = match replaced {
-            Some(old) => (old.guardrails, old.response_cache, old.coalesce),
-            None if is_http => (Guardrails::http_defaults(), None, None),
-            None => (Guardrails::default(), None, None),
+        let (guardrails, response_cache, coalesce, headers) = match replaced {
+            Some(old) => (
+                old.guardrails,
+                old.response_cache,
+                old.coalesce,
+                old.headers,
+            ),
+            None if is_http => (Guardrails::http_defaults(), None, None, Vec::new()),
+            None => (Guardrails::default(), None, None, Vec::new()),
         };
         self.upstreams.push(PendingUpstream {
             name,
@@ -146,6 +153,7 @@ impl FanoutBuilder {
             is_http,
             response_cache,
             coalesce,
+            headers,
         });
         self
     }
@@ -164,6 +172,7 @@ impl FanoutBuilder {
                     is_http: false,
                     response_cache: None,
                     coalesce: None,
+                    headers: Vec::new(),
                 });
                 self.upstreams.len() - 1
             }
@@ -203,6 +212,17 @@ impl FanoutBuilder {
     /// `http` upstreams, off for in-process ones.
     pub fn coalesce(mut self, name: &str, on: bool) -> Self {
         self.settings_of(name).coalesce = Some(on);
+        self
+    }
+
+    /// Adds header field `field` to every call to upstream `name`, after
+    /// the guest: credentials the guest never sees and cannot override.
+    /// `template` may hold `${env:NAME}` and `${file:PATH}`, resolved in
+    /// [`build`](Self::build) (a missing one is an error naming it).
+    pub fn upstream_header(mut self, name: &str, field: &str, template: &str) -> Self {
+        self.settings_of(name)
+            .headers
+            .push((field.to_string(), template.to_string()));
         self
     }
 
@@ -310,10 +330,24 @@ impl FanoutBuilder {
                 format!("{ENV_UPSTREAM_PREFIX}{}", name.to_ascii_uppercase()),
                 pending.base_url.clone(),
             ));
+            let mut upstream = pending.upstream;
+            if !pending.headers.is_empty() {
+                let mut headers = http::HeaderMap::new();
+                for (field, template) in &pending.headers {
+                    let (field, value) = resolve_header(field, template).map_err(|reason| {
+                        Error::InvalidUpstream {
+                            name: name.clone(),
+                            reason: format!("headers: {reason}"),
+                        }
+                    })?;
+                    headers.append(field, value);
+                }
+                upstream = Arc::new(WithHeaders::new(upstream, headers));
+            }
             let handle = UpstreamHandle::new(
                 name,
                 pending.base_url,
-                pending.upstream,
+                upstream,
                 &pending.guardrails,
                 pending.is_http,
             )?;

@@ -130,6 +130,21 @@ pub struct UpstreamConfig {
     /// Identical GETs in flight at once wait for one call (default: on for
     /// `http` upstreams).
     pub coalesce: Option<bool>,
+    /// Fields the host adds to every call (credentials): values may hold
+    /// `${env:NAME}` and `${file:PATH}`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Redacted>,
+}
+
+/// A configured value that is never printed (`Debug` shows `<redacted>`).
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Redacted(pub String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -405,6 +420,12 @@ impl UpstreamConfig {
         if let Some(on) = self.coalesce {
             builder = builder.coalesce(name, on);
         }
+        for (field, template) in &self.headers {
+            // Resolved here to name the key; the builder resolves it again.
+            crate::adapters::resolve_header(field, &template.0)
+                .map_err(|reason| invalid(format!("upstreams.{name}.headers.{field}"), reason))?;
+            builder = builder.upstream_header(name, field, &template.0);
+        }
         Ok(builder)
     }
 }
@@ -481,6 +502,10 @@ mod tests {
             (
                 "[upstreams.p]\nadapter = \"simulated\"\nmax_concurrency = 0\n",
                 "upstreams.p",
+            ),
+            (
+                "[upstreams.p]\nadapter = \"http\"\nurl = \"http://x\"\nheaders = { authorization = \"Bearer ${env:FANOUT_TEST_UNSET_TOKEN}\" }\n",
+                "upstreams.p.headers.authorization",
             ),
             (
                 "[upstreams.p]\nadapter = \"http\"\nurl = \"http://x\"\ncache = { ttl_ms = 0 }\n",

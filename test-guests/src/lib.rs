@@ -8,7 +8,10 @@
 //! - `/panic`: panics (trap).
 //! - `/park`: waits forever without computing (wall-clock deadline).
 //! - `/print`: writes to stdout and stderr, then answers 200.
-//! - `/call?<url>`: fetches `<url>` and reports the outcome (outbound policy).
+//! - `/call?<url>`: fetches `<url>`, with the request's `authorization` and
+//!   `x-api-key` copied on (trying to set the host's credentials), and
+//!   reports the outcome (outbound policy, credentials).
+//! - `/env`: answers its whole environment (looking for secrets).
 //! - `/stream?<n>`: streams `n` bytes (byte `i` is `i % 251`) in 16 KiB
 //!   pieces with a pause between them, so that the host sees a body that is
 //!   still being written.
@@ -64,10 +67,20 @@ async fn main(request: Request<Body>) -> Result<Response<Body>, wstd::http::Erro
         }
         "/call" => {
             let url = request.uri().query().unwrap_or_default().to_string();
-            let sent = Client::new()
-                .send(Request::get(&url).body(Body::empty())?)
-                .await;
+            let mut outgoing = Request::get(&url);
+            for name in ["authorization", "x-api-key"] {
+                if let Some(value) = request.headers().get(name) {
+                    outgoing = outgoing.header(name, value);
+                }
+            }
+            let sent = Client::new().send(outgoing.body(Body::empty())?).await;
             Ok(answer(StatusCode::OK, outcome(sent))?)
+        }
+        "/env" => {
+            let env: Vec<String> = std::env::vars()
+                .map(|(k, v)| format!("{k:?}:{v:?}"))
+                .collect();
+            Ok(answer(StatusCode::OK, format!("{{{}}}", env.join(",")))?)
         }
         "/post" => {
             let query = request.uri().query().unwrap_or_default().to_string();

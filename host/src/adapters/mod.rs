@@ -7,11 +7,15 @@
 //! | [`FixtureUpstream`] | JSON answers from files keyed by path: demos, contract tests |
 //! | [`from_fn`] | an in-process async closure: no network hop for an embedding app |
 //! | [`SimulatedUpstream`] | a latency distribution plus error and hang rates: demos, benchmarks, fault injection |
+//!
+//! Any of them may be wrapped in `WithHeaders` (credentials the host adds;
+//! [`FanoutBuilder::upstream_header`](crate::FanoutBuilder::upstream_header)).
 
 mod fixture;
 mod func;
 mod http;
 mod simulated;
+mod with_headers;
 
 pub use fixture::FixtureUpstream;
 pub use func::from_fn;
@@ -20,6 +24,7 @@ pub use http::{
     POOL_MAX_IDLE_PER_HOST,
 };
 pub use simulated::{Latency, SimulatedUpstream};
+pub(crate) use with_headers::{WithHeaders, resolve as resolve_header};
 
 use crate::response::full_body;
 use crate::upstream::{TransportError, UpstreamBody};
