@@ -56,6 +56,10 @@ pub enum Target {
     FanoutCoalesce,
     /// `fanout` coalescing and caching upstream answers for 1 s (hot keys).
     FanoutCache,
+    /// `fanout` with HTTPS upstreams, HTTP/1.1 (TLS saturation).
+    FanoutHttps1,
+    /// `fanout` with HTTPS upstreams, HTTP/2 by ALPN (TLS saturation).
+    FanoutHttps2,
     Native,
     WasmtimeServe,
 }
@@ -91,6 +95,8 @@ impl Target {
             Target::FanoutTelemetry => "fanout-telemetry",
             Target::FanoutCoalesce => "fanout-coalesce",
             Target::FanoutCache => "fanout-cache",
+            Target::FanoutHttps1 => "fanout-https-h1",
+            Target::FanoutHttps2 => "fanout-https-h2",
             Target::Native => "native",
             Target::WasmtimeServe => "wasmtime-serve",
         }
@@ -122,6 +128,10 @@ pub struct Run {
     /// Calls the upstreams had in the window (hot keys only).
     #[serde(default)]
     pub upstream_calls: Option<u64>,
+    /// Connections from the target to the upstreams open at the end of
+    /// the window (TLS saturation only).
+    #[serde(default)]
+    pub upstream_connections: Option<u64>,
 }
 
 impl Harness {
@@ -161,7 +171,9 @@ impl Harness {
             | Target::FanoutGuestThreads
             | Target::FanoutTelemetry
             | Target::FanoutCoalesce
-            | Target::FanoutCache => {
+            | Target::FanoutCache
+            | Target::FanoutHttps1
+            | Target::FanoutHttps2 => {
                 let variant: &[&str] = match target {
                     Target::FanoutSequential => &["--sequential"],
                     Target::FanoutFixed => &["--fixed"],
@@ -169,6 +181,10 @@ impl Harness {
                     Target::FanoutTelemetry => &["--telemetry"],
                     Target::FanoutCoalesce => &["--coalesce"],
                     Target::FanoutCache => &["--cache-ttl-ms", "1000"],
+                    // `https_saturation` starts these with their CA.
+                    Target::FanoutHttps1 | Target::FanoutHttps2 => {
+                        anyhow::bail!("{} needs https_saturation", target.name())
+                    }
                     _ => &[],
                 };
                 Process::start(target.name(), &self.exe, &own("serve-fanout", variant)).await?
@@ -281,6 +297,7 @@ impl Harness {
             target_cpu_s: target_cpu.as_secs_f64(),
             upstream_cpu_s: upstream_cpu.as_secs_f64(),
             upstream_calls: None,
+            upstream_connections: None,
             load,
         }
     }
@@ -454,6 +471,85 @@ impl Harness {
             }
         }
         upstreams.stop().await;
+        Ok(runs)
+    }
+
+    /// Saturation (0 ms upstreams, c=64) with the upstreams over plain
+    /// HTTP/1.1, HTTPS with HTTP/1.1, and HTTPS with HTTP/2, alternating;
+    /// each window also counts the target's open connections to them.
+    pub async fn https_saturation(&self) -> Result<Vec<Run>> {
+        const C: usize = 64;
+        let dir = std::env::temp_dir().join(format!("fanout-bench-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let plain = self.upstreams(Duration::ZERO).await?;
+        let tls = Process::start(
+            "upstreams-tls",
+            &self.exe,
+            &[
+                "serve-upstreams".into(),
+                "--delay-ms".into(),
+                "0".into(),
+                "--tls-dir".into(),
+                dir.display().to_string(),
+            ],
+        )
+        .await?;
+        let tls_port: u16 = tls.base.rsplit(':').next().unwrap_or("0").parse()?;
+        let plain_port: u16 = plain.base.rsplit(':').next().unwrap_or("0").parse()?;
+        let ca = dir.join("ca.pem").display().to_string();
+        let mut runs = Vec::new();
+        for repeat in 0..self.repeats {
+            for target in [Target::Fanout, Target::FanoutHttps1, Target::FanoutHttps2] {
+                let (upstreams, port, extra): (&Process, u16, Vec<String>) = match target {
+                    Target::Fanout => (&plain, plain_port, vec![]),
+                    _ => (
+                        &tls,
+                        tls_port,
+                        vec![
+                            "--upstream-ca".into(),
+                            ca.clone(),
+                            "--http2".into(),
+                            if target == Target::FanoutHttps2 {
+                                "auto"
+                            } else {
+                                "never"
+                            }
+                            .into(),
+                        ],
+                    ),
+                };
+                let base = format!("https://localhost:{tls_port}");
+                let mut args = vec![
+                    "serve-fanout".to_string(),
+                    "--upstream".into(),
+                    if target == Target::Fanout {
+                        plain.base.clone()
+                    } else {
+                        base
+                    },
+                ];
+                args.extend(extra);
+                let process = Process::start(target.name(), &self.exe, &args).await?;
+                let window = Window {
+                    scenario: "https-saturation",
+                    concurrency: C,
+                    delay: Duration::ZERO,
+                    repeat,
+                };
+                let mut run = self.measure(window, target, &process, upstreams).await;
+                run.upstream_connections = Some(targets::established_to(port) as u64);
+                eprintln!(
+                    "{} ({} upstream connections open)",
+                    report::one_line(&run),
+                    run.upstream_connections.unwrap_or(0)
+                );
+                runs.push(run);
+                process.stop().await;
+            }
+        }
+        tls.stop().await;
+        plain.stop().await;
+        let _ = std::fs::remove_dir_all(&dir);
         Ok(runs)
     }
 

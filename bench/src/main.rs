@@ -59,6 +59,9 @@ enum Command {
     /// Hot keys: 90 % of requests on ten products at c=500, `fanout` with
     /// every call made, coalescing, and a 1 s cache, side by side.
     HotKeys,
+    /// Saturation with the upstreams over HTTP, HTTPS/1.1 and HTTPS/2,
+    /// side by side, with the connections each keeps open.
+    Https,
     /// `fanout` at 500 and 5000 in flight with 50 ms upstreams, with
     /// clients that honour Retry-After and with clients that do not.
     Overload,
@@ -83,6 +86,10 @@ enum Command {
         /// Misbehave on a share of calls (503, bad JSON, hang, slow).
         #[arg(long)]
         faults: bool,
+        /// Serve HTTPS with a CA made now, its certificate written to
+        /// DIR/ca.pem.
+        #[arg(long, value_name = "DIR")]
+        tls_dir: Option<PathBuf>,
     },
     #[command(hide = true)]
     ServeBlocking {
@@ -128,6 +135,12 @@ enum Command {
         /// Also store upstream answers this long (implies --coalesce).
         #[arg(long)]
         cache_ttl_ms: Option<u64>,
+        /// The upstreams are HTTPS: trust this CA (PEM).
+        #[arg(long)]
+        upstream_ca: Option<PathBuf>,
+        /// HTTP/2 to the upstreams: auto (ALPN), always, never.
+        #[arg(long, default_value = "auto")]
+        http2: String,
     },
 }
 
@@ -147,10 +160,12 @@ fn main() -> Result<()> {
             delay_ms,
             listen,
             faults,
+            tls_dir,
         } => runtime.block_on(async {
+            let tls = tls_dir.as_deref().map(servers::tls_acceptor).transpose()?;
             let listener = tokio::net::TcpListener::bind(listen).await?;
             servers::announce(listener.local_addr()?);
-            servers::upstreams(listener, Duration::from_millis(delay_ms), faults).await
+            servers::upstreams(listener, Duration::from_millis(delay_ms), faults, tls).await
         }),
         Command::ServeNative { upstream } => runtime.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -168,6 +183,8 @@ fn main() -> Result<()> {
             telemetry,
             coalesce,
             cache_ttl_ms,
+            upstream_ca,
+            http2,
         } => runtime.block_on(async {
             let _otlp = if telemetry {
                 Some(servers::telemetry(&upstream)?)
@@ -180,21 +197,22 @@ fn main() -> Result<()> {
                 (false, None) => None,
             };
             // Compiled before it says it listens: "listening" means ready.
-            let fanout = servers::fanout(
+            let fanout = servers::fanout(servers::FanoutSetup {
                 upstream,
-                config,
+                guest_config: config,
                 max_instances,
                 cache_dir,
                 fixed,
                 guest_threads,
-                match (cache_ttl_ms, coalesce) {
+                identical: match (cache_ttl_ms, coalesce) {
                     (Some(ms), _) => servers::Identical::Cache {
                         ttl: Duration::from_millis(ms),
                     },
                     (None, true) => servers::Identical::Coalesce,
                     (None, false) => servers::Identical::CallEach,
                 },
-            )?;
+                tls: upstream_ca.map(|ca| (ca, http2)),
+            })?;
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             servers::announce(listener.local_addr()?);
             fanout.serve(listener, std::future::pending()).await?;
@@ -273,6 +291,7 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
                     results.open_loop = h.open_loop(capacity).await?;
                 }
                 results.hot_keys = h.hot_keys().await?;
+                results.https = h.https_saturation().await?;
             }
             for target in chosen(&[Target::Fanout, Target::WasmtimeServe]) {
                 if let Some(s) = h
@@ -356,6 +375,15 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
                 "cargo run -p fanout-bench --release -- hot-keys {common}"
             ));
             results.hot_keys = h.hot_keys().await?;
+        }
+        Command::Https => {
+            if let Ok(text) = std::fs::read_to_string(out.join("bench/results.json")) {
+                results = serde_json::from_str(&text).context("bench/results.json")?;
+            }
+            results.commands.push(format!(
+                "cargo run -p fanout-bench --release -- https {common}"
+            ));
+            results.https = h.https_saturation().await?;
         }
         Command::Soak { seconds } => {
             if let Ok(text) = std::fs::read_to_string(out.join("bench/results.json")) {

@@ -33,6 +33,9 @@ pub struct Results {
     /// Hot keys: `fanout` making every call, coalescing, caching.
     #[serde(default)]
     pub hot_keys: Vec<Run>,
+    /// Saturation with plain, HTTPS/1.1 and HTTPS/2 upstreams.
+    #[serde(default)]
+    pub https: Vec<Run>,
     pub skipped: Vec<String>,
 }
 
@@ -526,7 +529,59 @@ pub fn markdown(r: &Results) -> String {
     if !r.hot_keys.is_empty() {
         hot_keys_section(&mut out, &r.hot_keys);
     }
+    if !r.https.is_empty() {
+        https_section(&mut out, &r.https);
+    }
     out
+}
+
+fn https_section(out: &mut String, runs: &[Run]) {
+    let _ = writeln!(
+        out,
+        "## HTTPS upstreams: saturation, upstreams at 0 ms, c=64\n"
+    );
+    let _ = writeln!(
+        out,
+        "`fanout` with its three upstreams over plain HTTP/1.1, over HTTPS with \
+         HTTP/1.1, and over HTTPS with HTTP/2 (ALPN), alternating window by window \
+         (rustls on ring, a CA made for the run and trusted with `ca_file`). \
+         *Connections* are the target's open connections to the upstream server at \
+         the end of the window: its pool. Medians (and ranges) over the repeats.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| upstreams | 2xx/s | p50 ms | p99 ms | CPU ms/req | connections | 2xx/s against plain |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    let plain = stat(
+        runs.iter()
+            .filter(|r| r.target == Target::Fanout)
+            .map(|r| r.load.goodput),
+    )
+    .median;
+    for (target, label) in [
+        (Target::Fanout, "HTTP/1.1"),
+        (Target::FanoutHttps1, "HTTPS, HTTP/1.1"),
+        (Target::FanoutHttps2, "HTTPS, HTTP/2"),
+    ] {
+        let g: Vec<&Run> = runs.iter().filter(|r| r.target == target).collect();
+        if g.is_empty() {
+            continue;
+        }
+        let s = |f: &dyn Fn(&Run) -> f64| stat(g.iter().map(|r| f(r)));
+        let rps = s(&|r| r.load.goodput);
+        let _ = writeln!(
+            out,
+            "| {label} | {} | {} | {} | {} | {} | {} |",
+            cell(rps, 0),
+            cell(s(&|r| r.load.p50_ms), 1),
+            cell(s(&|r| r.load.p99_ms), 1),
+            cell(s(&|r| r.cpu_ms_per_request), 3),
+            cell(s(&|r| r.upstream_connections.unwrap_or(0) as f64), 0),
+            ratio(rps.median, plain),
+        );
+    }
+    out.push('\n');
 }
 
 fn hot_keys_section(out: &mut String, runs: &[Run]) {

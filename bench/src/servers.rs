@@ -39,6 +39,23 @@ where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
+    serve_maybe_tls(listener, None, handler).await
+}
+
+/// Connections the upstream server has accepted, for `GET /connections`.
+static CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Serves `handler`: HTTP/1.1, or with `tls` HTTPS with HTTP/1.1 or
+/// HTTP/2 as ALPN decides.
+async fn serve_maybe_tls<H, F>(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    handler: H,
+) -> Result<()>
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     loop {
         // Out of file descriptors (EMFILE) must not end the server: wait
         // for some to close, as the fanout host does.
@@ -51,15 +68,28 @@ where
             }
         };
         let _ = stream.set_nodelay(true);
+        CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let handler = handler.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let answer = handler(request);
                 async move { Ok::<_, std::convert::Infallible>(answer.await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            match tls {
+                None => {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }
+                Some(acceptor) => {
+                    if let Ok(stream) = acceptor.accept(stream).await {
+                        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    }
+                }
+            }
         });
     }
 }
@@ -77,14 +107,46 @@ fn json(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
 /// Calls the upstream server has answered, for `GET /calls`.
 static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// A CA and a certificate for `localhost` made now, the CA's PEM written
+/// to `dir/ca.pem` (for the aggregator's `ca_file`): the HTTPS upstreams.
+pub fn tls_acceptor(dir: &std::path::Path) -> Result<tokio_rustls::TlsAcceptor> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
+    std::fs::write(dir.join("ca.pem"), ca.pem())?;
+    let key = KeyPair::generate()?;
+    let cert = CertificateParams::new(vec!["localhost".to_string()])?.signed_by(&key, &ca)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        )?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
 /// Inventory, pricing and reviews on one port, each answering after `delay`;
-/// with `faults`, a share of calls misbehave (see [`Fault::pick`]).
-/// `GET /calls` says how many calls it has had.
-pub async fn upstreams(listener: TcpListener, delay: Duration, faults: bool) -> Result<()> {
-    serve(listener, move |request| async move {
+/// with `faults`, a share of calls misbehave (see [`Fault::pick`]); with
+/// `tls`, over HTTPS. `GET /calls` and `GET /connections` say how many
+/// calls and connections it has had.
+pub async fn upstreams(
+    listener: TcpListener,
+    delay: Duration,
+    faults: bool,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> Result<()> {
+    serve_maybe_tls(listener, tls, move |request| async move {
         use std::sync::atomic::Ordering;
-        if request.uri().path() == "/calls" {
-            return json(StatusCode::OK, &json!(CALLS.load(Ordering::Relaxed)));
+        match request.uri().path() {
+            "/calls" => return json(StatusCode::OK, &json!(CALLS.load(Ordering::Relaxed))),
+            "/connections" => {
+                return json(StatusCode::OK, &json!(CONNECTIONS.load(Ordering::Relaxed)));
+            }
+            _ => {}
         }
         CALLS.fetch_add(1, Ordering::Relaxed);
         // Also the OTLP collector of `fanout-telemetry`: it takes the
@@ -232,24 +294,61 @@ pub enum Identical {
     Cache { ttl: Duration },
 }
 
-pub fn fanout(
-    upstream: String,
-    guest_config: Option<String>,
-    max_instances: Option<u32>,
-    cache_dir: Option<std::path::PathBuf>,
-    fixed: bool,
-    guest_threads: Option<usize>,
-    identical: Identical,
-) -> Result<fanout_host::Fanout> {
+/// How `serve-fanout` builds its host: its flags.
+pub struct FanoutSetup {
+    pub upstream: String,
+    pub guest_config: Option<String>,
+    pub max_instances: Option<u32>,
+    pub cache_dir: Option<std::path::PathBuf>,
+    pub fixed: bool,
+    pub guest_threads: Option<usize>,
+    pub identical: Identical,
+    /// HTTPS upstreams: the CA to trust and the `http2` mode.
+    pub tls: Option<(std::path::PathBuf, String)>,
+}
+
+pub fn fanout(setup: FanoutSetup) -> Result<fanout_host::Fanout> {
+    use fanout_host::adapters::{Http2, HttpOptions, HttpUpstream, TlsOptions};
+    let FanoutSetup {
+        upstream,
+        guest_config,
+        max_instances,
+        cache_dir,
+        fixed,
+        guest_threads,
+        identical,
+        tls,
+    } = setup;
     let mut limits = fanout_host::Limits::default();
     if let Some(n) = max_instances {
         limits.max_instances = n;
     }
-    let mut builder = fanout_host::Fanout::builder()
-        .limits(limits)
-        .http_upstream("inventory", &upstream)
-        .http_upstream("pricing", &upstream)
-        .http_upstream("reviews", &upstream);
+    let mut builder = fanout_host::Fanout::builder().limits(limits);
+    match tls {
+        None => {
+            for name in ["inventory", "pricing", "reviews"] {
+                builder = builder.http_upstream(name, &upstream);
+            }
+        }
+        Some((ca_file, http2)) => {
+            // One client for the three: one pool, as plain HTTP has.
+            let client = HttpUpstream::with_tls(HttpOptions {
+                http2: match http2.as_str() {
+                    "always" => Http2::Always,
+                    "never" => Http2::Never,
+                    _ => Http2::Auto,
+                },
+                tls: TlsOptions {
+                    ca_file: Some(ca_file),
+                    ..TlsOptions::default()
+                },
+                ..HttpOptions::default()
+            })?;
+            for name in ["inventory", "pricing", "reviews"] {
+                builder = builder.http_upstream_with(name, &upstream, client.clone());
+            }
+        }
+    }
     if let Some(config) = guest_config {
         builder = builder.env("FANOUT_CONFIG", config);
     }

@@ -154,6 +154,26 @@ pub fn time_wait_sockets() -> usize {
         .sum()
 }
 
+/// Established TCP connections to `port` on this machine (the client
+/// ends: the aggregator's pooled connections to an upstream).
+pub fn established_to(port: u16) -> usize {
+    let port = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|t| {
+            t.lines()
+                .skip(1)
+                .filter(|l| {
+                    let fields: Vec<&str> = l.split_whitespace().collect();
+                    fields.get(2).is_some_and(|remote| remote.ends_with(&port))
+                        && fields.get(3) == Some(&"01")
+                })
+                .count()
+        })
+        .sum()
+}
+
 /// `wasmtime` 48.0.8 on PATH, if any.
 pub fn wasmtime() -> Option<PathBuf> {
     let out = std::process::Command::new("wasmtime")

@@ -394,6 +394,24 @@ fn failure_of(code: ErrorCode) -> UpstreamFailure {
         ErrorCode::DestinationUnavailable => {
             UpstreamFailure::Shed("its circuit breaker is open".into())
         }
+        ErrorCode::TlsCertificateError => UpstreamFailure::Tls {
+            why: "the server's certificate was refused (unknown CA, wrong name or expired)".into(),
+            retryable: false,
+        },
+        ErrorCode::TlsAlertReceived(alert) => UpstreamFailure::Tls {
+            why: format!(
+                "the server refused the handshake (alert {})",
+                alert
+                    .alert_message
+                    .as_deref()
+                    .unwrap_or("without a message")
+            ),
+            retryable: false,
+        },
+        ErrorCode::TlsProtocolError => UpstreamFailure::Tls {
+            why: "the handshake failed".into(),
+            retryable: true,
+        },
         code => UpstreamFailure::Transport(format!("{code:?}")),
     }
 }

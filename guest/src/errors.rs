@@ -68,6 +68,15 @@ pub enum UpstreamFailure {
     },
     /// The call failed below HTTP (refused, reset, unreachable...).
     Transport(String),
+    /// The TLS handshake failed: `why` says how. A refused certificate or
+    /// an alert from the server is not retried: another attempt meets the
+    /// same certificate.
+    Tls {
+        /// What went wrong, for the message.
+        why: String,
+        /// Whether another attempt may succeed (a protocol hiccup).
+        retryable: bool,
+    },
     /// The host refused the request: the upstream is not configured
     /// (`HttpRequestDenied`).
     Denied,
@@ -105,6 +114,11 @@ impl UpstreamFailure {
                 "upstream_unavailable",
                 format!("{upstream} could not be reached: {why}"),
             ),
+            UpstreamFailure::Tls { why, .. } => ApiError::new(
+                502,
+                "upstream_unavailable",
+                format!("{upstream} could not be reached: TLS: {why}"),
+            ),
             UpstreamFailure::InvalidBody(why) => ApiError::new(
                 502,
                 "upstream_invalid_response",
@@ -135,6 +149,7 @@ impl UpstreamFailure {
             | UpstreamFailure::Transport(_)
             | UpstreamFailure::Throttled { .. } => true,
             UpstreamFailure::Status(status) => matches!(status, 502..=504),
+            UpstreamFailure::Tls { retryable, .. } => *retryable,
             UpstreamFailure::InvalidBody(_)
             | UpstreamFailure::Denied
             | UpstreamFailure::Shed(_) => false,
@@ -207,6 +222,14 @@ mod tests {
             assert!(!UpstreamFailure::Status(status).is_retryable(), "{status}");
         }
         assert!(UpstreamFailure::Transport("ErrorCode::ConnectionRefused".into()).is_retryable());
+        let certificate = UpstreamFailure::Tls {
+            why: "the server's certificate was refused".into(),
+            retryable: false,
+        };
+        assert!(!certificate.is_retryable());
+        let error = certificate.to_api_error("pricing");
+        assert_eq!((error.status, error.code), (502, "upstream_unavailable"));
+        assert!(error.message.contains("TLS"), "{}", error.message);
         let throttled = UpstreamFailure::Throttled {
             status: 429,
             retry_after: Duration::from_millis(20),

@@ -26,7 +26,9 @@
 //!
 //! See the `fanout.toml` at the root of the repository for every key.
 
-use crate::adapters::{FixtureUpstream, HttpOptions, HttpUpstream, Latency, SimulatedUpstream};
+use crate::adapters::{
+    FixtureUpstream, Http2, HttpOptions, HttpUpstream, Latency, SimulatedUpstream, TlsOptions,
+};
 use crate::builder::FanoutBuilder;
 use crate::error::Error;
 use crate::guard::{CircuitBreakerConfig, Guardrails, RetryBudgetConfig};
@@ -111,6 +113,16 @@ pub struct UpstreamConfig {
     pub response_timeout_ms: Option<u64>,
     /// `http`: how long an idle connection is kept.
     pub idle_timeout_ms: Option<u64>,
+    /// `http`: `auto` (ALPN over TLS), `always` (h2c on http://) or `never`.
+    pub http2: Option<Http2>,
+    /// `http`: PEM CA certificates to trust besides the built-in roots.
+    pub ca_file: Option<PathBuf>,
+    /// `http`: a PEM client certificate chain (mutual TLS)...
+    pub client_cert: Option<PathBuf>,
+    /// ...and its PEM private key.
+    pub client_key: Option<PathBuf>,
+    /// `http`: the name the server's certificate must carry, if not the URL's host.
+    pub tls_server_name: Option<String>,
     /// `fixture`: the directory of `*.json` answers, relative to the file.
     pub dir: Option<PathBuf>,
     /// `simulated`: latency, and the fractions of calls that fail or hang.
@@ -193,8 +205,16 @@ impl FileConfig {
             *component = base.join(&*component);
         }
         for upstream in config.upstreams.values_mut() {
-            if let Some(dir) = &mut upstream.dir {
-                *dir = base.join(&*dir);
+            for path in [
+                &mut upstream.dir,
+                &mut upstream.ca_file,
+                &mut upstream.client_cert,
+                &mut upstream.client_key,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                *path = base.join(&*path);
             }
         }
         Ok(config)
@@ -300,6 +320,15 @@ impl UpstreamConfig {
             self.idle_timeout_ms.is_some(),
             AdapterKind::Http,
         )?;
+        for (field, set) in [
+            ("http2", self.http2.is_some()),
+            ("ca_file", self.ca_file.is_some()),
+            ("client_cert", self.client_cert.is_some()),
+            ("client_key", self.client_key.is_some()),
+            ("tls_server_name", self.tls_server_name.is_some()),
+        ] {
+            only_for(field, set, AdapterKind::Http)?;
+        }
         only_for("dir", self.dir.is_some(), AdapterKind::Fixture)?;
         only_for("latency", self.latency.is_some(), AdapterKind::Simulated)?;
         only_for(
@@ -350,8 +379,26 @@ impl UpstreamConfig {
                     response_timeout: ms(self.response_timeout_ms, "response_timeout_ms")?,
                     idle_timeout: ms(self.idle_timeout_ms, "idle_timeout_ms")?
                         .unwrap_or(defaults.idle_timeout),
+                    http2: self.http2.unwrap_or_default(),
+                    tls: TlsOptions {
+                        ca_file: self.ca_file.clone(),
+                        client_cert: self.client_cert.clone(),
+                        client_key: self.client_key.clone(),
+                        server_name: self.tls_server_name.clone(),
+                    },
                 };
-                builder.http_upstream_with(name, url, HttpUpstream::new(options))
+                let tls_asked = options.tls != TlsOptions::default();
+                if tls_asked && !url.starts_with("https://") {
+                    return Err(invalid(
+                        key("url"),
+                        "ca_file, client_cert and tls_server_name need an https:// URL",
+                    ));
+                }
+                let upstream = HttpUpstream::with_tls(options).map_err(|e| {
+                    let field = if e.key == "tls" { "url" } else { e.key };
+                    invalid(key(field), e.reason)
+                })?;
+                builder.http_upstream_with(name, url, upstream)
             }
             AdapterKind::Fixture => {
                 let dir = self
@@ -476,6 +523,8 @@ mod tests {
         assert!(err.contains("colour") && err.contains("line 2"), "{err}");
         let err = parse("[upstreams.a]\nadapter = \"carrier-pigeon\"\n").unwrap_err();
         assert!(err.contains("carrier-pigeon"), "{err}");
+        let err = parse("[upstreams.a]\nadapter = \"http\"\nhttp2 = \"sometimes\"\n").unwrap_err();
+        assert!(err.contains("sometimes"), "{err}");
         let err = parse("[upstreams.a]\nadapter = \"http\"\ncache = { ttl = 5 }\n").unwrap_err();
         assert!(err.contains("ttl"), "{err}");
         let err = parse("listen = \"not an address\"\n").unwrap_err();
@@ -514,6 +563,22 @@ mod tests {
             (
                 "[upstreams.p]\nadapter = \"http\"\nurl = \"http://x\"\ncache = { max_entry_kib = 2048, max_mib = 1 }\n",
                 "upstreams.p.cache",
+            ),
+            (
+                "[upstreams.p]\nadapter = \"http\"\nurl = \"https://x\"\nca_file = \"/nonexistent/ca.pem\"\n",
+                "upstreams.p.ca_file",
+            ),
+            (
+                "[upstreams.p]\nadapter = \"http\"\nurl = \"http://x\"\nca_file = \"ca.pem\"\n",
+                "upstreams.p.url",
+            ),
+            (
+                "[upstreams.p]\nadapter = \"http\"\nurl = \"https://x\"\ntls_server_name = \"not a name!\"\n",
+                "upstreams.p.tls_server_name",
+            ),
+            (
+                "[upstreams.p]\nadapter = \"simulated\"\nhttp2 = \"always\"\n",
+                "upstreams.p.http2",
             ),
             ("[limits]\nmax_instances = 0\n", "limits.max_instances"),
             ("[limits]\nmemory_mib = 0\n", "limits.memory"),

@@ -243,6 +243,9 @@ pub fn client_error_code(e: &hyper_util::client::legacy::Error) -> TransportErro
                 info_code: None,
             };
         }
+        if let Some(tls) = find_tls(e) {
+            return tls_error_code(tls);
+        }
         return match find::<std::io::Error>(e).map(std::io::Error::kind) {
             Some(std::io::ErrorKind::TimedOut) => TransportError::ConnectionTimeout,
             // Not DestinationUnavailable: that code means "circuit open".
@@ -252,9 +255,49 @@ pub fn client_error_code(e: &hyper_util::client::legacy::Error) -> TransportErro
             _ => TransportError::ConnectionRefused,
         };
     }
+    // With TLS 1.3 the server judges a client certificate after the
+    // client's handshake is done: its refusal arrives on the first read.
+    if let Some(tls) = find_tls(e) {
+        return tls_error_code(tls);
+    }
     match find::<hyper::Error>(e) {
         Some(hyper) => hyper_error_code(hyper),
         None => TransportError::InternalError(Some(e.to_string())),
+    }
+}
+
+/// The rustls error under a client error, if TLS failed: tokio-rustls
+/// wraps it in an `io::Error`, hyper-rustls that in another, and an
+/// `io::Error`'s `source` skips what it wraps, so each one is opened.
+fn find_tls<'a>(e: &'a (dyn StdError + 'static)) -> Option<&'a rustls::Error> {
+    let mut current = Some(e);
+    while let Some(e) = current {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        current = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn StdError + 'static)),
+            None => e.source(),
+        };
+    }
+    None
+}
+
+/// The `wasi:http` code of a failed handshake: the certificate (the
+/// guest does not retry), an alert from the server, or the protocol.
+pub fn tls_error_code(e: &rustls::Error) -> TransportError {
+    match e {
+        rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
+            TransportError::TlsCertificateError
+        }
+        rustls::Error::AlertReceived(alert) => TransportError::TlsAlertReceived {
+            alert_id: Some(u8::from(*alert)),
+            alert_message: Some(format!("{alert:?}")),
+        },
+        _ => TransportError::TlsProtocolError,
     }
 }
 

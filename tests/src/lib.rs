@@ -9,12 +9,14 @@ pub mod logs;
 pub mod mock_upstream;
 pub mod otlp;
 pub mod test_host;
+pub mod tls_upstream;
 
 pub use faulty_upstream::{Fault, FaultyUpstream};
 pub use logs::{Logs, capture_logs};
 pub use mock_upstream::{Behaviour, Call, MockUpstream, ProductUpstreams};
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use test_host::{Answer, TestHost, cache_dir, get_json};
+pub use tls_upstream::{Pki, TlsUpstream};
 
 /// Milliseconds, for brevity in tests: `MS(50)`.
 pub const MS: fn(u64) -> std::time::Duration = std::time::Duration::from_millis;

@@ -3,7 +3,7 @@
 //!
 //! | adapter | what it is for |
 //! |---|---|
-//! | [`HttpUpstream`] | real HTTP/1.1 on a pooled keep-alive client |
+//! | [`HttpUpstream`] | real HTTP/1.1 or HTTP/2, plain or TLS, on a pooled keep-alive client |
 //! | [`FixtureUpstream`] | JSON answers from files keyed by path: demos, contract tests |
 //! | [`from_fn`] | an in-process async closure: no network hop for an embedding app |
 //! | [`SimulatedUpstream`] | a latency distribution plus error and hang rates: demos, benchmarks, fault injection |
@@ -20,8 +20,8 @@ mod with_headers;
 pub use fixture::FixtureUpstream;
 pub use func::from_fn;
 pub use http::{
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, HttpOptions, HttpUpstream,
-    POOL_MAX_IDLE_PER_HOST,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, Http2, HttpOptions, HttpUpstream,
+    POOL_MAX_IDLE_PER_HOST, TlsOptions, TlsSettingError,
 };
 pub use simulated::{Latency, SimulatedUpstream};
 pub(crate) use with_headers::{WithHeaders, resolve as resolve_header};

@@ -53,12 +53,19 @@ impl UpstreamHandle {
         }
         match uri.scheme_str() {
             Some("http") => {}
+            // Only a client that speaks TLS: in-process upstreams are
+            // reached by authority, and their base URLs are http://.
+            Some("https") if is_http => {}
             Some("https") => {
-                return Err(invalid(
-                    "https upstreams are not supported yet by the built-in client".into(),
-                ));
+                return Err(invalid(format!(
+                    "base URL `{base_url}`: an in-process upstream's URL is http://"
+                )));
             }
-            _ => return Err(invalid(format!("base URL `{base_url}` must be http://"))),
+            _ => {
+                return Err(invalid(format!(
+                    "base URL `{base_url}` must be http:// or https://"
+                )));
+            }
         }
         let authority = uri
             .authority()
