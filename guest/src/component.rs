@@ -230,6 +230,7 @@ impl Env for WasiEnv {
 
     async fn attempt(&self, attempt: Attempt<'_>) -> Result<Value, UpstreamFailure> {
         let attempt_number = attempt.number.to_string();
+        let budget_ms = attempt.timeout.as_millis().max(1).to_string();
         let mut headers: Vec<(&str, &str)> = vec![
             ("accept", "application/json"),
             ("traceparent", &attempt.traceparent),
@@ -238,6 +239,11 @@ impl Env for WasiEnv {
         ];
         if let Some(state) = self.tracestate.as_deref() {
             headers.push(("tracestate", state));
+        }
+        // What this attempt has left, so that an upstream that is itself an
+        // aggregator (fanout reads this header) spends no more.
+        if let Some(name) = attempt.budget_header {
+            headers.push((name, &budget_ms));
         }
         // On timeout the call is dropped, which makes the host abort the
         // in-flight request.

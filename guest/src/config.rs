@@ -72,6 +72,11 @@ pub struct RawConfig {
     pub mode: Option<Mode>,
     /// The routes; the product example by default.
     pub routes: Option<Vec<RawRoute>>,
+    /// The header that tells each upstream attempt how long it has, in
+    /// milliseconds (`x-request-timeout-ms`, which fanout itself reads, so
+    /// that the budget shrinks along a chain of aggregators); `""` sends
+    /// none.
+    pub budget_header: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -149,6 +154,8 @@ pub struct Config {
     pub mode: Mode,
     /// The routes, longest collection first where they overlap.
     pub routes: Vec<Route>,
+    /// The header carrying each attempt's budget to the upstream, if any.
+    pub budget_header: Option<String>,
 }
 
 /// A configuration the guest cannot work with: it names the key and why.
@@ -245,6 +252,32 @@ impl Config {
                 format!("{max_in_flight} is outside 1..=1024"),
             ));
         }
+        let budget_header = match raw.budget_header.as_deref() {
+            None => Some(crate::protocol::TIMEOUT_HEADER.to_string()),
+            Some("") => None,
+            Some(name) => {
+                let valid = name.len() <= 64
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+                let reserved = [
+                    "host",
+                    "traceparent",
+                    "tracestate",
+                    "accept",
+                    "content-length",
+                ]
+                .contains(&name)
+                    || name.starts_with(crate::protocol::HINT_PREFIX);
+                if !valid || reserved {
+                    return Err(error(
+                        format!("{ENV_CONFIG}.budget_header"),
+                        format!("`{name}` is not a lower-case header name of its own"),
+                    ));
+                }
+                Some(name.to_string())
+            }
+        };
         let routes = raw
             .routes
             .unwrap_or_else(default_routes)
@@ -269,6 +302,7 @@ impl Config {
             max_in_flight,
             mode: raw.mode.unwrap_or_default(),
             routes,
+            budget_header,
         })
     }
 

@@ -33,6 +33,8 @@ pub struct Attempt<'a> {
     pub timeout: Duration,
     /// W3C `traceparent` to send: the request's trace, a span of its own.
     pub traceparent: String,
+    /// The header to tell the upstream `timeout` in, if any.
+    pub budget_header: Option<&'a str>,
 }
 
 /// What the orchestration needs from its surroundings.
@@ -82,6 +84,7 @@ pub async fn call<E: Env>(
     id: &str,
     budget: Budget,
     trace: &TraceContext,
+    budget_header: Option<&str>,
 ) -> Result<Value, UpstreamFailure> {
     let url = upstream.url(id);
     let mut number = 1;
@@ -98,6 +101,7 @@ pub async fn call<E: Env>(
                 number,
                 timeout,
                 traceparent: trace.child_header(env.random()),
+                budget_header,
             })
             .await
         {
@@ -154,7 +158,8 @@ pub async fn fan_out<E: Env>(
         let upstream = &route.upstreams[index];
         async move {
             let started = env.now();
-            let result = call(env, upstream, &id, budget, trace).await;
+            let header = config.budget_header.as_deref();
+            let result = call(env, upstream, &id, budget, trace, header).await;
             (index, started, env.now(), result)
         }
     };

@@ -539,3 +539,39 @@ async fn deeply_nested_upstream_json_fits_the_guest_stack() -> Result<()> {
     assert_eq!(answer.error_code(), "upstream_invalid_response");
     Ok(())
 }
+
+#[tokio::test]
+async fn each_attempt_tells_the_upstream_its_shrinking_budget() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    // 60 ms each: the request's 200 ms, not the attempt timeout, binds
+    // from the second attempt on, whatever the backoff's jitter.
+    let failing = Behaviour {
+        delay: MS(60),
+        ..Behaviour::status(503)
+    };
+    upstreams.pricing.script(vec![failing.clone(), failing]);
+    let host = upstreams.host().await?;
+    let answer = host.get("/products/42").await?;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    let budgets: Vec<u64> = upstreams
+        .pricing
+        .calls()
+        .iter()
+        .map(|c| {
+            c.headers["x-request-timeout-ms"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(budgets.len(), 3, "two 503s, then an answer");
+    // The first attempt gets the upstream's timeout (150 ms of the 200);
+    // each retry only what the request has left.
+    assert_eq!(budgets[0], 150);
+    assert!(
+        budgets[1] < budgets[0] && budgets[2] < budgets[1],
+        "{budgets:?}"
+    );
+    Ok(())
+}

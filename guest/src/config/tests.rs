@@ -167,3 +167,28 @@ fn missing_or_malformed_base_names_the_variable() {
         assert_eq!(err.key, "FANOUT_UPSTREAM_INVENTORY", "{bad}");
     }
 }
+
+#[test]
+fn the_budget_header_is_fanouts_own_unless_renamed_or_off() {
+    let header = |json: &'static str| with(&[("FANOUT_CONFIG", json)]).map(|c| c.budget_header);
+    assert_eq!(
+        header("{}").unwrap().as_deref(),
+        Some("x-request-timeout-ms")
+    );
+    assert_eq!(header(r#"{"budget_header": ""}"#).unwrap(), None);
+    assert_eq!(
+        header(r#"{"budget_header": "x-deadline-ms"}"#)
+            .unwrap()
+            .as_deref(),
+        Some("x-deadline-ms")
+    );
+    for bad in [
+        r#"{"budget_header": "X-Upper"}"#,
+        r#"{"budget_header": "two words"}"#,
+        r#"{"budget_header": "traceparent"}"#,
+        r#"{"budget_header": "x-fanout-hint-attempt"}"#,
+    ] {
+        let err = header(bad).unwrap_err();
+        assert_eq!(err.key, "FANOUT_CONFIG.budget_header", "{bad}");
+    }
+}

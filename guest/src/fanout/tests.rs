@@ -107,6 +107,7 @@ fn call_200ms(env: &impl Env, upstream: &RouteUpstream) -> Result<Value, Upstrea
         "1",
         Budget::starting_at(MS(0), MS(200)),
         &TRACE,
+        None,
     ))
 }
 
@@ -131,23 +132,34 @@ fn budget_arithmetic() {
 #[test]
 fn every_attempt_carries_the_trace_with_its_own_span() {
     let env = FakeEnv::new(vec![
-        (1, Err(UpstreamFailure::Status(503))),
+        (80, Err(UpstreamFailure::Status(503))),
         (1, Ok(Value::Null)),
     ]);
     let traced = std::cell::RefCell::new(Vec::new());
+    let budgets = std::cell::RefCell::new(Vec::new());
     let recording = Recording {
         env: &env,
         traced: &traced,
+        budgets: &budgets,
     };
     let _ = run(call(
         &recording,
-        &upstream(100, 3),
+        &upstream(150, 3),
         "1",
         Budget::starting_at(MS(0), MS(200)),
         &TRACE,
+        Some("x-request-timeout-ms"),
     ));
     let traced = traced.borrow();
     assert_eq!(traced.len(), 2);
+    let budgets = budgets.borrow();
+    // Each attempt tells its own budget: the first its timeout (150 ms),
+    // the retry what the request has left after 80 ms and a backoff.
+    assert_eq!(budgets[0], (Some("x-request-timeout-ms".into()), MS(150)));
+    assert!(
+        budgets[1].1 <= MS(120) && budgets[1].1 > MS(0),
+        "{budgets:?}"
+    );
     for header in traced.iter() {
         let ctx = TraceContext::parse(header).expect("valid traceparent");
         assert_eq!(ctx.trace_id, TRACE.trace_id);
@@ -159,6 +171,8 @@ fn every_attempt_carries_the_trace_with_its_own_span() {
 struct Recording<'a> {
     env: &'a FakeEnv,
     traced: &'a std::cell::RefCell<Vec<String>>,
+    /// Each attempt's budget header and the budget it would say.
+    budgets: &'a std::cell::RefCell<Vec<(Option<String>, Duration)>>,
 }
 
 impl Env for Recording<'_> {
@@ -173,6 +187,9 @@ impl Env for Recording<'_> {
     }
     fn attempt(&self, a: Attempt<'_>) -> impl Future<Output = Result<Value, UpstreamFailure>> {
         self.traced.borrow_mut().push(a.traceparent.clone());
+        self.budgets
+            .borrow_mut()
+            .push((a.budget_header.map(str::to_string), a.timeout));
         self.env.attempt(a)
     }
 }
@@ -284,7 +301,7 @@ fn an_exhausted_budget_calls_nothing() {
     let budget = Budget::starting_at(MS(0), MS(200));
     env.advance(MS(200));
     assert_eq!(
-        run(call(&env, &upstream(100, 3), "1", budget, &TRACE)),
+        run(call(&env, &upstream(100, 3), "1", budget, &TRACE, None)),
         Err(UpstreamFailure::Timeout)
     );
 }
