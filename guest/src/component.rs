@@ -59,6 +59,8 @@ struct Incoming {
     traceparent: Option<String>,
     tracestate: Option<String>,
     timeout: Option<String>,
+    /// Every header, for `forward_headers`: visible-ASCII values only.
+    headers: Vec<(String, String)>,
 }
 
 impl Incoming {
@@ -97,6 +99,11 @@ impl Incoming {
                 .and_then(crate::trace::bounded_tracestate),
             // Present but not text is still an error the client should see.
             timeout: header(TIMEOUT_HEADER).map(|v| text(v).unwrap_or(NOT_ASCII.into())),
+            headers: headers
+                .entries()
+                .into_iter()
+                .filter_map(|(name, value)| Some((name, text(value)?)))
+                .collect(),
         }
     }
 
@@ -117,6 +124,7 @@ async fn handle(origin: Instant, request: &Incoming) -> (Answer, String) {
     let env = WasiEnv {
         origin,
         tracestate: request.tracestate.clone(),
+        headers: request.headers.clone(),
     };
     let mut timings = Vec::new();
     let answer = match answer(&env, request, &trace, &mut timings).await {
@@ -206,6 +214,9 @@ struct WasiEnv {
     origin: Instant,
     /// Forwarded unchanged on every attempt, as W3C trace context asks.
     tracestate: Option<String>,
+    /// The client's headers, of which each upstream's `forward_headers`
+    /// are copied onto its calls.
+    headers: Vec<(String, String)>,
 }
 
 /// 64 bits from wasi:random/random, part of the proxy world.
@@ -244,6 +255,17 @@ impl Env for WasiEnv {
         // aggregator (fanout reads this header) spends no more.
         if let Some(name) = attempt.budget_header {
             headers.push((name, &budget_ms));
+        }
+        // Only what the configuration lists for this upstream, every value
+        // of a repeated header, in the client's order.
+        for (name, value) in &self.headers {
+            if attempt
+                .forward
+                .iter()
+                .any(|listed| name.eq_ignore_ascii_case(listed))
+            {
+                headers.push((name, value));
+            }
         }
         // On timeout the call is dropped, which makes the host abort the
         // in-flight request.

@@ -106,6 +106,9 @@ pub struct RawUpstream {
     pub timeout_ms: Option<u64>,
     /// How failed attempts are retried.
     pub retry: Option<RetryPolicy>,
+    /// Client request headers copied to this upstream's calls, and no
+    /// others (`["accept-language", "authorization"]`).
+    pub forward_headers: Option<Vec<String>>,
 }
 
 /// A validated route.
@@ -130,6 +133,8 @@ pub struct RouteUpstream {
     pub timeout: Duration,
     /// How failed attempts are retried.
     pub retry: RetryPolicy,
+    /// Client request headers copied to its calls (lower-case names).
+    pub forward_headers: Vec<String>,
     /// The URL template with `{base}` already substituted.
     url: String,
 }
@@ -192,6 +197,7 @@ pub fn default_routes() -> Vec<RawRoute> {
         required: Some(required),
         timeout_ms: None,
         retry: None,
+        forward_headers: None,
     };
     vec![RawRoute {
         path: "/products/{id}".into(),
@@ -435,12 +441,24 @@ fn validate_route(
         retry
             .validate()
             .map_err(|reason| error(format!("{}.retry", key()), reason))?;
+        let forward_headers = u.forward_headers.unwrap_or_default();
+        if forward_headers.len() > MAX_FORWARDED {
+            return Err(error(
+                format!("{}.forward_headers", key()),
+                format!("at most {MAX_FORWARDED} names"),
+            ));
+        }
+        for (j, name) in forward_headers.iter().enumerate() {
+            forwardable(name)
+                .map_err(|reason| error(format!("{}.forward_headers[{j}]", key()), reason))?;
+        }
         upstreams.push(RouteUpstream {
             name: u.name,
             field,
             required: u.required.unwrap_or(true),
             timeout,
             retry,
+            forward_headers,
             url,
         });
     }
@@ -451,6 +469,46 @@ fn validate_route(
 }
 
 /// Accepts `http://authority[/prefix]` or `https://...`, no query or fragment.
+/// Names an upstream may list in `forward_headers`, at most.
+pub const MAX_FORWARDED: usize = 32;
+
+/// Whether a client header may be forwarded: a lower-case name that is not
+/// about the connection (hop-by-hop), not one the guest or the host sets
+/// itself (trace context, the budget, the host's hints), and not the
+/// message's framing.
+fn forwardable(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !valid {
+        return Err(format!("`{name}` is not a lower-case header name"));
+    }
+    const NEVER: [&str; 14] = [
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "traceparent",
+        "tracestate",
+        crate::protocol::TIMEOUT_HEADER,
+    ];
+    if NEVER.contains(&name) || name.starts_with(crate::protocol::HINT_PREFIX) {
+        return Err(format!(
+            "`{name}` is about the connection or set by fanout itself: it is never forwarded"
+        ));
+    }
+    Ok(())
+}
+
 fn parse_base_url(raw: &str) -> Result<String, String> {
     let raw = raw.trim();
     let rest = raw

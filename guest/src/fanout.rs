@@ -35,6 +35,8 @@ pub struct Attempt<'a> {
     pub traceparent: String,
     /// The header to tell the upstream `timeout` in, if any.
     pub budget_header: Option<&'a str>,
+    /// The client's headers to copy onto the call, by name.
+    pub forward: &'a [String],
 }
 
 /// What the orchestration needs from its surroundings.
@@ -102,6 +104,7 @@ pub async fn call<E: Env>(
                 timeout,
                 traceparent: trace.child_header(env.random()),
                 budget_header,
+                forward: &upstream.forward_headers,
             })
             .await
         {

@@ -575,3 +575,57 @@ async fn each_attempt_tells_the_upstream_its_shrinking_budget() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listed_client_headers_reach_their_upstream_and_credentials_are_never_shared() -> Result<()>
+{
+    let upstreams = ProductUpstreams::start(MS(50)).await?;
+    let config = serde_json::json!({"routes": [{"path": "/products/{id}", "upstreams": [
+        {"name": "inventory", "url": "{base}/inventory/{id}"},
+        {"name": "pricing", "url": "{base}/pricing/{id}", "field": "price",
+         "forward_headers": ["accept-language", "authorization"]},
+        {"name": "reviews", "url": "{base}/reviews/{id}", "required": false}
+    ]}]});
+    let fanout = upstreams
+        .builder()
+        .env("FANOUT_CONFIG", config.to_string())
+        .admission(fanout_host::AdmissionMode::Fixed)
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+    let ask = |user: &'static str| {
+        let host = &host;
+        async move {
+            host.get_with(
+                "/products/42",
+                &[
+                    ("accept-language", "fr"),
+                    ("authorization", user),
+                    ("cookie", "session=1"),
+                ],
+            )
+            .await
+        }
+    };
+    let (alice, bob) = tokio::join!(ask("Bearer alice"), ask("Bearer bob"));
+    assert_eq!(alice?.status, StatusCode::OK);
+    assert_eq!(bob?.status, StatusCode::OK);
+
+    let pricing = upstreams.pricing.calls();
+    let mut users: Vec<_> = pricing
+        .iter()
+        .map(|c| c.headers["authorization"].to_str().unwrap().to_string())
+        .collect();
+    users.sort();
+    // Each user's call of its own: an answer to a credentialed request is
+    // never another's, coalesced or cached.
+    assert_eq!(users, ["Bearer alice", "Bearer bob"]);
+    assert!(pricing.iter().all(|c| c.headers["accept-language"] == "fr"));
+    assert!(pricing.iter().all(|c| !c.headers.contains_key("cookie")));
+    // Unlisted upstreams get none of them, and coalesce.
+    let inventory = upstreams.inventory.calls();
+    assert_eq!(inventory.len(), 1);
+    for name in ["authorization", "accept-language", "cookie"] {
+        assert!(!inventory[0].headers.contains_key(name), "{name}");
+    }
+    Ok(())
+}

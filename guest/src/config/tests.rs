@@ -192,3 +192,45 @@ fn the_budget_header_is_fanouts_own_unless_renamed_or_off() {
         assert_eq!(err.key, "FANOUT_CONFIG.budget_header", "{bad}");
     }
 }
+
+#[test]
+fn only_end_to_end_headers_may_be_forwarded() {
+    let route = |forward: &str| {
+        format!(
+            r#"{{"routes": [{{"path": "/p/{{id}}", "upstreams": [
+                {{"name": "pricing", "url": "{{base}}/{{id}}", "forward_headers": {forward}}}]}}]}}"#
+        )
+    };
+    let config = Config::from_lookup(lookup(&[
+        ("FANOUT_UPSTREAM_PRICING", "http://pricing.local"),
+        (
+            "FANOUT_CONFIG",
+            &route(r#"["accept-language", "authorization"]"#),
+        ),
+    ]))
+    .unwrap();
+    assert_eq!(
+        config.routes[0].upstreams[0].forward_headers,
+        ["accept-language", "authorization"]
+    );
+    for bad in [
+        r#"["connection"]"#,
+        r#"["transfer-encoding"]"#,
+        r#"["host"]"#,
+        r#"["traceparent"]"#,
+        r#"["x-request-timeout-ms"]"#,
+        r#"["x-fanout-hint-upstream"]"#,
+        r#"["Accept-Language"]"#,
+        r#"["two words"]"#,
+    ] {
+        let err = Config::from_lookup(lookup(&[
+            ("FANOUT_UPSTREAM_PRICING", "http://pricing.local"),
+            ("FANOUT_CONFIG", &route(bad)),
+        ]))
+        .unwrap_err();
+        assert_eq!(
+            err.key, "FANOUT_CONFIG.routes[0].upstreams[0].forward_headers[0]",
+            "{bad}: {err}"
+        );
+    }
+}
