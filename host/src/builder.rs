@@ -362,7 +362,9 @@ impl FanoutBuilder {
         }
 
         let builtin = match self.component {
-            ComponentSource::BuiltIn => Some(BuiltinGuest::configure(&env, &self.limits)?),
+            ComponentSource::BuiltIn => {
+                Some(BuiltinGuest::configure(&env, &self.limits, &upstreams)?)
+            }
             _ => None,
         };
 

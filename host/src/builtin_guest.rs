@@ -6,6 +6,7 @@
 
 use crate::error::{Error, Failure};
 use crate::limits::Limits;
+use crate::outbound::Upstreams;
 use fanout_guest::config::Config;
 use fanout_guest::protocol::TIMEOUT_HEADER;
 use http::Request;
@@ -34,6 +35,7 @@ impl BuiltinGuest {
     pub(crate) fn configure(
         env: &[(String, String)],
         limits: &Limits,
+        upstreams: &Upstreams,
     ) -> Result<BuiltinGuest, Error> {
         let lookup = |key: &str| {
             env.iter()
@@ -46,6 +48,7 @@ impl BuiltinGuest {
             reason: e.reason,
         })?;
         check_against_limits(&config, limits)?;
+        check_against_upstreams(&config, upstreams)?;
         Ok(BuiltinGuest {
             collections: config.routes.into_iter().map(|r| r.collection).collect(),
             budget: config.deadline,
@@ -73,6 +76,44 @@ impl BuiltinGuest {
     pub(crate) fn budget(&self) -> Duration {
         self.budget
     }
+}
+
+/// Every upstream URL the routes call resolves to a registered upstream
+/// that speaks its scheme: else each call would be refused at run time
+/// (`502 upstream_denied`), so it is an error naming the key at start.
+fn check_against_upstreams(config: &Config, upstreams: &Upstreams) -> Result<(), Error> {
+    for route in &config.routes {
+        for (j, upstream) in route.upstreams.iter().enumerate() {
+            let url = upstream.url("id");
+            let refused = |reason: String| Error::GuestConfig {
+                key: format!(
+                    "{}.routes[{}/{{id}}].upstreams[{j}].url",
+                    fanout_guest::protocol::ENV_CONFIG,
+                    route.collection
+                ),
+                reason,
+            };
+            let uri: http::Uri = url
+                .parse()
+                .map_err(|e| refused(format!("`{url}` is not a URL: {e}")))?;
+            let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+            match upstreams.route(authority, Some(&upstream.name)) {
+                None => {
+                    return Err(refused(format!(
+                        "`{url}` calls `{authority}`, where no upstream is registered"
+                    )));
+                }
+                Some(handle) if uri.scheme_str() == Some("https") && !handle.is_http() => {
+                    return Err(refused(format!(
+                        "`{url}` is https, but upstream `{}` is served in-process over http",
+                        handle.name()
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Takes the time a request waited for an instance out of its budget, so

@@ -543,14 +543,24 @@ async fn deeply_nested_upstream_json_fits_the_guest_stack() -> Result<()> {
 #[tokio::test]
 async fn each_attempt_tells_the_upstream_its_shrinking_budget() -> Result<()> {
     let upstreams = ProductUpstreams::start(MS(0)).await?;
-    // 60 ms each: the request's 200 ms, not the attempt timeout, binds
-    // from the second attempt on, whatever the backoff's jitter.
+    // 300 ms per failing attempt in a 1000 ms budget, pricing's attempts
+    // allowed 900: from the second attempt on, what the request has left
+    // binds, whatever the backoff's jitter and however loaded the machine.
     let failing = Behaviour {
-        delay: MS(60),
+        delay: MS(300),
         ..Behaviour::status(503)
     };
     upstreams.pricing.script(vec![failing.clone(), failing]);
-    let host = upstreams.host().await?;
+    let config = json!({"deadline_ms": 1000, "routes": [{"path": "/products/{id}", "upstreams": [
+        {"name": "inventory", "url": "{base}/inventory/{id}"},
+        {"name": "pricing", "url": "{base}/pricing/{id}", "field": "price", "timeout_ms": 900},
+        {"name": "reviews", "url": "{base}/reviews/{id}", "required": false}
+    ]}]});
+    let fanout = upstreams
+        .builder()
+        .env("FANOUT_CONFIG", config.to_string())
+        .build()?;
+    let host = TestHost::start(fanout).await?;
     let answer = host.get("/products/42").await?;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
     let budgets: Vec<u64> = upstreams
@@ -566,25 +576,29 @@ async fn each_attempt_tells_the_upstream_its_shrinking_budget() -> Result<()> {
         })
         .collect();
     assert_eq!(budgets.len(), 3, "two 503s, then an answer");
-    // The first attempt gets the upstream's timeout (150 ms of the 200);
-    // each retry only what the request has left.
-    assert_eq!(budgets[0], 150);
+    // The first attempt gets the upstream's timeout; each retry only what
+    // the request has left.
+    assert_eq!(budgets[0], 900);
     assert!(
         budgets[1] < budgets[0] && budgets[2] < budgets[1],
         "{budgets:?}"
     );
+    assert!(budgets[2] <= 400, "{budgets:?}");
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listed_client_headers_reach_their_upstream_and_credentials_are_never_shared() -> Result<()>
 {
-    let upstreams = ProductUpstreams::start(MS(50)).await?;
-    let config = serde_json::json!({"routes": [{"path": "/products/{id}", "upstreams": [
-        {"name": "inventory", "url": "{base}/inventory/{id}"},
-        {"name": "pricing", "url": "{base}/pricing/{id}", "field": "price",
+    // Slow upstreams and a patient route: the two requests' inventory
+    // calls are in flight together even on a loaded machine.
+    let upstreams = ProductUpstreams::start(MS(300)).await?;
+    let config = serde_json::json!({"deadline_ms": 1500, "max_deadline_ms": 1500,
+        "routes": [{"path": "/products/{id}", "upstreams": [
+        {"name": "inventory", "url": "{base}/inventory/{id}", "timeout_ms": 1400},
+        {"name": "pricing", "url": "{base}/pricing/{id}", "field": "price", "timeout_ms": 1400,
          "forward_headers": ["accept-language", "authorization"]},
-        {"name": "reviews", "url": "{base}/reviews/{id}", "required": false}
+        {"name": "reviews", "url": "{base}/reviews/{id}", "required": false, "timeout_ms": 1400}
     ]}]});
     let fanout = upstreams
         .builder()
@@ -627,5 +641,26 @@ async fn listed_client_headers_reach_their_upstream_and_credentials_are_never_sh
     for name in ["authorization", "accept-language", "cookie"] {
         assert!(!inventory[0].headers.contains_key(name), "{name}");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_route_calling_an_unregistered_address_stops_the_start() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    let config = json!({"routes": [{"path": "/products/{id}", "upstreams": [
+        {"name": "pricing", "url": "http://elsewhere.internal:9/pricing/{id}"}
+    ]}]});
+    let err = upstreams
+        .builder()
+        .env("FANOUT_CONFIG", config.to_string())
+        .build()
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("FANOUT_CONFIG.routes[/products/{id}].upstreams[0].url")
+            && err.contains("elsewhere.internal:9"),
+        "{err}"
+    );
     Ok(())
 }

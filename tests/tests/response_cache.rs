@@ -18,6 +18,28 @@ async fn wave(host: &TestHost, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// The product route with room to spare: a loaded machine (CI, two cores,
+/// tests in parallel) must not turn the slow upstreams that keep calls in
+/// flight together into timeouts.
+fn patient(builder: fanout_host::FanoutBuilder) -> fanout_host::FanoutBuilder {
+    let upstream = |name: &str, field: &str, required: bool| {
+        serde_json::json!({"name": name, "url": format!("{{base}}/{name}/{{id}}"),
+            "field": field, "required": required, "timeout_ms": 1400})
+    };
+    let config = serde_json::json!({
+        "deadline_ms": 1500, "max_deadline_ms": 1500,
+        "routes": [{"path": "/products/{id}", "upstreams": [
+            upstream("inventory", "inventory", true),
+            upstream("pricing", "price", true),
+            upstream("reviews", "reviews", false),
+        ]}]
+    });
+    builder
+        .env("FANOUT_CONFIG", config.to_string())
+        // All of a wave admitted at once, whatever the adaptive limit learnt.
+        .admission(fanout_host::AdmissionMode::Fixed)
+}
+
 fn calls(upstreams: &ProductUpstreams) -> [usize; 3] {
     [
         upstreams.inventory.calls().len(),
@@ -35,12 +57,9 @@ fn metric(host: &TestHost, name_and_labels: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_requests_make_one_call_per_upstream() -> Result<()> {
-    let upstreams = ProductUpstreams::start(MS(100)).await?;
-    // All fifty admitted at once, whatever the adaptive limit has learnt.
-    let fanout = upstreams
-        .builder()
-        .admission(fanout_host::AdmissionMode::Fixed)
-        .build()?;
+    // Slow enough that all fifty are in flight together.
+    let upstreams = ProductUpstreams::start(MS(400)).await?;
+    let fanout = patient(upstreams.builder()).build()?;
     let host = TestHost::start(fanout).await?;
     wave(&host, 50).await?;
     assert_eq!(calls(&upstreams), [1, 1, 1], "coalescing is on by default");
@@ -59,9 +78,8 @@ async fn fifty_concurrent_requests_make_one_call_per_upstream() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coalescing_can_be_turned_off() -> Result<()> {
-    let upstreams = ProductUpstreams::start(MS(100)).await?;
-    let fanout = upstreams
-        .builder()
+    let upstreams = ProductUpstreams::start(MS(400)).await?;
+    let fanout = patient(upstreams.builder())
         .coalescing(false)
         .coalesce("reviews", true)
         .build()?;
@@ -74,9 +92,8 @@ async fn coalescing_can_be_turned_off() -> Result<()> {
 #[tokio::test]
 async fn a_cached_upstream_is_not_called_again_within_its_ttl() -> Result<()> {
     let logs = fanout_tests::capture_logs();
-    let upstreams = ProductUpstreams::start(MS(50)).await?;
-    let fanout = upstreams
-        .builder()
+    let upstreams = ProductUpstreams::start(MS(300)).await?;
+    let fanout = patient(upstreams.builder())
         .response_cache(
             "pricing",
             ResponseCacheConfig {

@@ -15,9 +15,20 @@ async fn host_with_pricing(
     options: HttpOptions,
 ) -> Result<TestHost> {
     let client = HttpUpstream::with_tls(options)?;
+    // Room to spare: fifty requests at once on a loaded machine must not
+    // time out (the attempt timeouts are not what these tests are about).
+    let upstream = |name: &str, field: &str| {
+        serde_json::json!({"name": name, "url": format!("{{base}}/{name}/{{id}}"),
+            "field": field, "timeout_ms": 1400})
+    };
+    let config = serde_json::json!({"deadline_ms": 1500, "max_deadline_ms": 1500,
+        "routes": [{"path": "/products/{id}", "upstreams": [
+            upstream("inventory", "inventory"), upstream("pricing", "price"),
+            upstream("reviews", "reviews")]}]});
     let fanout = upstreams
         .builder()
         .http_upstream_with("pricing", url, client)
+        .env("FANOUT_CONFIG", config.to_string())
         .admission(fanout_host::AdmissionMode::Fixed)
         .build()?;
     TestHost::start(fanout).await

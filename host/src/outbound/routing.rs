@@ -98,6 +98,12 @@ impl UpstreamHandle {
         &self.name
     }
 
+    /// Served by a shared HTTP client (which speaks TLS), rather than
+    /// in-process.
+    pub(crate) fn is_http(&self) -> bool {
+        self.is_http
+    }
+
     /// The base URL the guest was given for it.
     pub fn base_url(&self) -> &str {
         &self.base_url
