@@ -142,13 +142,22 @@ fn status_kib(pid: u32, key: &str) -> u64 {
 
 /// Sockets in TIME_WAIT on this machine (IPv4 and IPv6).
 pub fn time_wait_sockets() -> usize {
+    tcp_sockets(|_remote, state| state == "06")
+}
+
+/// TCP sockets of this machine (`/proc/net/tcp` and `tcp6`) whose remote
+/// address and state (hex, as the kernel writes them) pass `keep`.
+fn tcp_sockets(keep: impl Fn(&str, &str) -> bool) -> usize {
     ["/proc/net/tcp", "/proc/net/tcp6"]
         .iter()
         .filter_map(|p| std::fs::read_to_string(p).ok())
         .map(|t| {
             t.lines()
                 .skip(1)
-                .filter(|l| l.split_whitespace().nth(3) == Some("06"))
+                .filter(|l| {
+                    let fields: Vec<&str> = l.split_whitespace().collect();
+                    matches!((fields.get(2), fields.get(3)), (Some(r), Some(s)) if keep(r, s))
+                })
                 .count()
         })
         .sum()
@@ -158,20 +167,7 @@ pub fn time_wait_sockets() -> usize {
 /// ends: the aggregator's pooled connections to an upstream).
 pub fn established_to(port: u16) -> usize {
     let port = format!(":{port:04X}");
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(p).ok())
-        .map(|t| {
-            t.lines()
-                .skip(1)
-                .filter(|l| {
-                    let fields: Vec<&str> = l.split_whitespace().collect();
-                    fields.get(2).is_some_and(|remote| remote.ends_with(&port))
-                        && fields.get(3) == Some(&"01")
-                })
-                .count()
-        })
-        .sum()
+    tcp_sockets(|remote, state| remote.ends_with(&port) && state == "01")
 }
 
 /// `wasmtime` 48.0.8 on PATH, if any.
@@ -183,4 +179,19 @@ pub fn wasmtime() -> Option<PathBuf> {
     String::from_utf8_lossy(&out.stdout)
         .contains("48.0.8")
         .then(|| PathBuf::from("wasmtime"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_open_connection_is_counted_by_its_remote_port() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert_eq!(established_to(port), 0);
+        let _client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let _server = listener.accept().unwrap();
+        assert_eq!(established_to(port), 1);
+    }
 }
