@@ -243,7 +243,7 @@ pub fn client_error_code(e: &hyper_util::client::legacy::Error) -> TransportErro
                 info_code: None,
             };
         }
-        if let Some(tls) = find_tls(e) {
+        if let Some(tls) = find::<rustls::Error>(e) {
             return tls_error_code(tls);
         }
         return match find::<std::io::Error>(e).map(std::io::Error::kind) {
@@ -257,33 +257,13 @@ pub fn client_error_code(e: &hyper_util::client::legacy::Error) -> TransportErro
     }
     // With TLS 1.3 the server judges a client certificate after the
     // client's handshake is done: its refusal arrives on the first read.
-    if let Some(tls) = find_tls(e) {
+    if let Some(tls) = find::<rustls::Error>(e) {
         return tls_error_code(tls);
     }
     match find::<hyper::Error>(e) {
         Some(hyper) => hyper_error_code(hyper),
         None => TransportError::InternalError(Some(e.to_string())),
     }
-}
-
-/// The rustls error under a client error, if TLS failed: tokio-rustls
-/// wraps it in an `io::Error`, hyper-rustls that in another, and an
-/// `io::Error`'s `source` skips what it wraps, so each one is opened.
-fn find_tls<'a>(e: &'a (dyn StdError + 'static)) -> Option<&'a rustls::Error> {
-    let mut current = Some(e);
-    while let Some(e) = current {
-        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-            return Some(tls);
-        }
-        current = match e
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-        {
-            Some(inner) => Some(inner as &(dyn StdError + 'static)),
-            None => e.source(),
-        };
-    }
-    None
 }
 
 /// The `wasi:http` code of a failed handshake: the certificate (the
@@ -386,13 +366,22 @@ pub fn error_code_name(e: &TransportError) -> &'static str {
 }
 
 /// The first error of type `T` in `e`'s chain of sources, `e` included.
-fn find<'a, T: StdError + 'static>(e: &'a (dyn StdError + 'static)) -> Option<&'a T> {
+pub(crate) fn find<'a, T: StdError + 'static>(e: &'a (dyn StdError + 'static)) -> Option<&'a T> {
     let mut current = Some(e);
     while let Some(e) = current {
         if let Some(found) = e.downcast_ref::<T>() {
             return Some(found);
         }
-        current = e.source();
+        // An `io::Error`'s `source` skips the error it wraps (tokio-rustls
+        // wraps its rustls error so, and hyper-rustls that in another):
+        // open it instead.
+        current = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn StdError + 'static)),
+            None => e.source(),
+        };
     }
     None
 }

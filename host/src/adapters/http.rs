@@ -249,7 +249,9 @@ impl Upstream for HttpUpstream {
                 // failure (a TLS 1.3 server refusing the client's
                 // certificate after the handshake, say).
                 TransportError::InternalError(_) | TransportError::ConnectionTerminated
-                    if tls && io_kind(&e) == Some(std::io::ErrorKind::InvalidData) =>
+                    if tls
+                        && crate::error::find::<std::io::Error>(&e).map(std::io::Error::kind)
+                            == Some(std::io::ErrorKind::InvalidData) =>
                 {
                     TransportError::TlsProtocolError
                 }
@@ -258,18 +260,6 @@ impl Upstream for HttpUpstream {
             Ok(response.map(|body| body.map_err(TransportError::from).boxed_unsync()))
         })
     }
-}
-
-/// The kind of the first I/O error in `e`'s chain.
-fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
-    let mut current = Some(e);
-    while let Some(e) = current {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return Some(io.kind());
-        }
-        current = e.source();
-    }
-    None
 }
 
 /// The system resolver, its errors marked as [`DnsFailure`]s so that a
