@@ -5,67 +5,69 @@
 use crate::config::{Config, MAX_BATCH_IDS, Route};
 use crate::errors::ApiError;
 use crate::protocol::TIMEOUT_HEADER;
+use crate::template::{self, MAX_VAR_LEN, Params, PathMatch};
 use std::time::Duration;
 
-/// Longest item id accepted.
-pub const MAX_ID_LEN: usize = 64;
+/// Longest item id accepted (any path variable).
+pub const MAX_ID_LEN: usize = MAX_VAR_LEN;
 
 /// What an incoming request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target<'a> {
-    /// `GET <collection>/{id}`.
+    /// `GET /products/{id}`: one item.
     Item {
         /// The route it matched.
         route: &'a Route,
-        /// The item's id, validated.
-        id: String,
+        /// Its path variables and query parameters, checked.
+        params: Params,
     },
-    /// `GET <collection>?ids=a,b,c`.
+    /// `GET /products?ids=a,b,c`: one item per id, the id filling the
+    /// path's last variable.
     Batch {
         /// The route it matched.
         route: &'a Route,
-        /// The ids, validated, in the order asked for.
-        ids: Vec<String>,
+        /// Each item's parameters, in the order of the ids.
+        items: Vec<Params>,
     },
 }
 
+/// The route a path is for, and how it matched; `None` if none.
+pub fn matching<'c, 'p>(config: &'c Config, path: &'p str) -> Option<(&'c Route, PathMatch<'p>)> {
+    let mut best: Option<(&Route, PathMatch<'_>)> = None;
+    for route in &config.routes {
+        if let Some(found) = route.path.matches(path)
+            && best.as_ref().is_none_or(|(_, b)| found.beats(b))
+        {
+            best = Some((route, found));
+        }
+    }
+    best
+}
+
 /// Maps method, path and query to a configured route, or to the error a
-/// client should see.
+/// client should see. Every value an upstream URL uses is checked here,
+/// before any call.
 pub fn route<'a>(
     config: &'a Config,
     method: &str,
     path: &str,
     query: Option<&str>,
 ) -> Result<Target<'a>, ApiError> {
-    let not_found = || {
+    let Some((route, found)) = matching(config, path) else {
         let routes: Vec<String> = config
             .routes
             .iter()
-            .map(|r| format!("GET {0}/{{id}}, GET {0}?ids=a,b", r.collection))
+            .map(|r| match r.path.batch_path() {
+                Some(batch) => format!("GET {}, GET {batch}?ids=a,b", r.path.as_str()),
+                None => format!("GET {}", r.path.as_str()),
+            })
             .collect();
-        ApiError::new(
+        return Err(ApiError::new(
             404,
             "not_found",
             format!("no route for {path}; try {}", routes.join(", ")),
-        )
+        ));
     };
-    // The longest collection that prefixes the path wins.
-    let item = config
-        .routes
-        .iter()
-        .filter_map(|r| {
-            path.strip_prefix(r.collection.as_str())
-                .and_then(|rest| rest.strip_prefix('/'))
-                .map(|id| (r, id))
-        })
-        .max_by_key(|(r, _)| r.collection.len());
-    let target = match item {
-        Some((route, id)) => Ok((route, Some(id))),
-        None => match config.route(path) {
-            Some(route) => Ok((route, None)),
-            None => Err(not_found()),
-        },
-    }?;
     if method != "GET" {
         return Err(ApiError::new(
             405,
@@ -73,43 +75,88 @@ pub fn route<'a>(
             format!("{method} is not allowed on {path}; use GET"),
         ));
     }
-    match target {
-        (route, Some(id)) => {
-            validate_id(id)?;
-            Ok(Target::Item {
-                route,
-                id: id.to_string(),
-            })
-        }
-        (route, None) => Ok(Target::Batch {
-            route,
-            ids: parse_ids(query)?,
-        }),
+    let mut params = Params::default();
+    for (name, value) in route.path.vars().zip(&found.values) {
+        validate_var(name, value)?;
+        params.path.push((name.to_string(), value.to_string()));
     }
+    params.query = query_params(route, query)?;
+    if !found.batch {
+        return Ok(Target::Item { route, params });
+    }
+    let last = route.path.vars().last().unwrap_or("id").to_string();
+    let items = parse_ids(query)?
+        .into_iter()
+        .map(|id| {
+            let mut item = params.clone();
+            item.path.push((last.clone(), id));
+            item
+        })
+        .collect();
+    Ok(Target::Batch { route, items })
 }
 
 /// An id is 1 to 64 characters of `[A-Za-z0-9_-]`. Anything else is refused
 /// before an upstream is called, so ids are safe to put in URLs.
 pub fn validate_id(id: &str) -> Result<(), ApiError> {
+    validate_var("id", id)
+}
+
+/// A path variable, like an id, is 1 to 64 characters of `[A-Za-z0-9_-]`:
+/// no `/`, `%`, `.` or anything else that could change what an upstream
+/// URL means.
+pub fn validate_var(name: &str, value: &str) -> Result<(), ApiError> {
     let invalid = |why: String| ApiError::new(400, "invalid_id", why);
-    if id.is_empty() {
-        return Err(invalid("the id is empty".into()));
+    if value.is_empty() {
+        return Err(invalid(format!("the {name} is empty")));
     }
-    if id.len() > MAX_ID_LEN {
+    if value.len() > MAX_VAR_LEN {
         return Err(invalid(format!(
-            "the id is {} characters long; at most {MAX_ID_LEN} are allowed",
-            id.len()
+            "the {name} is {} characters long; at most {MAX_VAR_LEN} are allowed",
+            value.len()
         )));
     }
-    if let Some(c) = id
+    if let Some(c) = value
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
     {
         return Err(invalid(format!(
-            "the id contains {c:?}; only A-Z, a-z, 0-9, '-' and '_' are allowed"
+            "the {name} contains {c:?}; only A-Z, a-z, 0-9, '-' and '_' are allowed"
         )));
     }
     Ok(())
+}
+
+/// The query parameters `route`'s upstreams use, decoded and checked; a
+/// missing one without a default is a 400 naming it. An empty value counts
+/// as missing. The first of a repeated parameter counts.
+pub fn query_params(route: &Route, query: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
+    let invalid = |why: String| ApiError::new(400, "invalid_query", why);
+    let mut values = Vec::with_capacity(route.query.len());
+    for (name, required) in &route.query {
+        let raw = query.unwrap_or_default().split('&').find_map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (template::decode(key).as_deref() == Some(name.as_str())).then_some(value)
+        });
+        let value = match raw.map(|raw| (raw, template::decode(raw))) {
+            Some((raw, None)) => {
+                return Err(invalid(format!(
+                    "query parameter `{name}`: `{raw}` is not valid percent-encoded UTF-8"
+                )));
+            }
+            Some((_, Some(value))) if !value.is_empty() => value,
+            _ if *required => {
+                return Err(invalid(format!(
+                    "the query needs {name}=<value> (this route's upstreams use it)"
+                )));
+            }
+            _ => continue,
+        };
+        template::query_value(&value)
+            .map_err(|why| invalid(format!("query parameter `{name}` {why}")))?;
+        values.push((name.clone(), value));
+    }
+    Ok(values)
 }
 
 /// Parses `ids=a,b,c` out of a query string: 1 to 100 valid ids.
@@ -173,7 +220,7 @@ mod tests {
 
     fn item_id(t: Result<Target<'_>, ApiError>) -> String {
         match t.unwrap() {
-            Target::Item { id, .. } => id,
+            Target::Item { params, .. } => params.path[0].1.clone(),
             other => panic!("{other:?}"),
         }
     }
@@ -187,11 +234,118 @@ mod tests {
             "Ab_9-z"
         );
         match route(&config, "GET", "/products", Some("ids=a,b,a&other=1")).unwrap() {
-            Target::Batch { route, ids } => {
-                assert_eq!(route.collection, "/products");
+            Target::Batch { route, items } => {
+                assert_eq!(route.path.as_str(), "/products/{id}");
+                let ids: Vec<&str> = items.iter().map(|p| p.path[0].1.as_str()).collect();
                 assert_eq!(ids, ["a", "b", "a"]);
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// `/users/{user}/orders/{order}` with a query parameter that has a
+    /// default and one that has not, beside `/users/{user}/orders/latest`.
+    fn orders() -> Config {
+        Config::from_lookup(|k| match k {
+            "FANOUT_UPSTREAM_ORDERS" => Some("http://orders.local".into()),
+            "FANOUT_CONFIG" => Some(
+                r#"{"routes": [
+                {"path": "/users/{user}/orders/{order}", "upstreams": [{"name": "orders",
+                 "url": "{base}/{user}/{order}?cur={query.currency:EUR}&lang={query.lang}"}]},
+                {"path": "/users/{user}/orders/latest", "upstreams": [{"name": "orders",
+                 "url": "{base}/{user}/latest"}]}]}"#
+                    .into(),
+            ),
+            _ => None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn many_variables_and_query_parameters_fill_the_urls() {
+        let config = orders();
+        let Target::Item { route, params } = route(
+            &config,
+            "GET",
+            "/users/u-7/orders/42",
+            Some("lang=fr+CA&currency=&x=%zz"),
+        )
+        .unwrap() else {
+            panic!("not an item");
+        };
+        // An empty value is no value: the default applies.
+        assert_eq!(
+            route.upstreams[0].url(&params),
+            "http://orders.local/u-7/42?cur=EUR&lang=fr%20CA"
+        );
+        let Target::Item { route, .. } =
+            route_of(&config, "/users/u-7/orders/latest", None).unwrap()
+        else {
+            panic!("not an item");
+        };
+        assert_eq!(route.path.as_str(), "/users/{user}/orders/latest");
+        match route_of(&config, "/users/u-7/orders", Some("ids=1,2&lang=de")).unwrap() {
+            Target::Batch { route, items } => {
+                let urls: Vec<String> = items.iter().map(|p| route.upstreams[0].url(p)).collect();
+                assert_eq!(
+                    urls,
+                    [
+                        "http://orders.local/u-7/1?cur=EUR&lang=de",
+                        "http://orders.local/u-7/2?cur=EUR&lang=de"
+                    ]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn route_of<'a>(
+        config: &'a Config,
+        path: &str,
+        query: Option<&str>,
+    ) -> Result<Target<'a>, ApiError> {
+        route(config, "GET", path, query)
+    }
+
+    #[test]
+    fn bad_values_are_400_naming_them() {
+        let config = orders();
+        let long = "a".repeat(MAX_ID_LEN + 1);
+        let long_path = format!("/users/{long}/orders/1");
+        for (path, mention) in [
+            ("/users/a%2Fb/orders/1", "the user contains '%'"),
+            ("/users/7/orders/1/2", "the order contains '/'"),
+            ("/users/7/orders/1?", "the order contains '?'"),
+            ("/users/7/orders/1#x", "the order contains '#'"),
+            ("/users/7/orders/a\r\nb", "the order contains '\\r'"),
+            ("/users/7/orders/a\nb", "the order contains '\\n'"),
+            ("/users//orders/1", "the user is empty"),
+            (long_path.as_str(), "the user is 65 characters long"),
+        ] {
+            let err = route_of(&config, path, Some("lang=fr")).unwrap_err();
+            assert_eq!((err.status, err.code), (400, "invalid_id"), "{path:?}");
+            assert!(err.message.contains(mention), "{path:?}: {}", err.message);
+        }
+        let too_long = format!(
+            "lang={}",
+            "x".repeat(crate::template::MAX_QUERY_VALUE_LEN + 1)
+        );
+        for (query, mention) in [
+            (None, "the query needs lang=<value>"),
+            (Some("lang="), "the query needs lang=<value>"),
+            (Some("language=fr"), "the query needs lang=<value>"),
+            (Some("lang=fr&currency=a%2Fb"), "`currency` contains '/'"),
+            (Some("lang=a/b"), "`lang` contains '/'"),
+            (Some("lang=a%3Fb"), "`lang` contains '?'"),
+            (Some("lang=a%23b"), "`lang` contains '#'"),
+            (Some("lang=a%0D%0Ab"), "`lang` contains '\\r'"),
+            (Some("lang=%zz"), "not valid percent-encoded UTF-8"),
+            (Some("lang=%C3"), "not valid percent-encoded UTF-8"),
+            (Some(too_long.as_str()), "at most 256 are allowed"),
+        ] {
+            let err = route_of(&config, "/users/7/orders/1", query).unwrap_err();
+            assert_eq!((err.status, err.code), (400, "invalid_query"), "{query:?}");
+            assert!(err.message.contains(mention), "{query:?}: {}", err.message);
         }
     }
 

@@ -155,14 +155,14 @@ async fn answer(
         api::budget(&config, request.timeout.as_deref())?,
     );
     Ok(match target {
-        Target::Item { route, id } => {
-            let ids = [id];
-            let mut done = fanout::fan_out(env, &config, route, &ids, budget, trace).await;
+        Target::Item { route, params } => {
+            let items = [params];
+            let mut done = fanout::fan_out(env, &config, route, &items, budget, trace).await;
             *timings = done.timings;
             Answer::item(done.items.remove(0))
         }
-        Target::Batch { route, ids } => {
-            let done = fanout::fan_out(env, &config, route, &ids, budget, trace).await;
+        Target::Batch { route, items } => {
+            let done = fanout::fan_out(env, &config, route, &items, budget, trace).await;
             *timings = done.timings;
             Answer::batch(done.items)
         }

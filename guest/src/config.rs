@@ -13,6 +13,7 @@
 
 use crate::protocol::{ENV_CONFIG, ENV_DEADLINE_MS, ENV_UPSTREAM_PREFIX};
 use crate::retry::RetryPolicy;
+use crate::template::{Params, PathTemplate, UrlTemplate};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::time::Duration;
@@ -83,7 +84,9 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 /// One route as written.
 pub struct RawRoute {
-    /// `/<collection>/{id}`; the batch form `/<collection>?ids=a,b` comes with it.
+    /// A path template, `/products/{id}` or `/users/{user}/orders/{order}`:
+    /// literal segments and whole-segment variables. One ending in a
+    /// variable also answers its batch form, `/products?ids=a,b`.
     pub path: String,
     /// The upstreams each item of the route calls.
     pub upstreams: Vec<RawUpstream>,
@@ -95,7 +98,10 @@ pub struct RawRoute {
 pub struct RawUpstream {
     /// Its logical name: `FANOUT_UPSTREAM_<NAME>` gives its base URL.
     pub name: String,
-    /// URL template: `{base}` is the upstream's base URL, `{id}` the item id.
+    /// URL template: `{base}` (the upstream's base URL) first, then the
+    /// route's path variables (`{id}`) and the client's query parameters
+    /// (`{query.currency}`, or with a default `{query.currency:EUR}`), each
+    /// percent-encoded where it lands.
     pub url: String,
     /// Field of the answer it fills; defaults to `name`.
     pub field: Option<String>,
@@ -114,10 +120,13 @@ pub struct RawUpstream {
 /// A validated route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
-    /// The collection path, e.g. `/products`: items live at `/products/{id}`.
-    pub collection: String,
+    /// Its path template.
+    pub path: PathTemplate,
     /// The upstreams each item calls, in configuration order.
     pub upstreams: Vec<RouteUpstream>,
+    /// The query parameters its upstreams use, each once; `true` if one of
+    /// them has no default (so a request without it is a 400).
+    pub query: Vec<(String, bool)>,
 }
 
 /// A validated upstream of a route.
@@ -135,14 +144,14 @@ pub struct RouteUpstream {
     pub retry: RetryPolicy,
     /// Client request headers copied to its calls (lower-case names).
     pub forward_headers: Vec<String>,
-    /// The URL template with `{base}` already substituted.
-    url: String,
+    /// The URL template, `{base}` already substituted.
+    pub url: UrlTemplate,
 }
 
 impl RouteUpstream {
-    /// The URL to call for item `id` (already validated by the caller).
-    pub fn url(&self, id: &str) -> String {
-        self.url.replace("{id}", id)
+    /// The URL to call for an item's `params` (already checked).
+    pub fn url(&self, params: &Params) -> String {
+        self.url.render(params)
     }
 }
 
@@ -157,7 +166,7 @@ pub struct Config {
     pub max_in_flight: usize,
     /// How an item's upstreams are called.
     pub mode: Mode,
-    /// The routes, longest collection first where they overlap.
+    /// The routes, in configuration order; no two answer the same paths.
     pub routes: Vec<Route>,
     /// The header carrying each attempt's budget to the upstream, if any.
     pub budget_header: Option<String>,
@@ -295,11 +304,18 @@ impl Config {
             return Err(error(format!("{ENV_CONFIG}.routes"), "no routes"));
         }
         for (i, route) in routes.iter().enumerate() {
-            if routes[..i].iter().any(|r| r.collection == route.collection) {
-                return Err(error(
-                    format!("{ENV_CONFIG}.routes[{i}].path"),
-                    format!("{}/{{id}} is configured twice", route.collection),
-                ));
+            for (j, earlier) in routes[..i].iter().enumerate() {
+                let theirs = earlier.path.shapes();
+                if route.path.shapes().iter().any(|s| theirs.contains(s)) {
+                    return Err(error(
+                        format!("{ENV_CONFIG}.routes[{i}].path"),
+                        format!(
+                            "`{}` answers the same paths as `{}` (routes[{j}])",
+                            route.path.as_str(),
+                            earlier.path.as_str()
+                        ),
+                    ));
+                }
             }
         }
         Ok(Config {
@@ -317,9 +333,9 @@ impl Config {
         Config::from_lookup(|key| std::env::var(key).ok())
     }
 
-    /// The route whose items live under `collection` (e.g. `/products`).
-    pub fn route(&self, collection: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| r.collection == collection)
+    /// The route of path template `path` (`/products/{id}`).
+    pub fn route(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.path.as_str() == path)
     }
 
     /// Names of every upstream the routes use, each once.
@@ -360,26 +376,9 @@ fn validate_route(
     lookup: &impl Fn(&str) -> Option<String>,
 ) -> Result<Route, ConfigError> {
     let route_key = || format!("{ENV_CONFIG}.routes[{index}]");
-    let collection = raw
-        .path
-        .strip_suffix("/{id}")
-        .filter(|c| {
-            c.starts_with('/')
-                && c.len() > 1
-                && c[1..].split('/').all(|seg| {
-                    !seg.is_empty()
-                        && seg
-                            .chars()
-                            .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
-                })
-        })
-        .ok_or_else(|| {
-            error(
-                format!("{}.path", route_key()),
-                format!("`{}` must look like /<collection>/{{id}}", raw.path),
-            )
-        })?
-        .to_string();
+    let path = PathTemplate::parse(&raw.path)
+        .map_err(|why| error(format!("{}.path", route_key()), why))?;
+    let vars: Vec<&str> = path.vars().collect();
     if raw.upstreams.is_empty() {
         return Err(error(
             format!("{}.upstreams", route_key()),
@@ -401,10 +400,10 @@ fn validate_route(
             ));
         }
         let field = u.field.unwrap_or_else(|| u.name.clone());
-        if ["id", "degraded", "error"].contains(&field.as_str()) {
+        if ["degraded", "error"].contains(&field.as_str()) || vars.contains(&field.as_str()) {
             return Err(error(
                 format!("{}.field", key()),
-                format!("`{field}` is reserved"),
+                format!("`{field}` is reserved (degraded, error and the path's variables)"),
             ));
         }
         if upstreams.iter().any(|other| other.field == field) {
@@ -415,22 +414,17 @@ fn validate_route(
         }
         let env = format!("{ENV_UPSTREAM_PREFIX}{}", u.name.to_ascii_uppercase());
         let base = match lookup(&env) {
-            Some(raw) => parse_base_url(&raw).map_err(|reason| error(&env, reason))?,
+            Some(raw) => Some(parse_base_url(&raw).map_err(|reason| error(&env, reason))?),
             None if u.url.contains("{base}") => {
                 return Err(error(
                     &env,
                     format!("not set: the base URL of upstream `{}`", u.name),
                 ));
             }
-            None => String::new(),
+            None => None,
         };
-        let url = u.url.replace("{base}", &base);
-        if !url.contains("{id}") || !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(error(
-                format!("{}.url", key()),
-                format!("`{}` must be an http(s) URL template with {{id}}", u.url),
-            ));
-        }
+        let url = UrlTemplate::parse(&u.url, base.as_deref(), &vars)
+            .map_err(|why| error(format!("{}.url", key()), why))?;
         let timeout = duration(
             u.timeout_ms,
             DEFAULT_ATTEMPT_TIMEOUT,
@@ -462,9 +456,17 @@ fn validate_route(
             url,
         });
     }
+    let mut query: Vec<(String, bool)> = Vec::new();
+    for (name, default) in upstreams.iter().flat_map(|u| u.url.query_params()) {
+        match query.iter_mut().find(|(n, _)| n == name) {
+            Some((_, required)) => *required |= default.is_none(),
+            None => query.push((name.to_string(), default.is_none())),
+        }
+    }
     Ok(Route {
-        collection,
+        path,
         upstreams,
+        query,
     })
 }
 

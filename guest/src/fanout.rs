@@ -9,6 +9,7 @@
 use crate::config::{Config, Mode, Route, RouteUpstream};
 use crate::errors::UpstreamFailure;
 use crate::merge::{self, Item, Outcome};
+use crate::template::Params;
 use crate::trace::TraceContext;
 use futures_util::stream::{self, StreamExt};
 use serde_json::Value;
@@ -79,16 +80,15 @@ impl Budget {
     }
 }
 
-/// Calls one upstream for one id, retrying per its policy, within `budget`.
+/// Calls one upstream at `url`, retrying per its policy, within `budget`.
 pub async fn call<E: Env>(
     env: &E,
     upstream: &RouteUpstream,
-    id: &str,
+    url: String,
     budget: Budget,
     trace: &TraceContext,
     budget_header: Option<&str>,
 ) -> Result<Value, UpstreamFailure> {
-    let url = upstream.url(id);
     let mut number = 1;
     let mut previous: Option<UpstreamFailure> = None;
     loop {
@@ -133,7 +133,7 @@ pub async fn call<E: Env>(
     }
 }
 
-/// The result of one fan-out: the merged items, in the order of the ids,
+/// The result of one fan-out: the merged items, in the order asked for,
 /// and how long each upstream took (first call started to last call ended),
 /// in route order.
 #[derive(Debug)]
@@ -144,25 +144,25 @@ pub struct Gathered {
     pub timings: Vec<(String, Duration)>,
 }
 
-/// Fans out for every id of `ids` on `route` and merges each item. The
-/// answer keeps the order of `ids`. At most `config.max_in_flight` calls run
-/// at once across the whole request.
+/// Fans out for every item of `items` on `route` and merges each. The
+/// answer keeps their order. At most `config.max_in_flight` calls run at
+/// once across the whole request.
 pub async fn fan_out<E: Env>(
     env: &E,
     config: &Config,
     route: &Route,
-    ids: &[String],
+    items: &[Params],
     budget: Budget,
     trace: &TraceContext,
 ) -> Gathered {
     type Timed = (usize, Duration, Duration, Result<Value, UpstreamFailure>);
-    let outcome = |id: &str, index: usize| {
-        let id = id.to_string();
+    let outcome = |params: &Params, index: usize| {
         let upstream = &route.upstreams[index];
+        let url = upstream.url(params);
         async move {
             let started = env.now();
             let header = config.budget_header.as_deref();
-            let result = call(env, upstream, &id, budget, trace, header).await;
+            let result = call(env, upstream, url, budget, trace, header).await;
             (index, started, env.now(), result)
         }
     };
@@ -170,13 +170,13 @@ pub async fn fan_out<E: Env>(
         Mode::Concurrent => {
             // One stream of calls for the whole request: `buffered` keeps at
             // most `max_in_flight` running and yields them in order.
-            let calls = ids
+            let calls = items
                 .iter()
-                .flat_map(|id| (0..route.upstreams.len()).map(move |i| (id, i)))
-                .map(|(id, i)| outcome(id, i));
+                .flat_map(|item| (0..route.upstreams.len()).map(move |i| (item, i)))
+                .map(|(item, i)| outcome(item, i));
             let mut results = stream::iter(calls).buffered(config.max_in_flight);
-            let mut per_item = Vec::with_capacity(ids.len());
-            for _ in ids {
+            let mut per_item = Vec::with_capacity(items.len());
+            for _ in items {
                 let mut item = Vec::with_capacity(route.upstreams.len());
                 for _ in &route.upstreams {
                     if let Some(result) = results.next().await {
@@ -188,11 +188,11 @@ pub async fn fan_out<E: Env>(
             per_item
         }
         Mode::Sequential => {
-            let mut per_item = Vec::with_capacity(ids.len());
-            for id in ids {
+            let mut per_item = Vec::with_capacity(items.len());
+            for params in items {
                 let mut item = Vec::with_capacity(route.upstreams.len());
                 for i in 0..route.upstreams.len() {
-                    item.push(outcome(id, i).await);
+                    item.push(outcome(params, i).await);
                 }
                 per_item.push(item);
             }
@@ -211,10 +211,10 @@ pub async fn fan_out<E: Env>(
         .zip(spans)
         .filter_map(|(u, span)| span.map(|(a, b)| (u.name.clone(), b.saturating_sub(a))))
         .collect();
-    let items = ids
+    let items = items
         .iter()
         .zip(per_item)
-        .map(|(id, results)| {
+        .map(|(params, results)| {
             let outcomes = results
                 .into_iter()
                 .map(|(index, _, _, result)| {
@@ -227,7 +227,7 @@ pub async fn fan_out<E: Env>(
                     }
                 })
                 .collect();
-            merge::merge(id, outcomes)
+            merge::merge(&params.path, outcomes)
         })
         .collect();
     Gathered { items, timings }

@@ -16,8 +16,13 @@
 //! Every error answer has the shape `{"error": {"code", "message",
 //! "upstream"?}}`.
 //!
+//! Other routes are data too: a path may have several variables
+//! (`/users/{user}/orders/{order}`) and an upstream's URL may use them and
+//! the client's query parameters ([`template`]).
+//!
 //! The modules, in the order a request meets them: [`protocol`] (names shared
-//! with hosts), [`config`], [`api`] (routes, validation, budget), [`fanout`]
+//! with hosts), [`config`] (with [`template`]), [`api`] (routes, validation,
+//! budget), [`fanout`]
 //! (the calls, with [`retry`]), [`merge`], [`errors`] (the one error shape).
 //!
 //! Everything except `component` is plain Rust, unit-tested natively with a
@@ -36,6 +41,7 @@ pub mod fanout;
 pub mod merge;
 pub mod protocol;
 pub mod retry;
+pub mod template;
 pub mod trace;
 
 #[cfg(target_arch = "wasm32")]

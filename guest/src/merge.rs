@@ -16,12 +16,12 @@ pub struct Outcome<'a> {
     pub result: Result<Value, UpstreamFailure>,
 }
 
-/// One merged item: `{"id", <field>: <upstream JSON or null>..., "degraded"}`,
-/// or the error that failed it.
+/// One merged item: `{"id", <field>: <upstream JSON or null>..., "degraded"}`
+/// (each path variable first, by its name), or the error that failed it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Item {
-    /// The item's id.
-    pub id: String,
+    /// The item's path variables, name and value (`[("id", "42")]`).
+    pub path: Vec<(String, String)>,
     /// The merged object, or the error that failed the item.
     pub result: Result<Value, ApiError>,
     /// Optional upstreams that failed, in configuration order.
@@ -55,9 +55,9 @@ where
 /// leaves its field `null` and is named in `degraded`. If every upstream
 /// failed, the item fails even when all were optional: an answer with no
 /// data is never a success.
-pub fn merge(id: &str, outcomes: Vec<Outcome<'_>>) -> Item {
+pub fn merge(path: &[(String, String)], outcomes: Vec<Outcome<'_>>) -> Item {
     let failed = |result: Result<Value, ApiError>| Item {
-        id: id.to_string(),
+        path: path.to_vec(),
         result,
         degraded: Vec::new(),
     };
@@ -69,8 +69,7 @@ pub fn merge(id: &str, outcomes: Vec<Outcome<'_>>) -> Item {
     {
         return failed(Err(error));
     }
-    let mut answer = Map::new();
-    answer.insert("id".into(), json!(id));
+    let mut answer = identity(path);
     let mut degraded = Vec::new();
     for outcome in outcomes {
         let value = match outcome.result {
@@ -84,9 +83,23 @@ pub fn merge(id: &str, outcomes: Vec<Outcome<'_>>) -> Item {
     }
     answer.insert("degraded".into(), json!(degraded));
     Item {
-        id: id.to_string(),
+        path: path.to_vec(),
         result: Ok(Value::Object(answer)),
         degraded,
+    }
+}
+
+/// The object that names an item: its path variables.
+fn identity(path: &[(String, String)]) -> Map<String, Value> {
+    path.iter()
+        .map(|(name, value)| (name.clone(), Value::String(value.clone())))
+        .collect()
+}
+
+impl Item {
+    /// The value of its last path variable (the id of `/products/{id}`).
+    pub fn key(&self) -> &str {
+        self.path.last().map_or("", |(_, v)| v)
     }
 }
 
@@ -143,7 +156,9 @@ impl Answer {
                     value
                 }
                 Err(error) => {
-                    let body = json!({ "id": item.id, "error": error.to_json()["error"] });
+                    let mut body = identity(&item.path);
+                    body.insert("error".into(), error.to_json()["error"].take());
+                    let body = Value::Object(body);
                     let better = match &first_error {
                         None => true,
                         Some(e) => error_rank(&error) < error_rank(e),
@@ -186,6 +201,10 @@ fn error_rank(e: &ApiError) -> u8 {
 mod tests {
     use super::*;
 
+    fn id(value: &str) -> Vec<(String, String)> {
+        vec![("id".into(), value.into())]
+    }
+
     fn ok(upstream: &'static str, required: bool, v: Value) -> Outcome<'static> {
         Outcome {
             upstream,
@@ -207,7 +226,7 @@ mod tests {
     #[test]
     fn complete_answer_has_every_field_and_no_degraded() {
         let item = merge(
-            "42",
+            &id("42"),
             vec![
                 ok("inventory", true, json!({"in_stock": true})),
                 ok("reviews", false, json!({"rating": 4.5})),
@@ -226,7 +245,7 @@ mod tests {
     #[test]
     fn failed_optional_upstream_degrades() {
         let item = merge(
-            "42",
+            &id("42"),
             vec![
                 ok("inventory", true, json!({"in_stock": true})),
                 failed("reviews", false, UpstreamFailure::Timeout),
@@ -242,7 +261,7 @@ mod tests {
     #[test]
     fn failed_required_upstream_fails_with_the_most_telling_error() {
         let answer = Answer::item(merge(
-            "42",
+            &id("42"),
             vec![
                 failed("inventory", true, UpstreamFailure::Status(500)),
                 failed("pricing", true, UpstreamFailure::Timeout),
@@ -255,7 +274,7 @@ mod tests {
         );
 
         let answer = Answer::item(merge(
-            "42",
+            &id("42"),
             vec![
                 failed("inventory", true, UpstreamFailure::Timeout),
                 failed("pricing", true, UpstreamFailure::Status(404)),
@@ -268,7 +287,7 @@ mod tests {
 
         // An optional upstream's failure does not decide the error.
         let answer = Answer::item(merge(
-            "42",
+            &id("42"),
             vec![
                 failed(
                     "inventory",
@@ -291,7 +310,7 @@ mod tests {
     #[test]
     fn all_upstreams_failing_is_never_a_200() {
         let answer = Answer::item(merge(
-            "42",
+            &id("42"),
             vec![
                 failed("a", false, UpstreamFailure::Status(503)),
                 failed("b", false, UpstreamFailure::Timeout),
@@ -305,21 +324,21 @@ mod tests {
     fn batches_keep_order_and_per_item_state() {
         let items = vec![
             merge(
-                "a",
+                &id("a"),
                 vec![
                     ok("inventory", true, json!({})),
                     failed("reviews", false, UpstreamFailure::Timeout),
                 ],
             ),
             merge(
-                "b",
+                &id("b"),
                 vec![
                     failed("inventory", true, UpstreamFailure::Status(404)),
                     ok("reviews", false, json!({})),
                 ],
             ),
             merge(
-                "c",
+                &id("c"),
                 vec![
                     ok("inventory", true, json!({})),
                     ok("reviews", false, json!({})),
@@ -338,11 +357,11 @@ mod tests {
 
         let all_failed = Answer::batch(vec![
             merge(
-                "a",
+                &id("a"),
                 vec![failed("inventory", true, UpstreamFailure::Status(503))],
             ),
             merge(
-                "b",
+                &id("b"),
                 vec![failed("inventory", true, UpstreamFailure::Timeout)],
             ),
         ]);

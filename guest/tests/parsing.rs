@@ -17,6 +17,22 @@ fn config() -> Config {
     .expect("the default configuration is valid")
 }
 
+/// A route of two path variables and two query parameters.
+fn orders() -> Config {
+    Config::from_lookup(|key| {
+        match key {
+        "FANOUT_CONFIG" => Some(
+            r#"{"routes": [{"path": "/users/{user}/orders/{order}", "upstreams": [{"name": "orders",
+               "url": "{base}/u/{user}/o/{order}?cur={query.currency:EUR}&lang={query.lang}"}]}]}"#
+                .into(),
+        ),
+        "FANOUT_UPSTREAM_ORDERS" => Some("http://orders.local".to_string()),
+        _ => None,
+    }
+    })
+    .expect("a valid configuration")
+}
+
 /// A client's error: 4xx, a snake_case code, a message, rendered as the
 /// JSON error shape.
 fn assert_client_error(error: &ApiError) {
@@ -65,10 +81,14 @@ proptest! {
     ) {
         let config = config();
         match api::route(&config, &method, &path, query.as_deref()) {
-            Ok(Target::Item { id, .. }) => prop_assert!(api::validate_id(&id).is_ok()),
-            Ok(Target::Batch { ids, .. }) => {
-                prop_assert!((1..=MAX_BATCH_IDS).contains(&ids.len()));
-                for id in &ids {
+            Ok(Target::Item { params, .. }) => {
+                for (_, id) in &params.path {
+                    prop_assert!(api::validate_id(id).is_ok());
+                }
+            }
+            Ok(Target::Batch { items, .. }) => {
+                prop_assert!((1..=MAX_BATCH_IDS).contains(&items.len()));
+                for (_, id) in items.iter().flat_map(|p| &p.path) {
                     prop_assert!(api::validate_id(id).is_ok());
                 }
             }
@@ -84,6 +104,41 @@ proptest! {
                 prop_assert!(ids.iter().all(|id| api::validate_id(id).is_ok()));
             }
             Err(error) => assert_client_error(&error),
+        }
+    }
+
+    #[test]
+    fn no_client_value_changes_where_a_call_goes_or_how_it_parses(
+        user in prop_oneof!["[a-z0-9]{1,8}", ".{0,20}"],
+        order in prop_oneof!["[a-z0-9]{1,8}", ".{0,20}", "[a-z0-9%/]{0,20}"],
+        query in prop_oneof![
+            Just(None),
+            "lang=.{0,40}".prop_map(Some),
+            "lang=[a-zA-Z0-9%+&=/#?]{0,40}(&ids=[a-z0-9,]{0,20})?".prop_map(Some),
+            ".{0,80}".prop_map(Some),
+        ],
+    ) {
+        let config = orders();
+        let path = format!("/users/{user}/orders/{order}");
+        let items = match api::route(&config, "GET", &path, query.as_deref()) {
+            Ok(Target::Item { route, params }) => vec![(route, params)],
+            Ok(Target::Batch { route, items }) => items.into_iter().map(|p| (route, p)).collect(),
+            Err(error) => {
+                assert_client_error(&error);
+                return Ok(());
+            }
+        };
+        for (route, params) in items {
+            let url = route.upstreams[0].url(&params);
+            let rest = url.strip_prefix("http://orders.local/u/").expect("the fixed host");
+            // Two path segments, one query of two parameters, nothing else.
+            let (path, query) = rest.split_once('?').expect("one query");
+            prop_assert_eq!(path.split('/').count(), 3, "{}", url);
+            prop_assert_eq!(query.split('&').count(), 2, "{}", url);
+            prop_assert!(
+                url.bytes().all(|b| b.is_ascii_graphic() && b != b'#' && b != b'\\'),
+                "{}", url
+            );
         }
     }
 

@@ -22,10 +22,8 @@ const WAIT_WORTH_CHARGING: Duration = Duration::from_millis(1);
 /// The built-in guest, as configured for this host.
 #[derive(Debug, Clone)]
 pub(crate) struct BuiltinGuest {
-    /// Collections of its routes (`/products`).
-    collections: Vec<String>,
-    /// Its default budget.
-    budget: Duration,
+    /// Its configuration, as it reads it.
+    config: Config,
 }
 
 impl BuiltinGuest {
@@ -49,32 +47,23 @@ impl BuiltinGuest {
         })?;
         check_against_limits(&config, limits)?;
         check_against_upstreams(&config, upstreams)?;
-        Ok(BuiltinGuest {
-            collections: config.routes.into_iter().map(|r| r.collection).collect(),
-            budget: config.deadline,
-        })
+        Ok(BuiltinGuest { config })
     }
 
-    /// The metrics label for `path`: a route template (`/products/{id}`,
-    /// `/products`), or `other` (bounded cardinality).
+    /// The metrics label for `path`: the template of the route the guest
+    /// will answer it with (`/products/{id}`, or `/products` for the batch
+    /// form), or `other` (bounded cardinality).
     pub(crate) fn route_label(&self, path: &str) -> String {
-        for collection in &self.collections {
-            if path == collection {
-                return collection.clone();
-            }
-            if path
-                .strip_prefix(collection.as_str())
-                .is_some_and(|rest| rest.starts_with('/'))
-            {
-                return format!("{collection}/{{id}}");
-            }
+        match fanout_guest::api::matching(&self.config, path) {
+            Some((route, found)) if found.batch => route.path.batch_path().unwrap_or_default(),
+            Some((route, _)) => route.path.as_str().to_string(),
+            None => "other".into(),
         }
-        "other".into()
     }
 
     /// The guest's default budget.
     pub(crate) fn budget(&self) -> Duration {
-        self.budget
+        self.config.deadline
     }
 }
 
@@ -84,12 +73,12 @@ impl BuiltinGuest {
 fn check_against_upstreams(config: &Config, upstreams: &Upstreams) -> Result<(), Error> {
     for route in &config.routes {
         for (j, upstream) in route.upstreams.iter().enumerate() {
-            let url = upstream.url("id");
+            let url = upstream.url.origin();
             let refused = |reason: String| Error::GuestConfig {
                 key: format!(
-                    "{}.routes[{}/{{id}}].upstreams[{j}].url",
+                    "{}.routes[{}].upstreams[{j}].url",
                     fanout_guest::protocol::ENV_CONFIG,
-                    route.collection
+                    route.path.as_str()
                 ),
                 reason,
             };
@@ -198,19 +187,36 @@ mod tests {
     use super::*;
 
     fn guest() -> BuiltinGuest {
-        BuiltinGuest {
-            collections: vec!["/products".into()],
-            budget: Duration::from_millis(200),
-        }
+        let config = Config::from_lookup(|key| match key {
+            fanout_guest::protocol::ENV_CONFIG => Some(
+                r#"{"routes": [
+                    {"path": "/products/{id}", "upstreams": [{"name": "p", "url": "http://p/{id}"}]},
+                    {"path": "/users/{user}/orders/{order}",
+                     "upstreams": [{"name": "o", "url": "http://o/{user}/{order}"}]}]}"#
+                    .into(),
+            ),
+            _ => None,
+        })
+        .unwrap();
+        BuiltinGuest { config }
     }
 
     #[test]
     fn route_labels_are_templates_or_other() {
         let guest = guest();
-        assert_eq!(guest.route_label("/products/42"), "/products/{id}");
-        assert_eq!(guest.route_label("/products"), "/products");
-        assert_eq!(guest.route_label("/productsX/1"), "other");
-        assert_eq!(guest.route_label("/"), "other");
+        assert_eq!(guest.budget(), Duration::from_millis(200));
+        for (path, label) in [
+            ("/products/42", "/products/{id}"),
+            ("/products/4/2", "/products/{id}"),
+            ("/products", "/products"),
+            ("/users/7/orders/42", "/users/{user}/orders/{order}"),
+            ("/users/7/orders", "/users/{user}/orders"),
+            ("/users/7", "other"),
+            ("/productsX/1", "other"),
+            ("/", "other"),
+        ] {
+            assert_eq!(guest.route_label(path), label, "{path}");
+        }
     }
 
     fn budget_after(header: Option<&str>, waited_ms: u64) -> Result<Option<String>, Failure> {

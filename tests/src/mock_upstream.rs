@@ -202,7 +202,11 @@ async fn serve(
     let index = {
         let mut calls = state.calls.lock().unwrap();
         calls.push(Call {
-            path: request.uri().path().to_string(),
+            path: request
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string(),
             headers: request.headers().clone(),
             started: Instant::now(),
             finished: None,

@@ -664,3 +664,155 @@ async fn a_route_calling_an_unregistered_address_stops_the_start() -> Result<()>
     );
     Ok(())
 }
+
+/// `/users/{user}/orders/{order}`: pricing takes both variables and a query
+/// parameter with a default, reviews one without.
+fn orders_route() -> Value {
+    json!({"routes": [{"path": "/users/{user}/orders/{order}", "upstreams": [
+        {"name": "pricing", "url": "{base}/pricing/{user}/{order}?currency={query.currency:EUR}",
+         "field": "price"},
+        {"name": "reviews", "url": "{base}/reviews/{order}?lang={query.lang}", "required": false}
+    ]}]})
+}
+
+#[tokio::test]
+async fn many_path_variables_and_query_parameters_reach_the_upstreams() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    let fanout = upstreams
+        .builder()
+        .env("FANOUT_CONFIG", orders_route().to_string())
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+
+    let answer = host.get("/users/u-7/orders/42?lang=fr+CA&x=1").await?;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    assert_eq!(
+        (&answer.json["user"], &answer.json["order"]),
+        (&json!("u-7"), &json!("42"))
+    );
+    assert!(answer.json["price"].is_object() && answer.json["reviews"].is_object());
+    let paths = |u: &fanout_tests::MockUpstream| -> Vec<String> {
+        u.calls().into_iter().map(|c| c.path).collect()
+    };
+    assert_eq!(paths(&upstreams.pricing), ["/pricing/u-7/42?currency=EUR"]);
+    // Decoded from the client's form encoding, encoded again for the URL.
+    assert_eq!(paths(&upstreams.reviews), ["/reviews/42?lang=fr%20CA"]);
+
+    // The batch form fills the last variable; the client's currency wins.
+    let answer = host
+        .get("/users/u-7/orders?ids=1,2&currency=USD&lang=de")
+        .await?;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    let items = answer.json["items"].as_array().unwrap();
+    let orders: Vec<&Value> = items.iter().map(|i| &i["order"]).collect();
+    assert_eq!(orders, [&json!("1"), &json!("2")]);
+    assert!(items.iter().all(|i| i["user"] == "u-7"));
+    let mut priced = paths(&upstreams.pricing)[1..].to_vec();
+    priced.sort();
+    assert_eq!(
+        priced,
+        ["/pricing/u-7/1?currency=USD", "/pricing/u-7/2?currency=USD"]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_path_and_query_values_are_400_and_call_nothing() -> Result<()> {
+    let upstreams = ProductUpstreams::start(MS(0)).await?;
+    let fanout = upstreams
+        .builder()
+        .env("FANOUT_CONFIG", orders_route().to_string())
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+    let long = "a".repeat(65);
+    let long_query = format!("/users/7/orders/1?lang={}", "x".repeat(257));
+    let long_path = format!("/users/{long}/orders/1?lang=fr");
+    let cases = [
+        ("/users/7/orders/1", "invalid_query", "lang=<value>"),
+        ("/users/7/orders/1?lang=", "invalid_query", "lang=<value>"),
+        (
+            "/users/7/orders/1?lang=a/b",
+            "invalid_query",
+            "`lang` contains '/'",
+        ),
+        (
+            "/users/7/orders/1?lang=a%2Fb",
+            "invalid_query",
+            "`lang` contains '/'",
+        ),
+        (
+            "/users/7/orders/1?lang=a%3Fb",
+            "invalid_query",
+            "`lang` contains '?'",
+        ),
+        (
+            "/users/7/orders/1?lang=a%23b",
+            "invalid_query",
+            "`lang` contains '#'",
+        ),
+        (
+            "/users/7/orders/1?lang=a%0D%0Ab",
+            "invalid_query",
+            "`lang` contains '\\r'",
+        ),
+        (
+            "/users/7/orders/1?lang=fr&currency=%0A",
+            "invalid_query",
+            "`currency` contains '\\n'",
+        ),
+        (
+            "/users/7/orders/1?lang=%FF",
+            "invalid_query",
+            "percent-encoded UTF-8",
+        ),
+        (long_query.as_str(), "invalid_query", "at most 256"),
+        (
+            "/users/7/orders/1%2F2?lang=fr",
+            "invalid_id",
+            "the order contains '%'",
+        ),
+        (
+            "/users/7/orders/1/2?lang=fr",
+            "invalid_id",
+            "the order contains '/'",
+        ),
+        (
+            "/users/7/orders/1%3F?lang=fr",
+            "invalid_id",
+            "the order contains '%'",
+        ),
+        (
+            "/users/7/orders/1%23?lang=fr",
+            "invalid_id",
+            "the order contains '%'",
+        ),
+        (
+            "/users/a%0D%0Ab/orders/1?lang=fr",
+            "invalid_id",
+            "the user contains '%'",
+        ),
+        (
+            "/users/a.b/orders/1?lang=fr",
+            "invalid_id",
+            "the user contains '.'",
+        ),
+        (long_path.as_str(), "invalid_id", "at most 64"),
+    ];
+    for (path, code, mention) in cases {
+        let answer = host.get(path).await?;
+        assert_eq!(
+            answer.status,
+            StatusCode::BAD_REQUEST,
+            "{path}: {}",
+            answer.json
+        );
+        let error = &answer.json["error"];
+        assert_eq!(error["code"], code, "{path}");
+        let message = error["message"].as_str().unwrap_or_default();
+        assert!(message.contains(mention), "{path}: {message}");
+    }
+    for upstream in [&upstreams.inventory, &upstreams.pricing, &upstreams.reviews] {
+        assert!(upstream.calls().is_empty(), "{:?}", upstream.calls());
+    }
+    Ok(())
+}

@@ -203,3 +203,36 @@ fn unusable_tls_files_are_named() {
     });
     assert!(alone.starts_with("client_key:"), "{alone}");
 }
+
+/// The README's deployment example (HTTPS upstreams, a token, a CA, a
+/// route of two variables and a query parameter) passes every start-up
+/// check: its CA and secret files made here, its token variable one that
+/// is always set.
+#[tokio::test]
+async fn the_readmes_deployment_example_starts() -> Result<()> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))?;
+    let example = readme
+        .split("A real deployment")
+        .nth(1)
+        .and_then(|rest| rest.split("```toml\n").nth(1))
+        .and_then(|block| block.split("```").next())
+        .expect("README has the deployment example");
+    let pki = Pki::new()?;
+    let dir = tempfile::tempdir()?;
+    let key = dir.path().join("pricing-key");
+    std::fs::write(&key, "k\n")?;
+    let toml = example
+        .replace(
+            "/etc/fanout/internal-ca.pem",
+            &pki.ca_file.display().to_string(),
+        )
+        .replace("/run/secrets/pricing-key", &key.display().to_string())
+        .replace("${env:ORDERS_TOKEN}", "${env:PATH}");
+    let file = dir.path().join("fanout.toml");
+    std::fs::write(&file, toml)?;
+    let config = fanout_host::config::FileConfig::load(&file)?;
+    let builder = fanout_host::Fanout::builder().cache_dir(fanout_tests::cache_dir());
+    let (builder, _) = config.apply(builder)?;
+    builder.build()?;
+    Ok(())
+}

@@ -9,6 +9,13 @@ fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
     move |k| map.get(k).cloned()
 }
 
+fn id(value: &str) -> Params {
+    Params {
+        path: vec![("id".into(), value.into())],
+        query: Vec::new(),
+    }
+}
+
 const BASES: [(&str, &str); 3] = [
     ("FANOUT_UPSTREAM_INVENTORY", "http://inventory.local/"),
     ("FANOUT_UPSTREAM_PRICING", "http://127.0.0.1:9001/v1"),
@@ -28,11 +35,11 @@ fn default_is_the_product_example() {
     assert_eq!(config.max_deadline, DEFAULT_MAX_DEADLINE);
     assert_eq!(config.max_in_flight, DEFAULT_MAX_IN_FLIGHT);
     assert_eq!(config.mode, Mode::Concurrent);
-    let route = config.route("/products").unwrap();
+    let route = config.route("/products/{id}").unwrap();
     let summary: Vec<(String, &str, bool)> = route
         .upstreams
         .iter()
-        .map(|u| (u.url("42"), u.field.as_str(), u.required))
+        .map(|u| (u.url(&id("42")), u.field.as_str(), u.required))
         .collect();
     assert_eq!(
         summary,
@@ -71,9 +78,9 @@ fn json_config_describes_routes() {
     assert_eq!(config.max_deadline, Duration::from_millis(2000));
     assert_eq!(config.max_in_flight, 4);
     assert_eq!(config.mode, Mode::Sequential);
-    assert!(config.route("/products").is_none());
-    let upstream = &config.route("/users").unwrap().upstreams[0];
-    assert_eq!(upstream.url("7"), "http://127.0.0.1:9001/v1/u/7/price");
+    assert!(config.route("/products/{id}").is_none());
+    let upstream = &config.route("/users/{id}").unwrap().upstreams[0];
+    assert_eq!(upstream.url(&id("7")), "http://127.0.0.1:9001/v1/u/7/price");
     assert_eq!(upstream.field, "pricing");
     assert!(!upstream.required);
     assert_eq!(upstream.timeout, Duration::from_millis(50));
@@ -103,8 +110,24 @@ fn errors_name_the_key() {
         (r#"{"max_in_flight": 0}"#, "FANOUT_CONFIG.max_in_flight"),
         (r#"{"routes": []}"#, "FANOUT_CONFIG.routes"),
         (
-            r#"{"routes": [{"path": "/p", "upstreams": [{"name": "a", "url": "http://a/{id}"}]}]}"#,
+            r#"{"routes": [{"path": "p/{id}", "upstreams": [{"name": "a", "url": "http://a/{id}"}]}]}"#,
             "FANOUT_CONFIG.routes[0].path",
+        ),
+        (
+            r#"{"routes": [{"path": "/p", "upstreams": [{"name": "a", "url": "http://a/{id}"}]}]}"#,
+            "FANOUT_CONFIG.routes[0].upstreams[0].url",
+        ),
+        (
+            r#"{"routes": [{"path": "/u/{user}/o/{order}", "upstreams": [{"name": "a", "url": "http://a/{order}", "field": "user"}]}]}"#,
+            "FANOUT_CONFIG.routes[0].upstreams[0].field",
+        ),
+        (
+            r#"{"routes": [{"path": "/p/{id}", "upstreams": [{"name": "a", "url": "http://a/{id}"}]}, {"path": "/p/{sku}", "upstreams": [{"name": "a", "url": "http://a/{sku}"}]}]}"#,
+            "FANOUT_CONFIG.routes[1].path",
+        ),
+        (
+            r#"{"routes": [{"path": "/p/{id}", "upstreams": [{"name": "a", "url": "http://a/{id}"}]}, {"path": "/p", "upstreams": [{"name": "a", "url": "http://a/all"}]}]}"#,
+            "FANOUT_CONFIG.routes[1].path",
         ),
         (
             r#"{"routes": [{"path": "/p/{id}", "upstreams": []}]}"#,
@@ -115,7 +138,7 @@ fn errors_name_the_key() {
             "FANOUT_CONFIG.routes[0].upstreams[0].name",
         ),
         (
-            r#"{"routes": [{"path": "/p/{id}", "upstreams": [{"name": "a", "url": "http://a/x"}]}]}"#,
+            r#"{"routes": [{"path": "/p/{id}", "upstreams": [{"name": "a", "url": "http://a/{nope}"}]}]}"#,
             "FANOUT_CONFIG.routes[0].upstreams[0].url",
         ),
         (
@@ -233,4 +256,39 @@ fn only_end_to_end_headers_may_be_forwarded() {
             "{bad}: {err}"
         );
     }
+}
+
+#[test]
+fn routes_may_have_many_variables_and_use_query_parameters() {
+    let config = with(&[(
+        "FANOUT_CONFIG",
+        r#"{"routes": [
+            {"path": "/users/{user}/orders/{order}", "upstreams": [
+                {"name": "pricing", "url": "{base}/u/{user}/o/{order}?currency={query.currency:EUR}"},
+                {"name": "reviews", "url": "{base}/r/{order}?lang={query.lang}&c={query.currency}",
+                 "required": false}]},
+            {"path": "/status", "upstreams": [{"name": "inventory", "url": "{base}/health"}]}]}"#,
+    )])
+    .unwrap();
+    let route = config.route("/users/{user}/orders/{order}").unwrap();
+    assert_eq!(route.path.vars().collect::<Vec<_>>(), ["user", "order"]);
+    // `currency` has a default in one template but not the other: needed.
+    assert_eq!(
+        route.query,
+        [("currency".to_string(), true), ("lang".to_string(), true)]
+    );
+    let params = Params {
+        path: vec![("user".into(), "7".into()), ("order".into(), "a-1".into())],
+        query: vec![("lang".into(), "fr".into())],
+    };
+    assert_eq!(
+        route.upstreams[0].url(&params),
+        "http://127.0.0.1:9001/v1/u/7/o/a-1?currency=EUR"
+    );
+    let status = config.route("/status").unwrap();
+    assert!(status.query.is_empty());
+    assert_eq!(
+        status.upstreams[0].url(&Params::default()),
+        "http://inventory.local/health"
+    );
 }

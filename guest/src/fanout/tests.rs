@@ -104,7 +104,7 @@ fn call_200ms(env: &impl Env, upstream: &RouteUpstream) -> Result<Value, Upstrea
     run(call(
         env,
         upstream,
-        "1",
+        "http://u/1".into(),
         Budget::starting_at(MS(0), MS(200)),
         &TRACE,
         None,
@@ -145,7 +145,7 @@ fn every_attempt_carries_the_trace_with_its_own_span() {
     let _ = run(call(
         &recording,
         &upstream(150, 3),
-        "1",
+        "http://u/1".into(),
         Budget::starting_at(MS(0), MS(200)),
         &TRACE,
         Some("x-request-timeout-ms"),
@@ -301,7 +301,14 @@ fn an_exhausted_budget_calls_nothing() {
     let budget = Budget::starting_at(MS(0), MS(200));
     env.advance(MS(200));
     assert_eq!(
-        run(call(&env, &upstream(100, 3), "1", budget, &TRACE, None)),
+        run(call(
+            &env,
+            &upstream(100, 3),
+            "http://u/1".into(),
+            budget,
+            &TRACE,
+            None
+        )),
         Err(UpstreamFailure::Timeout)
     );
 }
@@ -319,12 +326,18 @@ fn fan_out_merges_in_id_order() {
         _ => None,
     })
     .unwrap();
-    let ids = vec!["a".to_string(), "b".to_string()];
+    let items: Vec<Params> = ["a", "b"]
+        .into_iter()
+        .map(|id| Params {
+            path: vec![("id".into(), id.into())],
+            query: Vec::new(),
+        })
+        .collect();
     let items = run(fan_out(
         &env,
         &config,
         &config.routes[0],
-        &ids,
+        &items,
         Budget::starting_at(MS(0), MS(200)),
         &TRACE,
     ));
@@ -334,7 +347,7 @@ fn fan_out_merges_in_id_order() {
     let summary: Vec<(String, Value)> = fan_out
         .items
         .into_iter()
-        .map(|i| (i.id, i.result.unwrap()["u"].clone()))
+        .map(|i| (i.key().to_string(), i.result.unwrap()["u"].clone()))
         .collect();
     assert_eq!(
         summary,
