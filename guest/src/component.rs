@@ -40,8 +40,8 @@ impl wasip2::exports::http::incoming_handler::Guest for Handler {
         wstd::runtime::block_on(async move {
             let incoming = Incoming::read(&request);
             drop(request);
-            let (answer, server_timing) = handle(origin, &incoming).await;
-            respond(response_out, answer, &server_timing).await;
+            let (answer, body, server_timing) = handle(origin, &incoming).await;
+            respond(response_out, answer, body, &server_timing).await;
         })
     }
 }
@@ -115,7 +115,7 @@ impl Incoming {
     }
 }
 
-async fn handle(origin: Instant, request: &Incoming) -> (Answer, String) {
+async fn handle(origin: Instant, request: &Incoming) -> (Answer, Vec<u8>, String) {
     let trace = request
         .traceparent
         .as_deref()
@@ -127,12 +127,12 @@ async fn handle(origin: Instant, request: &Incoming) -> (Answer, String) {
         headers: request.headers.clone(),
     };
     let mut timings = Vec::new();
-    let answer = match answer(&env, request, &trace, &mut timings).await {
-        Ok(answer) => answer,
-        Err(error) => Answer::error(&error),
+    let (answer, body) = match answer(&env, request, &trace, &mut timings).await {
+        Ok((answer, max_body)) => answer.into_bytes(max_body),
+        Err(error) => Answer::error(&error).into_bytes(usize::MAX),
     };
     let server_timing = fanout::server_timing(&timings, origin.elapsed());
-    (answer, server_timing)
+    (answer, body, server_timing)
 }
 
 async fn answer(
@@ -140,7 +140,7 @@ async fn answer(
     request: &Incoming,
     trace: &TraceContext,
     timings: &mut Vec<(String, Duration)>,
-) -> Result<Answer, ApiError> {
+) -> Result<(Answer, usize), ApiError> {
     let config = Config::from_env().map_err(|e| {
         ApiError::new(
             500,
@@ -159,19 +159,23 @@ async fn answer(
             let items = [params];
             let mut done = fanout::fan_out(env, &config, route, &items, budget, trace).await;
             *timings = done.timings;
-            Answer::item(done.items.remove(0))
+            (Answer::item(done.items.remove(0)), route.max_body)
         }
         Target::Batch { route, items } => {
             let done = fanout::fan_out(env, &config, route, &items, budget, trace).await;
             *timings = done.timings;
-            Answer::batch(done.items)
+            (Answer::batch(done.items), route.max_body)
         }
     })
 }
 
 /// Sends the answer: its head through `response_out`, then its body.
-async fn respond(response_out: ResponseOutparam, answer: Answer, server_timing: &str) {
-    let body = serde_json::to_vec(&answer.body).unwrap_or_default();
+async fn respond(
+    response_out: ResponseOutparam,
+    answer: Answer,
+    body: Vec<u8>,
+    server_timing: &str,
+) {
     let mut headers: Vec<(String, Vec<u8>)> = vec![
         ("content-type".into(), b"application/json".to_vec()),
         ("content-length".into(), body.len().to_string().into_bytes()),

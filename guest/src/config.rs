@@ -13,8 +13,10 @@
 
 use crate::protocol::{ENV_CONFIG, ENV_DEADLINE_MS, ENV_UPSTREAM_PREFIX};
 use crate::retry::RetryPolicy;
+use crate::shape::{JsonPath, Shape};
 use crate::template::{Params, PathTemplate, UrlTemplate};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -32,6 +34,19 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 16;
 pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(150);
 /// Most ids one batch request may ask for.
 pub const MAX_BATCH_IDS: usize = 100;
+/// Elements of a list an upstream is called for (`each`), unless its
+/// `max_items` says otherwise.
+pub const DEFAULT_MAX_ITEMS: usize = 100;
+/// The most `max_items` may be.
+pub const MAX_ITEMS: usize = 1000;
+/// Upstream calls one request may make in all (after de-duplication):
+/// with about 45k fuel a call, the host's default fuel holds this many.
+pub const MAX_CALLS: usize = 1000;
+/// Ids one call of a batch-capable upstream carries, unless its `batch.max`
+/// says otherwise.
+pub const DEFAULT_BATCH_MAX: usize = 50;
+/// The largest answer unless a route's `max_body_kib` says otherwise.
+pub const DEFAULT_MAX_BODY: usize = 4 << 20;
 
 /// How the upstreams of one item are called.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -90,9 +105,11 @@ pub struct RawRoute {
     pub path: String,
     /// The upstreams each item of the route calls.
     pub upstreams: Vec<RawUpstream>,
+    /// The largest answer, in KiB (4096); beyond, a 502 `answer_too_large`.
+    pub max_body_kib: Option<u64>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 /// One upstream of a route as written.
 pub struct RawUpstream {
@@ -103,7 +120,8 @@ pub struct RawUpstream {
     /// (`{query.currency}`, or with a default `{query.currency:EUR}`), each
     /// percent-encoded where it lands.
     pub url: String,
-    /// Field of the answer it fills; defaults to `name`.
+    /// Field of the answer it fills; defaults to `name`. `"."` merges its
+    /// (object) answer into the item itself.
     pub field: Option<String>,
     /// A required upstream's failure fails the item; an optional one's
     /// leaves its field null and names it in `degraded`. Default: true.
@@ -115,6 +133,45 @@ pub struct RawUpstream {
     /// Client request headers copied to this upstream's calls, and no
     /// others (`["accept-language", "authorization"]`).
     pub forward_headers: Option<Vec<String>>,
+    /// Call it once per element of a list in another upstream's answer
+    /// (`"order.lines[].sku"`); `{each}` in `url` is the element's value
+    /// (or `{each.sku}` with `"order.lines[]"`). Its field is then a list
+    /// in the same order.
+    pub each: Option<String>,
+    /// The most elements `each` may have (100); more fail the upstream.
+    pub max_items: Option<usize>,
+    /// It answers many ids in one call: see [`RawBatch`].
+    pub batch: Option<RawBatch>,
+    /// Keep only these paths of its answer (`["price.amount", "lines[].sku"]`).
+    pub select: Option<Vec<String>>,
+    /// Then move values: `{"price.amount": "amount"}`.
+    pub rename: Option<BTreeMap<String, String>>,
+}
+
+/// A batch-capable upstream: instead of one call per element of `each`,
+/// one call per `max` distinct values, `?<param>=a,b,c` appended to its
+/// URL. Its answer is a list of objects, each naming its id at `key`, or
+/// an object keyed by id; an id it leaves out is that element's 404.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBatch {
+    /// The query parameter carrying the ids.
+    pub param: String,
+    /// Ids per call (50).
+    pub max: Option<usize>,
+    /// Where each object of a list answer has its id (`id`).
+    pub key: Option<String>,
+}
+
+/// A validated [`RawBatch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// The query parameter carrying the ids.
+    pub param: String,
+    /// Ids per call.
+    pub max: usize,
+    /// Where each object of a list answer has its id.
+    pub key: JsonPath,
 }
 
 /// A validated route.
@@ -127,6 +184,8 @@ pub struct Route {
     /// The query parameters its upstreams use, each once; `true` if one of
     /// them has no default (so a request without it is a 400).
     pub query: Vec<(String, bool)>,
+    /// The largest answer, in bytes.
+    pub max_body: usize,
 }
 
 /// A validated upstream of a route.
@@ -146,6 +205,24 @@ pub struct RouteUpstream {
     pub forward_headers: Vec<String>,
     /// The URL template, `{base}` already substituted.
     pub url: UrlTemplate,
+    /// The upstreams of the route whose answers it needs first, by index.
+    pub depends_on: Vec<usize>,
+    /// The list it is called for, once per element: upstream index and the
+    /// path in its answer.
+    pub each: Option<(usize, JsonPath)>,
+    /// The most elements `each` may have.
+    pub max_items: usize,
+    /// How it takes many ids in one call, if it does.
+    pub batch: Option<Batch>,
+    /// How its answer is reshaped before it is merged.
+    pub shape: Shape,
+}
+
+impl RouteUpstream {
+    /// Whether its answer is merged into the item itself (`field = "."`).
+    pub fn merges_into_item(&self) -> bool {
+        self.field == "."
+    }
 }
 
 impl RouteUpstream {
@@ -204,9 +281,7 @@ pub fn default_routes() -> Vec<RawRoute> {
         url: format!("{{base}}/{path}/{{id}}"),
         field: Some(field.into()),
         required: Some(required),
-        timeout_ms: None,
-        retry: None,
-        forward_headers: None,
+        ..RawUpstream::default()
     };
     vec![RawRoute {
         path: "/products/{id}".into(),
@@ -215,6 +290,7 @@ pub fn default_routes() -> Vec<RawRoute> {
             upstream("pricing", "pricing", "price", true),
             upstream("reviews", "reviews", "reviews", false),
         ],
+        max_body_kib: None,
     }]
 }
 
@@ -385,6 +461,8 @@ fn validate_route(
             "a route needs at least one upstream",
         ));
     }
+    let names: Vec<String> = raw.upstreams.iter().map(|u| u.name.clone()).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut upstreams: Vec<RouteUpstream> = Vec::new();
     for (i, u) in raw.upstreams.into_iter().enumerate() {
         let key = || format!("{}.upstreams[{i}]", route_key());
@@ -399,6 +477,12 @@ fn validate_route(
                 format!("`{}`: names are made of A-Z, a-z, 0-9 and '_'", u.name),
             ));
         }
+        if ["each", "query", "base"].contains(&u.name.as_str()) {
+            return Err(error(
+                format!("{}.name", key()),
+                format!("`{}` is reserved in URL templates", u.name),
+            ));
+        }
         let field = u.field.unwrap_or_else(|| u.name.clone());
         if ["degraded", "error"].contains(&field.as_str()) || vars.contains(&field.as_str()) {
             return Err(error(
@@ -406,7 +490,7 @@ fn validate_route(
                 format!("`{field}` is reserved (degraded, error and the path's variables)"),
             ));
         }
-        if upstreams.iter().any(|other| other.field == field) {
+        if field != "." && upstreams.iter().any(|other| other.field == field) {
             return Err(error(
                 format!("{}.field", key()),
                 format!("`{field}` is filled twice"),
@@ -423,7 +507,7 @@ fn validate_route(
             }
             None => None,
         };
-        let url = UrlTemplate::parse(&u.url, base.as_deref(), &vars)
+        let url = UrlTemplate::parse(&u.url, base.as_deref(), &vars, &names)
             .map_err(|why| error(format!("{}.url", key()), why))?;
         let timeout = duration(
             u.timeout_ms,
@@ -446,6 +530,137 @@ fn validate_route(
             forwardable(name)
                 .map_err(|reason| error(format!("{}.forward_headers[{j}]", key()), reason))?;
         }
+        let each = match &u.each {
+            None => None,
+            Some(raw) => {
+                let each_key = || format!("{}.each", key());
+                let path = JsonPath::parse(raw, 1).map_err(|why| error(each_key(), why))?;
+                let (name, rest) = path
+                    .split_first()
+                    .filter(|(_, rest)| !rest.steps().is_empty())
+                    .ok_or_else(|| {
+                        error(
+                            each_key(),
+                            format!("`{raw}` must name an upstream, then a list: `order.lines[]`"),
+                        )
+                    })?;
+                let source = names.iter().position(|n| *n == name).ok_or_else(|| {
+                    error(
+                        each_key(),
+                        format!(
+                            "`{name}` is not an upstream of the route ({})",
+                            names.join(", ")
+                        ),
+                    )
+                })?;
+                if !rest.has_list() {
+                    return Err(error(
+                        each_key(),
+                        format!("`{raw}` has no list: mark it with [] (`order.lines[].sku`)"),
+                    ));
+                }
+                Some((source, rest))
+            }
+        };
+        let max_items = u.max_items.unwrap_or(DEFAULT_MAX_ITEMS);
+        if !(1..=MAX_ITEMS).contains(&max_items) {
+            return Err(error(
+                format!("{}.max_items", key()),
+                format!("{max_items} is outside 1..={MAX_ITEMS}"),
+            ));
+        }
+        let batch = match u.batch {
+            None => None,
+            Some(raw) => {
+                let batch_key = |k: &str| format!("{}.batch.{k}", key());
+                let param_ok = !raw.param.is_empty()
+                    && raw.param.len() <= 64
+                    && raw
+                        .param
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+                if !param_ok {
+                    return Err(error(
+                        batch_key("param"),
+                        format!("`{}` is not a query parameter's name", raw.param),
+                    ));
+                }
+                let max = raw.max.unwrap_or(DEFAULT_BATCH_MAX);
+                if !(1..=MAX_BATCH_IDS).contains(&max) {
+                    return Err(error(
+                        batch_key("max"),
+                        format!("{max} is outside 1..={MAX_BATCH_IDS}"),
+                    ));
+                }
+                let key_path = JsonPath::parse(raw.key.as_deref().unwrap_or("id"), 0)
+                    .map_err(|why| error(batch_key("key"), why))?;
+                Some(Batch {
+                    param: raw.param,
+                    max,
+                    key: key_path,
+                })
+            }
+        };
+        match (&each, &batch, url.uses_each()) {
+            (None, Some(_), _) => {
+                return Err(error(
+                    format!("{}.batch", key()),
+                    "a batch needs `each`: the list whose values it sends",
+                ));
+            }
+            (None, None, true) => {
+                return Err(error(
+                    format!("{}.url", key()),
+                    format!("`{}` uses {{each}}, but the upstream has no `each`", u.url),
+                ));
+            }
+            (Some(_), None, false) => {
+                return Err(error(
+                    format!("{}.url", key()),
+                    format!(
+                        "`{}` has no {{each}}: every element would make the same call",
+                        u.url
+                    ),
+                ));
+            }
+            (Some(_), Some(_), true) => {
+                return Err(error(
+                    format!("{}.url", key()),
+                    format!(
+                        "`{}` uses {{each}}, but a batch sends the values in `?param=`",
+                        u.url
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        if field == "." && each.is_some() {
+            return Err(error(
+                format!("{}.field", key()),
+                "a list cannot be merged into the item: give it a field",
+            ));
+        }
+        let mut depends_on = url.depends_on();
+        if let Some((source, _)) = &each
+            && !depends_on.contains(source)
+        {
+            depends_on.push(*source);
+        }
+        let path_list = |k: &str, raw: &str, lists: usize| {
+            JsonPath::parse(raw, lists).map_err(|why| error(format!("{}.{k}", key()), why))
+        };
+        let select = u
+            .select
+            .unwrap_or_default()
+            .iter()
+            .map(|p| path_list("select", p, 1))
+            .collect::<Result<Vec<_>, _>>()?;
+        let rename = u
+            .rename
+            .unwrap_or_default()
+            .iter()
+            .map(|(from, to)| Ok((path_list("rename", from, 0)?, path_list("rename", to, 0)?)))
+            .collect::<Result<Vec<_>, ConfigError>>()?;
         upstreams.push(RouteUpstream {
             name: u.name,
             field,
@@ -454,7 +669,19 @@ fn validate_route(
             retry,
             forward_headers,
             url,
+            depends_on,
+            each,
+            max_items,
+            batch,
+            shape: Shape { select, rename },
         });
+    }
+    if let Some(cycle) = find_cycle(&upstreams) {
+        let names: Vec<&str> = cycle.iter().map(|&i| upstreams[i].name.as_str()).collect();
+        return Err(error(
+            format!("{}.upstreams[{}].url", route_key(), cycle[0]),
+            format!("the upstreams depend on each other: {}", names.join(" -> ")),
+        ));
     }
     let mut query: Vec<(String, bool)> = Vec::new();
     for (name, default) in upstreams.iter().flat_map(|u| u.url.query_params()) {
@@ -463,10 +690,57 @@ fn validate_route(
             None => query.push((name.to_string(), default.is_none())),
         }
     }
+    let max_body = match raw.max_body_kib {
+        None => DEFAULT_MAX_BODY,
+        Some(kib @ 1..=65536) => (kib as usize) << 10,
+        Some(kib) => {
+            return Err(error(
+                format!("{}.max_body_kib", route_key()),
+                format!("{kib} is outside 1..=65536"),
+            ));
+        }
+    };
     Ok(Route {
         path,
         upstreams,
         query,
+        max_body,
+    })
+}
+
+/// A cycle among the upstreams' dependencies, as the indices along it
+/// (first repeated at the end), if there is one.
+fn find_cycle(upstreams: &[RouteUpstream]) -> Option<Vec<usize>> {
+    // Depth-first, colouring: 0 unvisited, 1 on the current path, 2 done.
+    fn visit(
+        at: usize,
+        upstreams: &[RouteUpstream],
+        colour: &mut [u8],
+        path: &mut Vec<usize>,
+    ) -> Option<Vec<usize>> {
+        colour[at] = 1;
+        path.push(at);
+        for &next in &upstreams[at].depends_on {
+            if colour[next] == 1 {
+                let start = path.iter().position(|&i| i == next).unwrap_or(0);
+                let mut cycle = path[start..].to_vec();
+                cycle.push(next);
+                return Some(cycle);
+            }
+            if colour[next] == 0
+                && let Some(cycle) = visit(next, upstreams, colour, path)
+            {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        colour[at] = 2;
+        None
+    }
+    let mut colour = vec![0u8; upstreams.len()];
+    (0..upstreams.len()).find_map(|start| match colour[start] {
+        0 => visit(start, upstreams, &mut colour, &mut Vec::new()),
+        _ => None,
     })
 }
 

@@ -86,6 +86,10 @@ pub enum UpstreamFailure {
     Shed(String),
     /// The upstream answered 2xx with a body that is not a JSON object.
     InvalidBody(String),
+    /// The call could not be made: a value its URL reads from another
+    /// upstream's answer is missing or unusable, that upstream failed, or
+    /// the request reached its limit of calls.
+    NotCalled(String),
 }
 
 impl UpstreamFailure {
@@ -134,6 +138,11 @@ impl UpstreamFailure {
                 "upstream_shed",
                 format!("the host shed the call to {upstream}: {why}"),
             ),
+            UpstreamFailure::NotCalled(why) => ApiError::new(
+                502,
+                "upstream_not_called",
+                format!("{upstream} was not called: {why}"),
+            ),
         };
         error.for_upstream(upstream)
     }
@@ -152,7 +161,8 @@ impl UpstreamFailure {
             UpstreamFailure::Tls { retryable, .. } => *retryable,
             UpstreamFailure::InvalidBody(_)
             | UpstreamFailure::Denied
-            | UpstreamFailure::Shed(_) => false,
+            | UpstreamFailure::Shed(_)
+            | UpstreamFailure::NotCalled(_) => false,
         }
     }
 }
@@ -177,10 +187,11 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
 /// request whose answers add up to much more needs more fuel.
 pub const MAX_UPSTREAM_BODY: usize = 256 << 10;
 
-/// Parses an upstream's 2xx body: it must be a JSON object.
+/// Parses an upstream's 2xx body: a JSON object, or a list (which only a
+/// batch-capable upstream may answer: the fan-out checks).
 pub fn parse_upstream_body(body: &[u8]) -> Result<Value, UpstreamFailure> {
     match serde_json::from_slice::<Value>(body) {
-        Ok(value @ Value::Object(_)) => Ok(value),
+        Ok(value @ (Value::Object(_) | Value::Array(_))) => Ok(value),
         Ok(_) => Err(UpstreamFailure::InvalidBody("not a JSON object".into())),
         Err(e) => Err(UpstreamFailure::InvalidBody(format!("invalid JSON: {e}"))),
     }
@@ -202,9 +213,10 @@ mod tests {
     }
 
     #[test]
-    fn upstream_bodies_must_be_objects() {
+    fn upstream_bodies_must_be_objects_or_lists() {
         assert!(parse_upstream_body(br#"{"a":1}"#).is_ok());
-        for bad in [&b"[1]"[..], b"42", b"not json", b""] {
+        assert!(parse_upstream_body(br#"[{"id":1}]"#).is_ok());
+        for bad in [&b"42"[..], b"\"text\"", b"null", b"not json", b""] {
             assert!(matches!(
                 parse_upstream_body(bad),
                 Err(UpstreamFailure::InvalidBody(_))

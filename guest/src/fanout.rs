@@ -8,10 +8,11 @@
 
 use crate::config::{Config, Mode, Route, RouteUpstream};
 use crate::errors::UpstreamFailure;
-use crate::merge::{self, Item, Outcome};
+use crate::merge::{self, Item};
 use crate::template::Params;
 use crate::trace::TraceContext;
-use futures_util::stream::{self, StreamExt};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use graph::Graph;
 use serde_json::Value;
 use std::future::Future;
 use std::time::Duration;
@@ -142,11 +143,16 @@ pub struct Gathered {
     pub items: Vec<Item>,
     /// Each upstream's time, for `Server-Timing`.
     pub timings: Vec<(String, Duration)>,
+    /// How many distinct calls were made.
+    pub calls: usize,
 }
 
 /// Fans out for every item of `items` on `route` and merges each. The
-/// answer keeps their order. At most `config.max_in_flight` calls run at
-/// once across the whole request.
+/// answer keeps their order. Each upstream of an item is called as soon as
+/// the answers it reads are in; identical calls are made once; at most
+/// `config.max_in_flight` calls run at once across the whole request, in
+/// the order they became possible (one at a time, in that order, in
+/// `sequential` mode).
 pub async fn fan_out<E: Env>(
     env: &E,
     config: &Config,
@@ -155,55 +161,36 @@ pub async fn fan_out<E: Env>(
     budget: Budget,
     trace: &TraceContext,
 ) -> Gathered {
-    type Timed = (usize, Duration, Duration, Result<Value, UpstreamFailure>);
-    let outcome = |params: &Params, index: usize| {
-        let upstream = &route.upstreams[index];
-        let url = upstream.url(params);
+    let cap = match config.mode {
+        Mode::Concurrent => config.max_in_flight,
+        Mode::Sequential => 1,
+    };
+    let start = |id: usize, node: usize, url: String| {
+        let upstream = &route.upstreams[node];
         async move {
             let started = env.now();
             let header = config.budget_header.as_deref();
             let result = call(env, upstream, url, budget, trace, header).await;
-            (index, started, env.now(), result)
+            (id, node, started, env.now(), result)
         }
     };
-    let per_item: Vec<Vec<Timed>> = match config.mode {
-        Mode::Concurrent => {
-            // One stream of calls for the whole request: `buffered` keeps at
-            // most `max_in_flight` running and yields them in order.
-            let calls = items
-                .iter()
-                .flat_map(|item| (0..route.upstreams.len()).map(move |i| (item, i)))
-                .map(|(item, i)| outcome(item, i));
-            let mut results = stream::iter(calls).buffered(config.max_in_flight);
-            let mut per_item = Vec::with_capacity(items.len());
-            for _ in items {
-                let mut item = Vec::with_capacity(route.upstreams.len());
-                for _ in &route.upstreams {
-                    if let Some(result) = results.next().await {
-                        item.push(result);
-                    }
-                }
-                per_item.push(item);
-            }
-            per_item
-        }
-        Mode::Sequential => {
-            let mut per_item = Vec::with_capacity(items.len());
-            for params in items {
-                let mut item = Vec::with_capacity(route.upstreams.len());
-                for i in 0..route.upstreams.len() {
-                    item.push(outcome(params, i).await);
-                }
-                per_item.push(item);
-            }
-            per_item
-        }
-    };
+    let mut graph = Graph::new(route, items);
+    let mut running = FuturesUnordered::new();
     let mut spans: Vec<Option<(Duration, Duration)>> = vec![None; route.upstreams.len()];
-    for &(index, started, ended, _) in per_item.iter().flatten() {
-        let span = spans[index].get_or_insert((started, ended));
+    loop {
+        while running.len() < cap {
+            let Some((id, call)) = graph.next_call() else {
+                break;
+            };
+            running.push(start(id, call.node, call.url.clone()));
+        }
+        let Some((id, node, started, ended, result)) = running.next().await else {
+            break;
+        };
+        let span = spans[node].get_or_insert((started, ended));
         span.0 = span.0.min(started);
         span.1 = span.1.max(ended);
+        graph.deliver(id, result);
     }
     let timings = route
         .upstreams
@@ -213,24 +200,14 @@ pub async fn fan_out<E: Env>(
         .collect();
     let items = items
         .iter()
-        .zip(per_item)
-        .map(|(params, results)| {
-            let outcomes = results
-                .into_iter()
-                .map(|(index, _, _, result)| {
-                    let upstream = &route.upstreams[index];
-                    Outcome {
-                        upstream: &upstream.name,
-                        field: &upstream.field,
-                        required: upstream.required,
-                        result,
-                    }
-                })
-                .collect();
-            merge::merge(&params.path, outcomes)
-        })
+        .enumerate()
+        .map(|(i, params)| merge::merge(&params.path, graph.outcomes(i)))
         .collect();
-    Gathered { items, timings }
+    Gathered {
+        items,
+        timings,
+        calls: graph.calls_made(),
+    }
 }
 
 /// The `Server-Timing` header: one entry per upstream, then the total, in
@@ -254,5 +231,8 @@ pub fn server_timing(timings: &[(String, Duration)], total: Duration) -> String 
     out
 }
 
+#[cfg(test)]
+mod fake;
+mod graph;
 #[cfg(test)]
 mod tests;

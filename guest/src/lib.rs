@@ -41,6 +41,7 @@ pub mod fanout;
 pub mod merge;
 pub mod protocol;
 pub mod retry;
+pub mod shape;
 pub mod template;
 pub mod trace;
 

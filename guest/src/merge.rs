@@ -12,8 +12,12 @@ pub struct Outcome<'a> {
     pub field: &'a str,
     /// Whether its failure fails the item.
     pub required: bool,
-    /// Its JSON answer, or why there is none.
+    /// Its JSON answer (shaped), or why there is none. For an upstream
+    /// called once per element of a list, the list of answers, `null`
+    /// where one failed.
     pub result: Result<Value, UpstreamFailure>,
+    /// The elements of its list that failed, and why.
+    pub failed_elements: Vec<(usize, UpstreamFailure)>,
 }
 
 /// One merged item: `{"id", <field>: <upstream JSON or null>..., "degraded"}`
@@ -30,31 +34,45 @@ pub struct Item {
 
 /// Ranks failures so that the most telling one is reported: a 404 first (the
 /// item does not exist, whatever else went wrong), then a timeout (the
-/// client's budget is what ran out), then the rest in upstream order.
+/// client's budget is what ran out), then the rest in upstream order, and
+/// last a call not made because another failed (that one says more).
 fn rank(f: &UpstreamFailure) -> u8 {
     match f {
         UpstreamFailure::Status(404) => 0,
         UpstreamFailure::Timeout => 1,
+        UpstreamFailure::NotCalled(_) => 3,
         _ => 2,
     }
 }
 
+/// The most telling failure of `outcomes`, as an error naming its upstream
+/// (`pricing[3]` for an element of a list).
 fn worst<'a, 'b>(outcomes: impl Iterator<Item = &'b Outcome<'a>>) -> Option<ApiError>
 where
     'a: 'b,
 {
     outcomes
-        .filter_map(|o| o.result.as_ref().err().map(|f| (o.upstream, f)))
+        .flat_map(|o| {
+            let whole = o.result.as_ref().err().map(|f| (o.upstream.to_string(), f));
+            let elements = o
+                .failed_elements
+                .iter()
+                .map(|(i, f)| (format!("{}[{i}]", o.upstream), f));
+            whole.into_iter().chain(elements)
+        })
         .min_by_key(|(_, f)| rank(f))
-        .map(|(upstream, failure)| failure.to_api_error(upstream))
+        .map(|(upstream, failure)| failure.to_api_error(&upstream))
 }
 
 /// Merges one item's upstream answers.
 ///
 /// A failed required upstream fails the item. A failed optional upstream
-/// leaves its field `null` and is named in `degraded`. If every upstream
-/// failed, the item fails even when all were optional: an answer with no
-/// data is never a success.
+/// leaves its field `null` and is named in `degraded`; a failed element of
+/// an optional list is `null` in it and named with its index
+/// (`pricing[3]`). If every upstream failed, the item fails even when all
+/// were optional: an answer with no data is never a success. An upstream
+/// whose field is `"."` has its answer's members merged into the item, in
+/// route order, never over a path variable or `degraded`.
 pub fn merge(path: &[(String, String)], outcomes: Vec<Outcome<'_>>) -> Item {
     let failed = |result: Result<Value, ApiError>| Item {
         path: path.to_vec(),
@@ -72,6 +90,9 @@ pub fn merge(path: &[(String, String)], outcomes: Vec<Outcome<'_>>) -> Item {
     let mut answer = identity(path);
     let mut degraded = Vec::new();
     for outcome in outcomes {
+        for (i, _) in &outcome.failed_elements {
+            degraded.push(format!("{}[{i}]", outcome.upstream));
+        }
         let value = match outcome.result {
             Ok(value) => value,
             Err(_) => {
@@ -79,6 +100,16 @@ pub fn merge(path: &[(String, String)], outcomes: Vec<Outcome<'_>>) -> Item {
                 Value::Null
             }
         };
+        if outcome.field == "." {
+            if let Value::Object(members) = value {
+                for (name, value) in members {
+                    if name != "degraded" && !path.iter().any(|(var, _)| *var == name) {
+                        answer.insert(name, value);
+                    }
+                }
+            }
+            continue;
+        }
         answer.insert(outcome.field.to_string(), value);
     }
     answer.insert("degraded".into(), json!(degraded));
@@ -189,6 +220,29 @@ impl Answer {
     }
 }
 
+impl Answer {
+    /// The body as JSON bytes; over `max` bytes, the answer becomes a
+    /// `502 answer_too_large` instead (a route's `max_body_kib`).
+    pub fn into_bytes(self, max: usize) -> (Answer, Vec<u8>) {
+        let body = serde_json::to_vec(&self.body).unwrap_or_default();
+        if body.len() <= max {
+            return (self, body);
+        }
+        let error = ApiError::new(
+            502,
+            "answer_too_large",
+            format!(
+                "the answer would be {} KiB; this route allows at most {} KiB (max_body_kib)",
+                body.len().div_ceil(1024),
+                max >> 10
+            ),
+        );
+        let answer = Answer::error(&error);
+        let body = serde_json::to_vec(&answer.body).unwrap_or_default();
+        (answer, body)
+    }
+}
+
 fn error_rank(e: &ApiError) -> u8 {
     match e.status {
         404 => 0,
@@ -211,6 +265,7 @@ mod tests {
             field: upstream,
             required,
             result: Ok(v),
+            failed_elements: Vec::new(),
         }
     }
 
@@ -220,6 +275,7 @@ mod tests {
             field: upstream,
             required,
             result: Err(f),
+            failed_elements: Vec::new(),
         }
     }
 

@@ -6,6 +6,8 @@
 //! of a URL is fixed by the configuration: no client value can choose where
 //! a call goes, only what it asks for there.
 
+use crate::shape::JsonPath;
+use serde_json::Value;
 use std::fmt::Write;
 
 /// Longest path variable accepted.
@@ -214,11 +216,31 @@ enum Part {
         name: String,
         default: Option<String>,
     },
+    /// A value in the answer of the route's upstream of this index
+    /// (`shown` as written, for errors).
+    Ref {
+        upstream: usize,
+        path: JsonPath,
+        shown: String,
+    },
+    /// A value in the list element this call is made for (`each`).
+    Each(JsonPath),
 }
 
-/// An upstream's URL: literal text, the route's `{variables}` and
-/// `{query.name}` or `{query.name:default}` parameters. `{base}`, the
-/// upstream's base URL, is filled in when the configuration is read.
+/// What a template's references read: other upstreams' answers, and the
+/// list element a call is for.
+pub struct Answers<'a> {
+    /// The answer of each upstream of the route, by index, once it is in.
+    pub upstream: &'a dyn Fn(usize) -> Option<&'a Value>,
+    /// The element, for an upstream called once per element of a list.
+    pub element: Option<&'a Value>,
+}
+
+/// An upstream's URL: literal text, the route's `{variables}`,
+/// `{query.name}` or `{query.name:default}` parameters, values of other
+/// upstreams' answers (`{inventory.warehouse_id}`) and, for an upstream
+/// called once per element of a list, `{each}` or `{each.sku}`. `{base}`,
+/// the upstream's base URL, is filled in when the configuration is read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UrlTemplate {
     parts: Vec<Part>,
@@ -227,9 +249,15 @@ pub struct UrlTemplate {
 }
 
 impl UrlTemplate {
-    /// Parses `raw` for a route whose path variables are `vars`; `base` is
-    /// what `{base}` stands for, if the upstream has one.
-    pub fn parse(raw: &str, base: Option<&str>, vars: &[&str]) -> Result<UrlTemplate, String> {
+    /// Parses `raw` for a route whose path variables are `vars` and whose
+    /// upstreams are named `upstreams`; `base` is what `{base}` stands for,
+    /// if the upstream has one.
+    pub fn parse(
+        raw: &str,
+        base: Option<&str>,
+        vars: &[&str],
+        upstreams: &[&str],
+    ) -> Result<UrlTemplate, String> {
         let mut parts: Vec<Part> = Vec::new();
         let literal = |parts: &mut Vec<Part>, text: &str| match parts.last_mut() {
             _ if text.is_empty() => {}
@@ -270,10 +298,35 @@ impl UrlTemplate {
                 });
             } else if let Some(index) = vars.iter().position(|v| *v == inner) {
                 parts.push(Part::Var(index));
+            } else if inner == "each" {
+                parts.push(Part::Each(JsonPath::default()));
+            } else if let Some(path) = inner.strip_prefix("each.") {
+                let path = JsonPath::parse(path, 0).map_err(|why| format!("`{raw}`: {why}"))?;
+                parts.push(Part::Each(path));
             } else if inner.contains('.') {
-                return Err(format!(
-                    "`{raw}`: `{{{inner}}}` is neither a path variable nor a query parameter"
-                ));
+                let reference =
+                    JsonPath::parse(inner, 0).map_err(|why| format!("`{raw}`: {why}"))?;
+                let (name, path) = reference.split_first().expect("a path has a first key");
+                let mut named = upstreams.iter().enumerate().filter(|(_, n)| **n == name);
+                let upstream = match (named.next(), named.next()) {
+                    (Some((index, _)), None) => index,
+                    (Some(_), Some(_)) => {
+                        return Err(format!(
+                            "`{raw}`: `{{{inner}}}`: two upstreams of the route are named `{name}`"
+                        ));
+                    }
+                    (None, _) => {
+                        return Err(format!(
+                            "`{raw}`: `{{{inner}}}` is neither a query parameter nor a value of                              an upstream of the route (`{name}` is none of: {})",
+                            upstreams.join(", ")
+                        ));
+                    }
+                };
+                parts.push(Part::Ref {
+                    upstream,
+                    path,
+                    shown: inner.to_string(),
+                });
             } else {
                 return Err(format!(
                     "`{raw}`: `{{{inner}}}` is not a variable of the route's path (it has: {})",
@@ -325,6 +378,24 @@ impl UrlTemplate {
         &self.origin
     }
 
+    /// The upstreams whose answers it uses, by index, each once.
+    pub fn depends_on(&self) -> Vec<usize> {
+        let mut on = Vec::new();
+        for part in &self.parts {
+            if let Part::Ref { upstream, .. } = part
+                && !on.contains(upstream)
+            {
+                on.push(*upstream);
+            }
+        }
+        on
+    }
+
+    /// Whether it uses `{each}`.
+    pub fn uses_each(&self) -> bool {
+        self.parts.iter().any(|p| matches!(p, Part::Each(_)))
+    }
+
     /// The query parameters it uses, each with its default if it has one.
     pub fn query_params(&self) -> impl Iterator<Item = (&str, Option<&str>)> {
         self.parts.iter().filter_map(|p| match p {
@@ -333,10 +404,26 @@ impl UrlTemplate {
         })
     }
 
-    /// The URL for `params`, each value percent-encoded. A query parameter
-    /// neither given nor defaulted is left empty: [`Params`] are built so
-    /// that this cannot happen (a 400 first).
+    /// The URL for `params` when it uses no answer: see [`render_with`].
+    ///
+    /// [`render_with`]: UrlTemplate::render_with
     pub fn render(&self, params: &Params) -> String {
+        let none = |_| None;
+        let answers = Answers {
+            upstream: &none,
+            element: None,
+        };
+        self.render_with(params, &answers)
+            .unwrap_or_else(|why| format!("{}/<{why}>", self.origin))
+    }
+
+    /// The URL for `params` and `answers`, each value percent-encoded. A
+    /// query parameter neither given nor defaulted is left empty: [`Params`]
+    /// are built so that this cannot happen (a 400 first). A value from an
+    /// answer must be a string or a number that passes [`query_value`]: an
+    /// upstream's data is no more trusted than a client's. `Err` says which
+    /// is missing or unusable.
+    pub fn render_with(&self, params: &Params, answers: &Answers<'_>) -> Result<String, String> {
         let mut url = String::with_capacity(64);
         for part in &self.parts {
             match part {
@@ -347,15 +434,48 @@ impl UrlTemplate {
                     debug_assert!(value.is_some(), "query parameter {name} was not checked");
                     encode(&mut url, value.unwrap_or_default());
                 }
+                Part::Ref {
+                    upstream,
+                    path,
+                    shown,
+                } => {
+                    let value = (answers.upstream)(*upstream).and_then(|answer| path.get(answer));
+                    let text = scalar(value).map_err(|why| format!("{shown} {why}"))?;
+                    encode(&mut url, &text);
+                }
+                Part::Each(path) => {
+                    let value = answers.element.and_then(|element| path.get(element));
+                    let text = scalar(value).map_err(|why| match path.steps().is_empty() {
+                        true => format!("the element {why}"),
+                        false => format!("the element's {} {why}", path.display()),
+                    })?;
+                    encode(&mut url, &text);
+                }
             }
         }
-        url
+        Ok(url)
     }
+}
+
+/// A value from an answer as URL text: a string or a number, checked like
+/// a query value.
+pub fn scalar(value: Option<&Value>) -> Result<String, String> {
+    let text = match value {
+        None => return Err("is missing".into()),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        Some(_) => return Err("is not a string or a number".into()),
+    };
+    if text.is_empty() {
+        return Err("is empty".into());
+    }
+    query_value(&text).map_err(|why| format!("is unusable: it {why}"))?;
+    Ok(text)
 }
 
 /// Percent-encodes everything but RFC 3986's unreserved characters, so a
 /// value stays one path segment or one query value wherever it lands.
-fn encode(out: &mut String, value: &str) {
+pub(crate) fn encode(out: &mut String, value: &str) {
     for b in value.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
             out.push(b as char);

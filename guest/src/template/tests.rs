@@ -90,6 +90,7 @@ fn urls_fill_variables_and_query_parameters_encoded() {
         "{base}/u/{user}/o/{order}?currency={query.currency:EUR}&q={query.q}",
         Some("https://orders.internal:8443/v1"),
         &vars,
+        &[],
     )
     .unwrap();
     assert_eq!(url.origin(), "https://orders.internal:8443");
@@ -118,9 +119,15 @@ fn bad_url_templates_say_why() {
             "not a variable of the route's path (it has: id)",
         ),
         (
-            "{base}/x/{inventory.warehouse}",
-            "neither a path variable nor a query",
+            "{base}/x/{pricing.amount}",
+            "`pricing` is none of: inventory, twin, twin",
         ),
+        (
+            "{base}/x/{twin.amount}",
+            "two upstreams of the route are named `twin`",
+        ),
+        ("{base}/x/{inventory.lines[].sku}", "[] is not allowed here"),
+        ("{base}/x/{each.a b}", "each step"),
         ("{base}/x/{id", "without its `}`"),
         ("{base}/x/id}", "without its `{`"),
         ("http://h/{base}/{id}", "may only start"),
@@ -136,13 +143,14 @@ fn bad_url_templates_say_why() {
         ),
         ("{base}/x?c={query.}", "a query parameter's name"),
     ] {
-        let err = UrlTemplate::parse(raw, Some("http://h"), &vars).unwrap_err();
+        let err = UrlTemplate::parse(raw, Some("http://h"), &vars, &["inventory", "twin", "twin"])
+            .unwrap_err();
         assert!(err.contains(why), "{raw}: {err}");
     }
-    let err = UrlTemplate::parse("{base}/x", None, &vars).unwrap_err();
+    let err = UrlTemplate::parse("{base}/x", None, &vars, &[]).unwrap_err();
     assert!(err.contains("no base URL"), "{err}");
     // A template without variables is a fixed URL.
-    let fixed = UrlTemplate::parse("http://h:1", None, &vars).unwrap();
+    let fixed = UrlTemplate::parse("http://h:1", None, &vars, &[]).unwrap();
     assert_eq!(
         (fixed.origin(), fixed.render(&Params::default()).as_str()),
         ("http://h:1", "http://h:1")
@@ -169,4 +177,56 @@ fn query_values_are_decoded_then_checked() {
     assert!(query_value("EUR").is_ok());
     assert!(query_value("été 50%").is_ok());
     assert!(query_value(&"x".repeat(MAX_QUERY_VALUE_LEN)).is_ok());
+}
+
+#[test]
+fn urls_read_other_answers_and_list_elements_checked() {
+    let url = UrlTemplate::parse(
+        "{base}/w/{inventory.warehouse.id}/p/{each.sku}?n={each.qty}",
+        Some("http://h"),
+        &["id"],
+        &["inventory", "pricing"],
+    )
+    .unwrap();
+    assert_eq!(url.depends_on(), [0]);
+    assert!(url.uses_each());
+    let inventory = serde_json::json!({"warehouse": {"id": "w 1"}});
+    let read = |i: usize| (i == 0).then_some(&inventory);
+    let element = serde_json::json!({"sku": "a/b", "qty": 2});
+    let answers = Answers {
+        upstream: &read,
+        element: Some(&element),
+    };
+    // The element's sku has a '/': refused like a client's value.
+    let err = url.render_with(&Params::default(), &answers).unwrap_err();
+    assert_eq!(err, "the element's sku is unusable: it contains '/'");
+    let element = serde_json::json!({"sku": "a-1", "qty": 2.5});
+    let answers = Answers {
+        upstream: &read,
+        element: Some(&element),
+    };
+    assert_eq!(
+        url.render_with(&Params::default(), &answers).unwrap(),
+        "http://h/w/w%201/p/a-1?n=2.5"
+    );
+    for (inventory, why) in [
+        (serde_json::json!({}), "inventory.warehouse.id is missing"),
+        (
+            serde_json::json!({"warehouse": {"id": true}}),
+            "is not a string or a number",
+        ),
+        (serde_json::json!({"warehouse": {"id": ""}}), "is empty"),
+        (
+            serde_json::json!({"warehouse": {"id": [1]}}),
+            "is not a string or a number",
+        ),
+    ] {
+        let read = |i: usize| (i == 0).then_some(&inventory);
+        let answers = Answers {
+            upstream: &read,
+            element: Some(&element),
+        };
+        let err = url.render_with(&Params::default(), &answers).unwrap_err();
+        assert!(err.contains(why), "{err}");
+    }
 }
