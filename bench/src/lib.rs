@@ -785,7 +785,9 @@ impl Harness {
         // Instantiation and fuel: in this process, upstreams answering at once.
         let instant = || {
             fanout_host::adapters::from_fn(|request| async move {
-                let body = fanout_host::demo::answer_for(request.uri().path());
+                let body = fanout_host::demo::answer_for(
+                    request.uri().path_and_query().map_or("/", |p| p.as_str()),
+                );
                 Ok(fanout_host::adapters::json_response(
                     http::StatusCode::OK,
                     &body,

@@ -171,7 +171,9 @@ pub async fn upstreams(
             Fault::BadJson => Response::new(Full::new(Bytes::from_static(b"<html>oops</html>"))),
             _ => json(
                 StatusCode::OK,
-                &fanout_host::demo::answer_for(request.uri().path()),
+                &fanout_host::demo::answer_for(
+                    request.uri().path_and_query().map_or("/", |p| p.as_str()),
+                ),
             ),
         }
     })

@@ -676,6 +676,26 @@ fn validate_route(
             shape: Shape { select, rename },
         });
     }
+    // The most calls one item can make: a request fails a call past
+    // MAX_CALLS anyway, but a route that would always reach it is a
+    // mistake to name at start.
+    let most: usize = upstreams
+        .iter()
+        .map(|u| match (&u.each, &u.batch) {
+            (None, _) => 1,
+            (Some(_), None) => u.max_items,
+            (Some(_), Some(batch)) => u.max_items.div_ceil(batch.max),
+        })
+        .sum();
+    if most > MAX_CALLS {
+        return Err(error(
+            format!("{}.upstreams", route_key()),
+            format!(
+                "an item may make {most} calls (one per upstream, max_items per list, \
+                 one per batch of a list); at most {MAX_CALLS} are allowed"
+            ),
+        ));
+    }
     if let Some(cycle) = find_cycle(&upstreams) {
         let names: Vec<&str> = cycle.iter().map(|&i| upstreams[i].name.as_str()).collect();
         return Err(error(

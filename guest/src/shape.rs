@@ -242,12 +242,25 @@ impl Shape {
         self.select.is_empty() && self.rename.is_empty()
     }
 
+    /// Applies the shape to a copy of one answer, copying only what
+    /// `select` keeps.
+    pub fn apply_ref(&self, value: &Value) -> Value {
+        if self.select.is_empty() {
+            return self.apply(value.clone());
+        }
+        let mut picked = Value::Object(Map::new());
+        for path in &self.select {
+            JsonPath::pick(&path.steps, value, &mut picked);
+        }
+        self.rename(picked)
+    }
+
     /// Applies the shape to one answer.
     pub fn apply(&self, value: Value) -> Value {
         if self.is_identity() {
             return value;
         }
-        let mut shaped = if self.select.is_empty() {
+        let shaped = if self.select.is_empty() {
             value
         } else {
             let mut picked = Value::Object(Map::new());
@@ -256,6 +269,10 @@ impl Shape {
             }
             picked
         };
+        self.rename(shaped)
+    }
+
+    fn rename(&self, mut shaped: Value) -> Value {
         for (from, to) in &self.rename {
             if let Some(moved) = from.take(&mut shaped) {
                 to.put(&mut shaped, moved);

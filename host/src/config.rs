@@ -597,4 +597,22 @@ mod tests {
         assert!(settings.listen.is_some());
         builder.build().expect("fanout.toml builds");
     }
+
+    /// `fanout` without `--config` serves what `fanout.toml` describes.
+    #[test]
+    fn the_shipped_example_is_the_demo() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fanout.toml");
+        let file = FileConfig::load(&path).expect("fanout.toml parses");
+        let routes = |raw: fanout_guest::config::RawConfig| {
+            serde_json::to_value(raw.routes.expect("routes")).unwrap()
+        };
+        let demo: fanout_guest::config::RawConfig =
+            serde_json::from_value(crate::demo::guest_config()).unwrap();
+        assert_eq!(routes(file.guest.expect("[guest]")), routes(demo));
+        let mut names: Vec<&str> = file.upstreams.keys().map(String::as_str).collect();
+        let mut demo: Vec<&str> = crate::demo::upstreams().iter().map(|u| u.0).collect();
+        names.sort();
+        demo.sort();
+        assert_eq!(names, demo);
+    }
 }

@@ -266,7 +266,13 @@ fn configure(args: &Args) -> Result<(Fanout, SocketAddr, Option<SocketAddr>), fa
             listen = settings.listen;
             admin = settings.admin;
         }
-        None => builder = builder.demo_upstreams(),
+        None => {
+            builder = builder.demo_upstreams();
+            if args.guest_config.is_none() {
+                let routes = fanout_host::demo::guest_config().to_string();
+                builder = builder.env(ENV_CONFIG, routes);
+            }
+        }
     }
     if let Some(fuel) = args.fuel {
         limits.fuel = (fuel > 0).then_some(fuel);

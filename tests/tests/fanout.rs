@@ -816,3 +816,122 @@ async fn bad_path_and_query_values_are_400_and_call_nothing() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn the_demo_order_route_uses_every_part_of_the_model() -> Result<()> {
+    let fanout = fanout_host::Fanout::builder()
+        .cache_dir(fanout_tests::cache_dir())
+        .demo_upstreams()
+        .env(
+            "FANOUT_CONFIG",
+            fanout_host::demo::guest_config().to_string(),
+        )
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+    // Order 1 lists sku-21 twice (the demo's data is derived from the id).
+    let answer = host.get("/orders/1").await?;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    let order = &answer.json;
+    assert_eq!(order["id"], "1");
+    // Merged into the answer, cut by `select`: no customer_id, no warehouse.
+    assert!(order["status"].is_string() && order["placed_at"].is_string());
+    assert!(order.get("customer_id").is_none() && order.get("warehouse").is_none());
+    // The customer, found through the order's answer, cut to two fields.
+    let customer = order["customer"].as_object().expect("a customer");
+    assert_eq!(customer.keys().collect::<Vec<_>>(), ["name", "tier"]);
+    // One price and one stock per line, in line order.
+    let lines = order["lines"].as_array().unwrap();
+    let skus: Vec<&str> = lines.iter().map(|l| l["sku"].as_str().unwrap()).collect();
+    assert_eq!(skus, ["sku-3", "sku-21", "sku-28", "sku-21", "sku-5"]);
+    let prices = order["prices"].as_array().unwrap();
+    let stock = order["stock"].as_array().unwrap();
+    assert_eq!((prices.len(), stock.len()), (lines.len(), lines.len()));
+    for price in prices {
+        assert_eq!(
+            price.as_object().unwrap().keys().collect::<Vec<_>>(),
+            ["amount", "currency"]
+        );
+    }
+    // The same sku, the same (shared) answer.
+    assert_eq!(prices[1], prices[3]);
+    assert_eq!(order["degraded"], json!([]));
+    // Two stages: the order, then everything else at once.
+    let timing = answer.headers["server-timing"].to_str()?;
+    for name in ["orders", "customers", "inventory", "pricing"] {
+        assert!(timing.contains(&format!("{name};dur=")), "{timing}");
+    }
+    // The batch form and the first route still work beside it.
+    let batch = host.get("/orders?ids=1,2").await?;
+    assert_eq!(batch.json["items"].as_array().map(Vec::len), Some(2));
+    assert_eq!(host.get("/products/42").await?.status, StatusCode::OK);
+    Ok(())
+}
+
+/// A route at the limits: an order and its list of 999 elements, each
+/// called (1000 calls, the most an item may make), and the same list
+/// priced in batches of 100; both within the default fuel.
+#[tokio::test]
+async fn the_largest_list_and_batch_fit_the_default_fuel() -> Result<()> {
+    use fanout_host::adapters;
+    let catalog = adapters::from_fn(|request| async move {
+        let path = request
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let body = match path.split_once("?skus=") {
+            Some((_, skus)) => Value::Array(
+                skus.split(',')
+                    .map(|s| json!({"sku": s, "price": 1}))
+                    .collect(),
+            ),
+            None if path.starts_with("/order") => {
+                let lines: Vec<Value> = (0..999).map(|i| json!({"sku": format!("s{i}")})).collect();
+                json!({ "lines": lines })
+            }
+            None => json!({"stock": 1}),
+        };
+        Ok(adapters::json_response(StatusCode::OK, &body))
+    });
+    let route = |name: &str, upstream: Value| {
+        json!({"path": format!("/{name}/{{id}}"), "upstreams": [
+            {"name": "catalog", "url": "{base}/order/{id}", "field": "order", "select": ["n"]},
+            upstream]})
+    };
+    let config = json!({"deadline_ms": 1900, "max_deadline_ms": 1900, "routes": [
+        route("each", json!({"name": "catalog2", "url": "{base}/stock/{each}",
+            "each": "catalog.lines[].sku", "max_items": 999, "timeout_ms": 1800})),
+        route("batch", json!({"name": "catalog2", "url": "{base}/prices",
+            "each": "catalog.lines[].sku", "max_items": 1000,
+            "batch": {"param": "skus", "max": 100, "key": "sku"}, "timeout_ms": 1800}))
+    ]});
+    let fanout = fanout_host::Fanout::builder()
+        .cache_dir(fanout_tests::cache_dir())
+        .upstream("catalog", "http://catalog.test", catalog.clone())
+        .upstream("catalog2", "http://catalog2.test", catalog)
+        .limits(fanout_host::Limits {
+            deadline: std::time::Duration::from_secs(5),
+            ..fanout_host::Limits::default()
+        })
+        .env("FANOUT_CONFIG", config.to_string())
+        .build()?;
+    let host = TestHost::start(fanout).await?;
+    for (path, calls) in [("/each/1", 1000), ("/batch/1", 11)] {
+        let before = host.fanout.stats().fuel_consumed;
+        let answer = host.get(path).await?;
+        assert_eq!(answer.status, StatusCode::OK, "{path}: {}", answer.json);
+        let field = &answer.json["catalog2"];
+        assert_eq!(field.as_array().map(Vec::len), Some(999), "{path}");
+        assert!(
+            field.as_array().unwrap().iter().all(Value::is_object),
+            "{path}"
+        );
+        let fuel = host.fanout.stats().fuel_consumed - before;
+        println!(
+            "{path}: {calls} calls, {fuel} fuel ({} per call)",
+            fuel / calls
+        );
+        assert!(fuel < fanout_host::limits::DEFAULT_FUEL, "{path}: {fuel}");
+    }
+    Ok(())
+}

@@ -59,6 +59,8 @@ struct Run {
     /// What other upstreams read of it: its answer, or the list of its
     /// elements' answers (`null` for a failed one).
     value: Option<Value>,
+    /// Whether `whole` is already shaped.
+    shaped: bool,
 }
 
 /// The state of one request's calls.
@@ -167,7 +169,6 @@ impl<'r> Graph<'r> {
             );
             return self.fail(item, node, UpstreamFailure::NotCalled(why));
         }
-        let list: Vec<Option<Value>> = list.into_iter().map(|v| v.cloned()).collect();
         let mut elements: Vec<Option<Result<Value, UpstreamFailure>>> = vec![None; list.len()];
         let mut units: Vec<(String, Slot)> = Vec::new();
         match &upstream.batch {
@@ -175,7 +176,7 @@ impl<'r> Graph<'r> {
                 for (i, element) in list.iter().enumerate() {
                     let answers = Answers {
                         upstream: &read,
-                        element: element.as_ref(),
+                        element: *element,
                     };
                     match upstream.url.render_with(params, &answers) {
                         Ok(url) => units.push((url, Slot::Element(i))),
@@ -188,16 +189,24 @@ impl<'r> Graph<'r> {
                     Ok(url) => url,
                     Err(why) => return self.fail(item, node, UpstreamFailure::NotCalled(why)),
                 };
-                // Distinct ids in first-seen order, each element with its id.
+                // Distinct ids in first-seen order, and each element's
+                // chunk: by map, as a list of a thousand would otherwise
+                // cost a million comparisons (in fuel).
                 let mut ids: Vec<String> = Vec::new();
-                let mut of_element: Vec<(usize, String)> = Vec::new();
+                let mut index: HashMap<String, usize> = HashMap::new();
+                let mut members: Vec<Vec<(usize, String)>> = Vec::new();
                 for (i, element) in list.iter().enumerate() {
-                    match template::scalar(element.as_ref()) {
+                    match template::scalar(*element) {
                         Ok(id) => {
-                            if !ids.contains(&id) {
+                            let at = *index.entry(id.clone()).or_insert_with(|| {
                                 ids.push(id.clone());
+                                ids.len() - 1
+                            });
+                            let chunk = at / batch.max;
+                            if members.len() <= chunk {
+                                members.resize_with(chunk + 1, Vec::new);
                             }
-                            of_element.push((i, id));
+                            members[chunk].push((i, id));
                         }
                         Err(why) => {
                             let why = format!("element {i} of {} {why}", list_name());
@@ -205,7 +214,7 @@ impl<'r> Graph<'r> {
                         }
                     }
                 }
-                for chunk in ids.chunks(batch.max) {
+                for (chunk, members) in ids.chunks(batch.max).zip(members) {
                     let mut url = base.clone();
                     url.push(if url.contains('?') { '&' } else { '?' });
                     url.push_str(&batch.param);
@@ -216,11 +225,6 @@ impl<'r> Graph<'r> {
                         }
                         template::encode(&mut url, id);
                     }
-                    let members = of_element
-                        .iter()
-                        .filter(|(_, id)| chunk.contains(id))
-                        .cloned()
-                        .collect();
                     units.push((url, Slot::Chunk(members)));
                 }
             }
@@ -242,22 +246,20 @@ impl<'r> Graph<'r> {
         let waiter = Waiter { item, node, slot };
         let key = (node, url);
         if let Some(&id) = self.by_url.get(&key) {
-            match self.calls[id].result.clone() {
+            self.runs[item][node].pending += 1;
+            match &self.calls[id].result {
                 Some(result) => {
-                    self.runs[item][node].pending += 1;
-                    self.settle(waiter, &result);
+                    let result = result.clone();
+                    self.settle(waiter, result);
                 }
-                None => {
-                    self.runs[item][node].pending += 1;
-                    self.calls[id].waiters.push(waiter);
-                }
+                None => self.calls[id].waiters.push(waiter),
             }
             return;
         }
         if self.calls.len() >= MAX_CALLS {
             let why = format!("the request reached its limit of {MAX_CALLS} upstream calls");
             self.runs[item][node].pending += 1;
-            self.settle(waiter, &Err(UpstreamFailure::NotCalled(why)));
+            self.settle(waiter, Err(UpstreamFailure::NotCalled(why)));
             return;
         }
         let id = self.calls.len();
@@ -276,20 +278,38 @@ impl<'r> Graph<'r> {
     /// Takes the result of call `id` to everyone waiting for it.
     pub fn deliver(&mut self, id: usize, result: Result<Value, UpstreamFailure>) {
         let waiters = std::mem::take(&mut self.calls[id].waiters);
-        for waiter in waiters {
+        // Answers are trees of small allocations, and copying them was most
+        // of a large list's fuel: the last waiter takes the answer itself.
+        // Only an upstream that reads another's answer can ask for a call
+        // already answered (the others all ask before the first call
+        // starts), so only its calls keep a copy.
+        if !self.route.upstreams[self.calls[id].node]
+            .depends_on
+            .is_empty()
+        {
+            self.calls[id].result = Some(result.clone());
+        }
+        let mut result = Some(result);
+        let last = waiters.len().saturating_sub(1);
+        for (n, waiter) in waiters.into_iter().enumerate() {
             let (item, node) = (waiter.item, waiter.node);
-            self.settle(waiter, &result);
+            let this = match n == last {
+                true => result.take(),
+                false => result.clone(),
+            };
+            if let Some(this) = this {
+                self.settle(waiter, this);
+            }
             self.finish_if_done(item, node);
         }
-        self.calls[id].result = Some(result);
     }
 
     /// Records one call's result for one waiter.
-    fn settle(&mut self, waiter: Waiter, result: &Result<Value, UpstreamFailure>) {
+    fn settle(&mut self, waiter: Waiter, result: Result<Value, UpstreamFailure>) {
         let run = &mut self.runs[waiter.item][waiter.node];
         run.pending -= 1;
-        let object = |result: &Result<Value, UpstreamFailure>| match result {
-            Ok(Value::Object(_)) | Err(_) => result.clone(),
+        let object = |result: Result<Value, UpstreamFailure>| match result {
+            Ok(Value::Object(_)) | Err(_) => result,
             Ok(_) => Err(UpstreamFailure::InvalidBody("not a JSON object".into())),
         };
         match waiter.slot {
@@ -308,10 +328,11 @@ impl<'r> Graph<'r> {
                 let Some(elements) = run.elements.as_mut() else {
                     return;
                 };
+                let mut answers = result.map(|answer| BatchAnswer::index(answer, key, &members));
                 for (i, id) in members {
-                    let found = match result {
+                    let found = match &mut answers {
                         Err(failure) => Err(failure.clone()),
-                        Ok(answer) => split_batch(answer, key, &id),
+                        Ok(answers) => answers.take(&id),
                     };
                     if let Some(slot) = elements.get_mut(i) {
                         *slot = Some(found);
@@ -334,9 +355,20 @@ impl<'r> Graph<'r> {
             return;
         }
         run.done = true;
-        run.value = match (&run.failure, &run.whole, &run.elements) {
+        // Only what another upstream reads is kept twice.
+        if self.dependents[node].is_empty() {
+            return;
+        }
+        let shape = &self.route.upstreams[node].shape;
+        run.value = match (&run.failure, &mut run.whole, &run.elements) {
             (Some(_), _, _) => None,
-            (None, Some(Ok(value)), _) => Some(value.clone()),
+            // The raw answer for those that read it, the shaped one for the
+            // item: one copy at most, of only what `select` keeps.
+            (None, Some(Ok(value)), _) => {
+                let shaped = shape.apply_ref(value);
+                run.shaped = true;
+                Some(std::mem::replace(value, shaped))
+            }
             (None, _, Some(elements)) => Some(Value::Array(
                 elements
                     .iter()
@@ -372,6 +404,7 @@ fn outcome<'r>(upstream: &'r RouteUpstream, run: &mut Run) -> Outcome<'r> {
     let mut failed_elements = Vec::new();
     let result = match (run.failure.take(), run.whole.take(), run.elements.take()) {
         (Some(failure), _, _) => Err(failure),
+        (None, Some(result), _) if run.shaped => result,
         (None, Some(result), _) => result.map(|v| upstream.shape.apply(v)),
         (None, None, Some(elements)) => Ok(Value::Array(
             elements
@@ -403,26 +436,63 @@ fn outcome<'r>(upstream: &'r RouteUpstream, run: &mut Run) -> Outcome<'r> {
     }
 }
 
-/// The answer for `id` in a batch answer: a list of objects naming their
-/// id at `key`, or an object keyed by id. Missing: a 404 for that id.
-fn split_batch(
-    answer: &Value,
-    key: &crate::shape::JsonPath,
-    id: &str,
-) -> Result<Value, UpstreamFailure> {
-    let found = match answer {
-        Value::Array(list) => list
-            .iter()
-            .find(|entry| template::scalar(key.get(entry)).is_ok_and(|k| k == id)),
-        Value::Object(map) => map.get(id),
-        _ => None,
-    };
-    match found {
-        Some(value @ Value::Object(_)) => Ok(value.clone()),
-        Some(_) => Err(UpstreamFailure::InvalidBody(format!(
-            "the entry for {id} is not a JSON object"
-        ))),
-        None => Err(UpstreamFailure::Status(404)),
+/// A batch answer by id: a list of objects naming their id at the batch's
+/// `key`, or an object keyed by id, taken apart for the elements that wait
+/// for it.
+struct BatchAnswer {
+    by_id: HashMap<String, Value>,
+    /// How many elements still want each id: the last one takes the entry
+    /// rather than a copy.
+    wanted: HashMap<String, usize>,
+}
+
+impl BatchAnswer {
+    /// Takes `answer` apart by id, for `members`.
+    fn index(
+        answer: Value,
+        key: &crate::shape::JsonPath,
+        members: &[(usize, String)],
+    ) -> BatchAnswer {
+        let by_id: HashMap<String, Value> = match answer {
+            Value::Array(list) => {
+                let mut by_id = HashMap::with_capacity(list.len());
+                for entry in list {
+                    if let Ok(id) = template::scalar(key.get(&entry)) {
+                        by_id.entry(id).or_insert(entry);
+                    }
+                }
+                by_id
+            }
+            Value::Object(map) => map.into_iter().collect(),
+            _ => HashMap::new(),
+        };
+        let mut wanted = HashMap::with_capacity(members.len());
+        for (_, id) in members {
+            *wanted.entry(id.clone()).or_insert(0) += 1;
+        }
+        BatchAnswer { by_id, wanted }
+    }
+
+    /// The answer for `id`; none is a 404 for that id.
+    fn take(&mut self, id: &str) -> Result<Value, UpstreamFailure> {
+        let last = match self.wanted.get_mut(id) {
+            Some(count) => {
+                *count = count.saturating_sub(1);
+                *count == 0
+            }
+            None => true,
+        };
+        let found = match last {
+            true => self.by_id.remove(id),
+            false => self.by_id.get(id).cloned(),
+        };
+        match found {
+            Some(value @ Value::Object(_)) => Ok(value),
+            Some(_) => Err(UpstreamFailure::InvalidBody(format!(
+                "the entry for {id} is not a JSON object"
+            ))),
+            None => Err(UpstreamFailure::Status(404)),
+        }
     }
 }
 

@@ -49,7 +49,7 @@ impl Latency {
     }
 }
 
-/// A fake upstream: answers `body(path)` after a sampled latency, fails
+/// A fake upstream: answers `body(path_and_query)` after a sampled latency, fails
 /// with a 503 at `error_rate`, never answers at `hang_rate`.
 pub struct SimulatedUpstream {
     /// How long an answer takes.
@@ -62,7 +62,7 @@ pub struct SimulatedUpstream {
 }
 
 impl SimulatedUpstream {
-    /// Answers `body(path)` after `latency`, with no faults
+    /// Answers `body(path_and_query)` after `latency`, with no faults
     /// ([`demo::answer_for`](crate::demo::answer_for) gives plausible data).
     pub fn new(latency: Latency, body: fn(&str) -> serde_json::Value) -> SimulatedUpstream {
         SimulatedUpstream {
@@ -92,7 +92,8 @@ impl Upstream for SimulatedUpstream {
         let roll = fastrand::f64();
         let hang = roll < self.hang_rate;
         let error = !hang && roll < self.hang_rate + self.error_rate;
-        let body = (self.body)(request.uri().path());
+        let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+        let body = (self.body)(path);
         Box::pin(async move {
             read_body(request).await?;
             if hang {
