@@ -474,6 +474,122 @@ impl Harness {
         Ok(runs)
     }
 
+    /// The aggregation model's latency: closed-loop clients at c=10 against
+    /// upstreams at 50 ms, one `fanout` per route shape, alternating window
+    /// by window. A dependent call (A, then C reading A's answer, with B
+    /// alongside) against the same three called one after another; a
+    /// 100-element list priced by a batch-capable upstream against one call
+    /// per element, at the default fan-out cap (16) and at 100. Each row
+    /// also counts the upstream calls per answer.
+    pub async fn aggregation(&self) -> Result<Vec<Run>> {
+        const C: usize = 10;
+        let delay = Duration::from_millis(50);
+        let upstreams = self.upstreams(delay).await?;
+        let calls_url = format!("{}/calls", upstreams.base);
+        let patient = |upstream: serde_json::Value| {
+            let mut upstream = upstream;
+            upstream["timeout_ms"] = serde_json::json!(1400);
+            upstream
+        };
+        let graph = |mode: &str| {
+            serde_json::json!({"deadline_ms": 1500, "max_deadline_ms": 1500, "mode": mode,
+                "routes": [{"path": "/graph/{id}", "upstreams": [
+                    patient(serde_json::json!({"name": "inventory", "url": "{base}/inventory/{id}"})),
+                    patient(serde_json::json!({"name": "pricing", "url": "{base}/pricing/{id}"})),
+                    patient(serde_json::json!({"name": "reviews",
+                        "url": "{base}/reviews/{inventory.warehouse}"}))]}]})
+        };
+        let list = |pricing: serde_json::Value, max_in_flight: usize| {
+            serde_json::json!({"deadline_ms": 1500, "max_deadline_ms": 1500,
+                "max_in_flight": max_in_flight,
+                "routes": [{"path": "/bulk/{id}", "upstreams": [
+                    patient(serde_json::json!({"name": "inventory", "url": "{base}/lists/{id}",
+                        "field": "list", "select": ["n"]})),
+                    patient(pricing)]}]})
+        };
+        let per_id = serde_json::json!({"name": "pricing", "url": "{base}/pricing/{each}",
+            "each": "inventory.ids[]", "field": "prices"});
+        let batched = serde_json::json!({"name": "pricing", "url": "{base}/pricing",
+            "each": "inventory.ids[]", "field": "prices",
+            "batch": {"param": "ids", "max": 50}});
+        let rows: [(&str, &str, serde_json::Value); 5] = [
+            (
+                "A then C, B alongside (dependent call)",
+                "/graph/42",
+                graph("concurrent"),
+            ),
+            (
+                "A, B, C one after another (sequential)",
+                "/graph/42",
+                graph("sequential"),
+            ),
+            (
+                "list of 100, batch upstream (50 ids a call)",
+                "/bulk/100",
+                list(batched, 16),
+            ),
+            (
+                "list of 100, a call per id, 16 in flight",
+                "/bulk/100",
+                list(per_id.clone(), 16),
+            ),
+            (
+                "list of 100, a call per id, 100 in flight",
+                "/bulk/100",
+                list(per_id, 100),
+            ),
+        ];
+        let mut runs = Vec::new();
+        for repeat in 0..self.repeats {
+            for (label, path, config) in &rows {
+                let args = vec![
+                    "serve-fanout".to_string(),
+                    "--upstream".into(),
+                    upstreams.base.clone(),
+                    "--guest-config".into(),
+                    config.to_string(),
+                ];
+                let process = Process::start("fanout", &self.exe, &args).await?;
+                let status = driver::get_once(&format!("{}{path}", process.base)).await?;
+                anyhow::ensure!(status == 200, "{label}: {path} answered {status}");
+                let window = Window {
+                    scenario: "aggregation",
+                    concurrency: C,
+                    delay,
+                    repeat,
+                };
+                let at_start = {
+                    let (url, warmup) = (calls_url.clone(), self.warmup);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(warmup).await;
+                        driver::get_number(&url).await
+                    })
+                };
+                let name = format!("aggregation {label} #{}", repeat + 1);
+                let load = driver::run(
+                    driver::Urls::one(&format!("{}{path}", process.base)),
+                    C,
+                    self.warmup,
+                    self.measure,
+                    &name,
+                    self.backoff,
+                );
+                let mut run = self
+                    .account(window, Target::Fanout, &process, &upstreams, load)
+                    .await;
+                let end = driver::get_number(&calls_url).await?;
+                let start = at_start.await??;
+                run.scenario = format!("aggregation: {label}");
+                run.upstream_calls = Some(end.saturating_sub(start));
+                eprintln!("{}", report::one_line(&run));
+                runs.push(run);
+                process.stop().await;
+            }
+        }
+        upstreams.stop().await;
+        Ok(runs)
+    }
+
     /// Saturation (0 ms upstreams, c=64) with the upstreams over plain
     /// HTTP/1.1, HTTPS with HTTP/1.1, and HTTPS with HTTP/2, alternating;
     /// each window also counts the target's open connections to them.

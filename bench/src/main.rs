@@ -59,6 +59,9 @@ enum Command {
     /// Hot keys: 90 % of requests on ten products at c=500, `fanout` with
     /// every call made, coalescing, and a 1 s cache, side by side.
     HotKeys,
+    /// The aggregation model's latency: a dependent call against the
+    /// sequential pattern, a 100-element list by batch against per id.
+    Aggregation,
     /// Saturation with the upstreams over HTTP, HTTPS/1.1 and HTTPS/2,
     /// side by side, with the connections each keeps open.
     Https,
@@ -292,6 +295,7 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
                 }
                 results.hot_keys = h.hot_keys().await?;
                 results.https = h.https_saturation().await?;
+                results.aggregation = h.aggregation().await?;
             }
             for target in chosen(&[Target::Fanout, Target::WasmtimeServe]) {
                 if let Some(s) = h
@@ -384,6 +388,15 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
                 "cargo run -p fanout-bench --release -- https {common}"
             ));
             results.https = h.https_saturation().await?;
+        }
+        Command::Aggregation => {
+            if let Ok(text) = std::fs::read_to_string(out.join("bench/results.json")) {
+                results = serde_json::from_str(&text).context("bench/results.json")?;
+            }
+            results.commands.push(format!(
+                "cargo run -p fanout-bench --release -- aggregation {common}"
+            ));
+            results.aggregation = h.aggregation().await?;
         }
         Command::Soak { seconds } => {
             if let Ok(text) = std::fs::read_to_string(out.join("bench/results.json")) {

@@ -36,6 +36,9 @@ pub struct Results {
     /// Saturation with plain, HTTPS/1.1 and HTTPS/2 upstreams.
     #[serde(default)]
     pub https: Vec<Run>,
+    /// Dependent calls and lists, by route shape.
+    #[serde(default)]
+    pub aggregation: Vec<Run>,
     pub skipped: Vec<String>,
 }
 
@@ -532,6 +535,9 @@ pub fn markdown(r: &Results) -> String {
     if !r.https.is_empty() {
         https_section(&mut out, &r.https);
     }
+    if !r.aggregation.is_empty() {
+        aggregation_section(&mut out, &r.aggregation);
+    }
     out
 }
 
@@ -579,6 +585,59 @@ fn https_section(out: &mut String, runs: &[Run]) {
             cell(s(&|r| r.cpu_ms_per_request), 3),
             cell(s(&|r| r.upstream_connections.unwrap_or(0) as f64), 0),
             ratio(rps.median, plain),
+        );
+    }
+    out.push('\n');
+}
+
+fn aggregation_section(out: &mut String, runs: &[Run]) {
+    let _ = writeln!(
+        out,
+        "## Aggregation: dependent calls and lists, upstreams at 50 ms, c=10\n"
+    );
+    let _ = writeln!(
+        out,
+        "Closed-loop clients at c=10; one `fanout` per route, alternating window by \
+         window. A dependent call: C's URL reads A's answer (`{{inventory.warehouse}}`), \
+         B reads nothing; each upstream answers in 50 ms, so C can start at 50 ms and \
+         the answer come at 100 ms, where calling the three one after another takes \
+         150. A list: an upstream answers 100 ids (50 ms), then their prices are \
+         fetched from a batch-capable upstream (`batch = {{ param = \"ids\", max = 50 }}`: \
+         two calls), or one call per id. *Calls* are the upstream calls per answer. \
+         Medians (and ranges) over the repeats.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| route | 2xx/s | p50 ms | p99 ms | calls per answer | CPU ms/req |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    let mut labels: Vec<&str> = Vec::new();
+    for run in runs {
+        if !labels.contains(&run.scenario.as_str()) {
+            labels.push(&run.scenario);
+        }
+    }
+    for label in labels {
+        let g: Vec<&Run> = runs.iter().filter(|r| r.scenario == label).collect();
+        let s = |f: &dyn Fn(&Run) -> f64| stat(g.iter().map(|r| f(r)));
+        let ok = |r: &Run| {
+            r.load
+                .statuses
+                .iter()
+                .filter(|(k, _)| (200..300).contains(*k))
+                .map(|(_, v)| *v)
+                .sum::<u64>()
+                .max(1) as f64
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} |",
+            label.trim_start_matches("aggregation: "),
+            cell(s(&|r| r.load.goodput), 0),
+            cell(s(&|r| r.load.p50_ms), 1),
+            cell(s(&|r| r.load.p99_ms), 1),
+            cell(s(&|r| r.upstream_calls.unwrap_or(0) as f64 / ok(r)), 1),
+            cell(s(&|r| r.cpu_ms_per_request), 3),
         );
     }
     out.push('\n');

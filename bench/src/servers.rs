@@ -156,6 +156,16 @@ pub async fn upstreams(
             let _ = request.into_body().collect().await;
             return Response::new(Full::new(Bytes::new()));
         }
+        // A list to fan out over (the aggregation scenario): `/lists/100`
+        // is `{"ids": ["1", ..., "100"]}`.
+        let list = request
+            .uri()
+            .path()
+            .strip_prefix("/lists/")
+            .and_then(|n| n.parse::<usize>().ok())
+            .map(
+                |n| json!({ "ids": (1..=n.min(1000)).map(|i| i.to_string()).collect::<Vec<_>>() }),
+            );
         let fault = if faults { Fault::pick() } else { Fault::None };
         let delay = match fault {
             // Past every budget: the guest times the call out.
@@ -171,9 +181,11 @@ pub async fn upstreams(
             Fault::BadJson => Response::new(Full::new(Bytes::from_static(b"<html>oops</html>"))),
             _ => json(
                 StatusCode::OK,
-                &fanout_host::demo::answer_for(
-                    request.uri().path_and_query().map_or("/", |p| p.as_str()),
-                ),
+                &list.unwrap_or_else(|| {
+                    fanout_host::demo::answer_for(
+                        request.uri().path_and_query().map_or("/", |p| p.as_str()),
+                    )
+                }),
             ),
         }
     })

@@ -17,12 +17,16 @@
 //! "upstream"?}}`.
 //!
 //! Other routes are data too: a path may have several variables
-//! (`/users/{user}/orders/{order}`) and an upstream's URL may use them and
-//! the client's query parameters ([`template`]).
+//! (`/users/{user}/orders/{order}`) and an upstream's URL may use them, the
+//! client's query parameters ([`template`]) and values of other upstreams'
+//! answers, which makes it wait for those (and only those). An upstream may
+//! be called once per element of a list, or once per chunk of it when it
+//! takes many ids in one call; identical calls are made once; answers are
+//! cut and reshaped before they are merged ([`shape`]).
 //!
 //! The modules, in the order a request meets them: [`protocol`] (names shared
 //! with hosts), [`config`] (with [`template`]), [`api`] (routes, validation,
-//! budget), [`fanout`]
+//! budget), [`fanout`] (with [`shape`])
 //! (the calls, with [`retry`]), [`merge`], [`errors`] (the one error shape).
 //!
 //! Everything except `component` is plain Rust, unit-tested natively with a

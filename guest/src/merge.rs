@@ -364,6 +364,40 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_over_the_routes_cap_is_a_502() {
+        let big = json!({"blob": "x".repeat(2000)});
+        let answer = Answer::item(merge(&id("42"), vec![ok("a", true, big)]));
+        let (kept, body) = answer.clone().into_bytes(4096);
+        assert_eq!((kept.status, body.len() > 2000), (200, true));
+        let (refused, body) = answer.into_bytes(1024);
+        assert_eq!(refused.status, 502);
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "answer_too_large");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("at most 1 KiB"), "{message}");
+    }
+
+    #[test]
+    fn failed_elements_of_a_list_degrade_or_fail_by_index() {
+        let list = |required| Outcome {
+            upstream: "pricing",
+            field: "prices",
+            required,
+            result: Ok(json!([{"p": 1}, null])),
+            failed_elements: vec![(1, UpstreamFailure::Status(503))],
+        };
+        let answer = Answer::item(merge(&id("7"), vec![list(false)]));
+        assert_eq!(
+            (answer.status, answer.degraded.clone()),
+            (200, vec!["pricing[1]".to_string()])
+        );
+        assert_eq!(answer.body["prices"], json!([{"p": 1}, null]));
+        let answer = Answer::item(merge(&id("7"), vec![list(true)]));
+        assert_eq!(answer.status, 502);
+        assert_eq!(answer.body["error"]["upstream"], "pricing[1]");
+    }
+
+    #[test]
     fn all_upstreams_failing_is_never_a_200() {
         let answer = Answer::item(merge(
             &id("42"),

@@ -6,13 +6,15 @@
 use std::time::Duration;
 
 /// Fuel for one request. A product fan-out (wstd's runtime + serde_json)
-/// burns about 230k units (measured by `examples/measure.rs` and checked by
+/// burns about 280k units (measured by `examples/measure.rs` and checked by
 /// the `fuel_per_request_leaves_headroom` test), each upstream call about
-/// 50k more. The largest request the API allows is a batch of 100 ids with
-/// a 1 s budget: 300 calls, 14.8M units when all answer, up to 900
-/// attempts (~45M) when an upstream fails every attempt; the limit covers
-/// that (the `the_largest_batch_*` tests). A runaway loop still burns it
-/// in a few tens of milliseconds of CPU.
+/// 45k more. The largest requests the guest allows fit, with room: a batch
+/// of 100 products (300 calls) burns 16.5M units, 22.8M when reviews fails
+/// every attempt (`the_largest_batch_*` tests); an item that makes the most
+/// calls a route may (1,000: an order and 999 lines, each called) 44M, and
+/// the same 999 lines priced in batches of 100 23M
+/// (`the_largest_list_and_batch_fit_the_default_fuel`). A runaway loop
+/// still burns it in a few tens of milliseconds of CPU.
 pub const DEFAULT_FUEL: u64 = 60_000_000;
 
 /// Linear memory one instance may grow to. The guest needs about 1.2 MiB.

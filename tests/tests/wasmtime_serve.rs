@@ -35,6 +35,20 @@ impl WasmtimeServe {
     /// Starts it with the upstreams' base URLs and `extra` environment; `None`
     /// when wasmtime is not installed outside CI.
     async fn start(upstreams: &ProductUpstreams, extra: &[(&str, &str)]) -> Result<Option<Self>> {
+        let env = [
+            ("FANOUT_UPSTREAM_INVENTORY", upstreams.inventory.base_url()),
+            ("FANOUT_UPSTREAM_PRICING", upstreams.pricing.base_url()),
+            ("FANOUT_UPSTREAM_REVIEWS", upstreams.reviews.base_url()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect();
+        WasmtimeServe::start_with(env).await
+    }
+
+    /// Starts it with exactly the environment `env`.
+    async fn start_with(env: Vec<(String, String)>) -> Result<Option<Self>> {
         let version = std::process::Command::new("wasmtime")
             .arg("--version")
             .output();
@@ -60,14 +74,7 @@ impl WasmtimeServe {
         let turn = ONE_AT_A_TIME.lock().await;
         let mut command = Command::new("wasmtime");
         command.args(["serve", "-Scli", "--addr", "127.0.0.1:0"]);
-        for (key, value) in [
-            ("FANOUT_UPSTREAM_INVENTORY", upstreams.inventory.base_url()),
-            ("FANOUT_UPSTREAM_PRICING", upstreams.pricing.base_url()),
-            ("FANOUT_UPSTREAM_REVIEWS", upstreams.reviews.base_url()),
-        ]
-        .into_iter()
-        .chain(extra.iter().map(|(k, v)| (*k, v.to_string())))
-        {
+        for (key, value) in env {
             command.arg("--env").arg(format!("{key}={value}"));
         }
         command
@@ -221,4 +228,44 @@ async fn configuration_reaches_the_guest_the_same_way() -> Result<()> {
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     assert_eq!(body["error"]["code"], "not_found");
     serve.stop().await
+}
+
+/// The demo's order route (dependent call, per-element list, batch,
+/// shaping) behaves the same without the fanout host: the demo upstreams
+/// over HTTP, the component under `wasmtime serve`.
+#[tokio::test]
+async fn the_demo_order_route_works_under_wasmtime_serve() -> Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(fanout_host::demo::serve(listener, async {
+        let _ = stopped.await;
+    }));
+    let mut env: Vec<(String, String)> = ["INVENTORY", "PRICING", "REVIEWS", "ORDERS", "CUSTOMERS"]
+        .iter()
+        .map(|name| (format!("FANOUT_UPSTREAM_{name}"), base.clone()))
+        .collect();
+    env.push((
+        "FANOUT_CONFIG".into(),
+        fanout_host::demo::guest_config().to_string(),
+    ));
+    let Some(serve) = WasmtimeServe::start_with(env).await? else {
+        return Ok(());
+    };
+    let (status, _, body, _) = serve.get("/orders/1").await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let lines = body["lines"].as_array().expect("lines");
+    assert_eq!(lines.len(), 5);
+    assert_eq!(body["prices"].as_array().map(Vec::len), Some(5));
+    assert_eq!(body["stock"].as_array().map(Vec::len), Some(5));
+    assert_eq!(
+        body["prices"][1], body["prices"][3],
+        "sku-21 twice, one price"
+    );
+    assert!(body["customer"]["name"].is_string());
+    assert!(body.get("customer_id").is_none());
+    serve.stop().await?;
+    let _ = stop.send(());
+    server.await??;
+    Ok(())
 }
