@@ -207,6 +207,40 @@ impl Harness {
         Ok(Some(process))
     }
 
+    /// One closed-loop window of `urls`, with CPU accounting and the calls
+    /// the upstream server had in it (counted from the end of the warm-up).
+    async fn measure_counting_calls(
+        &self,
+        window: Window<'_>,
+        target: Target,
+        process: &Process,
+        upstreams: &Process,
+        urls: driver::Urls,
+        label: &str,
+    ) -> Result<Run> {
+        let calls_url = format!("{}/calls", upstreams.base);
+        let at_start = {
+            let (url, warmup) = (calls_url.clone(), self.warmup);
+            tokio::spawn(async move {
+                tokio::time::sleep(warmup).await;
+                driver::get_number(&url).await
+            })
+        };
+        let load = driver::run(
+            urls,
+            window.concurrency,
+            self.warmup,
+            self.measure,
+            label,
+            self.backoff,
+        );
+        let mut run = self.account(window, target, process, upstreams, load).await;
+        let end = driver::get_number(&calls_url).await?;
+        let start = at_start.await??;
+        run.upstream_calls = Some(end.saturating_sub(start));
+        Ok(run)
+    }
+
     /// One closed-loop window against `target`, with CPU accounting.
     pub async fn measure(
         &self,
@@ -428,7 +462,6 @@ impl Harness {
         const C: usize = 500;
         let delay = Duration::from_millis(50);
         let upstreams = self.upstreams(delay).await?;
-        let calls_url = format!("{}/calls", upstreams.base);
         let mut runs = Vec::new();
         for repeat in 0..self.repeats {
             for target in [Target::Fanout, Target::FanoutCoalesce, Target::FanoutCache] {
@@ -442,29 +475,12 @@ impl Harness {
                     repeat,
                 };
                 let label = format!("hot-keys {} c={C} #{}", target.name(), repeat + 1);
-                let at_start = {
-                    let (url, warmup) = (calls_url.clone(), self.warmup);
-                    tokio::spawn(async move {
-                        tokio::time::sleep(warmup).await;
-                        driver::get_number(&url).await
-                    })
+                let urls = driver::Urls::HotKeys {
+                    base: process.base.clone(),
                 };
-                let load = driver::run(
-                    driver::Urls::HotKeys {
-                        base: process.base.clone(),
-                    },
-                    C,
-                    self.warmup,
-                    self.measure,
-                    &label,
-                    self.backoff,
-                );
-                let mut run = self
-                    .account(window, target, &process, &upstreams, load)
-                    .await;
-                let end = driver::get_number(&calls_url).await?;
-                let start = at_start.await??;
-                run.upstream_calls = Some(end.saturating_sub(start));
+                let run = self
+                    .measure_counting_calls(window, target, &process, &upstreams, urls, &label)
+                    .await?;
                 eprintln!("{}", report::one_line(&run));
                 runs.push(run);
                 process.stop().await;
@@ -485,7 +501,6 @@ impl Harness {
         const C: usize = 10;
         let delay = Duration::from_millis(50);
         let upstreams = self.upstreams(delay).await?;
-        let calls_url = format!("{}/calls", upstreams.base);
         let patient = |upstream: serde_json::Value| {
             let mut upstream = upstream;
             upstream["timeout_ms"] = serde_json::json!(1400);
@@ -558,29 +573,19 @@ impl Harness {
                     delay,
                     repeat,
                 };
-                let at_start = {
-                    let (url, warmup) = (calls_url.clone(), self.warmup);
-                    tokio::spawn(async move {
-                        tokio::time::sleep(warmup).await;
-                        driver::get_number(&url).await
-                    })
-                };
                 let name = format!("aggregation {label} #{}", repeat + 1);
-                let load = driver::run(
-                    driver::Urls::one(&format!("{}{path}", process.base)),
-                    C,
-                    self.warmup,
-                    self.measure,
-                    &name,
-                    self.backoff,
-                );
+                let urls = driver::Urls::one(&format!("{}{path}", process.base));
                 let mut run = self
-                    .account(window, Target::Fanout, &process, &upstreams, load)
-                    .await;
-                let end = driver::get_number(&calls_url).await?;
-                let start = at_start.await??;
+                    .measure_counting_calls(
+                        window,
+                        Target::Fanout,
+                        &process,
+                        &upstreams,
+                        urls,
+                        &name,
+                    )
+                    .await?;
                 run.scenario = format!("aggregation: {label}");
-                run.upstream_calls = Some(end.saturating_sub(start));
                 eprintln!("{}", report::one_line(&run));
                 runs.push(run);
                 process.stop().await;

@@ -590,6 +590,17 @@ fn https_section(out: &mut String, runs: &[Run]) {
     out.push('\n');
 }
 
+/// The 2xx answers of a window (at least 1, to divide by).
+fn answered_2xx(r: &Run) -> f64 {
+    r.load
+        .statuses
+        .iter()
+        .filter(|(k, _)| (200..300).contains(*k))
+        .map(|(_, v)| *v)
+        .sum::<u64>()
+        .max(1) as f64
+}
+
 fn aggregation_section(out: &mut String, runs: &[Run]) {
     let _ = writeln!(
         out,
@@ -620,15 +631,6 @@ fn aggregation_section(out: &mut String, runs: &[Run]) {
     for label in labels {
         let g: Vec<&Run> = runs.iter().filter(|r| r.scenario == label).collect();
         let s = |f: &dyn Fn(&Run) -> f64| stat(g.iter().map(|r| f(r)));
-        let ok = |r: &Run| {
-            r.load
-                .statuses
-                .iter()
-                .filter(|(k, _)| (200..300).contains(*k))
-                .map(|(_, v)| *v)
-                .sum::<u64>()
-                .max(1) as f64
-        };
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {} | {} |",
@@ -636,7 +638,10 @@ fn aggregation_section(out: &mut String, runs: &[Run]) {
             cell(s(&|r| r.load.goodput), 0),
             cell(s(&|r| r.load.p50_ms), 1),
             cell(s(&|r| r.load.p99_ms), 1),
-            cell(s(&|r| r.upstream_calls.unwrap_or(0) as f64 / ok(r)), 1),
+            cell(
+                s(&|r| r.upstream_calls.unwrap_or(0) as f64 / answered_2xx(r)),
+                1
+            ),
             cell(s(&|r| r.cpu_ms_per_request), 3),
         );
     }
@@ -674,17 +679,8 @@ fn hot_keys_section(out: &mut String, runs: &[Run]) {
         let s = |f: &dyn Fn(&Run) -> f64| stat(g.iter().map(|r| f(r)));
         let calls = |r: &Run| r.upstream_calls.unwrap_or(0) as f64;
         let sent = |r: &Run| r.load.statuses.values().sum::<u64>().max(1) as f64;
-        let ok = |r: &Run| {
-            r.load
-                .statuses
-                .iter()
-                .filter(|(k, _)| (200..300).contains(*k))
-                .map(|(_, v)| *v)
-                .sum::<u64>()
-                .max(1) as f64
-        };
         let g2xx = s(&|r| r.load.goodput);
-        let per_ok = s(&|r| calls(r) / ok(r));
+        let per_ok = s(&|r| calls(r) / answered_2xx(r));
         goodput.push((target, g2xx.median));
         per_answer.push((target, per_ok.median));
         let _ = writeln!(

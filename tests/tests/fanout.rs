@@ -675,14 +675,20 @@ fn orders_route() -> Value {
     ]}]})
 }
 
-#[tokio::test]
-async fn many_path_variables_and_query_parameters_reach_the_upstreams() -> Result<()> {
+/// Mock upstreams and a host serving [`orders_route`] in front of them.
+async fn orders_host() -> Result<(ProductUpstreams, TestHost)> {
     let upstreams = ProductUpstreams::start(MS(0)).await?;
     let fanout = upstreams
         .builder()
         .env("FANOUT_CONFIG", orders_route().to_string())
         .build()?;
     let host = TestHost::start(fanout).await?;
+    Ok((upstreams, host))
+}
+
+#[tokio::test]
+async fn many_path_variables_and_query_parameters_reach_the_upstreams() -> Result<()> {
+    let (upstreams, host) = orders_host().await?;
 
     let answer = host.get("/users/u-7/orders/42?lang=fr+CA&x=1").await?;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
@@ -718,12 +724,7 @@ async fn many_path_variables_and_query_parameters_reach_the_upstreams() -> Resul
 
 #[tokio::test]
 async fn bad_path_and_query_values_are_400_and_call_nothing() -> Result<()> {
-    let upstreams = ProductUpstreams::start(MS(0)).await?;
-    let fanout = upstreams
-        .builder()
-        .env("FANOUT_CONFIG", orders_route().to_string())
-        .build()?;
-    let host = TestHost::start(fanout).await?;
+    let (upstreams, host) = orders_host().await?;
     let long = "a".repeat(65);
     let long_query = format!("/users/7/orders/1?lang={}", "x".repeat(257));
     let long_path = format!("/users/{long}/orders/1?lang=fr");

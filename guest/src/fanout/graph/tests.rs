@@ -454,3 +454,90 @@ fn the_request_makes_at_most_max_calls_and_max_in_flight_at_once() {
     let message = serde_json::to_string(b).unwrap();
     assert!(message.contains("null"), "{message}");
 }
+
+/// Any JSON an upstream answers, on a route with every feature: no
+/// panic, and the answer is a 200 or one of the error answers.
+mod hostile_answers {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            "[a-z0-9 /?#%.-]{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 40, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map("(lines|sku|id|next|[a-z]{1,3})", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn any_answers_make_a_well_formed_answer(
+            order in json_value(),
+            by_id in json_value(),
+            each in json_value(),
+            next in json_value(),
+        ) {
+            let config = config(json!([{"path": "/o/{id}", "upstreams": [
+                {"name": "order", "url": "http://o/{id}", "field": ".", "select": ["lines[].sku", "x"]},
+                {"name": "next", "url": "http://n/{order.next}", "required": false,
+                 "rename": {"a": "b.c"}},
+                {"name": "stock", "url": "http://e/{each}", "each": "order.lines[].sku",
+                 "required": false, "max_items": 5},
+                {"name": "batch", "url": "http://b/", "each": "order.lines[].sku",
+                 "batch": {"param": "ids", "max": 2, "key": "id"}, "required": false}
+            ]}]));
+            let env = FakeEnv::new(vec![]);
+            env.serve("http://o/1", 1, Ok(order.clone()));
+            // Whatever else is asked for gets the same hostile answers.
+            let skus: Vec<String> = match order.get("lines") {
+                Some(Value::Array(lines)) => lines
+                    .iter()
+                    .filter_map(|l| crate::template::scalar(l.get("sku")).ok())
+                    .collect(),
+                _ => Vec::new(),
+            };
+            for sku in &skus {
+                let mut url = String::from("http://e/");
+                crate::template::encode(&mut url, sku);
+                env.serve(&url, 1, Ok(each.clone()));
+            }
+            let mut distinct: Vec<&String> = Vec::new();
+            for sku in &skus {
+                if !distinct.contains(&sku) {
+                    distinct.push(sku);
+                }
+            }
+            for chunk in distinct.chunks(2) {
+                let mut url = String::from("http://b/?ids=");
+                for (i, sku) in chunk.iter().enumerate() {
+                    if i > 0 {
+                        url.push(',');
+                    }
+                    crate::template::encode(&mut url, sku);
+                }
+                env.serve(&url, 1, Ok(by_id.clone()));
+            }
+            if let Ok(next_id) = crate::template::scalar(order.get("next")) {
+                let mut url = String::from("http://n/");
+                crate::template::encode(&mut url, &next_id);
+                env.serve(&url, 1, Ok(next.clone()));
+            }
+            let answer = ask(&env, &config, "1");
+            prop_assert!([200, 404, 502, 503, 504].contains(&answer.status), "{}", answer.status);
+            match answer.status {
+                200 => prop_assert_eq!(&answer.body["id"], &json!("1")),
+                _ => prop_assert!(answer.body["error"]["code"].is_string()),
+            }
+        }
+    }
+}
