@@ -39,9 +39,15 @@ impl AttemptLog {
     }
 
     /// `inventory:ok:23.1ms pricing#2:timeout:150.2ms reviews:ok:0.1ms:hit`,
-    /// for the access log.
+    /// for the access log. A request of more than [`SUMMARY_CALLS`] calls
+    /// (a route that calls an upstream once per list element makes up to a
+    /// thousand) is summed up per upstream instead, so that a log line stays
+    /// a line: `pricing:calls=998:ok=997,timeout=1:max=48.1ms`.
     pub(crate) fn summary(&self) -> String {
         self.with(|calls| {
+            if calls.len() > SUMMARY_CALLS {
+                return per_upstream(calls);
+            }
             calls
                 .iter()
                 .map(|c| {
@@ -69,6 +75,58 @@ impl AttemptLog {
     pub(crate) fn upstream_wait(&self, since: Instant, until: Instant) -> Duration {
         self.with(|calls| union_of(calls, since, until))
     }
+}
+
+/// Calls an access log line lists one by one, at most.
+pub(crate) const SUMMARY_CALLS: usize = 16;
+
+/// Each upstream's calls, outcomes (cache answers as outcomes of their own)
+/// and longest attempt, in the order the upstreams were first called.
+fn per_upstream(calls: &[CallRecord]) -> String {
+    struct Tally<'a> {
+        upstream: &'a str,
+        calls: usize,
+        outcomes: Vec<(&'static str, usize)>,
+        longest: Duration,
+    }
+    let mut tallies: Vec<Tally<'_>> = Vec::new();
+    for call in calls {
+        let at = match tallies.iter().position(|t| t.upstream == call.upstream) {
+            Some(at) => at,
+            None => {
+                tallies.push(Tally {
+                    upstream: &call.upstream,
+                    calls: 0,
+                    outcomes: Vec::new(),
+                    longest: Duration::ZERO,
+                });
+                tallies.len() - 1
+            }
+        };
+        let tally = &mut tallies[at];
+        tally.calls += 1;
+        tally.longest = tally.longest.max(call.duration);
+        let outcome = call.cache.unwrap_or(call.outcome);
+        match tally.outcomes.iter_mut().find(|(o, _)| *o == outcome) {
+            Some((_, n)) => *n += 1,
+            None => tally.outcomes.push((outcome, 1)),
+        }
+    }
+    tallies
+        .iter()
+        .map(|t| {
+            let outcomes: Vec<String> =
+                t.outcomes.iter().map(|(o, n)| format!("{o}={n}")).collect();
+            format!(
+                "{}:calls={}:{}:max={:.1}ms",
+                t.upstream,
+                t.calls,
+                outcomes.join(","),
+                t.longest.as_secs_f64() * 1e3
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn union_of(calls: &[CallRecord], since: Instant, until: Instant) -> Duration {
@@ -308,6 +366,31 @@ mod tests {
         assert_eq!(
             log.summary(),
             "inventory:ok:23.1ms pricing#2:timeout:150.2ms reviews:ok:0.1ms:hit"
+        );
+    }
+
+    #[test]
+    fn a_thousand_calls_are_summed_up_per_upstream() {
+        let t0 = Instant::now();
+        let log = AttemptLog::default();
+        let call = |upstream: &str, outcome, micros, cache| CallRecord {
+            started: t0,
+            upstream: upstream.into(),
+            attempt: 1,
+            outcome,
+            duration: Duration::from_micros(micros),
+            cache,
+        };
+        log.push(call("orders", "ok", 20_000, None));
+        for i in 0..997 {
+            log.push(call("pricing", "ok", 10_000 + i, None));
+        }
+        log.push(call("pricing", "timeout", 48_100, None));
+        log.push(call("pricing", "ok", 10, Some("coalesced")));
+        let summary = log.summary();
+        assert_eq!(
+            summary,
+            "orders:calls=1:ok=1:max=20.0ms pricing:calls=999:ok=997,timeout=1,coalesced=1:max=48.1ms"
         );
     }
 }
