@@ -268,7 +268,9 @@ fn configure(args: &Args) -> Result<(Fanout, SocketAddr, Option<SocketAddr>), fa
         }
         None => {
             builder = builder.demo_upstreams();
-            if args.guest_config.is_none() {
+            // The demo's routes are the built-in guest's; another component
+            // or the operator's own routes get none of them.
+            if args.guest_config.is_none() && args.component.is_none() {
                 let routes = fanout_host::demo::guest_config().to_string();
                 builder = builder.env(ENV_CONFIG, routes);
             }
