@@ -60,6 +60,9 @@ pub enum Target {
     FanoutHttps1,
     /// `fanout` with HTTPS upstreams, HTTP/2 by ALPN (TLS saturation).
     FanoutHttps2,
+    /// `fanout` with one instance and no pacing, so that nearly every
+    /// request is a shed answered at once: what a shed costs (overload).
+    FanoutShedAll,
     Native,
     WasmtimeServe,
 }
@@ -97,6 +100,7 @@ impl Target {
             Target::FanoutCache => "fanout-cache",
             Target::FanoutHttps1 => "fanout-https-h1",
             Target::FanoutHttps2 => "fanout-https-h2",
+            Target::FanoutShedAll => "fanout-shed-all",
             Target::Native => "native",
             Target::WasmtimeServe => "wasmtime-serve",
         }
@@ -173,8 +177,10 @@ impl Harness {
             | Target::FanoutCoalesce
             | Target::FanoutCache
             | Target::FanoutHttps1
-            | Target::FanoutHttps2 => {
+            | Target::FanoutHttps2
+            | Target::FanoutShedAll => {
                 let variant: &[&str] = match target {
+                    Target::FanoutShedAll => &["--shed-all"],
                     Target::FanoutSequential => &["--sequential"],
                     Target::FanoutFixed => &["--fixed"],
                     Target::FanoutGuestThreads => &["--guest-threads", "2"],
@@ -426,7 +432,8 @@ impl Harness {
     /// clients that honour `Retry-After` and with clients that do not; and
     /// at c=500 (honouring) its two variants, fixed admission and guests on
     /// threads of their own.
-    pub async fn overload(&self) -> Result<Vec<Run>> {
+    /// `only` keeps the rows of those targets (all when empty).
+    pub async fn overload(&self, only: &[String]) -> Result<Vec<Run>> {
         use driver::Backoff::{None as Hostile, RetryAfter};
         // Clients that re-send at once first (wrk, hey, k6 and most retry
         // loops), then clients that honour Retry-After.
@@ -434,14 +441,21 @@ impl Harness {
             (Target::Fanout, 500, Hostile),
             (Target::Fanout, 5000, Hostile),
             (Target::Native, 500, Hostile),
+            (Target::Blocking, 500, Hostile),
             (Target::WasmtimeServe, 500, Hostile),
             (Target::FanoutFixed, 500, Hostile),
             (Target::Fanout, 500, RetryAfter),
             (Target::Fanout, 5000, RetryAfter),
             (Target::FanoutGuestThreads, 500, RetryAfter),
+            // What one shed costs, for the CPU share the rows above spend
+            // on theirs.
+            (Target::FanoutShedAll, 64, Hostile),
         ];
         let mut runs = Vec::new();
         for (target, level, backoff) in plan {
+            if !only.is_empty() && !only.iter().any(|o| o == target.name()) {
+                continue;
+            }
             let h = Harness {
                 backoff,
                 ..self.clone()

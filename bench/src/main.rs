@@ -144,6 +144,10 @@ enum Command {
         /// HTTP/2 to the upstreams: auto (ALPN), always, never.
         #[arg(long, default_value = "auto")]
         http2: String,
+        /// One instance, no line, no pacing: every request but the one
+        /// running is shed at once (the cost of a shed).
+        #[arg(long)]
+        shed_all: bool,
     },
 }
 
@@ -188,6 +192,7 @@ fn main() -> Result<()> {
             cache_ttl_ms,
             upstream_ca,
             http2,
+            shed_all,
         } => runtime.block_on(async {
             let _otlp = if telemetry {
                 Some(servers::telemetry(&upstream)?)
@@ -215,9 +220,13 @@ fn main() -> Result<()> {
                     (None, false) => servers::Identical::CallEach,
                 },
                 tls: upstream_ca.map(|ca| (ca, http2)),
+                shed_all,
             })?;
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             servers::announce(listener.local_addr()?);
+            if shed_all {
+                return servers::fanout_unpaced(listener, fanout).await;
+            }
             fanout.serve(listener, std::future::pending()).await?;
             Ok(())
         }),
@@ -284,7 +293,7 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
                 .await?;
             results.saturation = h.saturation(&saturation_targets, SATURATION_C).await?;
             if only.is_empty() || only.iter().any(|o| o == "fanout") {
-                results.overload = h.overload().await?;
+                results.overload = h.overload(&[]).await?;
                 let capacity =
                     report::median_of(&results.saturation, Target::Fanout, SATURATION_C, |r| {
                         r.load.goodput
@@ -337,6 +346,11 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
                 .await?;
         }
         Command::Saturation => {
+            // Refresh the saturation rows of an existing report: the
+            // overload and open-loop sections measure against them.
+            if let Ok(text) = std::fs::read_to_string(out.join("bench/results.json")) {
+                results = serde_json::from_str(&text).context("bench/results.json")?;
+            }
             results.commands.push(format!(
                 "cargo run -p fanout-bench --release -- saturation {common}"
             ));
@@ -349,7 +363,7 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
             results.commands.push(format!(
                 "cargo run -p fanout-bench --release -- overload {common}"
             ));
-            results.overload = h.overload().await?;
+            results.overload = h.overload(only).await?;
         }
         Command::OpenLoop => {
             if let Ok(text) = std::fs::read_to_string(out.join("bench/results.json")) {

@@ -266,15 +266,29 @@ pub fn markdown(r: &Results) -> String {
     let good = |runs: &[Run], t, c| median_of(runs, t, c, |x| x.load.goodput);
     let sat_c = levels(sat).first().copied().unwrap_or(64);
     let fanout_sat = good(sat, Target::Fanout, sat_c);
+    // Against the blocking baseline: the overload scenario's c=500 rows
+    // (the same clients, side by side), else the latency scenario's.
+    let hostile_over: Vec<Run> = r
+        .overload
+        .iter()
+        .filter(|x| x.load.backoff == Backoff::None)
+        .cloned()
+        .collect();
+    let blocking_runs: &[Run] = if group(&hostile_over, Target::Blocking, 500).is_empty() {
+        lat
+    } else {
+        &hostile_over
+    };
+    let (fanout_beside_blocking, blocking_500) = (
+        good(blocking_runs, Target::Fanout, 500),
+        good(blocking_runs, Target::Blocking, 500),
+    );
     let _ = writeln!(out, "## Headline\n");
     let _ = writeln!(out, "| ratio | value |\n|---|---|");
     let _ = writeln!(
         out,
         "| `fanout` / `blocking` goodput at c=500 | {} |",
-        ratio(
-            good(lat, Target::Fanout, 500),
-            good(lat, Target::Blocking, 500)
-        )
+        ratio(fanout_beside_blocking, blocking_500)
     );
     let _ = writeln!(
         out,
@@ -392,7 +406,7 @@ pub fn markdown(r: &Results) -> String {
         "| `fanout` 2xx at c=500 inside the budget + line | p99 ≤ 300 ms | {ok_p99:.1} ms | {} |",
         verdict(ok_p99, ok_p99 <= 300.0)
     );
-    let vs_blocking = good(lat, Target::Fanout, 500) / good(lat, Target::Blocking, 500);
+    let vs_blocking = fanout_beside_blocking / blocking_500;
     let _ = writeln!(
         out,
         "| `fanout` / `blocking` goodput at c=500 | ≥ 30× | {vs_blocking:.1}× | {} |",
@@ -911,6 +925,13 @@ fn plot(path: &Path, runs: &[Run]) -> Result<()> {
 
 /// The overload table: each (target, c, backoff) window's median.
 fn overload_section(out: &mut String, runs: &[Run], saturation: f64) {
+    // What one shed costs: `fanout-shed-all` sheds nearly every request at
+    // once. CPU milliseconds.
+    let shed_cost = stat(
+        runs.iter()
+            .filter(|x| x.target == Target::FanoutShedAll)
+            .map(|x| x.cpu_ms_per_request),
+    );
     let _ = writeln!(
         out,
         "## Overload: upstreams at 50 ms, far more clients than capacity\n"
@@ -920,15 +941,20 @@ fn overload_section(out: &mut String, runs: &[Run], saturation: f64) {
         "Closed-loop clients; *honour* means a client that gets a 503 with \
          `Retry-After: 1` waits that second before its next request, as a \
          well-behaved client does; *ignore* means it sends the next request at once. \
-         Goodput is against `fanout`'s own saturation rps ({saturation:.0}).\n"
+         Goodput is against `fanout`'s own saturation rps ({saturation:.0}). \
+         *CPU on sheds* is the share of the target's CPU its 503s took, at \
+         what one costs (below).\n"
     );
     let _ = writeln!(
         out,
-        "| target | c | Retry-After | rps | 2xx/s | goodput / saturation | 2xx p99 ms | non-2xx p99 ms | 503s | other non-2xx | no answer | backoffs | CPU ms/req |"
+        "| target | c | Retry-After | rps | 2xx/s | goodput / saturation | 2xx p99 ms | non-2xx p99 ms | 503s | other non-2xx | no answer | backoffs | CPU ms/req | CPU on sheds |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     let mut keys: Vec<(Target, usize, Backoff)> = Vec::new();
-    for x in runs {
+    for x in runs.iter().filter(|x| x.target != Target::FanoutShedAll) {
         let key = (x.target, x.load.concurrency, x.load.backoff);
         if !keys.contains(&key) {
             keys.push(key);
@@ -943,9 +969,19 @@ fn overload_section(out: &mut String, runs: &[Run], saturation: f64) {
         let opt = |f: &dyn Fn(&Run) -> Option<f64>| stat(g.iter().filter_map(|r| f(r)));
         let count = |f: &dyn Fn(&Run) -> u64| g.iter().map(|r| f(r)).sum::<u64>();
         let goodput = s(&|r| r.load.goodput);
+        // 503s a second times their cost, over the CPU the target used.
+        let on_sheds = s(&|r| {
+            let sheds = r.load.statuses.get(&503).copied().unwrap_or(0) as f64;
+            let cpu_ms = r.cpu_ms_per_request * r.load.rps * r.load.seconds;
+            if cpu_ms > 0.0 {
+                100.0 * sheds * shed_cost.median / cpu_ms
+            } else {
+                0.0
+            }
+        });
         let _ = writeln!(
             out,
-            "| {} | {c} | {} | {} | {} | {:.0}% | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {c} | {} | {} | {} | {:.0}% | {} | {} | {} | {} | {} | {} | {} | {} |",
             target.name(),
             match backoff {
                 Backoff::RetryAfter => "honour",
@@ -968,6 +1004,19 @@ fn overload_section(out: &mut String, runs: &[Run], saturation: f64) {
             count(&|r| r.load.errors.values().sum()),
             count(&|r| r.load.backoffs),
             cell(s(&|r| r.cpu_ms_per_request), 3),
+            if shed_cost.median > 0.0 {
+                format!("{:.0}%", on_sheds.median)
+            } else {
+                "n/a".into()
+            },
+        );
+    }
+    if shed_cost.median > 0.0 {
+        let _ = writeln!(
+            out,
+            "\nOne shed costs {:.1} µs of CPU: `fanout-shed-all` (one instance, no line, \
+             no pacing) at c=64, where nearly every request is a 503 answered at once.",
+            shed_cost.median * 1e3
         );
     }
     out.push('\n');

@@ -42,6 +42,25 @@ where
     serve_maybe_tls(listener, None, handler).await
 }
 
+/// Serves `fanout` answer by answer, without [`fanout_host::Fanout::serve`]'s
+/// pacing of clients that come back too soon: every shed goes out at once,
+/// so that a window of them measures what one costs.
+pub async fn fanout_unpaced(listener: TcpListener, fanout: fanout_host::Fanout) -> Result<()> {
+    serve(listener, move |request| {
+        let fanout = fanout.clone();
+        async move {
+            let (parts, body) = fanout.handle(request).await.into_parts();
+            let bytes = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            Response::from_parts(parts, Full::new(bytes))
+        }
+    })
+    .await
+}
+
 /// Connections the upstream server has accepted, for `GET /connections`.
 static CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -319,6 +338,9 @@ pub struct FanoutSetup {
     pub identical: Identical,
     /// HTTPS upstreams: the CA to trust and the `http2` mode.
     pub tls: Option<(std::path::PathBuf, String)>,
+    /// One instance, fixed admission and no line: every request but the
+    /// one running is shed (for the cost of a shed).
+    pub shed_all: bool,
 }
 
 pub fn fanout(setup: FanoutSetup) -> Result<fanout_host::Fanout> {
@@ -332,10 +354,16 @@ pub fn fanout(setup: FanoutSetup) -> Result<fanout_host::Fanout> {
         guest_threads,
         identical,
         tls,
+        shed_all,
     } = setup;
     let mut limits = fanout_host::Limits::default();
     if let Some(n) = max_instances {
         limits.max_instances = n;
+    }
+    let fixed = fixed || shed_all;
+    if shed_all {
+        limits.max_instances = 1;
+        limits.queue_wait = Duration::ZERO;
     }
     let mut builder = fanout_host::Fanout::builder().limits(limits);
     match tls {

@@ -184,6 +184,12 @@ async fn respond(
     if answer.status == 405 {
         headers.push(("allow".into(), b"GET".to_vec()));
     }
+    // The guest's one 503: the host shed a call (an open circuit, the retry
+    // budget). Say when to come back, as the host's own sheds do; the host
+    // then paces a client that does not listen, as it paces its own.
+    if answer.status == 503 {
+        headers.push(("retry-after".into(), b"1".to_vec()));
+    }
     if !answer.degraded.is_empty() {
         headers.push((
             DEGRADED_HEADER.into(),

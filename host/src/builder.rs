@@ -394,11 +394,16 @@ impl FanoutBuilder {
             .map_err(|e| Error::Component(format!("{e:#}")))?;
 
         let max_instances = self.limits.max_instances as usize;
+        // The budget a request has by default: the guest's own, or for
+        // another component the host's deadline.
+        let budget = builtin
+            .as_ref()
+            .map_or(self.limits.deadline, BuiltinGuest::budget);
         let admission = match self.admission {
             AdmissionMode::Fixed => Admission::fixed(max_instances),
-            AdmissionMode::Adaptive(config) => {
-                Admission::new(config.unwrap_or_else(|| AdmissionConfig::new(max_instances)))
-            }
+            AdmissionMode::Adaptive(config) => Admission::new(
+                config.unwrap_or_else(|| AdmissionConfig::for_budget(max_instances, budget)),
+            ),
         };
         let ticker = EpochTicker::start(engine.clone())?;
         let runner = Runner {

@@ -105,6 +105,21 @@ fn check_against_upstreams(config: &Config, upstreams: &Upstreams) -> Result<(),
     Ok(())
 }
 
+/// The budget `request` runs under: what its client asked for in
+/// `x-request-timeout-ms`, else `default_budget`. `None` when neither is
+/// known, or the header is malformed (the guest's to reject, with its own
+/// error).
+pub(crate) fn budget_of<B>(
+    request: &Request<B>,
+    default_budget: Option<Duration>,
+) -> Option<Duration> {
+    let Some(value) = request.headers().get(TIMEOUT_HEADER) else {
+        return default_budget;
+    };
+    let ms = value.to_str().ok()?.trim().parse::<u64>().ok()?;
+    Some(Duration::from_millis(ms))
+}
+
 /// Takes the time a request waited for an instance out of its budget, so
 /// that the answer still comes within the budget its client counts from: a
 /// smaller `x-request-timeout-ms` for the guest. Without the header,
@@ -118,16 +133,7 @@ pub(crate) fn charge_wait<B>(
     if waited <= WAIT_WORTH_CHARGING {
         return Ok(());
     }
-    let asked = request
-        .headers()
-        .get(TIMEOUT_HEADER)
-        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-        .map(Duration::from_millis);
-    // A malformed header is the guest's to reject, with its own error.
-    if asked.is_none() && request.headers().contains_key(TIMEOUT_HEADER) {
-        return Ok(());
-    }
-    let Some(budget) = asked.or(default_budget) else {
+    let Some(budget) = budget_of(request, default_budget) else {
         return Ok(());
     };
     let left = budget.saturating_sub(waited).as_millis() as u64;

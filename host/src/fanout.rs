@@ -87,6 +87,7 @@ impl Fanout {
         B::Error: Into<tower::BoxError>,
     {
         let started = Instant::now();
+        crate::lag::ensure_probe();
         let method = request.method().clone();
         // The client chooses the path: logs and spans get a bounded copy.
         let path = telemetry::bounded(request.uri().path()).into_owned();
@@ -160,7 +161,8 @@ impl Fanout {
     /// accepting and lets the requests in flight finish (bounded by the
     /// request deadline). A client that comes back on its connection sooner
     /// than a shed's `Retry-After` asked gets its next shed no sooner than
-    /// that (see `Connection::pace_shed`).
+    /// that once the sheds answered at once pass their share (see
+    /// [`FastSheds`](crate::admission::FastSheds)).
     pub async fn serve(
         &self,
         listener: TcpListener,
@@ -185,7 +187,10 @@ impl Fanout {
                 let fanout = fanout.clone();
                 async move {
                     let response = fanout.handle(request).await;
-                    if response.extensions().get::<Shed>().is_some() && connection.pace_shed().await
+                    if is_paced(&response)
+                        && connection
+                            .pace_shed(fanout.runner.admission.fast_sheds())
+                            .await
                     {
                         fanout.runner.metrics.sheds_held.inc();
                     }
@@ -211,6 +216,17 @@ impl Fanout {
         };
         admin::serve(view, listener, shutdown).await
     }
+}
+
+/// Whether `response` is one a client should not answer at once with a new
+/// request: the host's own sheds, and any 503 that says when to come back
+/// (the guest's, when the host shed its upstream call: an open circuit
+/// answers those in microseconds, and clients that re-send at once would
+/// spin on them).
+fn is_paced(response: &Response<ResponseBody>) -> bool {
+    response.extensions().get::<Shed>().is_some()
+        || (response.status() == http::StatusCode::SERVICE_UNAVAILABLE
+            && response.headers().contains_key(http::header::RETRY_AFTER))
 }
 
 /// HTTP status of the access line of a client that went away before its

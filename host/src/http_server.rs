@@ -1,6 +1,7 @@
 //! The HTTP/1.1 accept loop, shared by the aggregator, the admin endpoints
 //! and the demo upstreams' server, and what it remembers per connection.
 
+use crate::admission::FastSheds;
 use crate::error::RETRY_AFTER;
 use crate::limits::ConnectionLimits;
 use crate::response::ResponseBody;
@@ -22,20 +23,23 @@ pub(crate) struct Connection {
 impl Connection {
     /// Holds a shed answer on this connection until [`RETRY_AFTER`] after
     /// the previous one, when the client came back sooner than that
-    /// answer's `Retry-After` asked; returns whether it held it.
+    /// answer's `Retry-After` asked and `fast` has no token left; returns
+    /// whether it held it.
     ///
     /// Most load generators and retry loops answer a 503 with a new request
-    /// at once. Shedding them fast only turns the host's CPU into 503s (65k
-    /// a second at c=500, leaving ~1% for real answers): such a client gets
-    /// its next 503 when it should have asked, one a second, while a
-    /// client that honours `Retry-After`, or a new one, is answered at once.
-    pub(crate) async fn pace_shed(&self) -> bool {
+    /// at once. Shedding them all fast only turns the host's CPU into 503s
+    /// (65k a second at c=500, leaving ~1% for real answers): beyond the
+    /// bucket's rate, such a client gets its next 503 when it should have
+    /// asked, one a second, while a client that honours `Retry-After`, or
+    /// a new one, is answered at once. So is an open-loop load's pooled
+    /// connection, while the bucket lasts.
+    pub(crate) async fn pace_shed(&self, fast: &FastSheds) -> bool {
         let now = Instant::now();
         let hold_until = {
             let mut last = self.last_shed.lock().unwrap_or_else(|e| e.into_inner());
             let until = last
                 .map(|shed| shed + RETRY_AFTER)
-                .filter(|until| *until > now);
+                .filter(|until| *until > now && !fast.try_take());
             *last = Some(until.unwrap_or(now));
             until
         };
@@ -131,10 +135,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_client_that_comes_back_too_soon_waits_for_its_shed() {
         let connection = Connection::default();
+        let fast = FastSheds::new(0.0);
         let t0 = tokio::time::Instant::now();
-        assert!(!connection.pace_shed().await, "the first shed goes at once");
+        assert!(
+            !connection.pace_shed(&fast).await,
+            "the first shed goes at once"
+        );
         tokio::time::advance(Duration::from_millis(10)).await;
-        assert!(connection.pace_shed().await, "back after 10 ms: held");
+        assert!(connection.pace_shed(&fast).await, "back after 10 ms: held");
         // Timers round up to the millisecond.
         let held = t0.elapsed();
         assert!(
@@ -143,8 +151,20 @@ mod tests {
         );
         tokio::time::advance(RETRY_AFTER).await;
         assert!(
-            !connection.pace_shed().await,
+            !connection.pace_shed(&fast).await,
             "back after Retry-After: at once"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_comes_back_too_soon_is_answered_at_once_while_the_bucket_lasts() {
+        let connection = Connection::default();
+        let fast = FastSheds::new(1.0);
+        while fast.try_take() {}
+        assert!(!connection.pace_shed(&fast).await, "the first: at once");
+        // One answer given elsewhere earns one shed at once.
+        fast.earn();
+        assert!(!connection.pace_shed(&fast).await, "a token: at once");
+        assert!(connection.pace_shed(&fast).await, "no token left: held");
     }
 }

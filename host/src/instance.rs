@@ -104,8 +104,10 @@ impl Runner {
         B::Error: Into<tower::BoxError>,
     {
         let mut request = for_the_guest(request)?;
-        let place = self.admit().await?;
         let default_budget = self.builtin.as_ref().map(BuiltinGuest::budget);
+        let place = self
+            .admit(builtin_guest::budget_of(&request, default_budget))
+            .await?;
         builtin_guest::charge_wait(&mut request, place.ticket.waited(), default_budget)?;
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
 
@@ -161,11 +163,12 @@ impl Runner {
     }
 
     /// Admission happens at the door, before an instance is spent: the
-    /// limit (learnt, or the pool's size) and its line. A place is held as
-    /// long as the instance, so the pool always has one for it.
-    async fn admit(&self) -> Result<Place, Failure> {
+    /// limit (learnt, or the pool's size) and its line, where a request
+    /// waits no longer than its `budget` leaves it time to run. A place is
+    /// held as long as the instance, so the pool always has one for it.
+    async fn admit(&self, budget: Option<Duration>) -> Result<Place, Failure> {
         let limits = &self.limits;
-        let admitted = self.admission.admit(limits.queue_wait).await;
+        let admitted = self.admission.admit(limits.queue_wait, budget).await;
         let waited = match &admitted {
             Ok(ticket) => ticket.waited(),
             Err(Refusal::WaitedTooLong { waited }) => *waited,

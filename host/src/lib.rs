@@ -77,6 +77,7 @@ pub mod guard;
 mod guest_runtime;
 mod http_server;
 mod instance;
+mod lag;
 pub mod limits;
 pub mod metrics;
 pub mod outbound;

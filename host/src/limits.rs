@@ -26,8 +26,59 @@ pub const DEFAULT_MEMORY_BYTES: usize = 64 << 20;
 /// with a useful body; the host limit is the backstop.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(2);
 
-/// Instances that may run at once; also the size of the instance pool.
+/// Instances that may run at once when the memory cannot be read; also the
+/// size of the instance pool. See [`default_max_instances`].
 pub const DEFAULT_MAX_INSTANCES: u32 = 256;
+
+/// The most instances [`default_max_instances`] gives. Each pool slot
+/// reserves address space for its memories (about 8.5 GB of it per
+/// instance: 2,048 reserve 17 TB of the 128 TB a process has), so a few
+/// hosts in one process still fit.
+pub const MAX_DEFAULT_INSTANCES: u32 = 2048;
+
+/// Memory counted per instance when the pool is sized from memory: an
+/// instance in flight costs ~390 KiB of RSS (BENCHMARKS.md "Micro"),
+/// rounded up for guests that grow their heap.
+pub const MEMORY_PER_INSTANCE: u64 = 1 << 20;
+
+/// The pool's size by default: a quarter of the memory this process may
+/// use (its cgroup's limit, as in a Kubernetes pod, or the machine's
+/// memory) at [`MEMORY_PER_INSTANCE`] each, between
+/// [`DEFAULT_MAX_INSTANCES`] and [`MAX_DEFAULT_INSTANCES`]. A pool is
+/// cheap: a slot costs address space, not memory, until a request runs in
+/// it; and with adaptive admission the pool is a ceiling, not a target.
+/// 256 fixed slots were too few for a 500-client closed loop to be
+/// admitted, by a fixed limit or by a line.
+pub fn default_max_instances() -> u32 {
+    memory_available().map_or(DEFAULT_MAX_INSTANCES, max_instances_for)
+}
+
+/// The pool [`default_max_instances`] gives for `memory` bytes.
+pub fn max_instances_for(memory: u64) -> u32 {
+    let n = memory / 4 / MEMORY_PER_INSTANCE;
+    n.clamp(DEFAULT_MAX_INSTANCES.into(), MAX_DEFAULT_INSTANCES.into()) as u32
+}
+
+/// The memory this process may use: its cgroup's limit (v2, then v1) if it
+/// has one, else the machine's. Read by hand: it is three small files, and
+/// crates that read them (sysinfo) bring far more than this needs.
+fn memory_available() -> Option<u64> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let cgroup = read("/sys/fs/cgroup/memory.max")
+        .or_else(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+        // "max" (v2) or a huge number (v1) mean no limit.
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .filter(|limit| *limit < 1 << 60);
+    let machine = read("/proc/meminfo").and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    });
+    match (cgroup, machine) {
+        (Some(cgroup), Some(machine)) => Some(cgroup.min(machine)),
+        (cgroup, machine) => cgroup.or(machine),
+    }
+}
 
 /// Period of the epoch ticker. Epoch deadlines are counted in these ticks, so
 /// a guest spinning on the CPU is stopped at most one tick after its deadline.
@@ -156,7 +207,7 @@ impl Default for Limits {
             fuel: Some(DEFAULT_FUEL),
             memory_bytes: DEFAULT_MEMORY_BYTES,
             deadline: DEFAULT_DEADLINE,
-            max_instances: DEFAULT_MAX_INSTANCES,
+            max_instances: default_max_instances(),
             queue_wait: DEFAULT_QUEUE_WAIT,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             max_headers: DEFAULT_MAX_HEADERS,
@@ -258,5 +309,24 @@ impl Limits {
     pub(crate) fn epoch_ticks(&self) -> u64 {
         let tick = EPOCH_TICK.as_nanos();
         self.deadline.as_nanos().div_ceil(tick) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_is_sized_from_memory_within_bounds() {
+        const GIB: u64 = 1 << 30;
+        // A quarter of the memory at 1 MiB an instance.
+        assert_eq!(max_instances_for(4 * GIB), 1024);
+        // A small pod still gets the old fixed pool; a big machine a
+        // pool whose address space leaves room for other hosts.
+        assert_eq!(max_instances_for(256 << 20), DEFAULT_MAX_INSTANCES);
+        assert_eq!(max_instances_for(512 * GIB), MAX_DEFAULT_INSTANCES);
+        let here = default_max_instances();
+        assert!((DEFAULT_MAX_INSTANCES..=MAX_DEFAULT_INSTANCES).contains(&here));
+        assert!(Limits::default().validate().is_ok());
     }
 }

@@ -17,6 +17,13 @@ pub struct AdmissionConfig {
     pub tolerance: f64,
     /// A latency at most this far above the fastest is never slow.
     pub slack: Duration,
+    /// Nor is one whose whole latency (its own time plus the upstreams'
+    /// wait, both smoothed) is at most this: a share of the budget. Without
+    /// it, a busy CPU (sheds to clients that re-send at once, the load
+    /// generator beside the host) passes `tolerance` times the fastest
+    /// latency long before requests are at risk of missing their budget,
+    /// and the limit shrinks below what keeps the CPUs busy.
+    pub target: Duration,
     /// How long the fastest latency is remembered; old minima expire so
     /// that a change in upstream latency is learnt.
     pub min_window: Duration,
@@ -25,19 +32,42 @@ pub struct AdmissionConfig {
 }
 
 impl AdmissionConfig {
-    /// Settings for a pool of `max` instances.
+    /// Settings for a pool of `max` instances whose requests have `budget`
+    /// each, by default: a request is never slow while its latency is
+    /// within [`LATENCY_SHARE`] of it.
+    pub fn for_budget(max: usize, budget: Duration) -> AdmissionConfig {
+        AdmissionConfig {
+            target: budget.mul_f64(LATENCY_SHARE),
+            ..AdmissionConfig::new(max)
+        }
+    }
+
+    /// Settings for a pool of `max` instances, with no budget target.
     pub fn new(max: usize) -> AdmissionConfig {
         AdmissionConfig {
-            initial: (max / 4).clamp(1, max.max(1)),
+            initial: INITIAL_LIMIT.clamp(1, max.max(1)),
             min: 2.min(max.max(1)),
             max: max.max(1),
             tolerance: 2.0,
             slack: Duration::from_millis(20),
+            target: Duration::ZERO,
             min_window: Duration::from_secs(10),
             decrease: 0.9,
         }
     }
 }
+
+/// The limit at start, whatever the pool's size: slow start doubles it each
+/// round trip from there. A quarter of a pool sized from memory (thousands)
+/// let a burst at start run far more requests than the CPUs finish inside
+/// the budget.
+pub const INITIAL_LIMIT: usize = 64;
+
+/// The share of a request's budget its latency may take, smoothed, before
+/// the limit shrinks: the rest is for the tail (the 2xx p99 stays inside
+/// the budget). Measured at c=500 and c=5000 with clients re-sending at
+/// once (50 ms upstreams, a 200 ms budget): see BENCHMARKS.md "Overload".
+pub const LATENCY_SHARE: f64 = 0.6;
 
 /// The limiter's state, with time passed in: the logic is testable.
 #[derive(Debug, Clone)]
@@ -49,6 +79,8 @@ pub struct Aimd {
     /// Moving average of recent latencies (weight 1/8, as TCP's smoothed
     /// RTT): one slow request among fast ones is noise, not congestion.
     smoothed: Option<Duration>,
+    /// The same of the upstreams' wait, to weigh `config.target`.
+    smoothed_wait: Duration,
     last_decrease: Option<Instant>,
     /// The limit when the current run of decreases began; `None` once the
     /// limit has grown since.
@@ -57,6 +89,11 @@ pub struct Aimd {
     /// without bound until the first decrease, then half the limit a run
     /// of decreases began from.
     slow_start_below: f64,
+    /// Completions counted since `second.1`, for the answer rate.
+    second: (u32, Instant),
+    /// The highest answers a second lately, and when: with the upstreams'
+    /// wait, the floor of the limit (see [`Aimd::floor`]).
+    peak_rate: Option<(f64, Instant)>,
 }
 
 impl Aimd {
@@ -68,9 +105,12 @@ impl Aimd {
             in_flight: 0,
             min_latency: None,
             smoothed: None,
+            smoothed_wait: Duration::ZERO,
             last_decrease: None,
             run_from: None,
             slow_start_below: f64::INFINITY,
+            second: (0, Instant::now()),
+            peak_rate: None,
         }
     }
 
@@ -102,28 +142,43 @@ impl Aimd {
         self.release();
     }
 
+    /// [`Aimd::finish`] with the request's own time and its upstream wait
+    /// apart (see [`Aimd::learn_parts`]).
+    pub fn finish_parts(&mut self, own: Duration, upstream_wait: Duration, now: Instant) {
+        self.learn_parts(own, upstream_wait, now);
+        self.release();
+    }
+
     /// A request admitted earlier gives its place back.
     pub fn release(&mut self) {
         self.in_flight = self.in_flight.saturating_sub(1);
     }
 
-    /// A request still holding its place took `latency`, at `now`.
+    /// A request still holding its place took `latency` of its own, at
+    /// `now`, with no upstream wait.
     pub fn learn(&mut self, latency: Duration, now: Instant) {
+        self.learn_parts(latency, Duration::ZERO, now);
+    }
+
+    /// A request still holding its place took `latency` of its own and
+    /// waited `upstream_wait` on its upstreams besides, at `now`. The limit
+    /// learns from its own time: slower upstreams need more requests in
+    /// flight, not fewer.
+    pub fn learn_parts(&mut self, latency: Duration, upstream_wait: Duration, now: Instant) {
+        self.smoothed_wait = ewma(self.smoothed_wait, upstream_wait);
+        self.count_answer(now);
         let fresh = |(_, at): (Duration, Instant)| now.duration_since(at) < self.config.min_window;
         match self.min_latency {
             Some(min) if fresh(min) && min.0 <= latency => {}
             _ => self.min_latency = Some((latency, now)),
         }
         let min = self.min_latency.map(|(d, _)| d).unwrap_or(latency);
-        let smoothed = match self.smoothed {
-            None => latency,
-            Some(s) if latency >= s => s + (latency - s) / 8,
-            Some(s) => s - (s - latency) / 8,
-        };
+        let smoothed = self.smoothed.map_or(latency, |s| ewma(s, latency));
         self.smoothed = Some(smoothed);
         let threshold = min
             .mul_f64(self.config.tolerance)
-            .max(min + self.config.slack);
+            .max(min + self.config.slack)
+            .max(self.config.target.saturating_sub(self.smoothed_wait));
         if smoothed > threshold {
             // At most once per round trip: one slow burst is one signal.
             let recent = self
@@ -132,21 +187,66 @@ impl Aimd {
             if !recent {
                 let from = *self.run_from.get_or_insert(self.limit);
                 self.slow_start_below = from / 2.0;
-                self.limit = (self.limit * self.config.decrease).max(self.config.min as f64);
+                self.limit = (self.limit * self.config.decrease)
+                    .max(self.floor())
+                    .max(self.config.min as f64);
                 self.last_decrease = Some(now);
             }
         } else if self.in_flight >= self.limit() {
             // Grow only when the limit is what holds requests back: about
             // +1 per round trip's worth of completions, or +1 per
-            // completion in slow start.
+            // completion in slow start, and while requests take less than
+            // half of what counts as slow: one by one per round trip, a
+            // limit far below what the budget allows took longer than a
+            // benchmark's window to get there (c=500: 40 to 100 in 8 s).
             self.run_from = None;
-            let step = if self.limit < self.slow_start_below {
+            let far_below = smoothed < threshold / 2;
+            let step = if self.limit < self.slow_start_below || far_below {
                 1.0
             } else {
                 1.0 / self.limit
             };
             self.limit = (self.limit + step).min(self.config.max as f64);
         }
+    }
+}
+
+impl Aimd {
+    /// Counts an answer toward the rate of this second, and keeps the
+    /// highest rate of the last `min_window`.
+    fn count_answer(&mut self, now: Instant) {
+        let (count, since) = &mut self.second;
+        *count += 1;
+        let elapsed = now.saturating_duration_since(*since);
+        if elapsed >= Duration::from_secs(1) {
+            let rate = f64::from(*count) / elapsed.as_secs_f64();
+            let window = self.config.min_window;
+            match self.peak_rate {
+                Some((peak, at)) if peak > rate && now.duration_since(at) < window => {}
+                _ => self.peak_rate = Some((rate, now)),
+            }
+            self.second = (0, now);
+        }
+    }
+
+    /// The limit never shrinks below the requests in flight it takes to
+    /// answer at the highest rate seen lately, given the upstreams' wait
+    /// (Little's law): fewer cannot answer as many, however fast the host.
+    /// Without it, CPU taken by something other than admitted requests
+    /// (sheds, a neighbour) read as overload, and the limit fell to a few,
+    /// answering a tenth of what it had.
+    fn floor(&self) -> f64 {
+        self.peak_rate
+            .map_or(0.0, |(rate, _)| rate * self.smoothed_wait.as_secs_f64())
+    }
+}
+
+/// A moving average with weight 1/8 for the newest value.
+fn ewma(average: Duration, value: Duration) -> Duration {
+    if value >= average {
+        average + (value - average) / 8
+    } else {
+        average - (average - value) / 8
     }
 }
 
@@ -314,5 +414,62 @@ mod tests {
             aimd.finish(Some(MS(100)), later + MS(i));
         }
         assert!(aimd.limit() >= limit, "not treated as slow");
+    }
+
+    #[test]
+    fn a_busy_cpu_within_the_budget_does_not_shrink_the_limit() {
+        let budget = MS(200);
+        let mut aimd = Aimd::new(AdmissionConfig {
+            initial: 50,
+            ..AdmissionConfig::for_budget(1000, budget)
+        });
+        let mut now = Instant::now();
+        let mut finish = |aimd: &mut Aimd, own: u64| {
+            now += MS(30);
+            aimd.try_admit();
+            aimd.finish_parts(MS(own), MS(50), now);
+        };
+        // The fastest seen is 2 ms of the host's own; under load it is 60
+        // (waiting for a CPU), with 50 ms upstreams: 110 ms in all, inside
+        // 60 % of the budget. Thirty times the fastest, and not slow.
+        finish(&mut aimd, 2);
+        for _ in 0..50 {
+            finish(&mut aimd, 60);
+        }
+        assert_eq!(aimd.limit(), 50, "not shrunk");
+        // Past it (150 ms in all), the limit shrinks.
+        for _ in 0..50 {
+            finish(&mut aimd, 100);
+        }
+        assert!(aimd.limit() < 40, "{}", aimd.limit());
+    }
+
+    #[test]
+    fn far_below_the_target_the_limit_grows_by_one_per_completion() {
+        let mut aimd = Aimd::new(AdmissionConfig {
+            initial: 20,
+            ..AdmissionConfig::for_budget(1000, MS(200))
+        });
+        let mut now = Instant::now();
+        // One slow burst ends slow start: growth is additive from here...
+        aimd.try_admit();
+        aimd.finish(Some(MS(2)), now);
+        for _ in 0..20 {
+            now += MS(1);
+            aimd.try_admit();
+            aimd.finish(Some(MS(500)), now);
+        }
+        let after = aimd.limit();
+        // ...except while requests take under half of what is slow: full
+        // and at 10 ms of the 120 ms target, +1 per completion.
+        for _ in 0..100 {
+            now += MS(500);
+            while aimd.try_admit() {}
+            aimd.finish_parts(MS(10), Duration::ZERO, now);
+        }
+        // The smoothed latency takes a score of completions to come down
+        // from 500 ms; from there +1 each. One per round trip would have
+        // added about five.
+        assert!(aimd.limit() >= after + 60, "{after} -> {}", aimd.limit());
     }
 }

@@ -20,8 +20,10 @@
 //! is fixed); the logic is small, pure and unit-tested with explicit times.
 
 mod aimd;
+mod fast_sheds;
 
-pub use aimd::{AdmissionConfig, Aimd};
+pub use aimd::{AdmissionConfig, Aimd, LATENCY_SHARE};
+pub use fast_sheds::{FAST_SHEDS_PER_ANSWER, FastSheds};
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,6 +32,8 @@ use std::time::{Duration, Instant};
 #[derive(Clone)]
 pub struct Admission {
     state: Arc<Mutex<Shared>>,
+    /// Earned by answers, spent on sheds to clients back too soon.
+    fast_sheds: Arc<FastSheds>,
 }
 
 struct Shared {
@@ -92,6 +96,7 @@ impl Admission {
                 waiters: Default::default(),
                 hold: Duration::ZERO,
             })),
+            fast_sheds: Arc::default(),
         }
     }
 
@@ -119,10 +124,20 @@ impl Admission {
     }
 
     /// A ticket now, or after waiting in line (first come, first served)
-    /// for at most `max_wait`. A request whose expected wait is longer is
-    /// refused at once: the wait in line for position `n` is about
-    /// `n * hold / limit` (Little's law).
-    pub async fn admit(&self, max_wait: Duration) -> Result<Ticket, Refusal> {
+    /// for at most `max_wait`, and never longer than leaves the request
+    /// time to run: its `budget` less how long a place is held (the moving
+    /// average), when the budget is known. A request whose expected wait is
+    /// longer is refused at once: the wait in line for position `n` is
+    /// about `n * hold / limit` (Little's law).
+    pub async fn admit(
+        &self,
+        max_wait: Duration,
+        budget: Option<Duration>,
+    ) -> Result<Ticket, Refusal> {
+        let max_wait = match budget {
+            Some(budget) => max_wait.min(budget.saturating_sub(self.hold())),
+            None => max_wait,
+        };
         let mut handed = {
             let mut state = self.lock();
             if state.waiters.is_empty() && state.aimd.try_admit() {
@@ -165,8 +180,9 @@ impl Admission {
     pub fn learn(&self, admitted: Instant, upstream_wait: Duration) {
         let now = Instant::now();
         let own = now.duration_since(admitted).saturating_sub(upstream_wait);
+        self.fast_sheds.earn();
         let mut state = self.lock();
-        state.aimd.learn(own, now);
+        state.aimd.learn_parts(own, upstream_wait, now);
         // The limit may have grown.
         state.dispatch();
     }
@@ -179,6 +195,12 @@ impl Admission {
             state.hold + hold.saturating_sub(state.hold).mul_f64(HOLD_EWMA_WEIGHT)
                 - state.hold.saturating_sub(hold).mul_f64(HOLD_EWMA_WEIGHT)
         };
+    }
+
+    /// The sheds that may go out at once to clients back too soon, earned
+    /// by the answers [`Admission::learn`] hears of.
+    pub fn fast_sheds(&self) -> &FastSheds {
+        &self.fast_sheds
     }
 
     /// The moving average of how long a place is held (zero until one has
@@ -243,7 +265,7 @@ mod tests {
         let max_wait = Duration::from_millis(100);
         let mut held: Vec<Ticket> = Vec::new();
         for _ in 0..10 {
-            held.push(admission.admit(max_wait).await.expect("a free place"));
+            held.push(admission.admit(max_wait, None).await.expect("a free place"));
         }
         // Nothing measured yet: the first in line has no reason to be
         // refused.
@@ -254,14 +276,14 @@ mod tests {
         let line: Vec<_> = (0..10)
             .map(|_| {
                 let admission = admission.clone();
-                tokio::spawn(async move { admission.admit(max_wait).await })
+                tokio::spawn(async move { admission.admit(max_wait, None).await })
             })
             .collect();
         while admission.waiting() < 10 {
             tokio::task::yield_now().await;
         }
         assert_eq!(
-            admission.admit(max_wait).await.err(),
+            admission.admit(max_wait, None).await.err(),
             Some(Refusal::LineTooLong {
                 expected: Duration::from_millis(55)
             })
@@ -300,5 +322,31 @@ mod tests {
                 .learn(MS(if i < 50 { 5 } else { 500 }), t0 + MS(i * 10));
         }
         assert_eq!(state.aimd.limit(), 3);
+    }
+
+    #[tokio::test]
+    async fn the_line_leaves_a_request_its_budget_to_run() {
+        // One place, held; places are held 60 ms.
+        let first_in_line = |budget| async move {
+            let admission = Admission::fixed(1);
+            let _held = admission.admit(MS(200), None).await.expect("a free place");
+            Admission::record_hold(&mut admission.lock(), MS(60));
+            let waiting = admission.admit(MS(200), budget);
+            tokio::time::timeout(MS(5), waiting).await
+        };
+        // Without a budget, 60 ms is inside half of the 200 ms bound: it
+        // joins the line (and is still waiting when the test looks).
+        assert!(first_in_line(None).await.is_err(), "waiting in line");
+        // With 100 ms of budget, a 60 ms wait would leave 40 to run a
+        // request that takes 60: refused at once.
+        assert_eq!(
+            first_in_line(Some(MS(100)))
+                .await
+                .expect("refused at once")
+                .err(),
+            Some(Refusal::LineTooLong { expected: MS(60) })
+        );
+        // With a budget of 400 ms it may wait.
+        assert!(first_in_line(Some(MS(400))).await.is_err(), "waiting");
     }
 }

@@ -5,7 +5,8 @@
 //! 5xx is a failure), an error (a shed is not counted: it says nothing of
 //! the upstream), or the call being dropped unfinished, which is what the
 //! guest's attempt timeout and the request's deadline do to a hanging
-//! upstream: a failure. A probe has its own timeout, so that a hanging
+//! upstream: a failure. A timeout or a drop while the host itself runs
+//! late (see [`lag`](crate::lag)) is not counted either. A probe has its own timeout, so that a hanging
 //! probe reopens the circuit rather than holding it half-open.
 //!
 //! Why not `tower-resilience-circuitbreaker` (0.14, read for this): a call
@@ -94,6 +95,8 @@ where
                 Ok(_) => Some(true),
                 // A shed says nothing about the upstream's health.
                 Err(e) if e.is::<tower::load_shed::error::Overloaded>() => None,
+                // Nor does a timeout while the host ran late (see `lag`).
+                Err(e) if is_timeout(e) && crate::lag::lagging() => None,
                 Err(_) => Some(false),
             };
             pending.end(outcome);
@@ -132,8 +135,19 @@ impl Pending {
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        self.end(Some(false));
+        // Dropped unfinished: a deadline passed. While the host ran late,
+        // the wait was the host's as much as the upstream's.
+        let lagging = self.state.is_some() && crate::lag::lagging();
+        self.end(if lagging { None } else { Some(false) });
     }
+}
+
+/// Whether `error` is a call that ran out of time.
+fn is_timeout(error: &BoxError) -> bool {
+    matches!(
+        error.downcast_ref::<TransportError>(),
+        Some(TransportError::ConnectionReadTimeout | TransportError::ConnectionTimeout)
+    )
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
