@@ -68,6 +68,9 @@ enum Command {
     /// `fanout` at 500 and 5000 in flight with 50 ms upstreams, with
     /// clients that honour Retry-After and with clients that do not.
     Overload,
+    /// Writes BENCHMARKS.md again from bench/results.json, measuring
+    /// nothing (after a change to the report's layout).
+    Report,
     /// Open loop: `fanout`'s saturation rate measured first, then a
     /// constant arrival rate of 1x, 2x and 10x it (and 2x for `native` and
     /// `wasmtime-serve`), with 50 ms upstreams.
@@ -250,6 +253,7 @@ fn main() -> Result<()> {
 }
 
 async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harness) -> Result<()> {
+    let command_is_all = matches!(command, Command::All { .. });
     let chosen = |targets: &[Target]| -> Vec<Target> {
         targets
             .iter()
@@ -356,6 +360,14 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
             ));
             results.saturation = h.saturation(&saturation_targets, SATURATION_C).await?;
         }
+        Command::Report => {
+            let text = std::fs::read_to_string(out.join("bench/results.json"))
+                .context("bench/results.json")?;
+            results = serde_json::from_str(&text).context("bench/results.json")?;
+            report::write(out, &results)?;
+            println!("{}", report::markdown(&results));
+            return Ok(());
+        }
         Command::Overload => {
             if let Ok(text) = std::fs::read_to_string(out.join("bench/results.json")) {
                 results = serde_json::from_str(&text).context("bench/results.json")?;
@@ -434,6 +446,11 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
             results.micro = Some(h.micro().await?);
         }
         _ => unreachable!("serve commands are handled in main"),
+    }
+    // A section measured apart from `all`: say when, beside its command.
+    if !command_is_all && let Some(last) = results.commands.last_mut() {
+        let when = report::Machine::read().date;
+        *last = format!("{last}   # {when}");
     }
     report::write(out, &results)?;
     println!("{}", report::markdown(&results));

@@ -65,8 +65,9 @@ struct Args {
     #[arg(long)]
     deadline_ms: Option<u64>,
 
-    /// Instances that may run at once; requests beyond wait for one (see
-    /// --queue-wait-ms) [default: 256].
+    /// Instances that may run at once, the ceiling of the admission limit
+    /// [default: a quarter of the memory (the cgroup's limit, or the
+    /// machine's) at 1 MiB each, between 256 and 2048].
     #[arg(long)]
     max_instances: Option<u32>,
 

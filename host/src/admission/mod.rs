@@ -6,15 +6,17 @@
 //! two cores can finish inside the budget; they queue for CPU until their
 //! deadline passes, and goodput collapses. This limiter follows measured
 //! latency instead (AIMD, as in TCP congestion control and Netflix's
-//! concurrency-limits): it grows by about one per round trip while requests
-//! finish near the fastest latency seen lately, and shrinks by a tenth, at
-//! most once per round trip, when they take much longer. At start, and
-//! after a collapse (a run of decreases) up to half the limit the run began
-//! from, it grows by one per completion instead, doubling each round trip
-//! (TCP's slow start): one by one per round trip would take seconds to
-//! reach a busy server's limit, shedding requests it could serve. A request beyond
-//! the limit is shed at the door, before an instance is spent, with a 503
-//! that says when to retry.
+//! concurrency-limits), with goodput inside the budget as its aim: it
+//! shrinks by a tenth, at most once per round trip, only when requests'
+//! own time passes both twice the fastest seen lately and
+//! [`LATENCY_SHARE`] of the budget less the upstreams' wait, and never
+//! below what the highest recent answer rate needs in flight. It grows by
+//! one per completion at start, after a collapse (TCP's slow start) and
+//! while far below what counts as slow, else by about one per round trip.
+//! A request beyond the limit waits in a line bounded by its budget, or is
+//! shed at the door, before an instance is spent, with a 503 that says
+//! when to retry; [`FastSheds`] decides which sheds to clients that did
+//! not wait go out at once.
 //!
 //! No maintained crate implements this for tower (tower's `ConcurrencyLimit`
 //! is fixed); the logic is small, pure and unit-tested with explicit times.
