@@ -28,11 +28,11 @@ impl Connection {
     ///
     /// Most load generators and retry loops answer a 503 with a new request
     /// at once. Shedding them all fast only turns the host's CPU into 503s
-    /// (65k a second at c=500, leaving ~1% for real answers): beyond the
-    /// bucket's rate, such a client gets its next 503 when it should have
-    /// asked, one a second, while a client that honours `Retry-After`, or
-    /// a new one, is answered at once. So is an open-loop load's pooled
-    /// connection, while the bucket lasts.
+    /// (65k a second at c=500, leaving ~1% for real answers): once the
+    /// sheds the host's answers earned are spent, such a client gets its
+    /// next 503 when it should have asked, one a second, while a client
+    /// that honours `Retry-After`, or a new one, is answered at once. So is
+    /// an open-loop load's pooled connection, while earned sheds last.
     pub(crate) async fn pace_shed(&self, fast: &FastSheds) -> bool {
         let now = Instant::now();
         let hold_until = {

@@ -89,8 +89,9 @@ pub struct Aimd {
     /// without bound until the first decrease, then half the limit a run
     /// of decreases began from.
     slow_start_below: f64,
-    /// Completions counted since `second.1`, for the answer rate.
-    second: (u32, Instant),
+    /// Completions counted since when (the first one's time at first),
+    /// for the answer rate.
+    second: Option<(u32, Instant)>,
     /// The highest answers a second lately, and when: with the upstreams'
     /// wait, the floor of the limit (see [`Aimd::floor`]).
     peak_rate: Option<(f64, Instant)>,
@@ -109,7 +110,7 @@ impl Aimd {
             last_decrease: None,
             run_from: None,
             slow_start_below: f64::INFINITY,
-            second: (0, Instant::now()),
+            second: None,
             peak_rate: None,
         }
     }
@@ -215,7 +216,7 @@ impl Aimd {
     /// Counts an answer toward the rate of this second, and keeps the
     /// highest rate of the last `min_window`.
     fn count_answer(&mut self, now: Instant) {
-        let (count, since) = &mut self.second;
+        let (count, since) = self.second.get_or_insert((0, now));
         *count += 1;
         let elapsed = now.saturating_duration_since(*since);
         if elapsed >= Duration::from_secs(1) {
@@ -225,7 +226,7 @@ impl Aimd {
                 Some((peak, at)) if peak > rate && now.duration_since(at) < window => {}
                 _ => self.peak_rate = Some((rate, now)),
             }
-            self.second = (0, now);
+            self.second = Some((0, now));
         }
     }
 

@@ -12,8 +12,8 @@
 //! `Connection::pace_shed`).
 //!
 //! Tied to answers, not to a rate: the CPU share sheds may take is then
-//! their cost against an answer's (37 µs against ~1 ms on the release
-//! build: about 7 %), whatever the machine or the build, and it falls when
+//! their cost against an answer's (two of 35 µs against ~1 ms on the
+//! release build: about 7 %), whatever the machine or the build, and it falls when
 //! answers do. A fixed 2,000 a second starved a debug build's answers.
 //!
 //! Hand-written: governor and tower's `RateLimit` refill by time and

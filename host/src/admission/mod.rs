@@ -136,15 +136,15 @@ impl Admission {
         max_wait: Duration,
         budget: Option<Duration>,
     ) -> Result<Ticket, Refusal> {
-        let max_wait = match budget {
-            Some(budget) => max_wait.min(budget.saturating_sub(self.hold())),
-            None => max_wait,
-        };
-        let mut handed = {
+        let (mut handed, max_wait) = {
             let mut state = self.lock();
             if state.waiters.is_empty() && state.aimd.try_admit() {
                 return Ok(self.ticket(Duration::ZERO));
             }
+            let max_wait = match budget {
+                Some(budget) => max_wait.min(budget.saturating_sub(state.hold)),
+                None => max_wait,
+            };
             let limit = state.aimd.limit();
             if max_wait.is_zero() {
                 return Err(Refusal::AtLimit { limit });
@@ -156,7 +156,7 @@ impl Admission {
             }
             let (tx, rx) = tokio::sync::oneshot::channel();
             state.waiters.push_back(tx);
-            rx
+            (rx, max_wait)
         };
         let started = Instant::now();
         match tokio::time::timeout(max_wait, &mut handed).await {
