@@ -1,8 +1,8 @@
 //! The guest's stack size.
 //!
 //! Rust gives a wasm program a 1 MiB stack at the bottom of its linear
-//! memory. Each request gets a fresh instance, and that region ends up
-//! resident for every request in flight: peak RSS per in-flight request was
+//! memory. Each request in flight has an instance of its own, and that
+//! region ends up resident for every one: peak RSS per in-flight request was
 //! 1417 KiB with the default, 507 KiB with 256 KiB and 294 KiB with 64 KiB
 //! (`fanout-bench micro`). Ordinary requests run in 16 KiB; the deepest JSON
 //! serde_json reads (128 levels) needs between 32 and 64 KiB

@@ -63,29 +63,39 @@ pub enum Target {
     /// `fanout` with one instance and no pacing, so that nearly every
     /// request is a shed answered at once: what a shed costs (overload).
     FanoutShedAll,
+    /// `fanout` with a fresh instance per request (`--instance-reuse 1`),
+    /// beside the default that reuses them.
+    FanoutPerRequest,
     Native,
     WasmtimeServe,
+    /// `wasmtime serve --max-instance-reuse-count 128`: the peer with
+    /// instance reuse.
+    WasmtimeServeReuse,
 }
 
 impl Target {
-    pub const ALL: [Target; 5] = [
+    pub const ALL: [Target; 7] = [
         Target::Blocking,
         Target::FanoutSequential,
         Target::Fanout,
+        Target::FanoutPerRequest,
         Target::Native,
         Target::WasmtimeServe,
+        Target::WasmtimeServeReuse,
     ];
 
     /// Every target a report may show, in table order.
-    pub const REPORTED: [Target; 8] = [
+    pub const REPORTED: [Target; 10] = [
         Target::Blocking,
         Target::FanoutSequential,
         Target::Fanout,
+        Target::FanoutPerRequest,
         Target::FanoutFixed,
         Target::FanoutGuestThreads,
         Target::FanoutTelemetry,
         Target::Native,
         Target::WasmtimeServe,
+        Target::WasmtimeServeReuse,
     ];
 
     pub fn name(self) -> &'static str {
@@ -101,8 +111,10 @@ impl Target {
             Target::FanoutHttps1 => "fanout-https-h1",
             Target::FanoutHttps2 => "fanout-https-h2",
             Target::FanoutShedAll => "fanout-shed-all",
+            Target::FanoutPerRequest => "fanout-per-request",
             Target::Native => "native",
             Target::WasmtimeServe => "wasmtime-serve",
+            Target::WasmtimeServeReuse => "wasmtime-serve-reuse",
         }
     }
 }
@@ -178,9 +190,11 @@ impl Harness {
             | Target::FanoutCache
             | Target::FanoutHttps1
             | Target::FanoutHttps2
-            | Target::FanoutShedAll => {
+            | Target::FanoutShedAll
+            | Target::FanoutPerRequest => {
                 let variant: &[&str] = match target {
                     Target::FanoutShedAll => &["--shed-all"],
+                    Target::FanoutPerRequest => &["--instance-reuse", "1"],
                     Target::FanoutSequential => &["--sequential"],
                     Target::FanoutFixed => &["--fixed"],
                     Target::FanoutGuestThreads => &["--guest-threads", "2"],
@@ -195,13 +209,16 @@ impl Harness {
                 };
                 Process::start(target.name(), &self.exe, &own("serve-fanout", variant)).await?
             }
-            Target::WasmtimeServe => {
+            Target::WasmtimeServe | Target::WasmtimeServeReuse => {
                 let Some(wasmtime) = &self.wasmtime else {
                     return Ok(None);
                 };
                 let mut args: Vec<String> = ["serve", "-Scli", "--addr", "127.0.0.1:0"]
                     .map(String::from)
                     .to_vec();
+                if target == Target::WasmtimeServeReuse {
+                    args.push("--max-instance-reuse-count=128".into());
+                }
                 for name in ["INVENTORY", "PRICING", "REVIEWS"] {
                     args.push("--env".into());
                     args.push(format!("FANOUT_UPSTREAM_{name}={base}"));

@@ -151,6 +151,9 @@ enum Command {
         /// running is shed at once (the cost of a shed).
         #[arg(long)]
         shed_all: bool,
+        /// Requests per instance (`Limits::instance_reuse`).
+        #[arg(long)]
+        instance_reuse: Option<u32>,
     },
 }
 
@@ -196,6 +199,7 @@ fn main() -> Result<()> {
             upstream_ca,
             http2,
             shed_all,
+            instance_reuse,
         } => runtime.block_on(async {
             let _otlp = if telemetry {
                 Some(servers::telemetry(&upstream)?)
@@ -224,6 +228,7 @@ fn main() -> Result<()> {
                 },
                 tls: upstream_ca.map(|ca| (ca, http2)),
                 shed_all,
+                instance_reuse,
             })?;
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             servers::announce(listener.local_addr()?);
@@ -280,10 +285,12 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
     );
     let saturation_targets = chosen(&[
         Target::Fanout,
+        Target::FanoutPerRequest,
         Target::FanoutTelemetry,
         Target::FanoutGuestThreads,
         Target::Native,
         Target::WasmtimeServe,
+        Target::WasmtimeServeReuse,
     ]);
     let all_targets = chosen(&Target::ALL);
     match command {

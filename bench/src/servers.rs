@@ -341,6 +341,8 @@ pub struct FanoutSetup {
     /// One instance, fixed admission and no line: every request but the
     /// one running is shed (for the cost of a shed).
     pub shed_all: bool,
+    /// Requests per instance; the default when `None`.
+    pub instance_reuse: Option<u32>,
 }
 
 pub fn fanout(setup: FanoutSetup) -> Result<fanout_host::Fanout> {
@@ -355,8 +357,12 @@ pub fn fanout(setup: FanoutSetup) -> Result<fanout_host::Fanout> {
         identical,
         tls,
         shed_all,
+        instance_reuse,
     } = setup;
     let mut limits = fanout_host::Limits::default();
+    if let Some(n) = instance_reuse {
+        limits.instance_reuse = n;
+    }
     if let Some(n) = max_instances {
         limits.max_instances = n;
     }

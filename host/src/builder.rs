@@ -18,6 +18,7 @@ use crate::runtime::{self, EpochTicker};
 use crate::stats::Stats;
 use crate::store::RequestState;
 use crate::upstream::Upstream;
+use crate::worker::IdleWorkers;
 use fanout_guest::protocol::ENV_UPSTREAM_PREFIX;
 use std::borrow::Cow;
 use std::path::PathBuf;
@@ -413,6 +414,7 @@ impl FanoutBuilder {
             hooks: self.hooks,
             env,
             instances: Arc::new(Semaphore::new(max_instances)),
+            idle: IdleWorkers::new(metrics.instances_idle.clone()),
             stats: Stats::default(),
             metrics,
             builtin,

@@ -73,6 +73,9 @@ pub struct LimitsConfig {
     pub deadline_ms: Option<u64>,
     /// Instances at once: the pool's size.
     pub max_instances: Option<u32>,
+    /// Requests an instance serves before it is retired; 1 for a fresh
+    /// instance per request.
+    pub instance_reuse: Option<u32>,
     /// How long a request may wait for a busy pool; 0 sheds at once.
     pub queue_wait_ms: Option<u64>,
     /// How long a client may take to send a request head (also the
@@ -240,6 +243,7 @@ impl FileConfig {
                 .map(Duration::from_millis)
                 .unwrap_or(defaults.deadline),
             max_instances: l.max_instances.unwrap_or(defaults.max_instances),
+            instance_reuse: l.instance_reuse.unwrap_or(defaults.instance_reuse),
             queue_wait: l
                 .queue_wait_ms
                 .map(Duration::from_millis)

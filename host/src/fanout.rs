@@ -64,7 +64,9 @@ impl Fanout {
     /// Counters since start-up, and the gauges now.
     pub fn stats(&self) -> StatsSnapshot {
         let runner = &self.runner;
-        let in_use = runner.limits.max_instances - runner.instances.available_permits() as u32;
+        let in_use = runner.limits.max_instances
+            - runner.instances.available_permits() as u32
+            - runner.idle.len() as u32;
         let limit = runner.adaptive.then(|| runner.admission.snapshot().0);
         runner.stats.snapshot(in_use, limit)
     }
@@ -79,7 +81,7 @@ impl Fanout {
         &self.runner.metrics
     }
 
-    /// Serves one request with a fresh instance. Never fails: every failure
+    /// Serves one request in an instance. Never fails: every failure
     /// becomes a JSON error answer (see [`Failure`]).
     pub async fn handle<B>(&self, request: Request<B>) -> Response<ResponseBody>
     where

@@ -2,11 +2,13 @@
 //!
 //! 1. [`Runner::admit`]: a place under the admission limit (perhaps after a
 //!    wait in line, taken out of the request's budget) and an instance slot;
-//! 2. [`Runner::new_store`]: a fresh store with its limits (fuel, epoch
-//!    deadline, memory) and the request's outgoing hooks;
-//! 3. [`run_guest`]: instantiate and call the guest's `incoming-handler`,
-//!    under the wall-clock deadline, in a task of its own (it may go on
-//!    streaming the body after the head is out);
+//! 2. [`Runner::worker`]: an idle [`Worker`] (a store and its instance,
+//!    kept from an earlier request) or a fresh store, readied with the
+//!    request's limits (fuel, epoch deadline) and outgoing hooks;
+//! 3. [`run_guest`]: instantiate if need be and call the guest's
+//!    `incoming-handler`, under the wall-clock deadline, in a task of its
+//!    own (it may go on streaming the body after the head is out); then
+//!    keep the worker for the next request, or retire it;
 //! 4. [`await_head`]: wait for the guest's response head, and teach the
 //!    admission limit from how long it took;
 //! 5. [`classify`]: name the cause when the guest failed.
@@ -18,6 +20,7 @@ use crate::admission::{Admission, Refusal, Ticket};
 use crate::body::{self, GuestCut, GuestTask};
 use crate::builtin_guest::{self, BuiltinGuest};
 use crate::error::Failure;
+use crate::guest_output::GuestOutput;
 use crate::guest_runtime::GuestRuntime;
 use crate::limits::{GUEST_OUTPUT_CAPACITY, HANDOFF_BUFFER, Limits, MAX_GUEST_RESOURCES};
 use crate::metrics::Metrics;
@@ -26,6 +29,7 @@ use crate::response::ResponseBody;
 use crate::runtime::{self, EpochTicker};
 use crate::stats::Stats;
 use crate::store::{MemoryLimiter, RequestState};
+use crate::worker::{IdleWorkers, Worker};
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Body;
@@ -33,11 +37,10 @@ use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{Semaphore, oneshot};
 use wasmtime::component::{Resource, ResourceTable, ResourceTableError};
 use wasmtime::{Store, StoreLimitsBuilder, Trap};
 use wasmtime_wasi::WasiCtx;
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode as OutparamError, Scheme};
 use wasmtime_wasi_http::p2::types::{HostIncomingRequest, HostResponseOutparam};
@@ -52,8 +55,10 @@ pub(crate) struct Runner {
     pub(crate) hooks: Arc<dyn OutboundHooks>,
     pub(crate) env: Vec<(String, String)>,
     /// The instance pool's slots: one per instance the pooling allocator
-    /// may hold at once.
+    /// may hold at once, running or idle.
     pub(crate) instances: Arc<Semaphore>,
+    /// Workers between two requests (with `Limits::instance_reuse` > 1).
+    pub(crate) idle: IdleWorkers,
     pub(crate) stats: Stats,
     pub(crate) metrics: Arc<Metrics>,
     /// The built-in guest's configuration; `None` for another component.
@@ -68,12 +73,11 @@ pub(crate) struct Runner {
     pub(crate) _ticker: EpochTicker,
 }
 
-/// A request's admission: its place under the limit and its instance
-/// slot. Dropping it gives both back and takes it off the in-use gauge,
-/// whichever way the request ends.
+/// A request's admission: its place under the limit. Dropping it gives
+/// the place back and takes it off the in-use gauge, whichever way the
+/// request ends.
 struct Place {
     ticket: Ticket,
-    _slot: OwnedSemaphorePermit,
     metrics: Arc<Metrics>,
 }
 
@@ -83,14 +87,8 @@ impl Drop for Place {
     }
 }
 
-/// What the guest writes to stdout and stderr, kept for the log.
-struct GuestOutput {
-    stdout: MemoryOutputPipe,
-    stderr: MemoryOutputPipe,
-}
-
 impl Runner {
-    /// Runs `request` in a fresh instance and returns the guest's answer
+    /// Runs `request` in an instance and returns the guest's answer
     /// (its body still streaming), or why there is none.
     pub(crate) async fn run<B>(
         self: &Arc<Self>,
@@ -111,10 +109,10 @@ impl Runner {
         builtin_guest::charge_wait(&mut request, place.ticket.waited(), default_budget)?;
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
 
-        let (mut store, output) = self.new_store(attempts.clone(), span)?;
+        let mut worker = self.worker(attempts.clone(), span)?;
         let (sender, receiver) = oneshot::channel();
         let (request, outparam) = (|| -> wasmtime::Result<_> {
-            let mut http = store.data_mut().http();
+            let mut http = worker.store.data_mut().http();
             let request = http.new_incoming_request(Scheme::Http, request)?;
             let outparam = http.new_response_outparam(sender)?;
             Ok((request, outparam))
@@ -130,14 +128,7 @@ impl Runner {
             trace_id: trace_id.to_string(),
         };
         let admitted_at = place.ticket.admitted();
-        let guest = run_guest(
-            self.clone(),
-            (store, output),
-            request,
-            outparam,
-            place,
-            cut.clone(),
-        );
+        let guest = run_guest(self.clone(), worker, request, outparam, place, cut.clone());
         let runner = self.clone();
         match &self.guests {
             // In a task of its own, which outlives the answer's head.
@@ -165,7 +156,8 @@ impl Runner {
     /// Admission happens at the door, before an instance is spent: the
     /// limit (learnt, or the pool's size) and its line, where a request
     /// waits no longer than its `budget` leaves it time to run. A place is
-    /// held as long as the instance, so the pool always has one for it.
+    /// held as long as the request's worker, so the pool always has an
+    /// instance for it (see [`Runner::worker`]).
     async fn admit(&self, budget: Option<Duration>) -> Result<Place, Failure> {
         let limits = &self.limits;
         let admitted = self.admission.admit(limits.queue_wait, budget).await;
@@ -188,39 +180,59 @@ impl Runner {
             },
             Refusal::WaitedTooLong { waited } => Failure::QueueTimeout { waited },
         })?;
-        let slot = self
-            .instances
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Failure::PoolFull {
-                max_instances: limits.max_instances,
-            })?;
         self.metrics.instances_in_use.inc();
         Ok(Place {
             ticket,
-            _slot: slot,
             metrics: self.metrics.clone(),
         })
     }
 
-    /// A fresh store for one request, with its limits set.
-    fn new_store(
-        &self,
-        attempts: AttemptLog,
-        span: tracing::Span,
-    ) -> Result<(Store<RequestState>, GuestOutput), Failure> {
-        let limits = &self.limits;
-        let output = GuestOutput {
-            stdout: MemoryOutputPipe::new(GUEST_OUTPUT_CAPACITY),
-            stderr: MemoryOutputPipe::new(GUEST_OUTPUT_CAPACITY),
+    /// A worker for one admitted request, readied with its hooks and
+    /// limits: an idle one if there is one, else a fresh store in a free
+    /// pool slot. Every worker holds a slot and every running one a place,
+    /// and places are at most slots, so a slot is free or a worker idle;
+    /// the second look covers one given back in between.
+    fn worker(&self, attempts: AttemptLog, span: tracing::Span) -> Result<Worker, Failure> {
+        let hooks = RequestHooks {
+            upstreams: self.upstreams.clone(),
+            outbound: self.hooks.clone(),
+            metrics: self.metrics.clone(),
+            attempts,
+            span,
         };
+        let mut worker = match self.idle.take() {
+            Some(worker) => worker,
+            None => match self.instances.clone().try_acquire_owned() {
+                Ok(slot) => self.new_worker(slot, hooks.clone())?,
+                Err(_) => self.idle.take().ok_or(Failure::PoolFull {
+                    max_instances: self.limits.max_instances,
+                })?,
+            },
+        };
+        worker
+            .begin(hooks, &self.limits)
+            .map_err(|e| Failure::Internal(format!("{e:#}")))?;
+        Ok(worker)
+    }
+
+    /// A fresh store in pool slot `slot`, not yet instantiated.
+    fn new_worker(
+        &self,
+        slot: tokio::sync::OwnedSemaphorePermit,
+        hooks: RequestHooks,
+    ) -> Result<Worker, Failure> {
+        let limits = &self.limits;
+        let output = (
+            GuestOutput::new(GUEST_OUTPUT_CAPACITY),
+            GuestOutput::new(GUEST_OUTPUT_CAPACITY),
+        );
         let mut store = Store::new(
             self.pre.engine(),
             RequestState {
                 wasi: WasiCtx::builder()
                     .envs(&self.env)
-                    .stdout(output.stdout.clone())
-                    .stderr(output.stderr.clone())
+                    .stdout(output.0.clone())
+                    .stderr(output.1.clone())
                     .build(),
                 http: WasiHttpCtx::new(),
                 table: {
@@ -228,32 +240,25 @@ impl Runner {
                     table.set_max_capacity(MAX_GUEST_RESOURCES);
                     table
                 },
-                hooks: RequestHooks {
-                    upstreams: self.upstreams.clone(),
-                    outbound: self.hooks.clone(),
-                    metrics: self.metrics.clone(),
-                    attempts,
-                    span,
-                },
+                hooks,
                 limiter: MemoryLimiter {
                     limits: StoreLimitsBuilder::new()
                         .memory_size(limits.memory_bytes)
                         .build(),
                     memory_denied: false,
+                    memory_bytes: 0,
                 },
             },
         );
         store.limiter(|state| &mut state.limiter);
         let internal = |e: wasmtime::Error| Failure::Internal(format!("{e:#}"));
-        if let Some(fuel) = limits.fuel {
-            store.set_fuel(fuel).map_err(internal)?;
+        if limits.fuel.is_some() {
             store
                 .fuel_async_yield_interval(runtime::fuel_yield_interval())
                 .map_err(internal)?;
         }
-        store.set_epoch_deadline(limits.epoch_ticks());
         store.epoch_deadline_trap();
-        Ok((store, output))
+        Ok(Worker::new(store, output, slot))
     }
 }
 
@@ -298,12 +303,13 @@ where
     Ok(request)
 }
 
-/// Instantiates the guest and runs its handler to the end, under the
-/// wall-clock deadline; returns how it failed, if it did. The failure is
-/// also set in `cut` before the store is dropped (see [`GuestCut`]).
+/// Instantiates the guest if the worker is fresh and runs its handler to
+/// the end, under the wall-clock deadline; returns how it failed, if it
+/// did. The failure is also set in `cut` before the store is dropped (see
+/// [`GuestCut`]). A worker that may serve again goes back to the idle ones.
 async fn run_guest(
     runner: Arc<Runner>,
-    (mut store, output): (Store<RequestState>, GuestOutput),
+    mut worker: Worker,
     request: Resource<HostIncomingRequest>,
     outparam: Resource<HostResponseOutparam>,
     place: Place,
@@ -311,15 +317,24 @@ async fn run_guest(
 ) -> Option<Failure> {
     let limits = runner.limits;
     let ran = tokio::time::timeout(limits.deadline, async {
-        let t0 = Instant::now();
-        let proxy = runner.pre.instantiate_async(&mut store).await?;
-        runner.stats.record_instantiation(t0.elapsed());
-        proxy
+        let proxy = match worker.proxy.take() {
+            Some(proxy) => proxy,
+            None => {
+                let t0 = Instant::now();
+                let proxy = runner.pre.instantiate_async(&mut worker.store).await?;
+                runner.stats.record_instantiation(t0.elapsed());
+                proxy
+            }
+        };
+        let called = proxy
             .wasi_http_incoming_handler()
-            .call_handle(&mut store, request, outparam)
-            .await
+            .call_handle(&mut worker.store, request, outparam)
+            .await;
+        worker.proxy = Some(proxy);
+        called
     })
     .await;
+    let store = &mut worker.store;
     if let Some(fuel) = limits.fuel {
         let used = fuel.saturating_sub(store.get_fuel().unwrap_or(0));
         runner
@@ -328,8 +343,8 @@ async fn run_guest(
             .fetch_add(used, Ordering::Relaxed);
         runner.metrics.fuel.observe(used as f64);
     }
-    log_guest_output("stdout", &output.stdout, &cut.trace_id);
-    log_guest_output("stderr", &output.stderr, &cut.trace_id);
+    log_guest_output("stdout", &worker.stdout, &cut.trace_id);
+    log_guest_output("stderr", &worker.stderr, &cut.trace_id);
     let failed = match ran {
         Err(_elapsed) => Some(Failure::Deadline {
             deadline: limits.deadline,
@@ -340,10 +355,14 @@ async fn run_guest(
     if let Some(failed) = &failed {
         let _ = cut.failure.set(failed.clone());
     }
-    // The store holds the instance's pool slot: free the slot before the
-    // place, or a request admitted in between finds the pool full
-    // ("maximum concurrent limit reached").
-    drop(store);
+    // The worker holds the instance's pool slot: give it back, or free the
+    // slot, before the place, or a request admitted in between finds the
+    // pool full ("maximum concurrent limit reached").
+    if failed.is_none() && worker.reusable(&limits) {
+        runner.idle.give_back(worker);
+    } else {
+        drop(worker);
+    }
     drop(place);
     failed
 }
@@ -450,8 +469,8 @@ fn classify(e: &wasmtime::Error, memory_denied: bool, limits: &Limits) -> Failur
 
 /// Guest output becomes log events, one per line, never raw bytes on the
 /// host's own stdout.
-fn log_guest_output(stream: &'static str, pipe: &MemoryOutputPipe, trace_id: &str) {
-    let contents = pipe.contents();
+fn log_guest_output(stream: &'static str, output: &GuestOutput, trace_id: &str) {
+    let contents = output.take();
     if contents.is_empty() {
         return;
     }

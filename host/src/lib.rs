@@ -3,11 +3,12 @@
 //! A wasmtime embedder that serves the fanout guest component: HTTP fan-out
 //! aggregation with the fan-out policy inside a WebAssembly sandbox.
 //!
-//! Each request gets a fresh instance of a component that was compiled once
-//! and pre-instantiated, taken from wasmtime's pooling allocator. Every
-//! request is bounded by fuel, an epoch deadline, a memory cap and a
-//! wall-clock deadline ([`Limits`]); a guest that breaks one gets a JSON
-//! error answer naming the cause, and the host keeps serving.
+//! A component is compiled once and pre-instantiated; its instances, from
+//! wasmtime's pooling allocator, serve requests one after another (up to
+//! [`Limits::instance_reuse`], and an instance that failed is never
+//! reused). Every request is bounded by fuel, an epoch deadline, a memory
+//! cap and a wall-clock deadline ([`Limits`]); a guest that breaks one gets
+//! a JSON error answer naming the cause, and the host keeps serving.
 //!
 //! The guest's outgoing requests are routed (by the upstream name the guest
 //! hints and the authority it calls) to [`Upstream`]s: real HTTP on a
@@ -74,6 +75,7 @@ pub mod demo;
 mod error;
 mod fanout;
 pub mod guard;
+mod guest_output;
 mod guest_runtime;
 mod http_server;
 mod instance;
@@ -89,6 +91,7 @@ mod store;
 pub mod telemetry;
 mod units;
 pub mod upstream;
+mod worker;
 
 pub use builder::{AdmissionMode, FanoutBuilder};
 pub use builtin_guest::{GUEST_COMPONENT, GUEST_COMPONENT_PATH};

@@ -80,6 +80,26 @@ fn memory_available() -> Option<u64> {
     }
 }
 
+/// Requests one instance serves, one after another, before it is retired,
+/// by default. An instance is retired sooner when it traps, runs out of
+/// fuel, passes a deadline, is refused memory, leaves resources behind in
+/// its table or has grown past half its memory cap; each request still
+/// gets its own fuel allowance, epoch and wall-clock deadlines. Reuse skips
+/// the store's set-up, instantiation, the guest's start-up (reading its
+/// configuration) and the pool slot's reset: see BENCHMARKS.md
+/// "Instance reuse" for what that is worth and why this number.
+pub const DEFAULT_INSTANCE_REUSE: u32 = 128;
+
+/// The most requests [`Limits::instance_reuse`] may ask of one instance.
+/// An instance's heap only grows; retiring it now and then returns what a
+/// guest leaks or fragments.
+pub const MAX_INSTANCE_REUSE: u32 = 100_000;
+
+/// How long an instance may sit idle between two requests before it is
+/// retired rather than reused: after a burst, the memory of the instances
+/// the burst needed goes back to the pool.
+pub const WARM_IDLE: Duration = Duration::from_secs(30);
+
 /// Period of the epoch ticker. Epoch deadlines are counted in these ticks, so
 /// a guest spinning on the CPU is stopped at most one tick after its deadline.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -152,6 +172,11 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// `guest_resource_limit`.
 pub const MAX_GUEST_RESOURCES: usize = 4096;
 
+/// Resources a worker may hold between two requests and still be reused
+/// (see `Limits::instance_reuse`): a quarter of [`MAX_GUEST_RESOURCES`], so
+/// that what earlier requests left never crowds out a request's own.
+pub const MAX_IDLE_RESOURCES: usize = 256;
+
 /// Bytes of a request body the guest may send to an in-process upstream
 /// (which holds it whole in host memory); beyond, the call fails with
 /// `HttpRequestBodySize`. Real HTTP upstreams stream bodies.
@@ -188,6 +213,10 @@ pub struct Limits {
     pub deadline: Duration,
     /// Instances that may run at once.
     pub max_instances: u32,
+    /// Requests an instance serves, one after another, before it is
+    /// retired; 1 for a fresh instance per request. See
+    /// [`DEFAULT_INSTANCE_REUSE`].
+    pub instance_reuse: u32,
     /// How long a request may wait for an instance when all are busy
     /// (zero: a 503 at once). See [`DEFAULT_QUEUE_WAIT`].
     pub queue_wait: Duration,
@@ -208,6 +237,7 @@ impl Default for Limits {
             memory_bytes: DEFAULT_MEMORY_BYTES,
             deadline: DEFAULT_DEADLINE,
             max_instances: default_max_instances(),
+            instance_reuse: DEFAULT_INSTANCE_REUSE,
             queue_wait: DEFAULT_QUEUE_WAIT,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             max_headers: DEFAULT_MAX_HEADERS,
@@ -259,6 +289,15 @@ impl Limits {
             return Err(invalid(
                 "max_instances",
                 format!("{} is outside 1..=10000", self.max_instances),
+            ));
+        }
+        if !(1..=MAX_INSTANCE_REUSE).contains(&self.instance_reuse) {
+            return Err(invalid(
+                "instance_reuse",
+                format!(
+                    "{} is outside 1..={MAX_INSTANCE_REUSE} (1: a fresh instance per request)",
+                    self.instance_reuse
+                ),
             ));
         }
         if self.queue_wait >= self.deadline {

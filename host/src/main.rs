@@ -71,6 +71,12 @@ struct Args {
     #[arg(long)]
     max_instances: Option<u32>,
 
+    /// Requests an instance serves, one after another, before it is
+    /// retired; 1 gives every request a fresh instance. An instance that
+    /// failed is never reused [default: 128].
+    #[arg(long)]
+    instance_reuse: Option<u32>,
+
     /// How long a request may wait for an instance when all are busy, in
     /// milliseconds; a longer expected wait gets a 503 at once, and 0 sheds
     /// at once [default: 100].
@@ -293,6 +299,9 @@ fn configure(args: &Args) -> Result<(Fanout, SocketAddr, Option<SocketAddr>), fa
     }
     if let Some(n) = args.max_instances {
         limits.max_instances = n;
+    }
+    if let Some(n) = args.instance_reuse {
+        limits.instance_reuse = n;
     }
     if let Some(ms) = args.queue_wait_ms {
         limits.queue_wait = Duration::from_millis(ms);

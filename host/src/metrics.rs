@@ -7,6 +7,7 @@
 //! | `fanout_upstream_retries_total` | `upstream` |
 //! | `fanout_fuel_consumed` (histogram, per request) | |
 //! | `fanout_instances_in_use` (gauge) | |
+//! | `fanout_instances_idle` (gauge, instances kept for the next request) | |
 //! | `fanout_shed_total` (requests turned away by admission: at the limit, the line full, or waited too long; 503 with `Retry-After`) | |
 //! | `fanout_shed_held_total` (shed answers held until `Retry-After` because the client came back sooner on its connection) | |
 //! | `fanout_queue_wait_seconds` (histogram, time spent in the admission line) | |
@@ -67,6 +68,7 @@ pub struct Metrics {
     pub(crate) retries: Family<UpstreamLabel, Counter>,
     pub(crate) fuel: Histogram,
     pub(crate) instances_in_use: Gauge,
+    pub(crate) instances_idle: Gauge,
     pub(crate) shed: Counter,
     pub(crate) sheds_held: Counter,
     pub(crate) queue_wait: Histogram,
@@ -86,6 +88,7 @@ impl Default for Metrics {
         // 10k to ~160M fuel.
         let fuel = Histogram::new(exponential_buckets(10_000.0, 2.0, 15));
         let instances_in_use = Gauge::default();
+        let instances_idle = Gauge::default();
         let shed = Counter::default();
         let sheds_held = Counter::default();
         let queue_wait = latency_histogram();
@@ -120,6 +123,11 @@ impl Default for Metrics {
             "fanout_instances_in_use",
             "Component instances running now",
             instances_in_use.clone(),
+        );
+        registry.register(
+            "fanout_instances_idle",
+            "Component instances kept between two requests, for reuse",
+            instances_idle.clone(),
         );
         registry.register(
             "fanout_shed",
@@ -170,6 +178,7 @@ impl Default for Metrics {
             retries,
             fuel,
             instances_in_use,
+            instances_idle,
             shed,
             sheds_held,
             queue_wait,

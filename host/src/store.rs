@@ -1,4 +1,4 @@
-//! What a request's wasmtime store holds: its WASI and `wasi:http`
+//! What a worker's wasmtime store holds: its WASI and `wasi:http`
 //! contexts, its resource table, its outgoing-request hooks and its memory
 //! limiter.
 
@@ -8,7 +8,7 @@ use wasmtime::{ResourceLimiter, StoreLimits};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
-/// Per-request store data.
+/// A worker's store data; the hooks are its current request's.
 pub(crate) struct RequestState {
     pub(crate) wasi: WasiCtx,
     pub(crate) http: WasiHttpCtx,
@@ -42,6 +42,9 @@ impl WasiHttpView for RequestState {
 pub(crate) struct MemoryLimiter {
     pub(crate) limits: StoreLimits,
     pub(crate) memory_denied: bool,
+    /// The largest size a memory was allowed to grow to, in bytes: a
+    /// reused worker is retired once it is large (see `Worker::reusable`).
+    pub(crate) memory_bytes: usize,
 }
 
 impl ResourceLimiter for MemoryLimiter {
@@ -53,6 +56,9 @@ impl ResourceLimiter for MemoryLimiter {
     ) -> wasmtime::Result<bool> {
         let allowed = self.limits.memory_growing(current, desired, maximum)?;
         self.memory_denied |= !allowed;
+        if allowed {
+            self.memory_bytes = self.memory_bytes.max(desired);
+        }
         Ok(allowed)
     }
 

@@ -19,11 +19,20 @@
 //! - `/post?<n>&<url>`: POSTs `n` bytes to `<url>` and reports the outcome.
 //! - `/resources?<n>`: creates `n` host resources (header fields) and holds
 //!   them all (the resource table's cap).
+//!
+//! And for instance reuse, where a guest's statics outlive a request:
+//! - `/remember?<text>`: keeps `<text>` and answers what the instance's
+//!   previous `/remember` kept (`null` in a fresh instance).
+//! - `/burn?<n>`: computes for `n` rounds (fuel), then answers 200.
+//! - `/leak?<kib>`: leaks `kib` KiB of touched memory, then answers 200.
+//! - `/keep?<n>`: leaves `n` host resources behind in a static, then
+//!   answers 200.
 
 #![cfg(target_arch = "wasm32")]
 // `wstd::http_server` also emits a `fn main` for bin crates; unused here.
 #![allow(dead_code)]
 
+use std::cell::RefCell;
 use std::hint::black_box;
 use wstd::http::{Body, Client, ErrorCode, Request, Response, StatusCode};
 
@@ -129,8 +138,49 @@ async fn main(request: Request<Body>) -> Result<Response<Body>, wstd::http::Erro
                 .status(StatusCode::OK)
                 .body(Body::from_stream(pieces))?)
         }
+        "/remember" => {
+            let text = request.uri().query().unwrap_or_default().to_string();
+            let previous = REMEMBERED.with(|kept| kept.replace(Some(text)));
+            let previous = previous.map_or("null".into(), |p| format!("{p:?}"));
+            Ok(answer(
+                StatusCode::OK,
+                format!(r#"{{"previous":{previous}}}"#),
+            )?)
+        }
+        "/burn" => {
+            let rounds: u64 = request.uri().query().unwrap_or("0").parse()?;
+            let mut x: u64 = 0;
+            for _ in 0..rounds {
+                x = black_box(x.wrapping_add(1));
+            }
+            Ok(answer(StatusCode::OK, format!(r#"{{"rounds":{x}}}"#))?)
+        }
+        "/leak" => {
+            let kib: usize = request.uri().query().unwrap_or("0").parse()?;
+            let mut chunk = vec![0u8; kib << 10];
+            for page in (0..chunk.len()).step_by(4096) {
+                chunk[page] = 1;
+            }
+            std::mem::forget(black_box(chunk));
+            Ok(answer(StatusCode::OK, "{}".into())?)
+        }
+        "/keep" => {
+            let n: usize = request.uri().query().unwrap_or("0").parse()?;
+            KEPT.with(|kept| {
+                let mut kept = kept.borrow_mut();
+                kept.extend((0..n).map(|_| wasip2::http::types::Fields::new()));
+            });
+            Ok(answer(StatusCode::OK, "{}".into())?)
+        }
         _ => Ok(answer(StatusCode::NOT_FOUND, "{}".into())?),
     }
+}
+
+thread_local! {
+    /// What `/remember` kept: state that outlives a request.
+    static REMEMBERED: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// What `/keep` left behind.
+    static KEPT: RefCell<Vec<wasip2::http::types::Fields>> = const { RefCell::new(Vec::new()) };
 }
 
 /// What an outgoing call came to, as JSON: its status, or its error code.

@@ -3,7 +3,6 @@
 use crate::{TestHost, cache_dir};
 use anyhow::Result;
 use bytes::Bytes;
-use fanout_host::Fanout;
 use http::{HeaderMap, StatusCode};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
@@ -268,7 +267,7 @@ impl ProductUpstreams {
 
     /// A host builder with the three registered as HTTP upstreams.
     pub fn builder(&self) -> fanout_host::FanoutBuilder {
-        Fanout::builder()
+        crate::builder()
             .cache_dir(cache_dir())
             .http_upstream("inventory", self.inventory.base_url())
             .http_upstream("pricing", self.pricing.base_url())

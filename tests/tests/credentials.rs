@@ -3,7 +3,6 @@
 //! guest that sets the same fields is overridden.
 
 use anyhow::Result;
-use fanout_host::Fanout;
 use fanout_tests::{Behaviour, MockUpstream, TestHost};
 use http::StatusCode;
 
@@ -21,7 +20,7 @@ async fn host_credentials_reach_the_upstream_and_nothing_else() -> Result<()> {
     std::fs::write(key_file.path(), format!("{KEY}\n"))?;
 
     let upstream = MockUpstream::start(Behaviour::status(200)).await?;
-    let fanout = Fanout::builder()
+    let fanout = fanout_tests::builder()
         .component_path(fanout_tests::HOSTILE_COMPONENT_PATH)
         .cache_dir(fanout_tests::cache_dir())
         .http_upstream("api", upstream.base_url())
@@ -68,7 +67,7 @@ async fn host_credentials_reach_the_upstream_and_nothing_else() -> Result<()> {
 
 #[test]
 fn a_missing_credential_stops_the_start_and_names_it() {
-    let err = Fanout::builder()
+    let err = fanout_tests::builder()
         .http_upstream("api", "http://127.0.0.1:9")
         .upstream_header(
             "api",

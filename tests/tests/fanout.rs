@@ -218,7 +218,7 @@ async fn a_broken_guest_configuration_fails_before_listening() -> Result<()> {
     // whoever waits it out has no time left.
     let limits = fanout_host::Limits {
         queue_wait: MS(1000),
-        ..fanout_host::Limits::default()
+        ..fanout_tests::limits()
     };
     let Err(err) = upstreams.builder().limits(limits).build() else {
         panic!("a 1 s line was accepted");
@@ -234,7 +234,7 @@ async fn a_broken_guest_configuration_fails_before_listening() -> Result<()> {
         "{err}"
     );
     // An upstream the routes need but nobody registered.
-    let Err(err) = fanout_host::Fanout::builder()
+    let Err(err) = fanout_tests::builder()
         .http_upstream("inventory", upstreams.inventory.base_url())
         .build()
     else {
@@ -392,7 +392,7 @@ async fn fuel_per_request_leaves_headroom() -> Result<()> {
 
 #[tokio::test]
 async fn in_process_upstreams_need_no_network() -> Result<()> {
-    let fanout = fanout_host::Fanout::builder().demo_upstreams().build()?;
+    let fanout = fanout_tests::builder().demo_upstreams().build()?;
     let request = http::Request::get("/products/7")
         .header("host", "localhost")
         .body(http_body_util::Empty::<bytes::Bytes>::new())?;
@@ -415,7 +415,7 @@ async fn demo_upstreams_also_serve_over_http() -> Result<()> {
     let server = tokio::spawn(fanout_host::demo::serve(listener, async {
         let _ = stopped.await;
     }));
-    let fanout = fanout_host::Fanout::builder()
+    let fanout = fanout_tests::builder()
         .http_upstream("inventory", &base)
         .http_upstream("pricing", &base)
         .http_upstream("reviews", &base)
@@ -820,7 +820,7 @@ async fn bad_path_and_query_values_are_400_and_call_nothing() -> Result<()> {
 
 #[tokio::test]
 async fn the_demo_order_route_uses_every_part_of_the_model() -> Result<()> {
-    let fanout = fanout_host::Fanout::builder()
+    let fanout = fanout_tests::builder()
         .cache_dir(fanout_tests::cache_dir())
         .demo_upstreams()
         .env(
@@ -906,13 +906,13 @@ async fn the_largest_list_and_batch_fit_the_default_fuel() -> Result<()> {
             "each": "catalog.lines[].sku", "max_items": 1000,
             "batch": {"param": "skus", "max": 100, "key": "sku"}, "timeout_ms": 1800}))
     ]});
-    let fanout = fanout_host::Fanout::builder()
+    let fanout = fanout_tests::builder()
         .cache_dir(fanout_tests::cache_dir())
         .upstream("catalog", "http://catalog.test", catalog.clone())
         .upstream("catalog2", "http://catalog2.test", catalog)
         .limits(fanout_host::Limits {
             deadline: std::time::Duration::from_secs(5),
-            ..fanout_host::Limits::default()
+            ..fanout_tests::limits()
         })
         .env("FANOUT_CONFIG", config.to_string())
         .build()?;

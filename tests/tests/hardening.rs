@@ -92,7 +92,7 @@ async fn host_with(
     upstreams: &ProductUpstreams,
     set: impl FnOnce(&mut Limits),
 ) -> Result<TestHost> {
-    let mut limits = Limits::default();
+    let mut limits = fanout_tests::limits();
     set(&mut limits);
     TestHost::start(upstreams.builder().limits(limits).build()?).await
 }

@@ -2,11 +2,11 @@
 //! hooks, connection reuse and graceful shutdown.
 
 use anyhow::Result;
+use fanout_host::adapters;
 use fanout_host::adapters::{FixtureUpstream, Latency, SimulatedUpstream};
 use fanout_host::guard::{CircuitBreakerConfig, Guardrails, RetryBudgetConfig};
 use fanout_host::outbound::{OutboundHooks, UpstreamHandle, default_send_request};
 use fanout_host::upstream::{Call, UpstreamFuture};
-use fanout_host::{Fanout, adapters};
 use fanout_tests::{Behaviour, MS, ProductUpstreams, TestHost};
 use http::StatusCode;
 use serde_json::{Value, json};
@@ -238,7 +238,7 @@ async fn fixtures_answer_by_path() -> Result<()> {
         std::fs::write(file, body.to_string())?;
     }
     let fixtures = Arc::new(FixtureUpstream::from_dir(dir.path())?);
-    let fanout = Fanout::builder()
+    let fanout = fanout_tests::builder()
         .upstream("inventory", "http://inventory.fixture", fixtures.clone())
         .upstream("pricing", "http://pricing.fixture", fixtures.clone())
         .upstream("reviews", "http://reviews.fixture", fixtures)
@@ -273,7 +273,7 @@ async fn simulated_faults_degrade_or_fail_as_configured() -> Result<()> {
             fanout_host::demo::answer_for,
         )
     };
-    let fanout = Fanout::builder()
+    let fanout = fanout_tests::builder()
         .upstream("inventory", "http://inventory.sim", Arc::new(sim(5)))
         .upstream("pricing", "http://pricing.sim", Arc::new(sim(5)))
         .upstream(
@@ -288,7 +288,7 @@ async fn simulated_faults_degrade_or_fail_as_configured() -> Result<()> {
     assert_eq!(answer.json["degraded"], json!(["reviews"]));
     assert!(answer.json["price"]["amount"].is_f64());
 
-    let fanout = Fanout::builder()
+    let fanout = fanout_tests::builder()
         .upstream("inventory", "http://inventory.sim", Arc::new(sim(5)))
         .upstream(
             "pricing",
@@ -366,7 +366,7 @@ async fn shutdown_lets_requests_in_flight_finish() -> Result<()> {
 
 #[tokio::test]
 async fn function_upstreams_serve_in_process() -> Result<()> {
-    let fanout = Fanout::builder()
+    let fanout = fanout_tests::builder()
         .demo_upstreams()
         .upstream(
             "reviews",
@@ -397,7 +397,7 @@ async fn the_compiled_component_is_cached_and_a_corrupt_entry_rebuilt() -> Resul
     use fanout_host::cache::Origin;
     let dir = tempfile::tempdir()?;
     let build = || {
-        Fanout::builder()
+        fanout_tests::builder()
             .demo_upstreams()
             .cache_dir(dir.path())
             .build()
@@ -457,7 +457,7 @@ async fn the_compiled_component_is_cached_and_a_corrupt_entry_rebuilt() -> Resul
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))?;
 
     // Another component gets its own entry, never the wrong code.
-    let hostile = Fanout::builder()
+    let hostile = fanout_tests::builder()
         .component_path(fanout_tests::HOSTILE_COMPONENT_PATH)
         .cache_dir(dir.path())
         .build()?;
@@ -491,7 +491,7 @@ async fn queues_what_fits(admission: fanout_host::AdmissionMode) -> Result<()> {
     let limits = fanout_host::Limits {
         max_instances: 2,
         queue_wait: MS(240),
-        ..Default::default()
+        ..fanout_tests::limits()
     };
     let fanout = upstreams
         .builder()
@@ -578,7 +578,7 @@ async fn admission_sheds_at_the_door_with_retry_after() -> Result<()> {
         // No line: beyond the limit, a 503 at once.
         .limits(fanout_host::Limits {
             queue_wait: Duration::ZERO,
-            ..Default::default()
+            ..fanout_tests::limits()
         })
         .build()?;
     let host = TestHost::start(fanout).await?;
@@ -619,7 +619,7 @@ async fn time_waited_in_line_comes_out_of_the_budget() -> Result<()> {
     let limits = fanout_host::Limits {
         max_instances: 1,
         queue_wait: MS(150),
-        ..Default::default()
+        ..fanout_tests::limits()
     };
     let fanout = upstreams
         .builder()
@@ -659,7 +659,7 @@ async fn upstreams_sharing_an_authority_keep_their_own_guardrails() -> Result<()
     let logs = fanout_tests::capture_logs();
     let upstreams = ProductUpstreams::start(MS(30)).await?;
     let gateway = upstreams.pricing.base_url();
-    let fanout = Fanout::builder()
+    let fanout = fanout_tests::builder()
         .cache_dir(fanout_tests::cache_dir())
         .http_upstream("inventory", upstreams.inventory.base_url())
         .http_upstream("pricing", gateway.clone())

@@ -19,7 +19,7 @@ fn hostile_on_guest_threads(limits: Limits) -> Result<Fanout> {
 }
 
 fn hostile_builder(limits: Limits) -> fanout_host::FanoutBuilder {
-    Fanout::builder()
+    fanout_tests::builder()
         .component_path(fanout_tests::HOSTILE_COMPONENT_PATH)
         .cache_dir(fanout_tests::cache_dir())
         .limits(limits)
@@ -33,7 +33,7 @@ fn limits(deadline: Duration) -> Limits {
         memory_bytes: 16 << 20,
         deadline,
         max_instances: 4,
-        ..Limits::default()
+        ..fanout_tests::limits()
     }
 }
 
@@ -266,7 +266,7 @@ async fn guest_output_and_failures_are_logged() -> Result<()> {
 async fn unconfigured_authorities_are_denied() -> Result<()> {
     let allowed = MockUpstream::inventory(MS(0)).await?;
     let stranger = MockUpstream::inventory(MS(0)).await?;
-    let fanout = Fanout::builder()
+    let fanout = fanout_tests::builder()
         .component_path(fanout_tests::HOSTILE_COMPONENT_PATH)
         .http_upstream("inventory", allowed.base_url())
         .build()?;

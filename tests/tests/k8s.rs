@@ -100,7 +100,7 @@ fn the_deployment_probes_drains_and_is_sized() -> Result<()> {
         "listen on all interfaces"
     );
     // The file is valid as the binary will read it.
-    file.apply(fanout_host::Fanout::builder())?;
+    file.apply(fanout_tests::builder())?;
 
     // Requests in flight finish before the kill.
     let grace = pod["terminationGracePeriodSeconds"]

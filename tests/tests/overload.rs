@@ -75,7 +75,7 @@ async fn clients_that_resend_at_once_do_not_starve_the_answers() -> Result<()> {
         .limits(fanout_host::Limits {
             max_instances: 4,
             queue_wait: std::time::Duration::ZERO,
-            ..Default::default()
+            ..fanout_tests::limits()
         })
         .build()?;
     let host = TestHost::start(fanout).await?;

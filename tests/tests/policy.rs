@@ -248,7 +248,7 @@ async fn the_fan_out_cap_bounds_calls_in_flight() -> Result<()> {
     // in flight is the guest's total.
     let server = MockUpstream::start(Behaviour::json(MS(20), json!({"ok": true}))).await?;
     let config = r#"{"max_in_flight": 4, "deadline_ms": 900}"#;
-    let fanout = fanout_host::Fanout::builder()
+    let fanout = fanout_tests::builder()
         .http_upstream("inventory", server.base_url())
         .http_upstream("pricing", server.base_url())
         .http_upstream("reviews", server.base_url())

@@ -2,7 +2,7 @@
 //! endpoints, and the access log with trace ids and upstream outcomes.
 
 use anyhow::Result;
-use fanout_host::{Fanout, Limits};
+use fanout_host::Limits;
 use fanout_tests::{Behaviour, MS, ProductUpstreams, TestHost};
 use http::StatusCode;
 use http_body_util::{BodyExt, Empty};
@@ -98,9 +98,9 @@ async fn sheds_and_guest_failures_are_counted() -> Result<()> {
     let limits = Limits {
         max_instances: 1,
         deadline: MS(300),
-        ..Limits::default()
+        ..fanout_tests::limits()
     };
-    let fanout = Fanout::builder()
+    let fanout = fanout_tests::builder()
         .component_path(fanout_tests::HOSTILE_COMPONENT_PATH)
         .limits(limits)
         .admission(fanout_host::AdmissionMode::Fixed)
@@ -193,7 +193,7 @@ async fn the_access_log_names_the_trace_and_every_upstream_call() -> Result<()> 
 #[tokio::test]
 async fn guest_output_carries_the_trace_id() -> Result<()> {
     let logs = fanout_tests::capture_logs();
-    let fanout = Fanout::builder()
+    let fanout = fanout_tests::builder()
         .component_path(fanout_tests::HOSTILE_COMPONENT_PATH)
         .build()?;
     let host = TestHost::start(fanout).await?;

@@ -231,7 +231,7 @@ async fn the_readmes_deployment_example_starts() -> Result<()> {
     let file = dir.path().join("fanout.toml");
     std::fs::write(&file, toml)?;
     let config = fanout_host::config::FileConfig::load(&file)?;
-    let builder = fanout_host::Fanout::builder().cache_dir(fanout_tests::cache_dir());
+    let builder = fanout_tests::builder().cache_dir(fanout_tests::cache_dir());
     let (builder, _) = config.apply(builder)?;
     builder.build()?;
     Ok(())

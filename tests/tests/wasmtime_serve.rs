@@ -74,6 +74,11 @@ impl WasmtimeServe {
         let turn = ONE_AT_A_TIME.lock().await;
         let mut command = Command::new("wasmtime");
         command.args(["serve", "-Scli", "--addr", "127.0.0.1:0"]);
+        // The suite's reuse mode, as `wasmtime serve` spells it.
+        command.arg(format!(
+            "--max-instance-reuse-count={}",
+            fanout_tests::instance_reuse()
+        ));
         for (key, value) in env {
             command.arg("--env").arg(format!("{key}={value}"));
         }

@@ -80,6 +80,7 @@ pub fn default_send_request(upstream: &UpstreamHandle, call: Call) -> UpstreamFu
 
 /// The `wasi:http` hooks of one request: outgoing requests go to the
 /// registered upstreams and nowhere else.
+#[derive(Clone)]
 pub(crate) struct RequestHooks {
     pub(crate) upstreams: Arc<Upstreams>,
     pub(crate) outbound: Arc<dyn OutboundHooks>,
