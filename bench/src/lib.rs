@@ -413,25 +413,33 @@ impl Harness {
         delay: Duration,
     ) -> Result<Vec<Run>> {
         let upstreams = self.upstreams(delay).await?;
-        let mut runs = Vec::new();
+        // Every target up at once (idle ones take no CPU), and the repeats
+        // taken in turns across them: the machine's slow stretches fall on
+        // all targets alike, not on whichever ran then.
+        let mut processes = Vec::new();
         for &target in targets {
-            let Some(process) = self.start(target, &upstreams).await? else {
-                eprintln!("skipped {}: wasmtime 48.0.8 is not on PATH", target.name());
-                continue;
-            };
+            match self.start(target, &upstreams).await? {
+                Some(process) => processes.push((target, process)),
+                None => eprintln!("skipped {}: wasmtime 48.0.8 is not on PATH", target.name()),
+            }
+        }
+        let mut runs = Vec::new();
+        for repeat in 0..self.repeats {
             for &c in levels {
-                for repeat in 0..self.repeats {
+                for (target, process) in &processes {
                     let window = Window {
                         scenario: "latency",
                         concurrency: c,
                         delay,
                         repeat,
                     };
-                    let run = self.measure(window, target, &process, &upstreams).await;
+                    let run = self.measure(window, *target, process, &upstreams).await;
                     eprintln!("{}", report::one_line(&run));
                     runs.push(run);
                 }
             }
+        }
+        for (_, process) in processes {
             process.stop().await;
         }
         upstreams.stop().await;

@@ -332,6 +332,11 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
             }
         }
         Command::Latency { levels } => {
+            // Refresh the latency rows of an existing report; the other
+            // sections stay as they were measured.
+            if let Ok(text) = std::fs::read_to_string(out.join("bench/results.json")) {
+                results = serde_json::from_str(&text).context("bench/results.json")?;
+            }
             let levels = if levels.is_empty() {
                 LEVELS.to_vec()
             } else {
