@@ -13,6 +13,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// mimalloc rather than the system allocator: at saturation glibc's malloc
+/// and free were a sixth of the host's CPU, and musl's (the static image)
+/// is slower still.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     about = "fanout's benchmarks: blocking against concurrent, fanout against wasmtime serve and native"
