@@ -15,17 +15,32 @@ async fn resending_client(
     addr: std::net::SocketAddr,
     until: tokio::time::Instant,
 ) -> Result<std::collections::BTreeMap<u16, usize>> {
-    Ok(client(addr, until, false).await?.0)
+    Ok(client(addr, until, false).await?.counts)
+}
+
+/// What a client saw: answers by status, the longest a 2xx took, and the
+/// trace ids of the requests the host shed.
+struct Seen {
+    counts: std::collections::BTreeMap<u16, usize>,
+    slowest_ok: std::time::Duration,
+    shed: Vec<String>,
+}
+
+/// A trace id of its own for every request of the test run, so that an
+/// upstream call can be traced back to the request that made it.
+fn next_trace_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{n:032x}")
 }
 
 /// A closed-loop client as [`resending_client`]; `polite` ones wait out a
-/// 503's `Retry-After`. Returns the count of answers by status and the
-/// longest time a 2xx took.
+/// 503's `Retry-After`. Each request carries a trace id of its own.
 async fn client(
     addr: std::net::SocketAddr,
     until: tokio::time::Instant,
     polite: bool,
-) -> Result<(std::collections::BTreeMap<u16, usize>, std::time::Duration)> {
+) -> Result<Seen> {
     use http_body_util::{BodyExt, Empty};
     let stream = tokio::net::TcpStream::connect(addr).await?;
     let (mut sender, connection) =
@@ -33,28 +48,43 @@ async fn client(
     tokio::spawn(connection);
     let mut counts = std::collections::BTreeMap::new();
     let mut slowest_ok = std::time::Duration::ZERO;
+    let mut shed = Vec::new();
     let mut i = 0;
     while tokio::time::Instant::now() < until {
         i += 1;
+        let trace_id = next_trace_id();
         let request = http::Request::get(format!("/products/{i}"))
             .header("host", "fanout.test")
+            .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
             .body(Empty::<bytes::Bytes>::new())?;
         sender.ready().await?;
         let sent = std::time::Instant::now();
         let response = sender.send_request(request).await?;
         let status = response.status().as_u16();
         let retry_after = response.headers().get(http::header::RETRY_AFTER).cloned();
-        response.into_body().collect().await?;
+        let body = response.into_body().collect().await?.to_bytes();
         if status == 200 {
             slowest_ok = slowest_ok.max(sent.elapsed());
         }
         *counts.entry(status).or_insert(0) += 1;
+        // The host's own sheds, not a guest's 503 (`upstream_shed`), whose
+        // request was admitted.
+        let code = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|json| json["error"]["code"].as_str().map(String::from));
+        if status == 503 && code.as_deref() != Some("upstream_shed") {
+            shed.push(trace_id);
+        }
         if let (true, 503, Some(after)) = (polite, status, retry_after) {
             let seconds: u64 = after.to_str()?.parse()?;
             tokio::time::sleep(std::time::Duration::from_secs(seconds)).await;
         }
     }
-    Ok((counts, slowest_ok))
+    Ok(Seen {
+        counts,
+        slowest_ok,
+        shed,
+    })
 }
 
 /// One test at a time: each is load the other would rightly react to.
@@ -158,19 +188,21 @@ async fn adaptive_admission_keeps_its_goodput_under_clients_that_resend_at_once(
                 .await;
                 let mut counts = std::collections::BTreeMap::<u16, usize>::new();
                 let mut slowest = std::time::Duration::ZERO;
+                let mut shed = Vec::new();
                 for client in polite.into_iter().chain(rude) {
-                    let (client, slowest_ok) = client?;
-                    slowest = slowest.max(slowest_ok);
-                    for (status, n) in client {
+                    let seen = client?;
+                    slowest = slowest.max(seen.slowest_ok);
+                    shed.extend(seen.shed);
+                    for (status, n) in seen.counts {
                         *counts.entry(status).or_insert(0) += n;
                     }
                 }
-                anyhow::Ok((counts, slowest))
+                anyhow::Ok((counts, slowest, shed))
             })
         })
     };
-    let (alone, _) = phase(0).await??;
-    let (crowded, slowest) = phase(300).await??;
+    let (alone, _, shed_alone) = phase(0).await??;
+    let (crowded, slowest, shed_crowded) = phase(300).await??;
     let ok =
         |counts: &std::collections::BTreeMap<u16, usize>| counts.get(&200).copied().unwrap_or(0);
     let (ok_alone, ok_crowded) = (ok(&alone), ok(&crowded));
@@ -193,16 +225,40 @@ async fn adaptive_admission_keeps_its_goodput_under_clients_that_resend_at_once(
     // The line is bounded by the budget: a 2xx lands within the guest's
     // 200 ms budget plus the 100 ms line, with room for a busy machine.
     assert!(slowest < MS(400), "a 2xx took {slowest:?}");
-    // Nothing shed reached an upstream: each admitted request (every
-    // answer but the 503s) calls pricing once.
-    let admitted: usize = [&alone, &crowded]
+    // Nothing shed reached an upstream: pricing's calls, by the trace id
+    // each carries, come from admitted requests alone: every one answered
+    // 200 (one call or more: a late answer is retried), and at most every
+    // other admitted one (a 504 whose budget the line used up calls none).
+    let shed: std::collections::HashSet<String> =
+        shed_alone.into_iter().chain(shed_crowded).collect();
+    let called: std::collections::HashSet<String> = upstreams
+        .pricing
+        .calls()
         .iter()
-        .map(|counts| counts.values().sum::<usize>() - counts.get(&503).copied().unwrap_or(0))
+        .map(|call| {
+            let traceparent = call.headers["traceparent"].to_str().unwrap_or_default();
+            traceparent
+                .split('-')
+                .nth(1)
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    // The trace ids are the clients' own (small numbers), not ones the
+    // host made up: the check below can see a shed request's call.
+    assert!(
+        called.iter().all(|id| id.starts_with("0000000000000000")),
+        "{called:?}"
+    );
+    assert!(called.is_disjoint(&shed), "a shed request reached pricing");
+    let answered: usize = [&alone, &crowded]
+        .iter()
+        .map(|counts| counts.values().sum::<usize>())
         .sum();
-    assert_eq!(
-        upstreams.pricing.calls().len(),
-        admitted,
-        "{alone:?} then {crowded:?}"
+    assert!(
+        (ok_alone + ok_crowded..=answered - shed.len()).contains(&called.len()),
+        "{} requests called pricing: {alone:?} then {crowded:?}",
+        called.len()
     );
     drop(upstreams);
     elsewhere.shutdown_background();
