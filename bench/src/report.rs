@@ -427,21 +427,13 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(
         out,
         "| `fanout` / `wasmtime-serve` at saturation | ≥ 2× | {vs_ws:.2}× | {} |",
-        if vs_ws.is_nan() {
-            "n/a"
-        } else {
-            met(vs_ws >= 2.0)
-        }
+        verdict(vs_ws, vs_ws >= 2.0)
     );
     let vs_ws_reuse = fanout_sat / good(sat, Target::WasmtimeServeReuse, sat_c);
     let _ = writeln!(
         out,
         "| `fanout` / `wasmtime-serve-reuse` at saturation | ≥ 1.5× | {vs_ws_reuse:.2}× | {} |",
-        if vs_ws_reuse.is_nan() {
-            "n/a"
-        } else {
-            met(vs_ws_reuse >= 1.5)
-        }
+        verdict(vs_ws_reuse, vs_ws_reuse >= 1.5)
     );
     let vs_native = fanout_sat / good(sat, Target::Native, sat_c);
     let _ = writeln!(
@@ -498,13 +490,14 @@ pub fn markdown(r: &Results) -> String {
         };
         let _ = writeln!(
             out,
-            "**Instance reuse.** `fanout` reuses an instance for up to 128 requests \
+            "**Instance reuse.** `fanout` reuses an instance for up to {} requests \
              (`instance_reuse`, the default); `fanout-per-request` gives each request a \
              fresh one (`--instance-reuse 1`). Reuse serves {} the requests at \
              saturation, at {:.3} against {:.3} ms of CPU a request: it skips the store's \
              set-up, instantiation, the guest's start-up (reading its configuration) and \
              the pool slot's reset. That is why reuse is the default. \
              `wasmtime-serve-reuse` is `wasmtime serve --max-instance-reuse-count 128`.\n",
+            fanout_host::limits::DEFAULT_INSTANCE_REUSE,
             ratio(fanout_sat, per_request),
             cpu(Target::Fanout),
             cpu(Target::FanoutPerRequest),
