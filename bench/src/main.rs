@@ -89,6 +89,20 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// Drives any URL with the benchmarks' closed-loop clients for the
+    /// window (after the warm-up) and prints what they saw as JSON: to
+    /// look at one server under one load, outside the scenarios.
+    Load {
+        /// The URL every client asks for.
+        url: String,
+        /// Clients, each with a connection of its own.
+        #[arg(long, short, default_value_t = 500)]
+        concurrency: usize,
+        /// Honour `Retry-After` on a 503, as a well-behaved client does
+        /// (by default the next request goes at once, as wrk's does).
+        #[arg(long)]
+        honour_retry_after: bool,
+    },
     #[command(hide = true)]
     ServeUpstreams {
         #[arg(long, default_value_t = 50)]
@@ -210,6 +224,15 @@ fn main() -> Result<()> {
             let _otlp = if telemetry {
                 Some(servers::telemetry(&upstream)?)
             } else {
+                // Quiet unless asked: RUST_LOG=warn shows what the host
+                // saw (an open circuit, a guest failure) on stderr.
+                if std::env::var_os("RUST_LOG").is_some() {
+                    tracing_subscriber::fmt()
+                        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                        .with_writer(std::io::stderr)
+                        .try_init()
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                }
                 None
             };
             let config = match (sequential, guest_config) {
@@ -242,6 +265,29 @@ fn main() -> Result<()> {
                 return servers::fanout_unpaced(listener, fanout).await;
             }
             fanout.serve(listener, std::future::pending()).await?;
+            Ok(())
+        }),
+        Command::Load {
+            url,
+            concurrency,
+            honour_retry_after,
+        } => runtime.block_on(async {
+            use fanout_bench::driver::{self, Backoff};
+            let backoff = if honour_retry_after {
+                Backoff::RetryAfter
+            } else {
+                Backoff::None
+            };
+            let result = driver::run(
+                driver::Urls::one(&url),
+                concurrency,
+                Duration::from_secs_f64(args.warmup),
+                Duration::from_secs_f64(args.duration),
+                "load",
+                backoff,
+            )
+            .await;
+            println!("{}", serde_json::to_string_pretty(&result)?);
             Ok(())
         }),
         command => runtime.block_on(bench(
