@@ -15,6 +15,17 @@ use wasmtime_wasi_http::{RequestOptions, WasiBody};
 /// as its `error-code`, and may retry on.
 pub use wasmtime_wasi_http::Error as TransportError;
 
+/// Whether `error` says the call ran out of time (to connect, for the
+/// answer's head, or between reads) rather than that it failed.
+pub fn is_timeout(error: &TransportError) -> bool {
+    matches!(
+        error,
+        TransportError::HttpResponseTimeout
+            | TransportError::ConnectionTimeout
+            | TransportError::ConnectionReadTimeout
+    )
+}
+
 /// Body of the requests the guest sends and of the answers it reads.
 pub type UpstreamBody = WasiBody;
 

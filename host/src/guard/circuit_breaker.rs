@@ -1,27 +1,36 @@
 //! The circuit breaker: while open, calls fail at once; after `open_for`
 //! one probe goes through (half-open) and its outcome closes or reopens it.
 //!
-//! Every call admitted records an outcome, however it ends: an answer (a
-//! 5xx is a failure), an error (a shed is not counted: it says nothing of
-//! the upstream), or the call being dropped unfinished, which is what the
-//! guest's attempt timeout and the request's deadline do to a hanging
-//! upstream: a failure. A timeout or a drop while the host itself runs
-//! late (see [`lag`](crate::lag)) is not counted either. A probe has its own timeout, so that a hanging
-//! probe reopens the circuit rather than holding it half-open.
+//! Every call admitted records an outcome, however it ends ([`Outcome`]):
+//! an answer (a 5xx is a failure), an error (a shed is not counted: it says
+//! nothing of the upstream), or the call running out of time: timed out,
+//! or dropped unfinished, which is what the guest's attempt timeout and the
+//! request's deadline do to a hanging upstream. Running out of time is a
+//! failure unless it says nothing of the upstream:
+//! - the host itself ran late then (see [`lag`](crate::lag)): the answer
+//!   may be waiting unread;
+//! - or the call was cut off sooner than the upstream usually answers (the
+//!   moving average of its answers): a request that spent its budget
+//!   waiting in line gives its calls a few milliseconds, and their
+//!   timeouts opened all three circuits of the overload benchmark within
+//!   its first second (every answer a 503 for the five seconds after).
+//!
+//! A probe has its own timeout, so that a hanging probe reopens the circuit
+//! rather than holding it half-open.
 //!
 //! Why not `tower-resilience-circuitbreaker` (0.14, read for this): a call
 //! dropped before it ends records no outcome there (its half-open permit
 //! is handed back), so an upstream that hangs past every caller's timeout
 //! never opens the circuit, the second defect this layer had; it also
-//! takes an async mutex on every call. This one is ~250 lines and is
+//! takes an async mutex on every call. This one is ~300 lines and is
 //! tested for exactly these cases.
 
 use super::{Blocked, CircuitBreakerConfig};
-use crate::upstream::{Call, TransportError, UpstreamBody};
+use crate::upstream::{Call, TransportError, UpstreamBody, is_timeout};
 use http::Response;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tower::{BoxError, Layer, Service};
 
 #[derive(Clone)]
@@ -78,6 +87,7 @@ where
         let mut pending = Pending {
             state: Some(self.state.clone()),
             probe,
+            started: Instant::now(),
         };
         let response = self.inner.call(call);
         Box::pin(async move {
@@ -90,16 +100,7 @@ where
             } else {
                 response.await
             };
-            let outcome = match &result {
-                Ok(response) if response.status().is_server_error() => Some(false),
-                Ok(_) => Some(true),
-                // A shed says nothing about the upstream's health.
-                Err(e) if e.is::<tower::load_shed::error::Overloaded>() => None,
-                // Nor does a timeout while the host ran late (see `lag`).
-                Err(e) if is_timeout(e) && crate::lag::lagging() => None,
-                Err(_) => Some(false),
-            };
-            pending.end(outcome);
+            pending.end(Outcome::of(&result, pending.started.elapsed()));
             result
         })
     }
@@ -110,44 +111,67 @@ fn lock(state: &Mutex<Breaker>) -> std::sync::MutexGuard<'_, Breaker> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// What counts as the upstream's usual answer time until it has answered
+/// once: a call cut off sooner says nothing. Below the guest's default
+/// attempt timeout (150 ms), so that an upstream that hangs from the start
+/// still opens its circuit; above what a request that waited in line at
+/// start-up leaves its calls.
+const UNKNOWN_TYPICAL: Duration = Duration::from_millis(100);
+
+/// How a call admitted through the breaker ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// An answer below 500, after this long.
+    Answered(Duration),
+    /// A 5xx, or an error of the upstream's (refused, reset, malformed).
+    Failed,
+    /// Timed out, or dropped unfinished, after this long.
+    OutOfTime(Duration),
+    /// Nothing learnt (a shed).
+    Neutral,
+}
+
+impl Outcome {
+    /// The outcome of a call that ended with `result` after `took`.
+    fn of(result: &Result<Response<UpstreamBody>, BoxError>, took: Duration) -> Outcome {
+        match result {
+            Ok(response) if response.status().is_server_error() => Outcome::Failed,
+            Ok(_) => Outcome::Answered(took),
+            // A shed says nothing about the upstream's health.
+            Err(e) if e.is::<tower::load_shed::error::Overloaded>() => Outcome::Neutral,
+            Err(e) if e.downcast_ref::<TransportError>().is_some_and(is_timeout) => {
+                Outcome::OutOfTime(took)
+            }
+            Err(_) => Outcome::Failed,
+        }
+    }
+}
+
 /// An admitted call whose outcome is not recorded yet: dropped unfinished,
-/// it records a failure.
+/// it ran out of time.
 struct Pending {
     /// `None` once the outcome is recorded.
     state: Option<Arc<Mutex<Breaker>>>,
     probe: bool,
+    started: Instant,
 }
 
 impl Pending {
-    /// Records the outcome (`None`: the call says nothing either way).
-    fn end(&mut self, outcome: Option<bool>) {
+    fn end(&mut self, outcome: Outcome) {
         let Some(state) = self.state.take() else {
             return;
         };
-        let mut breaker = lock(&state);
-        match outcome {
-            Some(ok) => breaker.record(ok, self.probe, Instant::now()),
-            None if self.probe => breaker.probe_in_flight = false,
-            None => {}
-        }
+        let lagging = crate::lag::lagging();
+        lock(&state).record(outcome, self.probe, lagging, Instant::now());
     }
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        // Dropped unfinished: a deadline passed. While the host ran late,
-        // the wait was the host's as much as the upstream's.
-        let lagging = self.state.is_some() && crate::lag::lagging();
-        self.end(if lagging { None } else { Some(false) });
+        // Dropped unfinished: a deadline passed.
+        let took = self.started.elapsed();
+        self.end(Outcome::OutOfTime(took));
     }
-}
-
-/// Whether `error` is a call that ran out of time.
-fn is_timeout(error: &BoxError) -> bool {
-    matches!(
-        error.downcast_ref::<TransportError>(),
-        Some(TransportError::ConnectionReadTimeout | TransportError::ConnectionTimeout)
-    )
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +188,9 @@ struct Breaker {
     /// Outcomes of the last `window` calls, true for success.
     window: std::collections::VecDeque<bool>,
     probe_in_flight: bool,
+    /// Moving average of how long the upstream takes to answer (weight
+    /// 1/8): a call cut off sooner says nothing of its health.
+    typical: Option<Duration>,
 }
 
 impl Breaker {
@@ -174,6 +201,7 @@ impl Breaker {
             consecutive_failures: 0,
             window: Default::default(),
             probe_in_flight: false,
+            typical: None,
         }
     }
 
@@ -193,7 +221,38 @@ impl Breaker {
         }
     }
 
-    fn record(&mut self, ok: bool, probe: bool, now: Instant) {
+    /// Records how a call ended, `lagging` saying whether the host itself
+    /// ran late then.
+    fn record(&mut self, outcome: Outcome, probe: bool, lagging: bool, now: Instant) {
+        let ok = match outcome {
+            Outcome::Answered(took) => {
+                self.typical = Some(match self.typical {
+                    None => took,
+                    Some(t) if took >= t => t + (took - t) / 8,
+                    Some(t) => t - (t - took) / 8,
+                });
+                true
+            }
+            Outcome::Failed => false,
+            Outcome::OutOfTime(took)
+                if !lagging && took >= self.typical.unwrap_or(UNKNOWN_TYPICAL) =>
+            {
+                false
+            }
+            Outcome::OutOfTime(_) | Outcome::Neutral => {
+                if probe {
+                    self.probe_in_flight = false;
+                }
+                return;
+            }
+        };
+        if !ok {
+            tracing::debug!(?outcome, probe, "an upstream call failed");
+        }
+        self.record_health(ok, probe, now);
+    }
+
+    fn record_health(&mut self, ok: bool, probe: bool, now: Instant) {
         if probe {
             self.probe_in_flight = false;
             if ok {
@@ -274,6 +333,18 @@ mod tests {
         CircuitBreakerLayer::new(config).layer(upstream)
     }
 
+    /// One answer (in microseconds: what the upstream usually takes), then
+    /// the upstream hangs.
+    async fn answered_then_hangs<S>(service: &S, hang: &std::sync::atomic::AtomicBool)
+    where
+        S: Service<Call, Response = Response<UpstreamBody>, Error = BoxError> + Clone,
+    {
+        use tower::ServiceExt;
+        let answer = service.clone().oneshot(call()).await;
+        assert!(answer.is_ok());
+        hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     fn call() -> Call {
         Call {
             request: http::Request::new(crate::response::full_body("")),
@@ -289,8 +360,9 @@ mod tests {
     #[tokio::test]
     async fn calls_dropped_unfinished_count_as_failures() {
         use tower::ServiceExt;
-        let hang = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let service = guarded(hang.clone());
+        answered_then_hangs(&service, &hang).await;
         // The guest's attempt timeout drops each call: three failures.
         for _ in 0..3 {
             let call = service.clone().oneshot(call());
@@ -307,8 +379,9 @@ mod tests {
     async fn a_hanging_probe_reopens_and_a_later_probe_closes() {
         use std::sync::atomic::Ordering;
         use tower::ServiceExt;
-        let hang = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let service = guarded(hang.clone());
+        answered_then_hangs(&service, &hang).await;
         for _ in 0..3 {
             let call = service.clone().oneshot(call());
             let _ = tokio::time::timeout(Duration::from_millis(5), call).await;
@@ -358,18 +431,18 @@ mod tests {
         let t0 = Instant::now();
         for _ in 0..3 {
             assert_eq!(b.admit(t0), Some(false));
-            b.record(false, false, t0);
+            b.record_health(false, false, t0);
         }
         assert_eq!(b.admit(t0), None, "open");
         assert_eq!(b.admit(t0 + Duration::from_millis(99)), None);
         let later = t0 + Duration::from_millis(100);
         assert_eq!(b.admit(later), Some(true), "one probe when half-open");
         assert_eq!(b.admit(later), None, "only one probe at a time");
-        b.record(false, true, later);
+        b.record_health(false, true, later);
         assert_eq!(b.admit(later), None, "a failed probe reopens");
         let later = later + Duration::from_millis(100);
         assert_eq!(b.admit(later), Some(true));
-        b.record(true, true, later);
+        b.record_health(true, true, later);
         assert_eq!(b.admit(later), Some(false), "a good probe closes");
     }
 
@@ -380,9 +453,90 @@ mod tests {
         // Alternating: never 3 in a row, but half of the calls fail.
         for i in 0..6 {
             assert_eq!(b.admit(t0), Some(false), "call {i}");
-            b.record(i % 2 == 0, false, t0);
+            b.record_health(i % 2 == 0, false, t0);
         }
         assert_eq!(b.admit(t0), None);
+    }
+
+    #[test]
+    fn every_kind_of_timeout_is_running_out_of_time() {
+        let took = Duration::from_millis(7);
+        // The http adapter's head timeout among them: it was once counted
+        // as a plain failure, even while the host lagged.
+        for e in [
+            TransportError::HttpResponseTimeout,
+            TransportError::ConnectionTimeout,
+            TransportError::ConnectionReadTimeout,
+        ] {
+            assert_eq!(Outcome::of(&Err(e.into()), took), Outcome::OutOfTime(took));
+        }
+        let refused = Err(TransportError::ConnectionRefused.into());
+        assert_eq!(Outcome::of(&refused, took), Outcome::Failed);
+        let shed = Err(tower::load_shed::error::Overloaded::new().into());
+        assert_eq!(Outcome::of(&shed, took), Outcome::Neutral);
+        let answer = Ok(Response::new(crate::response::full_body("{}")));
+        assert_eq!(Outcome::of(&answer, took), Outcome::Answered(took));
+    }
+
+    #[test]
+    fn a_call_cut_off_sooner_than_the_upstream_answers_says_nothing() {
+        let ms = Duration::from_millis;
+        let mut b = Breaker::new(config());
+        let t0 = Instant::now();
+        for _ in 0..10 {
+            b.record(Outcome::Answered(ms(50)), false, false, t0);
+        }
+        // A request that spent its budget in line gives its calls 10 ms:
+        // their timeouts are no sign of the upstream's health.
+        for _ in 0..10 {
+            assert_eq!(b.admit(t0), Some(false));
+            b.record(Outcome::OutOfTime(ms(10)), false, false, t0);
+        }
+        assert_eq!(b.admit(t0), Some(false), "still closed");
+        // Nor are those of a host running late, however long.
+        for _ in 0..10 {
+            b.record(Outcome::OutOfTime(ms(500)), false, true, t0);
+        }
+        assert_eq!(b.admit(t0), Some(false), "still closed");
+        // Cut off after longer than it usually takes: three in a row open it.
+        for _ in 0..3 {
+            b.record(Outcome::OutOfTime(ms(60)), false, false, t0);
+        }
+        assert_eq!(b.admit(t0), None, "open");
+    }
+
+    #[test]
+    fn before_the_first_answer_only_long_timeouts_count() {
+        let ms = Duration::from_millis;
+        let mut b = Breaker::new(config());
+        let t0 = Instant::now();
+        for _ in 0..10 {
+            b.record(Outcome::OutOfTime(ms(30)), false, false, t0);
+        }
+        assert_eq!(
+            b.admit(t0),
+            Some(false),
+            "a start-up burst's squeezed calls"
+        );
+        // An upstream that hangs from the start, at the default 150 ms.
+        for _ in 0..3 {
+            b.record(Outcome::OutOfTime(ms(150)), false, false, t0);
+        }
+        assert_eq!(b.admit(t0), None, "open");
+    }
+
+    #[test]
+    fn a_probe_that_says_nothing_lets_the_next_call_probe() {
+        let ms = Duration::from_millis;
+        let mut b = Breaker::new(config());
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            b.record_health(false, false, t0);
+        }
+        let later = t0 + ms(100);
+        assert_eq!(b.admit(later), Some(true), "a probe");
+        b.record(Outcome::OutOfTime(ms(150)), true, true, later);
+        assert_eq!(b.admit(later), Some(true), "another probe, not stuck");
     }
 
     #[test]
@@ -391,7 +545,7 @@ mod tests {
         let t0 = Instant::now();
         for i in 0..100 {
             assert_eq!(b.admit(t0), Some(false));
-            b.record(i % 5 != 0, false, t0);
+            b.record_health(i % 5 != 0, false, t0);
         }
     }
 }

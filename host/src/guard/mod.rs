@@ -10,7 +10,9 @@
 //! 2. **circuit breaker**: while open, calls fail at once; after `open_for`
 //!    one probe goes through (half-open, with its own timeout) and its
 //!    outcome closes or reopens it. Every admitted call records an outcome,
-//!    a call dropped unfinished (timed out by the guest) as a failure. It
+//!    a call that timed out or was dropped unfinished as a failure unless
+//!    the host itself ran late or the call was cut off sooner than the
+//!    upstream usually answers. It
 //!    sits above the concurrency limit so that an open circuit takes no
 //!    slot, and it ignores sheds (they say nothing about the upstream).
 //! 3. **load shed + concurrency limit**: at most `max_concurrency` calls in

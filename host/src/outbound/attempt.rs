@@ -265,11 +265,7 @@ fn outcome(result: &Result<Response<UpstreamBody>, TransportError>) -> &'static 
         Ok(_) => "ok",
         Err(TransportError::ConnectionLimitReached) => "shed",
         Err(TransportError::DestinationUnavailable) => "circuit_open",
-        Err(
-            TransportError::HttpResponseTimeout
-            | TransportError::ConnectionTimeout
-            | TransportError::ConnectionReadTimeout,
-        ) => "timeout",
+        Err(e) if crate::upstream::is_timeout(e) => "timeout",
         Err(_) => "error",
     }
 }
