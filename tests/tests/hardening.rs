@@ -215,6 +215,39 @@ async fn http_upstreams_get_a_circuit_breaker_by_default() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn calls_cut_off_by_a_short_budget_do_not_open_a_circuit() -> Result<()> {
+    use fanout_guest::protocol::TIMEOUT_HEADER;
+    // Upstreams that answer in 40 ms. Under overload a request that waited
+    // in line gives its calls a few milliseconds; so does a client that
+    // asks for a 10 ms budget. Their timeouts say nothing of the upstreams,
+    // and five in a row used to open each circuit for 5 s.
+    let upstreams = ProductUpstreams::start(MS(40)).await?;
+    let host = upstreams.host().await?;
+    assert_eq!(host.get("/products/1").await?.status, StatusCode::OK);
+    for i in 0..8 {
+        let answer = host
+            .get_with(&format!("/products/{i}"), &[(TIMEOUT_HEADER, "10")])
+            .await?;
+        assert_eq!(
+            answer.status,
+            StatusCode::GATEWAY_TIMEOUT,
+            "{}",
+            answer.json
+        );
+    }
+    let cut_off = upstreams
+        .pricing
+        .calls()
+        .iter()
+        .filter(|c| c.cut_off())
+        .count();
+    assert!(cut_off >= 5, "{cut_off} calls cut off");
+    let answer = host.get("/products/1").await?;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    Ok(())
+}
+
 /// `GET /products?ids=0,...,99` with the largest budget a client may ask.
 async fn largest_batch(host: &TestHost) -> Result<fanout_tests::Answer> {
     use fanout_guest::config::{DEFAULT_MAX_DEADLINE, MAX_BATCH_IDS};
