@@ -299,18 +299,7 @@ pub async fn run(
     progress.finish_and_clear();
     per_second.truncate(measure.as_secs() as usize);
     ok_per_second.truncate(measure.as_secs() as usize);
-    let Latencies {
-        all,
-        failed,
-        ok: ok_latency,
-    } = std::mem::replace(
-        &mut *latencies.lock().unwrap_or_else(|e| e.into_inner()),
-        Latencies {
-            all: histogram(),
-            failed: histogram(),
-            ok: histogram(),
-        },
-    );
+    let latencies = latencies.lock().unwrap_or_else(|e| e.into_inner());
     LoadResult {
         concurrency,
         backoff,
@@ -319,7 +308,13 @@ pub async fn run(
         rps_per_second: per_second,
         ok_per_second,
         samples,
-        ..LoadResult::from_latencies(measure, &all, &ok_latency, &failed, statuses)
+        ..LoadResult::from_latencies(
+            measure,
+            &latencies.all,
+            &latencies.ok,
+            &latencies.failed,
+            statuses,
+        )
     }
 }
 

@@ -242,8 +242,9 @@ impl Aimd {
     }
 }
 
-/// A moving average with weight 1/8 for the newest value.
-fn ewma(average: Duration, value: Duration) -> Duration {
+/// A moving average with weight 1/8 for the newest value (as TCP's
+/// smoothed RTT); the circuit breakers smooth answer times with it too.
+pub(crate) fn ewma(average: Duration, value: Duration) -> Duration {
     if value >= average {
         average + (value - average) / 8
     } else {

@@ -24,6 +24,7 @@
 mod aimd;
 mod fast_sheds;
 
+pub(crate) use aimd::ewma;
 pub use aimd::{AdmissionConfig, Aimd, LATENCY_SHARE};
 pub use fast_sheds::{FAST_SHEDS_PER_ANSWER, FastSheds};
 

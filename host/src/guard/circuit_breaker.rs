@@ -26,6 +26,7 @@
 //! tested for exactly these cases.
 
 use super::{Blocked, CircuitBreakerConfig};
+use crate::admission::ewma;
 use crate::upstream::{Call, TransportError, UpstreamBody, is_timeout};
 use http::Response;
 use std::sync::{Arc, Mutex};
@@ -161,7 +162,8 @@ impl Pending {
         let Some(state) = self.state.take() else {
             return;
         };
-        let lagging = crate::lag::lagging();
+        // Only a call out of time asks: the rest is every answer's path.
+        let lagging = matches!(outcome, Outcome::OutOfTime(_)) && crate::lag::lagging();
         lock(&state).record(outcome, self.probe, lagging, Instant::now());
     }
 }
@@ -226,11 +228,7 @@ impl Breaker {
     fn record(&mut self, outcome: Outcome, probe: bool, lagging: bool, now: Instant) {
         let ok = match outcome {
             Outcome::Answered(took) => {
-                self.typical = Some(match self.typical {
-                    None => took,
-                    Some(t) if took >= t => t + (took - t) / 8,
-                    Some(t) => t - (t - took) / 8,
-                });
+                self.typical = Some(self.typical.map_or(took, |t| ewma(t, took)));
                 true
             }
             Outcome::Failed => false,
