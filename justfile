@@ -27,6 +27,7 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --all-targets -- -D warnings
     cargo clippy --target wasm32-wasip2 -p fanout-guest -p fanout-test-guests -- -D warnings
+    cargo clippy --target wasm32-wasip2 -p fanout-guest-p3 -- -D warnings
 
 # Run the component under `wasmtime serve`, with the demo upstreams on a socket.
 serve-wasmtime addr="127.0.0.1:8081" upstreams="127.0.0.1:9000": build-guest

@@ -66,36 +66,45 @@ pub enum Target {
     /// `fanout` with a fresh instance per request (`--instance-reuse 1`),
     /// beside the default that reuses them.
     FanoutPerRequest,
+    /// `fanout` serving the guest's `wasi:http@0.3` build (`--p3`).
+    FanoutP3,
     Native,
     WasmtimeServe,
     /// `wasmtime serve --max-instance-reuse-count 128`: the peer with
     /// instance reuse.
     WasmtimeServeReuse,
+    /// `wasmtime serve -Sp3` serving the `wasi:http@0.3` build with its
+    /// defaults for it (128 requests per instance, 16 at once).
+    WasmtimeServeP3,
 }
 
 impl Target {
-    pub const ALL: [Target; 7] = [
+    pub const ALL: [Target; 9] = [
         Target::Blocking,
         Target::FanoutSequential,
         Target::Fanout,
         Target::FanoutPerRequest,
+        Target::FanoutP3,
         Target::Native,
         Target::WasmtimeServe,
         Target::WasmtimeServeReuse,
+        Target::WasmtimeServeP3,
     ];
 
     /// Every target a report may show, in table order.
-    pub const REPORTED: [Target; 10] = [
+    pub const REPORTED: [Target; 12] = [
         Target::Blocking,
         Target::FanoutSequential,
         Target::Fanout,
         Target::FanoutPerRequest,
+        Target::FanoutP3,
         Target::FanoutFixed,
         Target::FanoutGuestThreads,
         Target::FanoutTelemetry,
         Target::Native,
         Target::WasmtimeServe,
         Target::WasmtimeServeReuse,
+        Target::WasmtimeServeP3,
     ];
 
     pub fn name(self) -> &'static str {
@@ -112,9 +121,11 @@ impl Target {
             Target::FanoutHttps2 => "fanout-https-h2",
             Target::FanoutShedAll => "fanout-shed-all",
             Target::FanoutPerRequest => "fanout-per-request",
+            Target::FanoutP3 => "fanout-p3",
             Target::Native => "native",
             Target::WasmtimeServe => "wasmtime-serve",
             Target::WasmtimeServeReuse => "wasmtime-serve-reuse",
+            Target::WasmtimeServeP3 => "wasmtime-serve-p3",
         }
     }
 }
@@ -191,10 +202,12 @@ impl Harness {
             | Target::FanoutHttps1
             | Target::FanoutHttps2
             | Target::FanoutShedAll
-            | Target::FanoutPerRequest => {
+            | Target::FanoutPerRequest
+            | Target::FanoutP3 => {
                 let variant: &[&str] = match target {
                     Target::FanoutShedAll => &["--shed-all"],
                     Target::FanoutPerRequest => &["--instance-reuse", "1"],
+                    Target::FanoutP3 => &["--p3"],
                     Target::FanoutSequential => &["--sequential"],
                     Target::FanoutFixed => &["--fixed"],
                     Target::FanoutGuestThreads => &["--guest-threads", "2"],
@@ -209,7 +222,7 @@ impl Harness {
                 };
                 Process::start(target.name(), &self.exe, &own("serve-fanout", variant)).await?
             }
-            Target::WasmtimeServe | Target::WasmtimeServeReuse => {
+            Target::WasmtimeServe | Target::WasmtimeServeReuse | Target::WasmtimeServeP3 => {
                 let Some(wasmtime) = &self.wasmtime else {
                     return Ok(None);
                 };
@@ -219,11 +232,18 @@ impl Harness {
                 if target == Target::WasmtimeServeReuse {
                     args.push("--max-instance-reuse-count=128".into());
                 }
+                if target == Target::WasmtimeServeP3 {
+                    args.extend(["-Wcomponent-model-async".into(), "-Sp3".into()]);
+                }
                 for name in ["INVENTORY", "PRICING", "REVIEWS"] {
                     args.push("--env".into());
                     args.push(format!("FANOUT_UPSTREAM_{name}={base}"));
                 }
-                args.push(fanout_host::GUEST_COMPONENT_PATH.into());
+                args.push(if target == Target::WasmtimeServeP3 {
+                    fanout_host::GUEST_P3_COMPONENT_PATH.into()
+                } else {
+                    fanout_host::GUEST_COMPONENT_PATH.into()
+                });
                 Process::start(target.name(), wasmtime, &args).await?
             }
         };

@@ -174,6 +174,9 @@ enum Command {
         /// Requests per instance (`Limits::instance_reuse`).
         #[arg(long)]
         instance_reuse: Option<u32>,
+        /// Serve the guest's `wasi:http@0.3` build.
+        #[arg(long)]
+        p3: bool,
     },
 }
 
@@ -220,6 +223,7 @@ fn main() -> Result<()> {
             http2,
             shed_all,
             instance_reuse,
+            p3,
         } => runtime.block_on(async {
             let _otlp = if telemetry {
                 Some(servers::telemetry(&upstream)?)
@@ -258,6 +262,7 @@ fn main() -> Result<()> {
                 tls: upstream_ca.map(|ca| (ca, http2)),
                 shed_all,
                 instance_reuse,
+                p3,
             })?;
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             servers::announce(listener.local_addr()?);
@@ -338,11 +343,13 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
     let saturation_targets = chosen(&[
         Target::Fanout,
         Target::FanoutPerRequest,
+        Target::FanoutP3,
         Target::FanoutTelemetry,
         Target::FanoutGuestThreads,
         Target::Native,
         Target::WasmtimeServe,
         Target::WasmtimeServeReuse,
+        Target::WasmtimeServeP3,
     ]);
     let all_targets = chosen(&Target::ALL);
     match command {

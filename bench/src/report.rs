@@ -940,6 +940,8 @@ fn plot(path: &Path, runs: &[Run]) -> Result<()> {
         RGBColor(120, 60, 200),
         RGBColor(110, 110, 110),
         RGBColor(0, 130, 120),
+        RGBColor(200, 0, 120),
+        RGBColor(150, 120, 40),
     ];
     for (target, colour) in Target::REPORTED.iter().zip(colours) {
         let points = |f: fn(&Run) -> f64| -> Vec<(f64, f64)> {

@@ -343,6 +343,8 @@ pub struct FanoutSetup {
     pub shed_all: bool,
     /// Requests per instance; the default when `None`.
     pub instance_reuse: Option<u32>,
+    /// Serve the guest's `wasi:http@0.3` build instead of the 0.2 one.
+    pub p3: bool,
 }
 
 pub fn fanout(setup: FanoutSetup) -> Result<fanout_host::Fanout> {
@@ -358,6 +360,7 @@ pub fn fanout(setup: FanoutSetup) -> Result<fanout_host::Fanout> {
         tls,
         shed_all,
         instance_reuse,
+        p3,
     } = setup;
     let mut limits = fanout_host::Limits::default();
     if let Some(n) = instance_reuse {
@@ -372,6 +375,9 @@ pub fn fanout(setup: FanoutSetup) -> Result<fanout_host::Fanout> {
         limits.queue_wait = Duration::ZERO;
     }
     let mut builder = fanout_host::Fanout::builder().limits(limits);
+    if p3 {
+        builder = builder.builtin_guest(fanout_host::WasiHttpVersion::P3);
+    }
     match tls {
         None => {
             for name in ["inventory", "pricing", "reviews"] {

@@ -1,15 +1,11 @@
 //! The thin layer that touches WASI: the `incoming-handler` export, the
 //! clock, randomness, and one upstream attempt over `wasi:http`.
 
-use crate::api::{self, Target};
-use crate::config::{Config, ConfigError};
-use crate::errors::{self, ApiError, MAX_UPSTREAM_BODY, UpstreamFailure, parse_retry_after};
-use crate::fanout::{self, Attempt, Budget, Env};
+use crate::errors::{self, UpstreamFailure};
+use crate::fanout::{Attempt, Env};
 use crate::merge::Answer;
-use crate::protocol::{DEGRADED_HEADER, HINT_ATTEMPT, HINT_UPSTREAM, TIMEOUT_HEADER};
-use crate::trace::TraceContext;
+use crate::serve::{self, Incoming, duration_ns};
 use serde_json::Value;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use wasip2::http::outgoing_handler;
 use wasip2::http::types::{
@@ -17,7 +13,7 @@ use wasip2::http::types::{
     OutgoingResponse, RequestOptions, ResponseOutparam, Scheme, http_error_code,
 };
 use wasip2::io::streams::StreamError;
-use wstd::http::{HeaderValue, Uri};
+use wstd::http::Uri;
 use wstd::io::AsyncOutputStream;
 use wstd::prelude::*;
 use wstd::runtime::AsyncPollable;
@@ -39,9 +35,14 @@ impl wasip2::exports::http::incoming_handler::Guest for Handler {
         // The budget starts when the request arrives, before anything else.
         let origin = Instant::now();
         wstd::runtime::block_on(async move {
-            let incoming = Incoming::read(&request);
+            let incoming = incoming(&request);
             drop(request);
-            let (answer, body, server_timing) = handle(origin, &incoming).await;
+            let env = WasiEnv {
+                origin,
+                request: &incoming,
+            };
+            let (answer, body, server_timing) =
+                serve::handle(&env, serve::config(), &incoming).await;
             respond(response_out, answer, body, &server_timing).await;
         })
     }
@@ -49,134 +50,25 @@ impl wasip2::exports::http::incoming_handler::Guest for Handler {
 
 wasip2::http::proxy::export!(Handler with_types_in wasip2);
 
-/// A header value that is not visible ASCII, as the timeout header's error
-/// message shows it.
-const NOT_ASCII: &str = "not ascii";
-
-/// What the guest needs of a request.
-struct Incoming {
-    method: String,
-    path_with_query: String,
-    traceparent: Option<String>,
-    tracestate: Option<String>,
-    timeout: Option<String>,
-    /// Every header, for `forward_headers`: visible-ASCII values only.
-    headers: Vec<(String, String)>,
-}
-
-impl Incoming {
-    fn read(request: &IncomingRequest) -> Incoming {
-        let headers = request.headers();
-        // The first of a repeated header counts, as `http`'s `HeaderMap::get`
-        // has it.
-        let header = |name: &str| headers.get(name).into_iter().next();
-        // Only text `http`'s `HeaderValue::to_str` accepts (visible ASCII):
-        // anything else is not a trace context, and would be refused when
-        // forwarded (tracestate).
-        let text = |value: Vec<u8>| {
-            let visible = value
-                .iter()
-                .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b));
-            visible.then(|| String::from_utf8(value).ok()).flatten()
-        };
-        let method = match request.method() {
-            Method::Get => "GET".to_string(),
-            Method::Head => "HEAD".to_string(),
-            Method::Post => "POST".to_string(),
-            Method::Put => "PUT".to_string(),
-            Method::Delete => "DELETE".to_string(),
-            Method::Connect => "CONNECT".to_string(),
-            Method::Options => "OPTIONS".to_string(),
-            Method::Trace => "TRACE".to_string(),
-            Method::Patch => "PATCH".to_string(),
-            Method::Other(other) => other,
-        };
-        Incoming {
-            method,
-            path_with_query: request.path_with_query().unwrap_or_else(|| "/".into()),
-            traceparent: header("traceparent").and_then(text),
-            tracestate: header("tracestate")
-                .and_then(text)
-                .and_then(crate::trace::bounded_tracestate),
-            // Present but not text is still an error the client should see.
-            timeout: header(TIMEOUT_HEADER).map(|v| text(v).unwrap_or(NOT_ASCII.into())),
-            headers: headers
-                .entries()
-                .into_iter()
-                .filter_map(|(name, value)| Some((name, text(value)?)))
-                .collect(),
-        }
-    }
-
-    fn path_and_query(&self) -> (&str, Option<&str>) {
-        match self.path_with_query.split_once('?') {
-            Some((path, query)) => (path, Some(query)),
-            None => (&self.path_with_query, None),
-        }
-    }
-}
-
-async fn handle(origin: Instant, request: &Incoming) -> (Answer, Vec<u8>, String) {
-    let trace = request
-        .traceparent
-        .as_deref()
-        .and_then(TraceContext::parse)
-        .unwrap_or_else(|| TraceContext::new_root(random_u64));
-    let env = WasiEnv {
-        origin,
-        tracestate: request.tracestate.clone(),
-        headers: request.headers.clone(),
+/// The request as [`serve`](crate::serve) reads it.
+fn incoming(request: &IncomingRequest) -> Incoming {
+    let method = match request.method() {
+        Method::Get => "GET".to_string(),
+        Method::Head => "HEAD".to_string(),
+        Method::Post => "POST".to_string(),
+        Method::Put => "PUT".to_string(),
+        Method::Delete => "DELETE".to_string(),
+        Method::Connect => "CONNECT".to_string(),
+        Method::Options => "OPTIONS".to_string(),
+        Method::Trace => "TRACE".to_string(),
+        Method::Patch => "PATCH".to_string(),
+        Method::Other(other) => other,
     };
-    let mut timings = Vec::new();
-    let (answer, body) = match answer(&env, request, &trace, &mut timings).await {
-        Ok((answer, max_body)) => answer.into_bytes(max_body),
-        Err(error) => Answer::error(&error).into_bytes(usize::MAX),
-    };
-    let server_timing = fanout::server_timing(&timings, origin.elapsed());
-    (answer, body, server_timing)
-}
-
-/// The configuration, read from the environment by the instance's first
-/// request and kept for the others: the environment is the instance's, and
-/// does not change while it lives. Reading it was a fifth of a request's
-/// fuel. It is the only state a request leaves behind.
-fn config() -> &'static Result<Config, ConfigError> {
-    static CONFIG: OnceLock<Result<Config, ConfigError>> = OnceLock::new();
-    CONFIG.get_or_init(Config::from_env)
-}
-
-async fn answer(
-    env: &WasiEnv,
-    request: &Incoming,
-    trace: &TraceContext,
-    timings: &mut Vec<(String, Duration)>,
-) -> Result<(Answer, usize), ApiError> {
-    let config = config().as_ref().map_err(|e| {
-        ApiError::new(
-            500,
-            "config_invalid",
-            format!("guest configuration is invalid: {e}"),
-        )
-    })?;
-    let (path, query) = request.path_and_query();
-    let target = api::route(config, &request.method, path, query)?;
-    let budget = Budget::starting_at(
-        Duration::ZERO,
-        api::budget(config, request.timeout.as_deref())?,
-    );
-    Ok(match target {
-        Target::Item { route, params } => {
-            let items = [params];
-            let mut done = fanout::fan_out(env, config, route, &items, budget, trace).await;
-            *timings = done.timings;
-            (Answer::item(done.items.remove(0)), route.max_body)
-        }
-        Target::Batch { route, items } => {
-            let done = fanout::fan_out(env, config, route, &items, budget, trace).await;
-            *timings = done.timings;
-            (Answer::batch(done.items), route.max_body)
-        }
-    })
+    Incoming::new(
+        method,
+        request.path_with_query(),
+        request.headers().entries(),
+    )
 }
 
 /// Sends the answer: its head through `response_out`, then its body.
@@ -186,29 +78,7 @@ async fn respond(
     body: Vec<u8>,
     server_timing: &str,
 ) {
-    let mut headers: Vec<(String, Vec<u8>)> = vec![
-        ("content-type".into(), b"application/json".to_vec()),
-        ("content-length".into(), body.len().to_string().into_bytes()),
-        ("server-timing".into(), server_timing.as_bytes().to_vec()),
-    ];
-    if answer.status == 405 {
-        headers.push(("allow".into(), b"GET".to_vec()));
-    }
-    // The guest's one 503: the host shed a call (an open circuit, the retry
-    // budget). Say when to come back, as the host's own sheds do; the host
-    // then paces a client that does not listen, as it paces its own.
-    if answer.status == 503 {
-        headers.push(("retry-after".into(), b"1".to_vec()));
-    }
-    if !answer.degraded.is_empty() {
-        headers.push((
-            DEGRADED_HEADER.into(),
-            answer.degraded.join(", ").into_bytes(),
-        ));
-    }
-    // Upstream names come from the configuration: a value the host would
-    // refuse is left out rather than failing the whole list.
-    headers.retain(|(_, value)| HeaderValue::from_bytes(value).is_ok());
+    let headers = serve::answer_fields(&answer, body.len(), server_timing);
     let fields = Fields::from_list(&headers).unwrap_or_else(|_| Fields::new());
     let response = OutgoingResponse::new(fields);
     if response.set_status_code(answer.status).is_err() {
@@ -230,13 +100,10 @@ async fn respond(
     }
 }
 
-struct WasiEnv {
+struct WasiEnv<'a> {
+    /// When the request arrived.
     origin: Instant,
-    /// Forwarded unchanged on every attempt, as W3C trace context asks.
-    tracestate: Option<String>,
-    /// The client's headers, of which each upstream's `forward_headers`
-    /// are copied onto its calls.
-    headers: Vec<(String, String)>,
+    request: &'a Incoming,
 }
 
 /// 64 bits from wasi:random/random, part of the proxy world.
@@ -246,7 +113,7 @@ fn random_u64() -> u64 {
     u64::from_le_bytes(bytes)
 }
 
-impl Env for WasiEnv {
+impl Env for WasiEnv<'_> {
     fn now(&self) -> Duration {
         self.origin.elapsed()
     }
@@ -260,36 +127,10 @@ impl Env for WasiEnv {
     }
 
     async fn attempt(&self, attempt: Attempt<'_>) -> Result<Value, UpstreamFailure> {
-        let attempt_number = attempt.number.to_string();
-        let budget_ms = attempt.timeout.as_millis().max(1).to_string();
-        let mut headers: Vec<(&str, &str)> = vec![
-            ("accept", "application/json"),
-            ("traceparent", &attempt.traceparent),
-            (HINT_UPSTREAM, attempt.upstream),
-            (HINT_ATTEMPT, &attempt_number),
-        ];
-        if let Some(state) = self.tracestate.as_deref() {
-            headers.push(("tracestate", state));
-        }
-        // What this attempt has left, so that an upstream that is itself an
-        // aggregator (fanout reads this header) spends no more.
-        if let Some(name) = attempt.budget_header {
-            headers.push((name, &budget_ms));
-        }
-        // Only what the configuration lists for this upstream, every value
-        // of a repeated header, in the client's order.
-        for (name, value) in &self.headers {
-            if attempt
-                .forward
-                .iter()
-                .any(|listed| name.eq_ignore_ascii_case(listed))
-            {
-                headers.push((name, value));
-            }
-        }
+        let fields = self.request.attempt_fields(&attempt);
         // On timeout the call is dropped, which makes the host abort the
         // in-flight request.
-        match get(&attempt.url, &headers, attempt.timeout)
+        match get(&attempt.url, fields, attempt.timeout)
             .timeout(wstd::time::Duration::from(attempt.timeout))
             .await
         {
@@ -310,10 +151,10 @@ impl Env for WasiEnv {
 /// "connection reset". Here the body is finished before the request leaves.
 async fn get(
     url: &str,
-    headers: &[(&str, &str)],
+    fields: Vec<(String, Vec<u8>)>,
     first_byte_timeout: Duration,
 ) -> Result<Value, UpstreamFailure> {
-    let request = outgoing_get(url, headers)?;
+    let request = outgoing_get(url, fields)?;
     let options = RequestOptions::new();
     // A host that cannot time the first byte says so with `Err`; the guest's
     // own timeout around this call still bounds it, so carry on without.
@@ -334,17 +175,7 @@ async fn get(
     let status = response.status();
     if !(200..300).contains(&status) {
         let retry_after = response.headers().get("retry-after").into_iter().next();
-        return Err(match (status, retry_after) {
-            (429 | 503, Some(value)) => UpstreamFailure::Throttled {
-                status,
-                // Present but not seconds (a date): not within this request.
-                retry_after: std::str::from_utf8(&value)
-                    .ok()
-                    .and_then(parse_retry_after)
-                    .unwrap_or(Duration::from_secs(3600)),
-            },
-            _ => UpstreamFailure::Status(status),
-        });
+        return Err(serve::refused(status, retry_after.as_deref()));
     }
     let body = response
         .consume()
@@ -355,15 +186,14 @@ async fn get(
 }
 
 /// The request, headers checked by the host's rules, its empty body finished.
-fn outgoing_get(url: &str, headers: &[(&str, &str)]) -> Result<OutgoingRequest, UpstreamFailure> {
+fn outgoing_get(
+    url: &str,
+    fields: Vec<(String, Vec<u8>)>,
+) -> Result<OutgoingRequest, UpstreamFailure> {
     let invalid = |why: String| UpstreamFailure::Transport(format!("invalid request: {why}"));
     let uri: Uri = url.parse().map_err(|e| invalid(format!("{url}: {e}")))?;
-    let entries: Vec<(String, Vec<u8>)> = headers
-        .iter()
-        .map(|(name, value)| (name.to_string(), value.as_bytes().to_vec()))
-        .collect();
     let fields =
-        Fields::from_list(&entries).map_err(|e| invalid(format!("header refused: {e:?}")))?;
+        Fields::from_list(&fields).map_err(|e| invalid(format!("header refused: {e:?}")))?;
     let request = OutgoingRequest::new(fields);
     let scheme = match uri.scheme_str() {
         Some("http") => Scheme::Http,
@@ -401,15 +231,7 @@ async fn read_body(body: &IncomingBody) -> Result<Vec<u8>, UpstreamFailure> {
         match stream.read(READ_CHUNK) {
             // Nothing yet: wait, rather than spin.
             Ok(chunk) if chunk.is_empty() => ready.wait_for().await,
-            Ok(chunk) => {
-                if bytes.len() + chunk.len() > MAX_UPSTREAM_BODY {
-                    return Err(UpstreamFailure::InvalidBody(format!(
-                        "the body is larger than {} KiB",
-                        MAX_UPSTREAM_BODY >> 10
-                    )));
-                }
-                bytes.extend_from_slice(&chunk);
-            }
+            Ok(chunk) => serve::append_chunk(&mut bytes, &chunk)?,
             Err(StreamError::Closed) => break,
             Err(StreamError::LastOperationFailed(error)) => {
                 return Err(match http_error_code(&error) {
@@ -425,41 +247,6 @@ async fn read_body(body: &IncomingBody) -> Result<Vec<u8>, UpstreamFailure> {
     Ok(bytes)
 }
 
-fn duration_ns(duration: Duration) -> u64 {
-    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
-}
-
 fn failure_of(code: ErrorCode) -> UpstreamFailure {
-    match code {
-        // The host's own timeout, triggered by the first-byte option above.
-        ErrorCode::ConnectionReadTimeout | ErrorCode::HttpResponseTimeout => {
-            UpstreamFailure::Timeout
-        }
-        ErrorCode::HttpRequestDenied => UpstreamFailure::Denied,
-        ErrorCode::ConnectionLimitReached => {
-            UpstreamFailure::Shed("its concurrency limit or retry budget is used up".into())
-        }
-        ErrorCode::DestinationUnavailable => {
-            UpstreamFailure::Shed("its circuit breaker is open".into())
-        }
-        ErrorCode::TlsCertificateError => UpstreamFailure::Tls {
-            why: "the server's certificate was refused (unknown CA, wrong name or expired)".into(),
-            retryable: false,
-        },
-        ErrorCode::TlsAlertReceived(alert) => UpstreamFailure::Tls {
-            why: format!(
-                "the server refused the handshake (alert {})",
-                alert
-                    .alert_message
-                    .as_deref()
-                    .unwrap_or("without a message")
-            ),
-            retryable: false,
-        },
-        ErrorCode::TlsProtocolError => UpstreamFailure::Tls {
-            why: "the handshake failed".into(),
-            retryable: true,
-        },
-        code => UpstreamFailure::Transport(format!("{code:?}")),
-    }
+    crate::upstream_failure!(ErrorCode, code)
 }

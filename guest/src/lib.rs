@@ -45,9 +45,10 @@ pub mod fanout;
 pub mod merge;
 pub mod protocol;
 pub mod retry;
+pub mod serve;
 pub mod shape;
 pub mod template;
 pub mod trace;
 
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", feature = "p2"))]
 mod component;

@@ -9,6 +9,7 @@ use crate::error::Error;
 use crate::fanout::Fanout;
 use crate::guard::Guardrails;
 use crate::guest_runtime::GuestRuntime;
+use crate::guest_world::{GuestPre, WasiHttpVersion};
 use crate::instance::Runner;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
@@ -25,7 +26,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 use wasmtime::component::Linker;
-use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 /// Builds a [`Fanout`]. Everything is validated and the component compiled in
 /// [`build`](FanoutBuilder::build), before anything listens.
@@ -70,8 +70,9 @@ struct PendingUpstream {
 }
 
 enum ComponentSource {
-    /// The guest built from `guest/`, whose configuration the host knows.
-    BuiltIn,
+    /// The guest built from `guest/` (or its `wasi:http@0.3` build from
+    /// `guest-p3/`), whose configuration the host knows.
+    BuiltIn(WasiHttpVersion),
     Bytes(Cow<'static, [u8]>),
     Path(PathBuf),
 }
@@ -79,7 +80,7 @@ enum ComponentSource {
 impl Default for FanoutBuilder {
     fn default() -> Self {
         FanoutBuilder {
-            component: ComponentSource::BuiltIn,
+            component: ComponentSource::BuiltIn(WasiHttpVersion::P2),
             limits: Limits::default(),
             upstreams: Vec::new(),
             env: Vec::new(),
@@ -94,6 +95,13 @@ impl Default for FanoutBuilder {
 }
 
 impl FanoutBuilder {
+    /// Runs the built-in guest's build for `version`: the `wasi:http@0.2`
+    /// one by default (it runs on every host), or the `@0.3` one.
+    pub fn builtin_guest(mut self, version: WasiHttpVersion) -> Self {
+        self.component = ComponentSource::BuiltIn(version);
+        self
+    }
+
     /// Runs this component (a `wasi:http/proxy` component, as bytes) instead
     /// of the built-in guest.
     pub fn component_bytes(mut self, bytes: impl Into<Cow<'static, [u8]>>) -> Self {
@@ -363,15 +371,19 @@ impl FanoutBuilder {
         }
 
         let builtin = match self.component {
-            ComponentSource::BuiltIn => {
+            ComponentSource::BuiltIn(_) => {
                 Some(BuiltinGuest::configure(&env, &self.limits, &upstreams)?)
             }
             _ => None,
         };
 
-        let engine = runtime::engine(&self.limits).map_err(Error::wasmtime)?;
         let bytes: Cow<'_, [u8]> = match &self.component {
-            ComponentSource::BuiltIn => Cow::Borrowed(crate::builtin_guest::GUEST_COMPONENT),
+            ComponentSource::BuiltIn(WasiHttpVersion::P2) => {
+                Cow::Borrowed(crate::builtin_guest::GUEST_COMPONENT)
+            }
+            ComponentSource::BuiltIn(WasiHttpVersion::P3) => {
+                Cow::Borrowed(crate::builtin_guest::GUEST_P3_COMPONENT)
+            }
             ComponentSource::Bytes(bytes) => Cow::Borrowed(bytes),
             ComponentSource::Path(path) => {
                 Cow::Owned(std::fs::read(path).map_err(|source| Error::ReadComponent {
@@ -380,6 +392,8 @@ impl FanoutBuilder {
                 })?)
             }
         };
+        let world = WasiHttpVersion::exported_by(&bytes);
+        let engine = runtime::engine(&self.limits, world).map_err(Error::wasmtime)?;
         let (component, origin) =
             crate::cache::load_or_compile(&engine, &bytes, self.cache_dir.as_deref())
                 .map_err(|e| Error::Component(format!("{e:#}")))?;
@@ -389,9 +403,13 @@ impl FanoutBuilder {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(Error::wasmtime)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(Error::wasmtime)?;
+        // A 0.3 guest built for wasm32-wasip2 imports both: std's 0.2 WASI
+        // and the 0.3 interfaces it calls.
+        wasmtime_wasi::p3::add_to_linker(&mut linker).map_err(Error::wasmtime)?;
+        wasmtime_wasi_http::p3::add_to_linker(&mut linker).map_err(Error::wasmtime)?;
         let pre = linker
             .instantiate_pre(&component)
-            .and_then(ProxyPre::new)
+            .and_then(GuestPre::new)
             .map_err(|e| Error::Component(format!("{e:#}")))?;
 
         let max_instances = self.limits.max_instances as usize;

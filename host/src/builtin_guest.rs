@@ -12,7 +12,8 @@ use fanout_guest::protocol::TIMEOUT_HEADER;
 use http::Request;
 use std::time::Duration;
 
-// GUEST_COMPONENT_PATH and GUEST_COMPONENT, written by build.rs.
+// GUEST_COMPONENT_PATH, GUEST_COMPONENT and their `wasi:http@0.3` twins,
+// written by build.rs.
 include!(concat!(env!("OUT_DIR"), "/components.rs"));
 
 /// A wait shorter than this is not taken out of the guest's budget: it is

@@ -7,6 +7,7 @@
 use crate::admin::{self, AdminView};
 use crate::cache::Origin;
 use crate::error::{Failure, Shed};
+use crate::guest_world::WasiHttpVersion;
 use crate::instance::Runner;
 use crate::limits::Limits;
 use crate::metrics::{CauseLabel, Metrics};
@@ -74,6 +75,11 @@ impl Fanout {
     /// Whether the component was compiled at start or loaded from the cache.
     pub fn component_origin(&self) -> Origin {
         self.origin
+    }
+
+    /// Which `wasi:http` world the component exports (and is served by).
+    pub fn wasi_http_version(&self) -> WasiHttpVersion {
+        self.runner.pre.version()
     }
 
     /// The Prometheus registry of this host.

@@ -6,7 +6,7 @@
 //!    kept from an earlier request) or a fresh store, readied with the
 //!    request's limits (fuel, epoch deadline) and outgoing hooks;
 //! 3. [`run_guest`]: instantiate if need be and call the guest's
-//!    `incoming-handler`, under the wall-clock deadline, in a task of its
+//!    handler (either `wasi:http` world: [`guest_world`](crate::guest_world)), under the wall-clock deadline, in a task of its
 //!    own (it may go on streaming the body after the head is out); then
 //!    keep the worker for the next request, or retire it;
 //! 4. [`await_head`]: wait for the guest's response head, and teach the
@@ -22,6 +22,7 @@ use crate::builtin_guest::{self, BuiltinGuest};
 use crate::error::Failure;
 use crate::guest_output::GuestOutput;
 use crate::guest_runtime::GuestRuntime;
+use crate::guest_world::{GuestCall, GuestPre, HeadReceiver};
 use crate::limits::{GUEST_OUTPUT_CAPACITY, HANDOFF_BUFFER, Limits, MAX_GUEST_RESOURCES};
 use crate::metrics::Metrics;
 use crate::outbound::{AttemptLog, OutboundHooks, RequestHooks, Upstreams};
@@ -38,18 +39,16 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, oneshot};
-use wasmtime::component::{Resource, ResourceTable, ResourceTableError};
+use wasmtime::component::{ResourceTable, ResourceTableError};
 use wasmtime::{Store, StoreLimitsBuilder, Trap};
 use wasmtime_wasi::WasiCtx;
-use wasmtime_wasi_http::p2::bindings::ProxyPre;
-use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode as OutparamError, Scheme};
-use wasmtime_wasi_http::p2::types::{HostIncomingRequest, HostResponseOutparam};
-use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpView};
+use wasmtime_wasi_http::WasiHttpCtx;
 
 /// Everything a request needs to get and run an instance, shared by all
 /// requests of one `Fanout`.
 pub(crate) struct Runner {
-    pub(crate) pre: ProxyPre<RequestState>,
+    /// The component, linked, in whichever `wasi:http` world it exports.
+    pub(crate) pre: GuestPre,
     pub(crate) limits: Limits,
     pub(crate) upstreams: Arc<Upstreams>,
     pub(crate) hooks: Arc<dyn OutboundHooks>,
@@ -110,14 +109,8 @@ impl Runner {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
 
         let mut worker = self.worker(attempts.clone(), span)?;
-        let (sender, receiver) = oneshot::channel();
-        let (request, outparam) = (|| -> wasmtime::Result<_> {
-            let mut http = worker.store.data_mut().http();
-            let request = http.new_incoming_request(Scheme::Http, request)?;
-            let outparam = http.new_response_outparam(sender)?;
-            Ok((request, outparam))
-        })()
-        .map_err(|e| Failure::Internal(format!("{e:#}")))?;
+        let (call, receiver) = GuestCall::new(self.pre.version(), &mut worker.store, request)
+            .map_err(|e| Failure::Internal(format!("{e:#}")))?;
 
         // How the guest failed, if it did: set before the store (and with it
         // the body's sender) is dropped, so that a body it leaves unfinished
@@ -128,7 +121,7 @@ impl Runner {
             trace_id: trace_id.to_string(),
         };
         let admitted_at = place.ticket.admitted();
-        let guest = run_guest(self.clone(), worker, request, outparam, place, cut.clone());
+        let guest = run_guest(self.clone(), worker, call, place, cut.clone());
         let runner = self.clone();
         match &self.guests {
             // In a task of its own, which outlives the answer's head.
@@ -310,8 +303,7 @@ where
 async fn run_guest(
     runner: Arc<Runner>,
     mut worker: Worker,
-    request: Resource<HostIncomingRequest>,
-    outparam: Resource<HostResponseOutparam>,
+    call: GuestCall,
     place: Place,
     cut: GuestCut,
 ) -> Option<Failure> {
@@ -321,15 +313,12 @@ async fn run_guest(
             Some(proxy) => proxy,
             None => {
                 let t0 = Instant::now();
-                let proxy = runner.pre.instantiate_async(&mut worker.store).await?;
+                let proxy = runner.pre.instantiate(&mut worker.store).await?;
                 runner.stats.record_instantiation(t0.elapsed());
                 proxy
             }
         };
-        let called = proxy
-            .wasi_http_incoming_handler()
-            .call_handle(&mut worker.store, request, outparam)
-            .await;
+        let called = call.run(&proxy, &mut worker.store).await;
         worker.proxy = Some(proxy);
         called
     })
@@ -371,12 +360,12 @@ async fn run_guest(
 /// from its timing; when the guest ended without one, `ended` says why.
 async fn await_head(
     runner: &Runner,
-    receiver: oneshot::Receiver<Result<Response<ResponseBody>, OutparamError>>,
+    receiver: HeadReceiver,
     ended: impl Future<Output = Result<Option<Failure>, String>>,
     attempts: &AttemptLog,
     admitted_at: Instant,
 ) -> Result<Response<ResponseBody>, Failure> {
-    let answered = receiver.await;
+    let answered = receiver.recv().await;
     // The time to the response head, less the time spent waiting on
     // upstreams, is what the limiter learns from.
     let upstream_wait = attempts.upstream_wait(admitted_at, Instant::now());
@@ -390,7 +379,7 @@ async fn await_head(
     match answered {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(code)) => Err(Failure::NoResponse(format!(
-            "the guest answered with error code {code:?}"
+            "the guest answered with error code {code}"
         ))),
         // The sender was dropped with the store: the task ended without
         // an answer, and its result says why.
@@ -410,7 +399,7 @@ async fn await_head(
 async fn on_guest_runtime(
     runner: Arc<Runner>,
     guest: impl Future<Output = Option<Failure>> + Send + 'static,
-    receiver: oneshot::Receiver<Result<Response<ResponseBody>, OutparamError>>,
+    receiver: HeadReceiver,
     attempts: AttemptLog,
     admitted_at: Instant,
     cut: GuestCut,

@@ -77,6 +77,7 @@ mod fanout;
 pub mod guard;
 mod guest_output;
 mod guest_runtime;
+mod guest_world;
 mod http_server;
 mod instance;
 mod lag;
@@ -94,11 +95,14 @@ pub mod upstream;
 mod worker;
 
 pub use builder::{AdmissionMode, FanoutBuilder};
-pub use builtin_guest::{GUEST_COMPONENT, GUEST_COMPONENT_PATH};
+pub use builtin_guest::{
+    GUEST_COMPONENT, GUEST_COMPONENT_PATH, GUEST_P3_COMPONENT, GUEST_P3_COMPONENT_PATH,
+};
 pub use error::{
     DnsFailure, Error, Failure, RETRY_AFTER, client_error_code, error_code_name, guarded_error_code,
 };
 pub use fanout::Fanout;
+pub use guest_world::WasiHttpVersion;
 pub use limits::Limits;
 pub use response::{ResponseBody, error_response, full_body};
 pub use stats::StatsSnapshot;

@@ -114,6 +114,12 @@ pub const CORE_INSTANCES_PER_REQUEST: u32 = 6;
 pub const MEMORIES_PER_REQUEST: u32 = 2;
 /// Tables one request's instances may use.
 pub const TABLES_PER_REQUEST: u32 = 4;
+/// Fiber stacks one request of a `wasi:http@0.3` guest may hold at once (a
+/// 0.2 guest runs on one). Its tasks hold more than one at a time: with one
+/// per request, two concurrent requests on a pool of two failed with
+/// "maximum concurrent limit of 2 for fibers reached". Not more than it
+/// needs: each stack is two memory mappings, and a process has ~65k.
+pub const STACKS_PER_P3_REQUEST: u32 = 2;
 
 /// How long a request may wait for a free instance when all are busy, by
 /// default. A request whose expected wait (from the queue ahead of it and

@@ -8,7 +8,7 @@ use clap::{Parser, ValueEnum};
 use fanout_guest::protocol::{ENV_CONFIG, ENV_DEADLINE_MS};
 use fanout_host::config::FileConfig;
 use fanout_host::telemetry::Otlp;
-use fanout_host::{Fanout, Limits};
+use fanout_host::{Fanout, Limits, WasiHttpVersion};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,6 +43,12 @@ struct Args {
     /// A wasi:http/proxy component to serve instead of the built-in guest.
     #[arg(long)]
     component: Option<PathBuf>,
+
+    /// Which build of the built-in guest to serve: `0.2` (wasi:http/proxy,
+    /// which every host runs) or `0.3` (wasi:http/service) [default: 0.2].
+    #[arg(long, value_name = "VERSION", env = "FANOUT_WASI_HTTP", value_parser = parse_wasi_http,
+          conflicts_with = "component")]
+    wasi_http: Option<WasiHttpVersion>,
 
     /// Where compiled components are cached between starts
     /// [default: $XDG_CACHE_HOME/fanout or ~/.cache/fanout].
@@ -151,6 +157,14 @@ enum AdmissionFlag {
 enum LogFormat {
     Json,
     Pretty,
+}
+
+fn parse_wasi_http(value: &str) -> Result<WasiHttpVersion, String> {
+    match value {
+        "0.2" | "p2" => Ok(WasiHttpVersion::P2),
+        "0.3" | "p3" => Ok(WasiHttpVersion::P3),
+        other => Err(format!("`{other}` is not a wasi:http version: 0.2 or 0.3")),
+    }
 }
 
 fn parse_upstream(raw: &str) -> Result<(String, String), String> {
@@ -335,6 +349,9 @@ fn configure(args: &Args) -> Result<(Fanout, SocketAddr, Option<SocketAddr>), fa
             .or_else(fanout_host::cache::default_dir)
     {
         builder = builder.cache_dir(dir);
+    }
+    if let Some(version) = args.wasi_http {
+        builder = builder.builtin_guest(version);
     }
     if let Some(path) = &args.component {
         builder = builder.component_path(path);

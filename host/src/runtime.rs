@@ -1,8 +1,9 @@
 //! The wasmtime side: engine configuration and the epoch ticker.
 
+use crate::guest_world::WasiHttpVersion;
 use crate::limits::{
     CORE_INSTANCES_PER_REQUEST, EPOCH_TICK, Limits, MEMORIES_PER_REQUEST, MEMORY_KEEP_RESIDENT,
-    TABLES_PER_REQUEST,
+    STACKS_PER_P3_REQUEST, TABLES_PER_REQUEST,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,14 +25,18 @@ const FUEL_YIELD_INTERVAL: u64 = 20_000;
 /// Builds the engine: epoch interruption on, fuel metering when the limits
 /// ask for fuel, instances from a pool sized for `limits.max_instances`
 /// concurrent requests.
-pub(crate) fn engine(limits: &Limits) -> wasmtime::Result<Engine> {
+pub(crate) fn engine(limits: &Limits, world: WasiHttpVersion) -> wasmtime::Result<Engine> {
     let n = limits.max_instances;
+    let stacks = match world {
+        WasiHttpVersion::P2 => n,
+        WasiHttpVersion::P3 => n * STACKS_PER_P3_REQUEST,
+    };
     let mut pool = PoolingAllocationConfig::new();
     pool.total_component_instances(n)
         .total_core_instances(n * CORE_INSTANCES_PER_REQUEST)
         .total_memories(n * MEMORIES_PER_REQUEST)
         .total_tables(n * TABLES_PER_REQUEST)
-        .total_stacks(n)
+        .total_stacks(stacks)
         .max_memory_size(limits.memory_bytes)
         .linear_memory_keep_resident(MEMORY_KEEP_RESIDENT)
         .table_keep_resident(64 << 10);
@@ -41,7 +46,10 @@ pub(crate) fn engine(limits: &Limits) -> wasmtime::Result<Engine> {
         .consume_fuel(limits.fuel.is_some())
         .epoch_interruption(true)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
-        .memory_init_cow(true);
+        .memory_init_cow(true)
+        // For `wasi:http@0.3` guests (see `guest_world`); a 0.2 guest does
+        // not use it.
+        .wasm_component_model_async(true);
     Engine::new(&config)
 }
 

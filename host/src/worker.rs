@@ -12,6 +12,7 @@
 //! failure (trap, fuel, deadline, memory, a dropped request) retires it.
 
 use crate::guest_output::GuestOutput;
+use crate::guest_world::GuestInstance;
 use crate::limits::{Limits, MAX_IDLE_RESOURCES, WARM_IDLE};
 use crate::outbound::RequestHooks;
 use crate::store::RequestState;
@@ -23,7 +24,6 @@ use std::time::Instant;
 use tokio::sync::OwnedSemaphorePermit;
 use wasmtime::Store;
 use wasmtime::component::ResourceTable;
-use wasmtime_wasi_http::p2::bindings::Proxy;
 use wasmtime_wasi_http::p2::body::{HostIncomingBody, HostOutgoingBody};
 use wasmtime_wasi_http::p2::types::{
     HostIncomingRequest, HostOutgoingResponse, HostResponseOutparam,
@@ -33,7 +33,7 @@ use wasmtime_wasi_http::p2::types::{
 pub(crate) struct Worker {
     pub(crate) store: Store<RequestState>,
     /// `None` until the first request instantiates the guest.
-    pub(crate) proxy: Option<Proxy>,
+    pub(crate) proxy: Option<GuestInstance>,
     pub(crate) stdout: GuestOutput,
     pub(crate) stderr: GuestOutput,
     /// Requests begun in this worker, the current one included.
@@ -104,6 +104,8 @@ fn leftovers_allow_reuse(table: &mut ResourceTable) -> bool {
             || entry.is::<HostResponseOutparam>()
             || entry.is::<HostIncomingRequest>()
             || entry.is::<HostIncomingBody>()
+            || entry.is::<wasmtime_wasi_http::p3::Request>()
+            || entry.is::<wasmtime_wasi_http::p3::Response>()
         {
             return false;
         }

@@ -34,6 +34,29 @@ pub fn instance_reuse() -> u32 {
     }
 }
 
+/// The environment variable that picks the build of the built-in guest the
+/// tests' hosts serve: unset or `0.2`, the `wasi:http@0.2` one (the
+/// default); `0.3`, the `wasi:http@0.3` one. CI runs the suite in each.
+/// Tests of another component (the hostile guests) are the same in both.
+pub const WASI_HTTP_ENV: &str = "FANOUT_TEST_WASI_HTTP";
+
+/// The build of the built-in guest the tests run (see [`WASI_HTTP_ENV`]).
+pub fn wasi_http() -> fanout_host::WasiHttpVersion {
+    match std::env::var(WASI_HTTP_ENV).as_deref() {
+        Err(_) | Ok("0.2") => fanout_host::WasiHttpVersion::P2,
+        Ok("0.3") => fanout_host::WasiHttpVersion::P3,
+        Ok(other) => panic!("{WASI_HTTP_ENV}={other} is not a wasi:http version: 0.2 or 0.3"),
+    }
+}
+
+/// The built-in guest's component file for [`wasi_http`].
+pub fn guest_component_path() -> &'static str {
+    match wasi_http() {
+        fanout_host::WasiHttpVersion::P2 => fanout_host::GUEST_COMPONENT_PATH,
+        fanout_host::WasiHttpVersion::P3 => fanout_host::GUEST_P3_COMPONENT_PATH,
+    }
+}
+
 /// The default limits, with the tests' instance reuse.
 pub fn limits() -> fanout_host::Limits {
     fanout_host::Limits {
@@ -42,9 +65,12 @@ pub fn limits() -> fanout_host::Limits {
     }
 }
 
-/// A host builder with the tests' limits ([`limits`]).
+/// A host builder with the tests' limits ([`limits`]) and build of the
+/// built-in guest ([`wasi_http`]).
 pub fn builder() -> fanout_host::FanoutBuilder {
-    fanout_host::Fanout::builder().limits(limits())
+    fanout_host::Fanout::builder()
+        .limits(limits())
+        .builtin_guest(wasi_http())
 }
 
 /// Milliseconds, for brevity in tests: `MS(50)`.

@@ -251,7 +251,7 @@ async fn the_guest_still_validates_what_it_reads() -> Result<()> {
     let upstreams = ProductUpstreams::start(MS(0)).await?;
     let fanout = upstreams
         .builder()
-        .component_path(fanout_host::GUEST_COMPONENT_PATH)
+        .component_path(fanout_tests::guest_component_path())
         .env("FANOUT_DEADLINE_MS", "soon")
         .build()?;
     let host = TestHost::start(fanout).await?;

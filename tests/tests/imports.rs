@@ -125,3 +125,48 @@ fn guest_imports_stay_within_proxy_and_cli() -> Result<()> {
     );
     Ok(())
 }
+
+/// The `wasi:http@0.3` build (`guest-p3/`) calls upstreams through 0.3's
+/// `client`, exports 0.3's `handler` and nothing of 0.2's, and imports
+/// nothing else but what the 0.2 build does (Rust's std on wasm32-wasip2)
+/// and 0.3's clocks and randomness: a `wasi:http/service` host that also
+/// serves 0.2's `wasi:cli` runs it (`wasmtime serve -Sp3,cli`).
+#[test]
+fn the_p3_guest_stays_within_the_service_world_and_the_p2_builds_imports() -> Result<()> {
+    let (p2_imports, _) = imports_and_exports(fanout_host::GUEST_COMPONENT_PATH)?;
+    let (imports, exports) = imports_and_exports(fanout_host::GUEST_P3_COMPONENT_PATH)?;
+    println!("0.3 guest imports: {imports:#?}\nexports: {exports:#?}");
+    let p2: BTreeSet<String> = p2_imports.iter().map(|i| unversioned_patch(i)).collect();
+    let p3_allowed = [
+        "wasi:http/types@0.3",
+        "wasi:http/client@0.3",
+        "wasi:clocks/types@0.3",
+        "wasi:clocks/monotonic-clock@0.3",
+        "wasi:random/random@0.3",
+    ];
+    let outside: Vec<_> = imports
+        .iter()
+        .map(|i| unversioned_patch(i))
+        .filter(|i| !p2.contains(i) && !p3_allowed.contains(&i.as_str()))
+        .collect();
+    assert!(outside.is_empty(), "unexpected imports: {outside:?}");
+    assert!(
+        imports
+            .iter()
+            .any(|i| i.starts_with("wasi:http/client@0.3."))
+    );
+    assert!(
+        !imports
+            .iter()
+            .any(|i| i.starts_with("wasi:http/outgoing-handler@")),
+        "imports: {imports:?}"
+    );
+    assert_eq!(
+        exports
+            .iter()
+            .map(|e| unversioned_patch(e))
+            .collect::<Vec<_>>(),
+        ["wasi:http/handler@0.3"],
+    );
+    Ok(())
+}

@@ -74,6 +74,10 @@ impl WasmtimeServe {
         let turn = ONE_AT_A_TIME.lock().await;
         let mut command = Command::new("wasmtime");
         command.args(["serve", "-Scli", "--addr", "127.0.0.1:0"]);
+        // The suite's build of the guest; the 0.3 one needs WASIp3 on.
+        if fanout_tests::wasi_http() == fanout_host::WasiHttpVersion::P3 {
+            command.args(["-Wcomponent-model-async", "-Sp3"]);
+        }
         // The suite's reuse mode, as `wasmtime serve` spells it.
         command.arg(format!(
             "--max-instance-reuse-count={}",
@@ -83,7 +87,7 @@ impl WasmtimeServe {
             command.arg("--env").arg(format!("{key}={value}"));
         }
         command
-            .arg(fanout_host::GUEST_COMPONENT_PATH)
+            .arg(fanout_tests::guest_component_path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
