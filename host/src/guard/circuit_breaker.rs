@@ -89,6 +89,7 @@ where
             state: Some(self.state.clone()),
             probe,
             started: Instant::now(),
+            timeout: call.options.first_byte_timeout,
         };
         let response = self.inner.call(call);
         Box::pin(async move {
@@ -149,12 +150,14 @@ impl Outcome {
 }
 
 /// An admitted call whose outcome is not recorded yet: dropped unfinished,
-/// it ran out of time.
+/// it ran out of time, unless it was dropped well before its own timeout.
 struct Pending {
     /// `None` once the outcome is recorded.
     state: Option<Arc<Mutex<Breaker>>>,
     probe: bool,
     started: Instant,
+    /// The guest's timeout for this attempt, when it gave one.
+    timeout: Option<Duration>,
 }
 
 impl Pending {
@@ -170,11 +173,32 @@ impl Pending {
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        // Dropped unfinished: a deadline passed.
         let took = self.started.elapsed();
-        self.end(Outcome::OutOfTime(took));
+        self.end(Outcome::dropped(took, self.timeout));
     }
 }
+
+impl Outcome {
+    /// A call dropped unfinished after `took`, the guest having given it
+    /// `timeout`. Dropped near or past it, the call ran out of time (the
+    /// guest's timer starts a little before the call reaches the host, so
+    /// "near" leaves a margin). Dropped well before, the caller gave up for
+    /// its own reasons: the client went away (wrk closes all its
+    /// connections at the end of a run), or a required sibling failed and
+    /// the guest answered without this one. That says nothing about the
+    /// upstream: counted, a client closing 64 connections at once opened
+    /// every circuit of a healthy host.
+    fn dropped(took: Duration, timeout: Option<Duration>) -> Outcome {
+        match timeout {
+            Some(timeout) if took + CANCEL_MARGIN.max(timeout / 4) < timeout => Outcome::Neutral,
+            _ => Outcome::OutOfTime(took),
+        }
+    }
+}
+
+/// Below a quarter of the timeout, the least margin between a call dropped
+/// by its timeout and one dropped by a caller that gave up.
+const CANCEL_MARGIN: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Circuit {
@@ -371,6 +395,57 @@ mod tests {
             );
         }
         assert!(is_open(&service.clone().oneshot(call()).await), "open");
+    }
+
+    #[test]
+    fn a_call_dropped_well_before_its_timeout_was_given_up_not_out_of_time() {
+        let ms = Duration::from_millis;
+        let timeout = Some(ms(150));
+        // The client went away, or a sibling failed: nothing learnt.
+        assert_eq!(Outcome::dropped(ms(12), timeout), Outcome::Neutral);
+        assert_eq!(Outcome::dropped(ms(110), timeout), Outcome::Neutral);
+        // At its timeout, or just before it (the guest's timer started
+        // first): out of time.
+        assert_eq!(
+            Outcome::dropped(ms(145), timeout),
+            Outcome::OutOfTime(ms(145))
+        );
+        assert_eq!(
+            Outcome::dropped(ms(200), timeout),
+            Outcome::OutOfTime(ms(200))
+        );
+        // No timeout given: as before, out of time.
+        assert_eq!(Outcome::dropped(ms(12), None), Outcome::OutOfTime(ms(12)));
+        // A short timeout keeps the 10 ms margin.
+        assert_eq!(
+            Outcome::dropped(ms(12), Some(ms(20))),
+            Outcome::OutOfTime(ms(12))
+        );
+    }
+
+    #[tokio::test]
+    async fn calls_cancelled_early_by_their_callers_leave_the_circuit_closed() {
+        use tower::ServiceExt;
+        let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let service = guarded(hang.clone());
+        answered_then_hangs(&service, &hang).await;
+        // Each call has a second to answer and is dropped after 5 ms: as
+        // many as would open the circuit were they failures.
+        for _ in 0..10 {
+            let mut cancelled = call();
+            cancelled.options.first_byte_timeout = Some(Duration::from_secs(1));
+            let call = service.clone().oneshot(cancelled);
+            assert!(
+                tokio::time::timeout(Duration::from_millis(5), call)
+                    .await
+                    .is_err()
+            );
+        }
+        hang.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            !is_open(&service.clone().oneshot(call()).await),
+            "still closed"
+        );
     }
 
     #[tokio::test]
