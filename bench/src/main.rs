@@ -416,9 +416,15 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
             } else {
                 chosen(&Target::REPORTED)
             };
-            results.latency = h
+            let measured = h
                 .latency(&targets, &levels, Duration::from_millis(50))
                 .await?;
+            // Rows of the levels not measured now stay (c=500 for a run at
+            // 5 and 50); the levels measured now are all from this run.
+            results
+                .latency
+                .retain(|run| !levels.contains(&run.load.concurrency));
+            results.latency.extend(measured);
         }
         Command::Saturation => {
             // Refresh the saturation rows of an existing report: the

@@ -319,6 +319,19 @@ pub fn markdown(r: &Results) -> String {
         "| `fanout` (instances reused) / `fanout-per-request` rps at saturation (c={sat_c}) | {} |",
         ratio(fanout_sat, good(sat, Target::FanoutPerRequest, sat_c))
     );
+    let fanout_p3_sat = good(sat, Target::FanoutP3, sat_c);
+    if !fanout_p3_sat.is_nan() {
+        let _ = writeln!(
+            out,
+            "| `fanout-p3` (the `wasi:http@0.3` build) / `fanout` rps at saturation (c={sat_c}) | {} |",
+            ratio(fanout_p3_sat, fanout_sat)
+        );
+        let _ = writeln!(
+            out,
+            "| `fanout-p3` / `wasmtime-serve-p3` rps at saturation (c={sat_c}) | {} |",
+            ratio(fanout_p3_sat, good(sat, Target::WasmtimeServeP3, sat_c))
+        );
+    }
     let cpu_per_request = |t| {
         median_of(sat, t, sat_c, |x| {
             1e3 * x.target_cpu_s / (x.load.goodput * x.load.seconds)
@@ -501,6 +514,39 @@ pub fn markdown(r: &Results) -> String {
             ratio(fanout_sat, per_request),
             cpu(Target::Fanout),
             cpu(Target::FanoutPerRequest),
+        );
+    }
+    let p3 = good(sat, Target::FanoutP3, sat_c);
+    if !p3.is_nan() {
+        let cpu = |t| {
+            median_of(sat, t, sat_c, |x| {
+                1e3 * x.target_cpu_s / (x.load.goodput * x.load.seconds)
+            })
+        };
+        let p99 = |t, c| median_of(lat, t, c, |x| x.load.p99_ms);
+        let _ = writeln!(
+            out,
+            "**The `wasi:http@0.3` build.** `fanout-p3` serves the guest's 0.3 build \
+             (`--wasi-http 0.3`), one request at a time per instance, reused as `fanout` \
+             reuses its own: {} the requests of `fanout` at saturation, at {:.3} against \
+             {:.3} ms of CPU a request; p99 at c=5 and c=50 {:.1} and {:.1} ms against \
+             `fanout`'s {:.1} and {:.1}. `wasmtime-serve-p3` is `wasmtime serve -Sp3` on the \
+             same build with its defaults for 0.3 (128 requests per instance, up to 16 at \
+             once). {}\n",
+            ratio(p3, fanout_sat),
+            cpu(Target::FanoutP3),
+            cpu(Target::Fanout),
+            p99(Target::FanoutP3, 5),
+            p99(Target::FanoutP3, 50),
+            p99(Target::Fanout, 5),
+            p99(Target::Fanout, 50),
+            if fanout_sat >= p3 {
+                "The 0.2 build stays the default: it is the faster here, and the one jco and \
+                 Spin run."
+            } else {
+                "The 0.2 build stays the default although the 0.3 one is faster here: jco and \
+                 Spin run only the 0.2 one, and the 0.3 API is not yet stable in wasmtime."
+            },
         );
     }
     if !r.overload.is_empty() {
