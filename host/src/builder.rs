@@ -409,7 +409,7 @@ impl FanoutBuilder {
         wasmtime_wasi_http::p3::add_to_linker(&mut linker).map_err(Error::wasmtime)?;
         let pre = linker
             .instantiate_pre(&component)
-            .and_then(GuestPre::new)
+            .and_then(|pre| GuestPre::new(pre, world))
             .map_err(|e| Error::Component(format!("{e:#}")))?;
 
         let max_instances = self.limits.max_instances as usize;

@@ -84,13 +84,16 @@ pub(crate) enum GuestInstance {
 }
 
 impl GuestPre {
-    /// The world `pre`'s component exports: 0.3 if it has the 0.3 handler,
-    /// else 0.2; the error names what a 0.2 guest lacks.
-    pub(crate) fn new(pre: InstancePre<RequestState>) -> wasmtime::Result<GuestPre> {
-        match ServicePre::new(pre.clone()) {
-            Ok(service) => Ok(GuestPre::P3(service)),
-            Err(_) => ProxyPre::new(pre).map(GuestPre::P2),
-        }
+    /// `pre` linked as `world` (read from its exports by
+    /// [`WasiHttpVersion::exported_by`]); the error names what it lacks.
+    pub(crate) fn new(
+        pre: InstancePre<RequestState>,
+        world: WasiHttpVersion,
+    ) -> wasmtime::Result<GuestPre> {
+        Ok(match world {
+            WasiHttpVersion::P2 => GuestPre::P2(ProxyPre::new(pre)?),
+            WasiHttpVersion::P3 => GuestPre::P3(ServicePre::new(pre)?),
+        })
     }
 
     pub(crate) fn version(&self) -> WasiHttpVersion {

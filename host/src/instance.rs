@@ -6,7 +6,8 @@
 //!    kept from an earlier request) or a fresh store, readied with the
 //!    request's limits (fuel, epoch deadline) and outgoing hooks;
 //! 3. [`run_guest`]: instantiate if need be and call the guest's
-//!    handler (either `wasi:http` world: [`guest_world`](crate::guest_world)), under the wall-clock deadline, in a task of its
+//!    handler (in either `wasi:http` world: [`guest_world`](crate::guest_world)),
+//!    under the wall-clock deadline, in a task of its
 //!    own (it may go on streaming the body after the head is out); then
 //!    keep the worker for the next request, or retire it;
 //! 4. [`await_head`]: wait for the guest's response head, and teach the

@@ -1,0 +1,302 @@
+use super::*;
+use std::time::Duration;
+
+fn config() -> CircuitBreakerConfig {
+    CircuitBreakerConfig {
+        consecutive_failures: 3,
+        failure_rate: 0.5,
+        window: 10,
+        min_calls: 6,
+        open_for: Duration::from_millis(100),
+        probe_timeout: Duration::from_millis(50),
+    }
+}
+
+/// A breaker (open for 50 ms, probes time out after 50 ms) around an
+/// upstream that hangs while `hang` is set and answers 200 otherwise.
+fn guarded(
+    hang: Arc<std::sync::atomic::AtomicBool>,
+) -> impl Service<Call, Response = Response<UpstreamBody>, Error = BoxError, Future: Send> + Clone {
+    use std::sync::atomic::Ordering;
+    let upstream = tower::service_fn(move |_call: Call| {
+        let hang = hang.load(Ordering::SeqCst);
+        async move {
+            if hang {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, BoxError>(Response::new(crate::response::full_body("{}")))
+        }
+    });
+    let config = CircuitBreakerConfig {
+        open_for: Duration::from_millis(50),
+        ..config()
+    };
+    CircuitBreakerLayer::new(config).layer(upstream)
+}
+
+/// One answer (in microseconds: what the upstream usually takes), then
+/// the upstream hangs.
+async fn answered_then_hangs<S>(service: &S, hang: &std::sync::atomic::AtomicBool)
+where
+    S: Service<Call, Response = Response<UpstreamBody>, Error = BoxError> + Clone,
+{
+    use tower::ServiceExt;
+    let answer = service.clone().oneshot(call()).await;
+    assert!(answer.is_ok());
+    hang.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn call() -> Call {
+    Call {
+        request: http::Request::new(crate::response::full_body("")),
+        options: Default::default(),
+        attempt: 1,
+    }
+}
+
+fn is_open(result: &Result<Response<UpstreamBody>, BoxError>) -> bool {
+    matches!(result, Err(e) if e.downcast_ref::<Blocked>() == Some(&Blocked::CircuitOpen))
+}
+
+#[tokio::test]
+async fn calls_dropped_unfinished_count_as_failures() {
+    use tower::ServiceExt;
+    let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let service = guarded(hang.clone());
+    answered_then_hangs(&service, &hang).await;
+    // The guest's attempt timeout drops each call: three failures.
+    for _ in 0..3 {
+        let call = service.clone().oneshot(call());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(5), call)
+                .await
+                .is_err()
+        );
+    }
+    assert!(is_open(&service.clone().oneshot(call()).await), "open");
+}
+
+#[test]
+fn a_call_dropped_well_before_its_timeout_was_given_up_not_out_of_time() {
+    let ms = Duration::from_millis;
+    let timeout = Some(ms(150));
+    // The client went away, or a sibling failed: nothing learnt.
+    assert_eq!(Outcome::dropped(ms(12), timeout), Outcome::Neutral);
+    assert_eq!(Outcome::dropped(ms(110), timeout), Outcome::Neutral);
+    // At its timeout, or just before it (the guest's timer started
+    // first): out of time.
+    assert_eq!(
+        Outcome::dropped(ms(145), timeout),
+        Outcome::OutOfTime(ms(145))
+    );
+    assert_eq!(
+        Outcome::dropped(ms(200), timeout),
+        Outcome::OutOfTime(ms(200))
+    );
+    // No timeout given: as before, out of time.
+    assert_eq!(Outcome::dropped(ms(12), None), Outcome::OutOfTime(ms(12)));
+    // A short timeout keeps the 10 ms margin.
+    assert_eq!(
+        Outcome::dropped(ms(12), Some(ms(20))),
+        Outcome::OutOfTime(ms(12))
+    );
+}
+
+#[tokio::test]
+async fn calls_cancelled_early_by_their_callers_leave_the_circuit_closed() {
+    use tower::ServiceExt;
+    let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let service = guarded(hang.clone());
+    answered_then_hangs(&service, &hang).await;
+    // Each call has a second to answer and is dropped after 5 ms: as
+    // many as would open the circuit were they failures.
+    for _ in 0..10 {
+        let mut cancelled = call();
+        cancelled.options.first_byte_timeout = Some(Duration::from_secs(1));
+        let call = service.clone().oneshot(cancelled);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(5), call)
+                .await
+                .is_err()
+        );
+    }
+    hang.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        !is_open(&service.clone().oneshot(call()).await),
+        "still closed"
+    );
+}
+
+#[tokio::test]
+async fn a_hanging_probe_reopens_and_a_later_probe_closes() {
+    use std::sync::atomic::Ordering;
+    use tower::ServiceExt;
+    let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let service = guarded(hang.clone());
+    answered_then_hangs(&service, &hang).await;
+    for _ in 0..3 {
+        let call = service.clone().oneshot(call());
+        let _ = tokio::time::timeout(Duration::from_millis(5), call).await;
+    }
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    // Half-open: the probe hangs, and its own timeout ends it.
+    let started = Instant::now();
+    let probe = service.clone().oneshot(call()).await;
+    assert!(
+        matches!(
+            probe
+                .as_ref()
+                .err()
+                .and_then(|e| e.downcast_ref::<TransportError>()),
+            Some(TransportError::ConnectionReadTimeout)
+        ),
+        "{:?}",
+        probe.map(|r| r.status())
+    );
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert!(is_open(&service.clone().oneshot(call()).await), "reopened");
+
+    // A probe the caller drops reopens it too, rather than wedging it.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let dropped = service.clone().oneshot(call());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(5), dropped)
+            .await
+            .is_err()
+    );
+    assert!(is_open(&service.clone().oneshot(call()).await), "reopened");
+
+    // The upstream recovers: the next probe closes the circuit.
+    hang.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let probe = service.clone().oneshot(call()).await;
+    assert_eq!(probe.unwrap().status(), http::StatusCode::OK);
+    for _ in 0..5 {
+        let after = service.clone().oneshot(call()).await;
+        assert_eq!(after.unwrap().status(), http::StatusCode::OK, "closed");
+    }
+}
+
+#[test]
+fn opens_after_consecutive_failures_and_probes_when_half_open() {
+    let mut b = Breaker::new(config());
+    let t0 = Instant::now();
+    for _ in 0..3 {
+        assert_eq!(b.admit(t0), Some(false));
+        b.record_health(false, false, t0);
+    }
+    assert_eq!(b.admit(t0), None, "open");
+    assert_eq!(b.admit(t0 + Duration::from_millis(99)), None);
+    let later = t0 + Duration::from_millis(100);
+    assert_eq!(b.admit(later), Some(true), "one probe when half-open");
+    assert_eq!(b.admit(later), None, "only one probe at a time");
+    b.record_health(false, true, later);
+    assert_eq!(b.admit(later), None, "a failed probe reopens");
+    let later = later + Duration::from_millis(100);
+    assert_eq!(b.admit(later), Some(true));
+    b.record_health(true, true, later);
+    assert_eq!(b.admit(later), Some(false), "a good probe closes");
+}
+
+#[test]
+fn opens_on_failure_rate() {
+    let mut b = Breaker::new(config());
+    let t0 = Instant::now();
+    // Alternating: never 3 in a row, but half of the calls fail.
+    for i in 0..6 {
+        assert_eq!(b.admit(t0), Some(false), "call {i}");
+        b.record_health(i % 2 == 0, false, t0);
+    }
+    assert_eq!(b.admit(t0), None);
+}
+
+#[test]
+fn every_kind_of_timeout_is_running_out_of_time() {
+    let took = Duration::from_millis(7);
+    // The http adapter's head timeout among them: it was once counted
+    // as a plain failure, even while the host lagged.
+    for e in [
+        TransportError::HttpResponseTimeout,
+        TransportError::ConnectionTimeout,
+        TransportError::ConnectionReadTimeout,
+    ] {
+        assert_eq!(Outcome::of(&Err(e.into()), took), Outcome::OutOfTime(took));
+    }
+    let refused = Err(TransportError::ConnectionRefused.into());
+    assert_eq!(Outcome::of(&refused, took), Outcome::Failed);
+    let shed = Err(tower::load_shed::error::Overloaded::new().into());
+    assert_eq!(Outcome::of(&shed, took), Outcome::Neutral);
+    let answer = Ok(Response::new(crate::response::full_body("{}")));
+    assert_eq!(Outcome::of(&answer, took), Outcome::Answered(took));
+}
+
+#[test]
+fn a_call_cut_off_sooner_than_the_upstream_answers_says_nothing() {
+    let ms = Duration::from_millis;
+    let mut b = Breaker::new(config());
+    let t0 = Instant::now();
+    for _ in 0..10 {
+        b.record(Outcome::Answered(ms(50)), false, false, t0);
+    }
+    // A request that spent its budget in line gives its calls 10 ms:
+    // their timeouts are no sign of the upstream's health.
+    for _ in 0..10 {
+        assert_eq!(b.admit(t0), Some(false));
+        b.record(Outcome::OutOfTime(ms(10)), false, false, t0);
+    }
+    assert_eq!(b.admit(t0), Some(false), "still closed");
+    // Nor are those of a host running late, however long.
+    for _ in 0..10 {
+        b.record(Outcome::OutOfTime(ms(500)), false, true, t0);
+    }
+    assert_eq!(b.admit(t0), Some(false), "still closed");
+    // Cut off after longer than it usually takes: three in a row open it.
+    for _ in 0..3 {
+        b.record(Outcome::OutOfTime(ms(60)), false, false, t0);
+    }
+    assert_eq!(b.admit(t0), None, "open");
+}
+
+#[test]
+fn before_the_first_answer_only_long_timeouts_count() {
+    let ms = Duration::from_millis;
+    let mut b = Breaker::new(config());
+    let t0 = Instant::now();
+    for _ in 0..10 {
+        b.record(Outcome::OutOfTime(ms(30)), false, false, t0);
+    }
+    assert_eq!(
+        b.admit(t0),
+        Some(false),
+        "a start-up burst's squeezed calls"
+    );
+    // An upstream that hangs from the start, at the default 150 ms.
+    for _ in 0..3 {
+        b.record(Outcome::OutOfTime(ms(150)), false, false, t0);
+    }
+    assert_eq!(b.admit(t0), None, "open");
+}
+
+#[test]
+fn a_probe_that_says_nothing_lets_the_next_call_probe() {
+    let ms = Duration::from_millis;
+    let mut b = Breaker::new(config());
+    let t0 = Instant::now();
+    for _ in 0..3 {
+        b.record_health(false, false, t0);
+    }
+    let later = t0 + ms(100);
+    assert_eq!(b.admit(later), Some(true), "a probe");
+    b.record(Outcome::OutOfTime(ms(150)), true, true, later);
+    assert_eq!(b.admit(later), Some(true), "another probe, not stuck");
+}
+
+#[test]
+fn successes_keep_it_closed() {
+    let mut b = Breaker::new(config());
+    let t0 = Instant::now();
+    for i in 0..100 {
+        assert_eq!(b.admit(t0), Some(false));
+        b.record_health(i % 5 != 0, false, t0);
+    }
+}
