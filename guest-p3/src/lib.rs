@@ -160,7 +160,6 @@ fn outgoing_get(
     first_byte_timeout: Duration,
 ) -> Result<Request, UpstreamFailure> {
     let invalid = |why: String| UpstreamFailure::Transport(format!("invalid request: {why}"));
-    let uri: http::Uri = url.parse().map_err(|e| invalid(format!("{url}: {e}")))?;
     let headers =
         Fields::from_list(&fields).map_err(|e| invalid(format!("header refused: {e:?}")))?;
     let options = RequestOptions::new();
@@ -169,24 +168,7 @@ fn outgoing_get(
     let _ = options.set_first_byte_timeout(Some(duration_ns(first_byte_timeout)));
     let (_, trailers) = wit_future::new(|| Ok(None));
     let (request, _sent) = Request::new(headers, None, trailers, Some(options));
-    let scheme = match uri.scheme_str() {
-        Some("http") => Scheme::Http,
-        Some("https") | None => Scheme::Https,
-        Some(other) => Scheme::Other(other.to_string()),
-    };
-    let refused = |what: &str| invalid(format!("the host refused the {what} of {url}"));
-    request
-        .set_method(&Method::Get)
-        .map_err(|()| refused("method"))?;
-    request
-        .set_scheme(Some(&scheme))
-        .map_err(|()| refused("scheme"))?;
-    request
-        .set_authority(uri.authority().map(|a| a.as_str()))
-        .map_err(|()| refused("authority"))?;
-    request
-        .set_path_with_query(uri.path_and_query().map(|p| p.as_str()))
-        .map_err(|()| refused("path"))?;
+    fanout_guest::set_get_target!(request, url, Method, Scheme)?;
     Ok(request)
 }
 

@@ -13,7 +13,6 @@ use wasip2::http::types::{
     OutgoingResponse, RequestOptions, ResponseOutparam, Scheme, http_error_code,
 };
 use wasip2::io::streams::StreamError;
-use wstd::http::Uri;
 use wstd::io::AsyncOutputStream;
 use wstd::prelude::*;
 use wstd::runtime::AsyncPollable;
@@ -191,28 +190,10 @@ fn outgoing_get(
     fields: Vec<(String, Vec<u8>)>,
 ) -> Result<OutgoingRequest, UpstreamFailure> {
     let invalid = |why: String| UpstreamFailure::Transport(format!("invalid request: {why}"));
-    let uri: Uri = url.parse().map_err(|e| invalid(format!("{url}: {e}")))?;
     let fields =
         Fields::from_list(&fields).map_err(|e| invalid(format!("header refused: {e:?}")))?;
     let request = OutgoingRequest::new(fields);
-    let scheme = match uri.scheme_str() {
-        Some("http") => Scheme::Http,
-        Some("https") | None => Scheme::Https,
-        Some(other) => Scheme::Other(other.to_string()),
-    };
-    let refused = |what: &str| invalid(format!("the host refused the {what} of {url}"));
-    request
-        .set_method(&Method::Get)
-        .map_err(|()| refused("method"))?;
-    request
-        .set_scheme(Some(&scheme))
-        .map_err(|()| refused("scheme"))?;
-    request
-        .set_authority(uri.authority().map(|a| a.as_str()))
-        .map_err(|()| refused("authority"))?;
-    request
-        .set_path_with_query(uri.path_and_query().map(|p| p.as_str()))
-        .map_err(|()| refused("path"))?;
+    crate::set_get_target!(request, url, Method, Scheme)?;
     let body = request
         .body()
         .map_err(|()| invalid("the body was taken".into()))?;

@@ -13,6 +13,7 @@ use crate::fanout::{self, Attempt, Budget, Env};
 use crate::merge::Answer;
 use crate::protocol::{DEGRADED_HEADER, HINT_ATTEMPT, HINT_UPSTREAM, TIMEOUT_HEADER};
 use crate::trace::TraceContext;
+pub use http::Uri;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -279,6 +280,51 @@ macro_rules! upstream_failure {
             code => $crate::errors::UpstreamFailure::Transport(format!("{code:?}")),
         }
     };
+}
+
+/// Sets a GET's method, scheme, authority and path from `url` on
+/// `$request`, an outgoing request of either `wasi:http` version (`Method`
+/// and `Scheme` named by `$Method` and `$Scheme` in the caller's scope), or
+/// says why it cannot be: a URL that does not parse, or a part the host
+/// refused. A macro for the same reason as [`upstream_failure!`].
+#[macro_export]
+macro_rules! set_get_target {
+    ($request:expr, $url:expr, $Method:ident, $Scheme:ident) => {{
+        let url: &str = $url;
+        let request = &$request;
+        let invalid = |why: String| {
+            $crate::errors::UpstreamFailure::Transport(format!("invalid request: {why}"))
+        };
+        match url.parse::<$crate::serve::Uri>() {
+            Err(e) => Err(invalid(format!("{url}: {e}"))),
+            Ok(uri) => {
+                let scheme = match uri.scheme_str() {
+                    Some("http") => $Scheme::Http,
+                    Some("https") | None => $Scheme::Https,
+                    Some(other) => $Scheme::Other(other.to_string()),
+                };
+                let refused = |what: &str| invalid(format!("the host refused the {what} of {url}"));
+                request
+                    .set_method(&$Method::Get)
+                    .map_err(|()| refused("method"))
+                    .and_then(|()| {
+                        request
+                            .set_scheme(Some(&scheme))
+                            .map_err(|()| refused("scheme"))
+                    })
+                    .and_then(|()| {
+                        request
+                            .set_authority(uri.authority().map(|a| a.as_str()))
+                            .map_err(|()| refused("authority"))
+                    })
+                    .and_then(|()| {
+                        request
+                            .set_path_with_query(uri.path_and_query().map(|p| p.as_str()))
+                            .map_err(|()| refused("path"))
+                    })
+            }
+        }
+    }};
 }
 
 /// Adds `chunk` to an upstream's body read so far, refusing a body larger

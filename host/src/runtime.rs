@@ -46,10 +46,14 @@ pub(crate) fn engine(limits: &Limits, world: WasiHttpVersion) -> wasmtime::Resul
         .consume_fuel(limits.fuel.is_some())
         .epoch_interruption(true)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
-        .memory_init_cow(true)
-        // For `wasi:http@0.3` guests (see `guest_world`); a 0.2 guest does
-        // not use it.
-        .wasm_component_model_async(true);
+        .memory_init_cow(true);
+    match world {
+        WasiHttpVersion::P3 => config.wasm_component_model_async(true),
+        // Off for a 0.2 guest, which does not use it: with it on, every
+        // call from the guest to the host creates and deletes a host task
+        // and scope (~2 % of a request's CPU at saturation, `perf`).
+        WasiHttpVersion::P2 => config.concurrency_support(false),
+    };
     Engine::new(&config)
 }
 
