@@ -102,6 +102,11 @@ enum Command {
         /// (by default the next request goes at once, as wrk's does).
         #[arg(long)]
         honour_retry_after: bool,
+        /// Open loop instead: this many requests a second whatever the
+        /// server does, over pooled connections (`--concurrency` and
+        /// `--honour-retry-after` then do not apply).
+        #[arg(long, conflicts_with_all = ["concurrency", "honour_retry_after"])]
+        rate: Option<f64>,
     },
     #[command(hide = true)]
     ServeUpstreams {
@@ -276,8 +281,18 @@ fn main() -> Result<()> {
             url,
             concurrency,
             honour_retry_after,
+            rate,
         } => runtime.block_on(async {
             use fanout_bench::driver::{self, Backoff};
+            let (warmup, measure) = (
+                Duration::from_secs_f64(args.warmup),
+                Duration::from_secs_f64(args.duration),
+            );
+            if let Some(rate) = rate {
+                let result = fanout_bench::open_loop::run(&url, rate, warmup, measure).await;
+                println!("{}", serde_json::to_string_pretty(&result)?);
+                return Ok(());
+            }
             let backoff = if honour_retry_after {
                 Backoff::RetryAfter
             } else {
@@ -286,8 +301,8 @@ fn main() -> Result<()> {
             let result = driver::run(
                 driver::Urls::one(&url),
                 concurrency,
-                Duration::from_secs_f64(args.warmup),
-                Duration::from_secs_f64(args.duration),
+                warmup,
+                measure,
                 "load",
                 backoff,
             )

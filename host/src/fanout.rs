@@ -152,8 +152,9 @@ impl Fanout {
         if failure.is_shed() {
             // Expected under overload, and by the ten thousand per second
             // when clients ignore Retry-After: the access line and
-            // `fanout_shed_total` say enough.
-            metrics.shed.inc();
+            // `fanout_shed_total` say enough. Its cause tells a shed at the
+            // door (a fast 503) from one that waited in line first.
+            metrics.shed.get_or_create(&CauseLabel { cause }).inc();
             tracing::debug!(%trace_id, %method, %path, cause, status, "{}", failure.message());
         } else if failure.status().is_client_error() {
             // The client's mistake, not the guest's: the access line says it.

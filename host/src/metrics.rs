@@ -8,7 +8,7 @@
 //! | `fanout_fuel_consumed` (histogram, per request) | |
 //! | `fanout_instances_in_use` (gauge) | |
 //! | `fanout_instances_idle` (gauge, instances kept for the next request) | |
-//! | `fanout_shed_total` (requests turned away by admission: at the limit, the line full, or waited too long; 503 with `Retry-After`) | |
+//! | `fanout_shed_total` (requests turned away by admission, 503 with `Retry-After`, by the JSON body's `code`: `overloaded` at the adaptive limit, `pool_full` at a fixed one, `queue_full` the line too long, `queue_timeout` waited as long as allowed) | `cause` |
 //! | `fanout_shed_held_total` (shed answers held until `Retry-After` because the client came back sooner on its connection) | |
 //! | `fanout_queue_wait_seconds` (histogram, time spent in the admission line) | |
 //! | `fanout_admission_limit` (gauge, the adaptive limit now) | |
@@ -69,7 +69,7 @@ pub struct Metrics {
     pub(crate) fuel: Histogram,
     pub(crate) instances_in_use: Gauge,
     pub(crate) instances_idle: Gauge,
-    pub(crate) shed: Counter,
+    pub(crate) shed: Family<CauseLabel, Counter>,
     pub(crate) sheds_held: Counter,
     pub(crate) queue_wait: Histogram,
     pub(crate) admission_limit: Gauge,
@@ -89,7 +89,7 @@ impl Default for Metrics {
         let fuel = Histogram::new(exponential_buckets(10_000.0, 2.0, 15));
         let instances_in_use = Gauge::default();
         let instances_idle = Gauge::default();
-        let shed = Counter::default();
+        let shed = Family::<CauseLabel, Counter>::default();
         let sheds_held = Counter::default();
         let queue_wait = latency_histogram();
         let admission_limit = Gauge::default();
@@ -131,7 +131,7 @@ impl Default for Metrics {
         );
         registry.register(
             "fanout_shed",
-            "Requests turned away by admission (503 with Retry-After)",
+            "Requests turned away by admission (503 with Retry-After), by cause",
             shed.clone(),
         );
         registry.register(

@@ -558,7 +558,10 @@ async fn queues_what_fits(admission: fanout_host::AdmissionMode) -> Result<()> {
     // Nothing shed reached an upstream: 1 + 4 requests.
     assert_eq!(upstreams.pricing.calls().len(), 5);
     let metrics = host.fanout.metrics().encode();
-    assert!(metrics.contains("fanout_shed_total 6"), "{metrics}");
+    assert!(
+        metrics.contains("fanout_shed_total{cause=\"queue_full\"} 6"),
+        "{metrics}"
+    );
     Ok(())
 }
 
@@ -608,7 +611,10 @@ async fn admission_sheds_at_the_door_with_retry_after() -> Result<()> {
     // Nothing shed reached an upstream.
     assert_eq!(upstreams.pricing.calls().len(), 2);
     let metrics = host.fanout.metrics().encode();
-    assert!(metrics.contains("fanout_shed_total 8"), "{metrics}");
+    assert!(
+        metrics.contains("fanout_shed_total{cause=\"overloaded\"} 8"),
+        "{metrics}"
+    );
     Ok(())
 }
 

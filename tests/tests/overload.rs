@@ -135,7 +135,7 @@ async fn clients_that_resend_at_once_do_not_starve_the_answers() -> Result<()> {
     assert_eq!(upstreams.pricing.calls().len(), ok);
     let metrics = host.fanout.metrics().encode();
     assert!(
-        metrics.contains(&format!("fanout_shed_total {shed}")),
+        metrics.contains(&format!("fanout_shed_total{{cause=\"pool_full\"}} {shed}")),
         "{metrics}"
     );
     Ok(())

@@ -120,7 +120,7 @@ async fn sheds_and_guest_failures_are_counted() -> Result<()> {
     );
     let metrics = host.fanout.metrics().encode();
     assert_eq!(
-        sample(&metrics, "fanout_shed_total"),
+        sample(&metrics, "fanout_shed_total{cause=\"queue_timeout\"}"),
         Some(1.0),
         "{metrics}"
     );
