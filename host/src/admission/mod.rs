@@ -62,6 +62,36 @@ impl Shared {
     }
 }
 
+/// A place in line. Dropped before its place was taken (the client went
+/// away while it waited), it gives back a place handed over meanwhile:
+/// counted in flight with no ticket to release it, each such place was
+/// lost for good, and clients that hang up mid-request (the soak's) shut
+/// the host within seconds (every place lost, every request a 503).
+struct InLine {
+    handed: tokio::sync::oneshot::Receiver<()>,
+    state: Arc<Mutex<Shared>>,
+    taken: bool,
+}
+
+impl InLine {
+    /// Stops waiting; whether a place had been handed over (now taken).
+    fn take_if_handed(&mut self) -> bool {
+        self.handed.close();
+        self.taken = self.handed.try_recv().is_ok();
+        self.taken
+    }
+}
+
+impl Drop for InLine {
+    fn drop(&mut self) {
+        if !self.taken && self.take_if_handed() {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.aimd.release();
+            state.dispatch();
+        }
+    }
+}
+
 /// Why a request was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -157,19 +187,29 @@ impl Admission {
             }
             let (tx, rx) = tokio::sync::oneshot::channel();
             state.waiters.push_back(tx);
-            (rx, max_wait)
+            (
+                InLine {
+                    handed: rx,
+                    state: self.state.clone(),
+                    taken: false,
+                },
+                max_wait,
+            )
         };
         let started = Instant::now();
-        match tokio::time::timeout(max_wait, &mut handed).await {
-            Ok(Ok(())) => Ok(self.ticket(started.elapsed())),
+        match tokio::time::timeout(max_wait, &mut handed.handed).await {
+            Ok(Ok(())) => {
+                handed.taken = true;
+                Ok(self.ticket(started.elapsed()))
+            }
             _ => {
                 // A place handed over just as the wait ran out is still ours.
-                handed.close();
-                match handed.try_recv() {
-                    Ok(()) => Ok(self.ticket(started.elapsed())),
-                    Err(_) => Err(Refusal::WaitedTooLong {
+                if handed.take_if_handed() {
+                    Ok(self.ticket(started.elapsed()))
+                } else {
+                    Err(Refusal::WaitedTooLong {
                         waited: started.elapsed(),
-                    }),
+                    })
                 }
             }
         }
@@ -296,6 +336,22 @@ mod tests {
         let first = line.into_iter().next().unwrap().await.unwrap().unwrap();
         assert!(first.waited() > Duration::ZERO);
         assert_eq!(admission.waiting(), 9);
+    }
+
+    #[tokio::test]
+    async fn a_place_handed_to_a_request_that_left_the_line_is_given_back() {
+        let admission = Admission::fixed(1);
+        let held = admission.admit(MS(100), None).await.expect("a free place");
+        let mut waiting = Box::pin(admission.admit(MS(100), None));
+        assert!(futures_util::poll!(&mut waiting).is_pending(), "in line");
+        // The place goes to the one in line, which leaves (its client hung
+        // up) before it runs again to take it.
+        drop(held);
+        assert_eq!(admission.snapshot(), (1, 1), "handed over");
+        drop(waiting);
+        assert_eq!(admission.snapshot(), (1, 0), "given back");
+        let next = admission.admit(MS(100), None).await;
+        assert!(next.is_ok(), "the place is free again");
     }
 
     #[test]

@@ -16,7 +16,12 @@
 //!   its first second (every answer a 503 for the five seconds after).
 //!
 //! A probe has its own timeout, so that a hanging probe reopens the circuit
-//! rather than holding it half-open.
+//! rather than holding it half-open, and runs to its end on a task of its
+//! own even when its caller leaves. A caller leaves early when another
+//! required upstream of its request failed: with two circuits half-open,
+//! each request took one's probe and dropped it on the other's refusal, so
+//! neither ever learnt anything and both stayed shut (the 120 s soak:
+//! 0 answers a second from its 13th second on).
 //!
 //! Why not `tower-resilience-circuitbreaker` (0.14, read for this): a call
 //! dropped before it ends records no outcome there (its half-open permit
@@ -92,18 +97,26 @@ where
             timeout: call.options.first_byte_timeout,
         };
         let response = self.inner.call(call);
-        Box::pin(async move {
-            let result = if probe {
-                match tokio::time::timeout(probe_timeout, response).await {
-                    Ok(result) => result,
-                    // As the guest's own timeout would have said it.
-                    Err(_) => Err(TransportError::ConnectionReadTimeout.into()),
-                }
-            } else {
-                response.await
+        if !probe {
+            return Box::pin(async move {
+                let result = response.await;
+                pending.end(Outcome::of(&result, pending.started.elapsed()));
+                result
+            });
+        }
+        let probe = tokio::spawn(async move {
+            let result = match tokio::time::timeout(probe_timeout, response).await {
+                Ok(result) => result,
+                // As the guest's own timeout would have said it.
+                Err(_) => Err(TransportError::ConnectionReadTimeout.into()),
             };
             pending.end(Outcome::of(&result, pending.started.elapsed()));
             result
+        });
+        Box::pin(async move {
+            // A probe that panicked is dropped unfinished: `Pending` has
+            // recorded it.
+            probe.await.unwrap_or_else(|e| Err(e.into()))
         })
     }
 }

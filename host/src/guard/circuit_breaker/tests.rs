@@ -156,7 +156,8 @@ async fn a_hanging_probe_reopens_and_a_later_probe_closes() {
     assert!(started.elapsed() < Duration::from_millis(500));
     assert!(is_open(&service.clone().oneshot(call()).await), "reopened");
 
-    // A probe the caller drops reopens it too, rather than wedging it.
+    // A probe the caller drops runs on to its own timeout, and reopens
+    // it, rather than wedging it.
     tokio::time::sleep(Duration::from_millis(60)).await;
     let dropped = service.clone().oneshot(call());
     assert!(
@@ -164,6 +165,11 @@ async fn a_hanging_probe_reopens_and_a_later_probe_closes() {
             .await
             .is_err()
     );
+    assert!(
+        is_open(&service.clone().oneshot(call()).await),
+        "still probing"
+    );
+    tokio::time::sleep(Duration::from_millis(55)).await;
     assert!(is_open(&service.clone().oneshot(call()).await), "reopened");
 
     // The upstream recovers: the next probe closes the circuit.
@@ -299,4 +305,55 @@ fn successes_keep_it_closed() {
         assert_eq!(b.admit(t0), Some(false));
         b.record_health(i % 5 != 0, false, t0);
     }
+}
+
+/// Requests that drop their probe at once (another required upstream of
+/// theirs failed) still let it close the circuit: the probe runs on alone.
+/// When each dropped probe only freed the permit, two half-open circuits
+/// took each other's probes down forever.
+#[tokio::test]
+async fn a_probe_its_caller_drops_still_closes_the_circuit() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let failing = Arc::new(AtomicBool::new(true));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let upstream = tower::service_fn({
+        let (failing, answered) = (failing.clone(), answered.clone());
+        move |_call: Call| {
+            let failing = failing.load(Ordering::SeqCst);
+            let answered = answered.clone();
+            async move {
+                // An upstream that takes 10 ms, longer than its callers wait.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                answered.fetch_add(1, Ordering::SeqCst);
+                let status = if failing { 503 } else { 200 };
+                let mut response = Response::new(crate::response::full_body("{}"));
+                *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                Ok::<_, BoxError>(response)
+            }
+        }
+    });
+    let mut service = CircuitBreakerLayer::new(config()).layer(upstream);
+    let with_timeout = || {
+        let mut call = call();
+        call.options.first_byte_timeout = Some(Duration::from_secs(1));
+        call
+    };
+    for _ in 0..3 {
+        let failed = service.call(with_timeout()).await.unwrap();
+        assert_eq!(failed.status(), 503);
+    }
+    assert!(is_open(&service.call(with_timeout()).await), "open");
+    failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(110)).await;
+    // Half-open: the probe's caller gives up at once.
+    drop(service.call(with_timeout()));
+    assert!(
+        is_open(&service.call(with_timeout()).await),
+        "one probe at a time"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(answered.load(Ordering::SeqCst), 4, "the probe was made");
+    assert_eq!(lock(&service.state).circuit, Circuit::Closed);
+    let after = service.call(with_timeout()).await.unwrap();
+    assert_eq!(after.status(), http::StatusCode::OK, "closed");
 }
