@@ -111,8 +111,17 @@ pub fn stat(values: impl Iterator<Item = f64>) -> Stat {
             max: f64::NAN,
         };
     }
+    let mid = v.len() / 2;
+    // With an even count, the mean of the middle two: the upper one alone
+    // would report the best of two repeats' rps and the worst of their
+    // latencies.
+    let median = if v.len().is_multiple_of(2) {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    };
     Stat {
-        median: v[v.len() / 2],
+        median,
         min: v[0],
         max: v[v.len() - 1],
     }
