@@ -19,9 +19,8 @@
 //! rather than holding it half-open, and runs to its end on a task of its
 //! own even when its caller leaves. A caller leaves early when another
 //! required upstream of its request failed: with two circuits half-open,
-//! each request took one's probe and dropped it on the other's refusal, so
-//! neither ever learnt anything and both stayed shut (the 120 s soak:
-//! 0 answers a second from its 13th second on).
+//! each request could take one's probe and drop it on the other's refusal,
+//! so that neither ever learnt anything and both stayed shut.
 //!
 //! Why not `tower-resilience-circuitbreaker` (0.14, read for this): a call
 //! dropped before it ends records no outcome there (its half-open permit
