@@ -21,6 +21,12 @@ pub(crate) struct CallRecord {
     pub(crate) cache: Option<&'static str>,
 }
 
+impl CallRecord {
+    fn end(&self) -> Instant {
+        self.started + self.duration
+    }
+}
+
 /// The attempts of one request so far, shared between its outgoing calls
 /// (which add to it) and the request (which reads it when it answers).
 #[derive(Clone, Default)]
@@ -70,8 +76,8 @@ impl AttemptLog {
     }
 
     /// How long, between `since` and `until`, at least one attempt was in
-    /// flight: the time the request spent waiting on its upstreams rather
-    /// than on the host.
+    /// flight or the guest was backing off before a retry: the time the
+    /// request spent waiting on its upstreams rather than on the host.
     pub(crate) fn upstream_wait(&self, since: Instant, until: Instant) -> Duration {
         self.with(|calls| union_of(calls, since, until))
     }
@@ -132,7 +138,7 @@ fn per_upstream(calls: &[CallRecord]) -> String {
 fn union_of(calls: &[CallRecord], since: Instant, until: Instant) -> Duration {
     let mut spans: Vec<(Instant, Instant)> = calls
         .iter()
-        .map(|c| (c.started.max(since), (c.started + c.duration).min(until)))
+        .map(|c| (waited_from(calls, c).max(since), c.end().min(until)))
         .filter(|(a, b)| a < b)
         .collect();
     spans.sort();
@@ -152,6 +158,25 @@ fn union_of(calls: &[CallRecord], since: Instant, until: Instant) -> Duration {
         total += e - s;
     }
     total
+}
+
+/// When the request began waiting for `call`: a retry, from the end of the
+/// upstream's attempt before it (the latest to end before the retry began,
+/// should a batch have several), since the guest's backoff in between is
+/// waiting on the upstream too (its failure, its `Retry-After`). Counted as
+/// the host's own time, each retry's 10-50 ms of backoff read as the host
+/// slowing down, and the admission limit shrank under upstream faults.
+fn waited_from(calls: &[CallRecord], call: &CallRecord) -> Instant {
+    if call.attempt <= 1 {
+        return call.started;
+    }
+    calls
+        .iter()
+        .filter(|c| c.upstream == call.upstream && c.attempt + 1 == call.attempt)
+        .map(CallRecord::end)
+        .filter(|end| *end <= call.started)
+        .max()
+        .unwrap_or(call.started)
 }
 
 /// Records an attempt when it ends, or as `timeout` if the guest drops it
@@ -329,6 +354,38 @@ mod tests {
             AttemptLog::default().upstream_wait(t0, t0 + ms(100)),
             Duration::ZERO
         );
+    }
+
+    #[test]
+    fn the_backoff_before_a_retry_is_waiting_on_the_upstream() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let call = |upstream: &str, attempt: u32, from: u64, took: u64| CallRecord {
+            started: t0 + ms(from),
+            upstream: upstream.into(),
+            attempt,
+            outcome: "ok",
+            duration: ms(took),
+            cache: None,
+        };
+        let log = AttemptLog::default();
+        // pricing fails at 10-30, backs off 15 ms, retries at 45-60;
+        // reviews' first attempt at 70-80 is no retry: the gap before it
+        // (60-70) is the host's.
+        for c in [
+            call("pricing", 1, 10, 20),
+            call("pricing", 2, 45, 15),
+            call("reviews", 1, 70, 10),
+        ] {
+            log.push(c);
+        }
+        assert_eq!(log.upstream_wait(t0, t0 + ms(100)), ms(60));
+        // A retry of one upstream does not wait from another's attempt.
+        let log = AttemptLog::default();
+        for c in [call("pricing", 1, 10, 20), call("reviews", 2, 45, 15)] {
+            log.push(c);
+        }
+        assert_eq!(log.upstream_wait(t0, t0 + ms(100)), ms(35));
     }
 
     #[test]
