@@ -442,7 +442,7 @@ impl FanoutBuilder {
             admission,
             adaptive: matches!(self.admission, AdmissionMode::Adaptive(_)),
             guests: self.guest_threads.map(GuestRuntime::new).transpose()?,
-            _ticker: ticker,
+            ticker,
         };
         Ok(Fanout::new(runner, origin))
     }

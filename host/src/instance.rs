@@ -69,8 +69,9 @@ pub(crate) struct Runner {
     pub(crate) adaptive: bool,
     /// Where the guests run, when apart from the connections.
     pub(crate) guests: Option<GuestRuntime>,
-    // Dropped last among the fields that matter: stops and joins the thread.
-    pub(crate) _ticker: EpochTicker,
+    /// Advances the epoch while a guest runs; dropped last among the
+    /// fields that matter, it stops and joins its thread.
+    pub(crate) ticker: EpochTicker,
 }
 
 /// A request's admission: its place under the limit. Dropping it gives
@@ -309,6 +310,9 @@ async fn run_guest(
     cut: GuestCut,
 ) -> Option<Failure> {
     let limits = runner.limits;
+    // Epoch deadlines count only while the epoch advances: from here, where
+    // the guest first runs (instantiation included), to its end.
+    let ticking = runner.ticker.running();
     let ran = tokio::time::timeout(limits.deadline, async {
         let proxy = match worker.proxy.take() {
             Some(proxy) => proxy,
@@ -333,6 +337,7 @@ async fn run_guest(
             .fetch_add(used, Ordering::Relaxed);
         runner.metrics.fuel.observe(used as f64);
     }
+    drop(ticking);
     log_guest_output("stdout", &worker.stdout, &cut.trace_id);
     log_guest_output("stderr", &worker.stderr, &cut.trace_id);
     let failed = match ran {
