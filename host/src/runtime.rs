@@ -65,7 +65,7 @@ pub(crate) fn fuel_yield_interval() -> Option<u64> {
 /// that epoch deadlines measure wall-clock time, while a guest runs: a
 /// guest runs only under a [`Ticking`] guard ([`EpochTicker::running`]),
 /// and with none the thread sleeps. Ticking with nothing to interrupt cost
-/// an idle host 0.7 % of a core (200 wake-ups a second), in every replica.
+/// an idle host 0.9 % of a core (200 wake-ups a second), in every replica.
 /// The thread is stopped and joined when this value is dropped.
 pub(crate) struct EpochTicker {
     shared: Arc<TickerShared>,

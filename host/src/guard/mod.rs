@@ -76,9 +76,9 @@ pub struct CircuitBreakerConfig {
 /// second, five in a row come about every 90 s and half of a window of 20
 /// about every 5 minutes: with those as the defaults, the circuits of the
 /// required upstreams opened five times in the 120 s soak, every answer a
-/// 503 for `open_for` each time. Ten in a row come about
-/// once in ten months at that rate, half of 100 never; an upstream that
-/// fails every call still opens its circuit within ten.
+/// 503 for `open_for` each time. Ten in a row come about once in ten
+/// months at that rate, half of 100 never; an upstream that fails every
+/// call still opens its circuit within ten.
 impl Default for CircuitBreakerConfig {
     fn default() -> Self {
         CircuitBreakerConfig {
