@@ -944,7 +944,11 @@ pub struct Sustained {
 #[derive(Debug, Clone, Serialize, serde::Deserialize, Default)]
 #[serde(default)]
 pub struct Micro {
+    /// Making a fresh instance (a host that makes one per request).
     pub instantiation_us: f64,
+    /// Instantiation's share of a request in the default mode (instances
+    /// reused).
+    pub instantiation_per_request_reused_us: f64,
     pub fuel_per_request: u64,
     pub in_process_request_us: f64,
     /// The same whole request with an engine built without fuel metering,
@@ -974,10 +978,11 @@ impl Harness {
                 ))
             })
         };
-        let build = |fuel: Option<u64>| {
+        let build = |fuel: Option<u64>, instance_reuse: u32| {
             fanout_host::Fanout::builder()
                 .limits(fanout_host::Limits {
                     fuel,
+                    instance_reuse,
                     ..Default::default()
                 })
                 .upstream("inventory", "http://inventory.local", instant())
@@ -985,8 +990,13 @@ impl Harness {
                 .upstream("reviews", "http://reviews.local", instant())
                 .build()
         };
-        let metered = build(Some(fanout_host::limits::DEFAULT_FUEL))?;
-        let unmetered = build(None)?;
+        let reuse = fanout_host::limits::DEFAULT_INSTANCE_REUSE;
+        let metered = build(Some(fanout_host::limits::DEFAULT_FUEL), reuse)?;
+        let unmetered = build(None, reuse)?;
+        // Reused instances are rarely made, and then cold: a fresh instance
+        // for each request measures what making one costs.
+        let fresh = build(Some(fanout_host::limits::DEFAULT_FUEL), 1)?;
+        let fresh_unmetered = build(None, 1)?;
         let one = |fanout: &fanout_host::Fanout| {
             let fanout = fanout.clone();
             async move {
@@ -999,10 +1009,12 @@ impl Harness {
             }
         };
         for _ in 0..200 {
-            one(&metered).await;
-            one(&unmetered).await;
+            for fanout in [&metered, &unmetered, &fresh, &fresh_unmetered] {
+                one(fanout).await;
+            }
         }
-        let (before, before_nf) = (metered.stats(), unmetered.stats());
+        let before = metered.stats();
+        let (fresh_before, fresh_before_nf) = (fresh.stats(), fresh_unmetered.stats());
         // Alternating rounds, so that both see the same machine.
         const N: u32 = 3000;
         const ROUND: u32 = 100;
@@ -1016,18 +1028,28 @@ impl Harness {
                 *total += started.elapsed();
             }
         }
-        let (after, after_nf) = (metered.stats(), unmetered.stats());
-        let per = |a: &fanout_host::StatsSnapshot, b: &fanout_host::StatsSnapshot| {
+        let after = metered.stats();
+        for _ in 0..N / ROUND {
+            for fanout in [&fresh, &fresh_unmetered] {
+                for _ in 0..ROUND {
+                    one(fanout).await;
+                }
+            }
+        }
+        let (fresh_after, fresh_after_nf) = (fresh.stats(), fresh_unmetered.stats());
+        let per_instance = |a: &fanout_host::StatsSnapshot, b: &fanout_host::StatsSnapshot| {
             let n = (a.instantiations - b.instantiations).max(1);
-            (
-                (a.instantiate_time - b.instantiate_time).as_secs_f64() * 1e6 / n as f64,
-                n,
-            )
+            (a.instantiate_time - b.instantiate_time).as_secs_f64() * 1e6 / n as f64
         };
-        let (inst, n) = per(&after, &before);
-        micro.instantiation_us = inst;
-        micro.instantiation_no_fuel_us = per(&after_nf, &before_nf).0;
-        micro.fuel_per_request = (after.fuel_consumed - before.fuel_consumed) / n;
+        micro.instantiation_us = per_instance(&fresh_after, &fresh_before);
+        micro.instantiation_no_fuel_us = per_instance(&fresh_after_nf, &fresh_before_nf);
+        // Per request, not per instance: with reuse, one instance serves
+        // many.
+        let requests = (after.requests - before.requests).max(1);
+        micro.instantiation_per_request_reused_us =
+            (after.instantiate_time - before.instantiate_time).as_secs_f64() * 1e6
+                / requests as f64;
+        micro.fuel_per_request = (after.fuel_consumed - before.fuel_consumed) / requests;
         micro.in_process_request_us = with_fuel.as_secs_f64() * 1e6 / N as f64;
         micro.in_process_request_no_fuel_us = without.as_secs_f64() * 1e6 / N as f64;
 

@@ -40,7 +40,7 @@ pub const DEFAULT_MAX_ITEMS: usize = 100;
 /// The most `max_items` may be.
 pub const MAX_ITEMS: usize = 1000;
 /// Upstream calls one request may make in all (after de-duplication):
-/// with about 45k fuel a call, the host's default fuel holds this many.
+/// with about 36k fuel a call, the host's default fuel holds this many.
 pub const MAX_CALLS: usize = 1000;
 /// Ids one call of a batch-capable upstream carries, unless its `batch.max`
 /// says otherwise.

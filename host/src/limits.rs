@@ -6,13 +6,14 @@
 use std::time::Duration;
 
 /// Fuel for one request. A product fan-out (wstd's runtime + serde_json)
-/// burns about 280k units (measured by `examples/measure.rs` and checked by
-/// the `fuel_per_request_leaves_headroom` test), each upstream call about
-/// 45k more. The largest requests the guest allows fit, with room: a batch
-/// of 100 products (300 calls) burns 16.5M units, 22.8M when reviews fails
-/// every attempt (`the_largest_batch_*` tests); an item that makes the most
-/// calls a route may (1,000: an order and 999 lines, each called) 44M, and
-/// the same 999 lines priced in batches of 100 23M
+/// burns about 155k units on a reused instance, 210k on a fresh one, which
+/// reads its configuration first (the guest built at opt-level 3; checked
+/// by the `fuel_per_request_leaves_headroom` test), each upstream call
+/// about 36k more. The largest requests the guest allows fit, with room: a
+/// batch of 100 products (300 calls) burns 12.8M units, 18M when reviews
+/// fails every attempt (`the_largest_batch_*` tests); an item that makes
+/// the most calls a route may (1,000: an order and 999 lines, each called)
+/// 36M, and the same 999 lines priced in batches of 100 18.6M
 /// (`the_largest_list_and_batch_fit_the_default_fuel`). A runaway loop
 /// still burns it in a few tens of milliseconds of CPU.
 pub const DEFAULT_FUEL: u64 = 60_000_000;

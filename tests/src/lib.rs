@@ -2,7 +2,8 @@
 //! upstreams on port 0 that record what they saw ([`mock_upstream`]), one
 //! that breaks HTTP one fault at a time ([`faulty_upstream`]), the
 //! fanout host started in-process on port 0 ([`test_host`]), log capture
-//! ([`logs`]) and an OTLP collector ([`otlp`]).
+//! ([`logs`]), an OTLP collector ([`otlp`]) and a watchdog for tests
+//! that could otherwise hang ([`watchdog`]).
 
 pub mod faulty_upstream;
 pub mod logs;
@@ -10,6 +11,7 @@ pub mod mock_upstream;
 pub mod otlp;
 pub mod test_host;
 pub mod tls_upstream;
+pub mod watchdog;
 
 pub use faulty_upstream::{Fault, FaultyUpstream};
 pub use logs::{Logs, capture_logs};
@@ -17,6 +19,7 @@ pub use mock_upstream::{Behaviour, Call, MockUpstream, ProductUpstreams};
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use test_host::{Answer, TestHost, cache_dir, get_json};
 pub use tls_upstream::{Pki, TlsUpstream};
+pub use watchdog::{Watchdog, watchdog};
 
 /// The environment variable that sets how many requests the tests' hosts
 /// serve per instance (`Limits::instance_reuse`); unset, the default. CI

@@ -39,7 +39,12 @@ fn limits(deadline: Duration) -> Limits {
 
 /// Sends `path`, checks status, code and timing, then checks that a normal
 /// request on the same host still succeeds.
+///
+/// A misdeed that no limit stops (a loop without fuel, were the epoch not
+/// advancing) would block the runtime's thread for good and hang the test:
+/// the watchdog fails it instead.
 async fn misbehave(host: &TestHost, path: &str, status: StatusCode, code: &str) -> Result<()> {
+    let _watchdog = fanout_tests::watchdog("a hostile guest no limit stopped", MS(60_000));
     let deadline = host.fanout.limits().deadline;
     let answer = host.get(path).await?;
     assert_eq!(answer.status, status, "{path}: {}", answer.json);
