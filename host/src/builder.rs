@@ -401,8 +401,7 @@ impl FanoutBuilder {
 
         let mut linker = Linker::<RequestState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(Error::wasmtime)?;
-        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
-            .map_err(Error::wasmtime)?;
+        crate::outgoing_handler::add_to_linker(&mut linker).map_err(Error::wasmtime)?;
         // A 0.3 guest built for wasm32-wasip2 imports both: std's 0.2 WASI
         // and the 0.3 interfaces it calls. A 0.2 guest's engine has no
         // concurrency support (see `runtime::engine`), which 0.3 needs.

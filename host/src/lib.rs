@@ -84,6 +84,7 @@ mod lag;
 pub mod limits;
 pub mod metrics;
 pub mod outbound;
+mod outgoing_handler;
 mod response;
 pub mod response_cache;
 mod runtime;

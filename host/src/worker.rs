@@ -91,10 +91,9 @@ impl Worker {
 /// Whether what a request left in the table lets its worker serve another.
 /// Never a part of the answer or the request (a body the guest did not
 /// finish would stay open while the worker lives, and the request is the
-/// last one's data); other leftovers up to [`MAX_IDLE_RESOURCES`]. Some
-/// are not the guest's doing: wasmtime-wasi-http 48's outgoing `handle`
-/// reads the `request-options` the guest hands over but never deletes
-/// them, one per upstream call.
+/// last one's data); other leftovers up to [`MAX_IDLE_RESOURCES`]. (The
+/// `request-options` wasmtime-wasi-http 48 leaves, one per upstream call,
+/// the host deletes itself: see `outgoing_handler.rs`.)
 fn leftovers_allow_reuse(table: &mut ResourceTable) -> bool {
     let mut kept = 0;
     for entry in table.iter_mut() {
