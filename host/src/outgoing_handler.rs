@@ -21,7 +21,10 @@ use wasmtime_wasi_http::p2::bindings::http::types::{
 use wasmtime_wasi_http::{RequestOptions, WasiHttpView};
 
 /// The interface as wasmtime-wasi-http 48's WIT names it (the guest's own
-/// 0.2.x import resolves to it by semver).
+/// 0.2.x import resolves to it by semver). Pinned: should an upgrade move
+/// it, this would define a second instance beside wasmtime's and the leak
+/// would be back, which `the_built_in_guest_keeps_an_instance_for_its_whole_allowance`
+/// (tests/tests/reuse.rs) catches.
 const OUTGOING_HANDLER: &str = "wasi:http/outgoing-handler@0.2.12";
 
 /// Adds `wasi:http@0.2` (types and the outgoing handler) to `linker`, as
