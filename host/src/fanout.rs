@@ -171,7 +171,8 @@ impl Fanout {
     /// request deadline). A client that comes back on its connection sooner
     /// than a shed's `Retry-After` asked gets its next shed no sooner than
     /// that once the sheds answered at once pass their share (see
-    /// [`FastSheds`](crate::admission::FastSheds)).
+    /// [`FastSheds`](crate::admission::FastSheds)), and later when many
+    /// such clients are held (see [`HeldSheds`](crate::admission::HeldSheds)).
     pub async fn serve(
         &self,
         listener: TcpListener,
@@ -183,9 +184,13 @@ impl Fanout {
         // closes, so that a load balancer stops sending first.
         let accepting = self.accepting.clone();
         accepting.store(true, Ordering::Relaxed);
+        // Sheds held for clients back too soon go out when shutdown
+        // begins: holds may pass the grace.
+        let (release_held, released) = tokio::sync::watch::channel(false);
         let shutdown = async move {
             shutdown.await;
             accepting.store(false, Ordering::Relaxed);
+            release_held.send_replace(true);
         };
         crate::http_server::serve_http(
             listener,
@@ -193,12 +198,12 @@ impl Fanout {
             grace,
             self.runner.limits.connections(),
             move |request, connection| {
-                let fanout = fanout.clone();
+                let (fanout, released) = (fanout.clone(), released.clone());
                 async move {
                     let response = fanout.handle(request).await;
                     if is_paced(&response)
                         && connection
-                            .pace_shed(fanout.runner.admission.fast_sheds())
+                            .pace_shed(&fanout.runner.admission, &released)
                             .await
                     {
                         fanout.runner.metrics.sheds_held.inc();

@@ -1,7 +1,7 @@
 //! The HTTP/1.1 accept loop, shared by the aggregator, the admin endpoints
 //! and the demo upstreams' server, and what it remembers per connection.
 
-use crate::admission::FastSheds;
+use crate::admission::Admission;
 use crate::error::RETRY_AFTER;
 use crate::limits::ConnectionLimits;
 use crate::response::ResponseBody;
@@ -21,35 +21,50 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    /// Holds a shed answer on this connection until [`RETRY_AFTER`] after
-    /// the previous one, when the client came back sooner than that
-    /// answer's `Retry-After` asked and `fast` has no token left; returns
-    /// whether it held it.
+    /// Holds a shed answer on this connection when the client came back
+    /// sooner than the previous shed's `Retry-After` ([`RETRY_AFTER`])
+    /// asked and `admission`'s [`FastSheds`] have no token left; returns
+    /// whether it held it. The hold, counted from the previous shed, is
+    /// `Retry-After`, longer when many are held (see [`HeldSheds`]), and
+    /// ends when `released` turns true (the server is stopping).
     ///
     /// Most load generators and retry loops answer a 503 with a new request
     /// at once. Shedding them all fast only turns the host's CPU into 503s
     /// (65k a second at c=500, leaving ~1% for real answers): once the
     /// sheds the host's answers earned are spent, such a client gets its
-    /// next 503 when it should have asked, one a second, while a client
-    /// that honours `Retry-After`, or a new one, is answered at once. So is
-    /// an open-loop load's pooled connection, while earned sheds last.
-    pub(crate) async fn pace_shed(&self, fast: &FastSheds) -> bool {
+    /// next 503 when it should have asked, or later, while a client that
+    /// honours `Retry-After`, or a new one, is answered at once. So is an
+    /// open-loop load's pooled connection, while earned sheds last.
+    ///
+    /// [`FastSheds`]: crate::admission::FastSheds
+    /// [`HeldSheds`]: crate::admission::HeldSheds
+    pub(crate) async fn pace_shed(
+        &self,
+        admission: &Admission,
+        released: &tokio::sync::watch::Receiver<bool>,
+    ) -> bool {
         let now = Instant::now();
         let hold_until = {
             let mut last = self.last_shed.lock().unwrap_or_else(|e| e.into_inner());
             let until = last
-                .map(|shed| shed + RETRY_AFTER)
-                .filter(|until| *until > now && !fast.try_take());
+                .filter(|shed| *shed + RETRY_AFTER > now && !admission.fast_sheds().try_take())
+                .map(|shed| {
+                    let rate = admission.answers_per_second();
+                    shed + admission.held_sheds().next_hold(rate)
+                });
             *last = Some(until.unwrap_or(now));
             until
         };
-        match hold_until {
-            Some(until) => {
-                tokio::time::sleep_until(until).await;
-                true
-            }
-            None => false,
+        let Some(until) = hold_until else {
+            return false;
+        };
+        let _holding = admission.held_sheds().hold();
+        let mut released = released.clone();
+        tokio::select! {
+            () = tokio::time::sleep_until(until) => {}
+            _ = released.wait_for(|released| *released) => {}
         }
+        true
     }
 }
 
@@ -131,27 +146,41 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admission::MAX_SHED_HOLD;
+
+    /// An admission with no sheds left to answer at once, and a server
+    /// that is not stopping (keep the sender).
+    fn drained() -> (Admission, tokio::sync::watch::Sender<bool>) {
+        let admission = Admission::fixed(4);
+        while admission.fast_sheds().try_take() {}
+        (admission, tokio::sync::watch::channel(false).0)
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_client_that_comes_back_too_soon_waits_for_its_shed() {
         let connection = Connection::default();
-        let fast = FastSheds::new(0.0);
+        let (admission, stopping) = drained();
+        let released = stopping.subscribe();
         let t0 = tokio::time::Instant::now();
         assert!(
-            !connection.pace_shed(&fast).await,
+            !connection.pace_shed(&admission, &released).await,
             "the first shed goes at once"
         );
         tokio::time::advance(Duration::from_millis(10)).await;
-        assert!(connection.pace_shed(&fast).await, "back after 10 ms: held");
+        assert!(
+            connection.pace_shed(&admission, &released).await,
+            "back after 10 ms: held"
+        );
         // Timers round up to the millisecond.
         let held = t0.elapsed();
         assert!(
             (RETRY_AFTER..RETRY_AFTER + Duration::from_millis(2)).contains(&held),
             "held {held:?}: until Retry-After after the first"
         );
+        assert_eq!(admission.held_sheds().held(), 0, "no longer held");
         tokio::time::advance(RETRY_AFTER).await;
         assert!(
-            !connection.pace_shed(&fast).await,
+            !connection.pace_shed(&admission, &released).await,
             "back after Retry-After: at once"
         );
     }
@@ -159,12 +188,84 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_client_that_comes_back_too_soon_is_answered_at_once_while_the_bucket_lasts() {
         let connection = Connection::default();
-        let fast = FastSheds::new(1.0);
-        while fast.try_take() {}
-        assert!(!connection.pace_shed(&fast).await, "the first: at once");
-        // One answer given elsewhere earns one shed at once.
-        fast.earn();
-        assert!(!connection.pace_shed(&fast).await, "a token: at once");
-        assert!(connection.pace_shed(&fast).await, "no token left: held");
+        let (admission, stopping) = drained();
+        let released = stopping.subscribe();
+        assert!(
+            !connection.pace_shed(&admission, &released).await,
+            "the first: at once"
+        );
+        // An answer given elsewhere earns its sheds at once; all but one
+        // are spent.
+        admission.fast_sheds().earn();
+        for _ in 1..crate::admission::FAST_SHEDS_PER_ANSWER as usize {
+            assert!(admission.fast_sheds().try_take());
+        }
+        assert!(
+            !connection.pace_shed(&admission, &released).await,
+            "a token: at once"
+        );
+        assert!(
+            connection.pace_shed(&admission, &released).await,
+            "no token left: held"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_hold_grows_when_many_are_held_against_few_answers() {
+        let connection = Connection::default();
+        let (admission, stopping) = drained();
+        let released = stopping.subscribe();
+        // Three places in flight, each held 100 ms: the host answers 30
+        // a second.
+        let mut tickets = Vec::new();
+        for _ in 0..3 {
+            tickets.push(admission.admit(Duration::ZERO, None).await.unwrap());
+        }
+        assert_eq!(admission.answers_per_second(), None, "nothing measured");
+        admission.assume_hold(Duration::from_millis(100));
+        let rate = admission.answers_per_second().expect("a hold measured");
+        assert!((29.0..=31.0).contains(&rate), "{rate}");
+        // 59 held elsewhere, and this one: 60 beside 30 answers a second
+        // are held two seconds each.
+        let others: Vec<_> = (0..59).map(|_| admission.held_sheds().hold()).collect();
+        let t0 = tokio::time::Instant::now();
+        assert!(!connection.pace_shed(&admission, &released).await);
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert!(connection.pace_shed(&admission, &released).await, "held");
+        let held = t0.elapsed();
+        let two = Duration::from_secs(2);
+        assert!(
+            (two - Duration::from_millis(20)..two + Duration::from_millis(20)).contains(&held),
+            "held {held:?}"
+        );
+        // Ten thousand held: the bound.
+        let crowd: Vec<_> = (0..10_000).map(|_| admission.held_sheds().hold()).collect();
+        let t0 = tokio::time::Instant::now();
+        assert!(connection.pace_shed(&admission, &released).await, "held");
+        assert!(t0.elapsed() <= MAX_SHED_HOLD + Duration::from_millis(2));
+        drop((others, crowd, tickets));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_shed_goes_out_when_the_server_stops() {
+        let connection = std::sync::Arc::new(Connection::default());
+        let (admission, stopping) = drained();
+        let released = stopping.subscribe();
+        assert!(!connection.pace_shed(&admission, &released).await);
+        let held = tokio::spawn({
+            let (connection, admission) = (connection.clone(), admission.clone());
+            async move {
+                let t0 = tokio::time::Instant::now();
+                assert!(connection.pace_shed(&admission, &released).await);
+                t0.elapsed()
+            }
+        });
+        while admission.held_sheds().held() == 0 {
+            tokio::task::yield_now().await;
+        }
+        stopping.send_replace(true);
+        let waited = held.await.unwrap();
+        assert!(waited < Duration::from_millis(1), "held {waited:?}");
+        assert_eq!(admission.held_sheds().held(), 0);
     }
 }

@@ -9,7 +9,7 @@
 //! | `fanout_instances_in_use` (gauge) | |
 //! | `fanout_instances_idle` (gauge, instances kept for the next request) | |
 //! | `fanout_shed_total` (requests turned away by admission, 503 with `Retry-After`, by the JSON body's `code`: `overloaded` at the adaptive limit, `pool_full` at a fixed one, `queue_full` the line too long, `queue_timeout` waited as long as allowed) | `cause` |
-//! | `fanout_shed_held_total` (shed answers held until `Retry-After` because the client came back sooner on its connection) | |
+//! | `fanout_shed_held_total` (shed answers held until `Retry-After`, or longer when many are held, because the client came back sooner on its connection) | |
 //! | `fanout_queue_wait_seconds` (histogram, time spent in the admission line) | |
 //! | `fanout_admission_limit` (gauge, the adaptive limit now) | |
 //! | `fanout_guest_failures_total` (traps, limits, deadlines) | `cause` |
@@ -136,7 +136,7 @@ impl Default for Metrics {
         );
         registry.register(
             "fanout_shed_held",
-            "Shed answers held until Retry-After, the client having come back sooner",
+            "Shed answers held (Retry-After or longer), the client having come back sooner",
             sheds_held.clone(),
         );
         registry.register_with_unit(

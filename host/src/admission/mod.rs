@@ -16,17 +16,20 @@
 //! A request beyond the limit waits in a line bounded by its budget, or is
 //! shed at the door, before an instance is spent, with a 503 that says
 //! when to retry; [`FastSheds`] decides which sheds to clients that did
-//! not wait go out at once.
+//! not wait go out at once, and [`HeldSheds`] how long the others are
+//! held.
 //!
 //! No maintained crate implements this for tower (tower's `ConcurrencyLimit`
 //! is fixed); the logic is small, pure and unit-tested with explicit times.
 
 mod aimd;
 mod fast_sheds;
+mod held_sheds;
 
 pub(crate) use aimd::ewma;
 pub use aimd::{AdmissionConfig, Aimd, LATENCY_SHARE};
 pub use fast_sheds::{FAST_SHEDS_PER_ANSWER, FastSheds};
+pub use held_sheds::{HELD_SHEDS_PER_ANSWER, HeldSheds, Holding, MAX_SHED_HOLD};
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,6 +40,8 @@ pub struct Admission {
     state: Arc<Mutex<Shared>>,
     /// Earned by answers, spent on sheds to clients back too soon.
     fast_sheds: Arc<FastSheds>,
+    /// The sheds to clients back too soon that wait for their 503.
+    held_sheds: Arc<HeldSheds>,
 }
 
 struct Shared {
@@ -130,6 +135,7 @@ impl Admission {
                 hold: Duration::ZERO,
             })),
             fast_sheds: Arc::default(),
+            held_sheds: Arc::default(),
         }
     }
 
@@ -230,6 +236,13 @@ impl Admission {
         state.dispatch();
     }
 
+    /// As if places had been held `hold` lately: for tests elsewhere in the
+    /// crate, whose paused clocks the tickets' own timing does not follow.
+    #[cfg(test)]
+    pub(crate) fn assume_hold(&self, hold: Duration) {
+        Admission::record_hold(&mut self.lock(), hold);
+    }
+
     /// Learns how long a place was held.
     fn record_hold(state: &mut Shared, hold: Duration) {
         state.hold = if state.hold.is_zero() {
@@ -244,6 +257,21 @@ impl Admission {
     /// by the answers [`Admission::learn`] hears of.
     pub fn fast_sheds(&self) -> &FastSheds {
         &self.fast_sheds
+    }
+
+    /// The sheds held for clients back too soon (see
+    /// [`Connection::pace_shed`](crate::http_server)).
+    pub fn held_sheds(&self) -> &HeldSheds {
+        &self.held_sheds
+    }
+
+    /// How many requests a second finish now, by Little's law: those in
+    /// flight over how long a place is held. `None` until a place has been
+    /// given back.
+    pub fn answers_per_second(&self) -> Option<f64> {
+        let state = self.lock();
+        let hold = state.hold.as_secs_f64();
+        (hold > 0.0).then(|| state.aimd.in_flight().max(1) as f64 / hold)
     }
 
     /// The moving average of how long a place is held (zero until one has
