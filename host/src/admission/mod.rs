@@ -259,8 +259,8 @@ impl Admission {
         &self.fast_sheds
     }
 
-    /// The sheds held for clients back too soon (see
-    /// [`Connection::pace_shed`](crate::http_server)).
+    /// The sheds held for clients back too soon (see the server's
+    /// `Connection::pace_shed`).
     pub fn held_sheds(&self) -> &HeldSheds {
         &self.held_sheds
     }
