@@ -5,8 +5,10 @@
 //! A held client gets its 503 when the hold ends and, re-sending at once,
 //! is held again: each costs the host one shed per hold. With a fixed one
 //! second, 5,000 such clients cost 5,000 sheds a second however few
-//! answers the host can give; at c=5000 that was a quarter of the CPU
-//! (measured: 7,300 sheds a second beside 1,350 answers). Holding for
+//! answers the host can give (measured at c=5000: 7,300 sheds a second
+//! beside 1,350 answers; the HTTP server, mostly those sheds, took 23.5 %
+//! of the host's CPU, and the clients' own CPU on the same two cores grew
+//! with them). Holding for
 //! `held / (answers a second × HELD_SHEDS_PER_ANSWER)` keeps the held
 //! sheds' share of the work fixed as the crowd grows, and leaves the hold
 //! at `Retry-After` (one second) while the crowd is small: at c=500 about
