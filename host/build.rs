@@ -14,8 +14,10 @@ fn main() {
         &[
             "guest/src",
             "guest/Cargo.toml",
+            "guest/build.rs",
             "guest-p3/src",
             "guest-p3/Cargo.toml",
+            "guest-p3/build.rs",
         ],
     );
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").unwrap());

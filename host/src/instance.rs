@@ -242,6 +242,7 @@ impl Runner {
                         .build(),
                     memory_denied: false,
                     memory_bytes: 0,
+                    growths: 0,
                 },
             },
         );
@@ -338,6 +339,11 @@ async fn run_guest(
         runner.metrics.fuel.observe(used as f64);
     }
     drop(ticking);
+    let growths = std::mem::take(&mut store.data_mut().limiter.growths);
+    runner
+        .stats
+        .memory_growths
+        .fetch_add(growths, Ordering::Relaxed);
     log_guest_output("stdout", &worker.stdout, &cut.trace_id);
     log_guest_output("stderr", &worker.stderr, &cut.trace_id);
     let failed = match ran {

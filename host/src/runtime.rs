@@ -39,7 +39,13 @@ pub(crate) fn engine(limits: &Limits, world: WasiHttpVersion) -> wasmtime::Resul
         .total_stacks(stacks)
         .max_memory_size(limits.memory_bytes)
         .linear_memory_keep_resident(MEMORY_KEEP_RESIDENT)
-        .table_keep_resident(64 << 10);
+        .table_keep_resident(64 << 10)
+        // Off by default in wasmtime 48. With it, a slot's reset touches
+        // only the pages its instance dirtied, not all the accessible
+        // memory: a whole request on a fresh instance of the built-in guest
+        // (`--instance-reuse 1`, then with 1 MiB of initial memory) took
+        // 354-406 µs against 418-501 µs without (three alternating rounds).
+        .pagemap_scan(wasmtime::Enabled::Auto);
 
     let mut config = Config::new();
     config

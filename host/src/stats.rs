@@ -11,6 +11,7 @@ pub(crate) struct Stats {
     pub(crate) fuel_consumed: AtomicU64,
     instantiations: AtomicU64,
     instantiate_nanos: AtomicU64,
+    pub(crate) memory_growths: AtomicU64,
 }
 
 /// A snapshot of [`Fanout::stats`].
@@ -26,6 +27,12 @@ pub struct StatsSnapshot {
     pub instantiations: u64,
     /// The time the instantiations took in total.
     pub instantiate_time: Duration,
+    /// Times a guest grew a linear memory past the size it was
+    /// instantiated with. Each growth is an `mprotect` in the instance
+    /// pool, and the next instance in that slot shrinks it back with
+    /// another: a guest whose initial memory holds its requests grows none
+    /// (`build-support/guest_memory.rs`).
+    pub memory_growths: u64,
     /// Instances running right now.
     pub instances_in_use: u32,
     /// The adaptive admission limit now (`None` with fixed admission).
@@ -51,6 +58,7 @@ impl Stats {
             fuel_consumed: self.fuel_consumed.load(Ordering::Relaxed),
             instantiations: self.instantiations.load(Ordering::Relaxed),
             instantiate_time: Duration::from_nanos(self.instantiate_nanos.load(Ordering::Relaxed)),
+            memory_growths: self.memory_growths.load(Ordering::Relaxed),
             instances_in_use,
             admission_limit,
         }

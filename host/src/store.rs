@@ -45,6 +45,8 @@ pub(crate) struct MemoryLimiter {
     /// The largest size a memory was allowed to grow to, in bytes: a
     /// reused worker is retired once it is large (see `Worker::reusable`).
     pub(crate) memory_bytes: usize,
+    /// Growths past a memory's initial size not yet counted in the stats.
+    pub(crate) growths: u64,
 }
 
 impl ResourceLimiter for MemoryLimiter {
@@ -58,6 +60,9 @@ impl ResourceLimiter for MemoryLimiter {
         self.memory_denied |= !allowed;
         if allowed {
             self.memory_bytes = self.memory_bytes.max(desired);
+            // `current` is 0 at a memory's creation (and, rarely, at the
+            // first growth of one created empty).
+            self.growths += u64::from(current > 0);
         }
         Ok(allowed)
     }

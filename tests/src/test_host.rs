@@ -53,6 +53,17 @@ impl TestHost {
         })
     }
 
+    /// The host's stats once no request holds an instance (5 s at most): a
+    /// request's counts land just after its answer's last byte is out, so a
+    /// client may have its answer a moment before.
+    pub async fn settled_stats(&self) -> fanout_host::StatsSnapshot {
+        let until = Instant::now() + Duration::from_secs(5);
+        while self.fanout.stats().instances_in_use > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        self.fanout.stats()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }

@@ -516,3 +516,19 @@ async fn bodies_sent_to_in_process_upstreams_are_capped() -> Result<()> {
     assert!(error.contains("HttpRequestBodySize"), "{}", answer.json);
     Ok(())
 }
+
+/// Growths past a memory's initial size are counted in the stats, the
+/// memory's creation is not.
+#[tokio::test]
+async fn memory_growths_are_counted() -> Result<()> {
+    let host = TestHost::start(hostile(limits(Duration::from_secs(2)))?).await?;
+    assert_eq!(host.get("/ok").await?.status, StatusCode::OK);
+    let stats = host.settled_stats().await;
+    assert!(stats.instantiations >= 1, "{stats:?}");
+    assert_eq!(stats.memory_growths, 0, "{stats:?}");
+    // 2 MiB more than any memory the guest starts with.
+    assert_eq!(host.get("/leak?2048").await?.status, StatusCode::OK);
+    let stats = host.settled_stats().await;
+    assert!(stats.memory_growths >= 1, "{stats:?}");
+    Ok(())
+}

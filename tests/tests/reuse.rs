@@ -34,17 +34,6 @@ fn reuse(n: u32) -> Limits {
     }
 }
 
-/// The host's stats once no request holds a worker: a worker goes back to
-/// the idle ones just after its answer's last byte is out, so a client may
-/// have its answer a moment before.
-async fn settled_stats(host: &TestHost) -> fanout_host::StatsSnapshot {
-    let until = tokio::time::Instant::now() + Duration::from_secs(5);
-    while host.fanout.stats().instances_in_use > 0 && tokio::time::Instant::now() < until {
-        tokio::time::sleep(MS(1)).await;
-    }
-    host.fanout.stats()
-}
-
 /// What the instance's previous `/remember` kept (`null` in a fresh one).
 async fn remember(host: &TestHost, text: &str) -> Result<Value> {
     let answer = host.get(&format!("/remember?{text}")).await?;
@@ -61,7 +50,7 @@ async fn a_worker_serves_its_allowance_of_requests_then_a_fresh_one_takes_over()
     // Three served: retired, and the fourth request starts afresh.
     assert_eq!(remember(&host, "d").await?, Value::Null);
     assert_eq!(remember(&host, "e").await?, "d");
-    let stats = settled_stats(&host).await;
+    let stats = host.settled_stats().await;
     assert_eq!(stats.instantiations, 2);
     assert_eq!(stats.requests, 5);
     assert_eq!(stats.instances_in_use, 0);
@@ -210,7 +199,7 @@ async fn concurrent_requests_share_the_pool_and_leave_it_whole() -> Result<()> {
             answer.json
         );
     }
-    let stats = settled_stats(&host).await;
+    let stats = host.settled_stats().await;
     assert_eq!(stats.instances_in_use, 0);
     // 200 requests at most 16 to an instance need at least 13 of them;
     // one per request would be 200.
@@ -333,7 +322,7 @@ async fn the_built_in_guest_keeps_an_instance_for_its_whole_allowance() -> Resul
         let answer = host.get(&format!("/products/{i}")).await?;
         assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
     }
-    let stats = settled_stats(&host).await;
+    let stats = host.settled_stats().await;
     assert_eq!(stats.requests, 256);
     assert_eq!(stats.instantiations, 2, "128 requests an instance");
     Ok(())
