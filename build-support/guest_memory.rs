@@ -1,6 +1,6 @@
 //! The guests' linear memory layout, set at link time. Shared by
 //! `guest/build.rs` and `guest-p3/build.rs` (included with `#[path]`), so
-//! that both builds of the policy have one layout.
+//! that both builds of the policy are laid out in one place.
 //!
 //! **Stack.** Rust gives a wasm program a 1 MiB stack at the bottom of its
 //! linear memory. Each request in flight has an instance of its own, and
@@ -25,22 +25,27 @@
 //! dirtied; on older kernels it `memset`s the whole initial memory at each
 //! reset (see `MEMORY_KEEP_RESIDENT`), so the initial size is kept to what
 //! ordinary requests use, with room: 512 KiB. It is under the least
-//! `limits.memory_mib` allows (1 MiB), so no valid cap refuses it. The 0.3
-//! build uses more: it grew its memory ten times for a product and a
-//! 20-id batch (`ordinary_requests_fit_the_guests_initial_memory`); not
-//! sized for it yet.
+//! `limits.memory_mib` allows (1 MiB), so no valid cap refuses it.
+//!
+//! The 0.3 build uses more: from 512 KiB it grew its memory ten times for
+//! a product and a 20-id batch, from 1 MiB twice, from 2 MiB never
+//! (`ordinary_requests_fit_the_guests_initial_memory`). It needs more than
+//! 1 MiB for those two anyway, so 2 MiB refuses no cap under which it
+//! could answer them.
 
 /// Bytes of stack for the guest.
 const STACK_SIZE: u32 = 128 << 10;
 
-/// Bytes of linear memory the guest starts with, stack and data included.
-const INITIAL_MEMORY: u32 = 512 << 10;
-
-/// Prints the link arguments, for a wasm32 build only (natively the guest
-/// crates are plain libraries).
+/// Prints the link arguments of the guest crate being built, for a wasm32
+/// build only (natively the guest crates are plain libraries).
 pub fn link_args() {
+    // Bytes of linear memory the guest starts with, stack and data included.
+    let initial_memory: u32 = match std::env::var("CARGO_PKG_NAME").as_deref() {
+        Ok("fanout-guest-p3") => 2 << 20,
+        _ => 512 << 10,
+    };
     if std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("wasm32") {
         println!("cargo:rustc-link-arg=-zstack-size={STACK_SIZE}");
-        println!("cargo:rustc-link-arg=--initial-memory={INITIAL_MEMORY}");
+        println!("cargo:rustc-link-arg=--initial-memory={initial_memory}");
     }
 }

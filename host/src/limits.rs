@@ -133,13 +133,14 @@ pub const DEFAULT_QUEUE_WAIT: Duration = Duration::from_millis(100);
 /// Bytes of each linear memory kept mapped between two requests on one pool
 /// slot and reset with `memset` instead of `madvise`: only the pages the
 /// guest dirtied where the kernel has `PAGEMAP_SCAN` (Linux 6.7, see
-/// `runtime::engine`), else every accessible page up to this bound. Pages released with
-/// madvise fault back in on the next request, and each release costs a TLB
-/// shootdown across cores. With a 1 MiB window, the built-in guest's data
-/// and heap (then above its 1 MiB stack) were released every request:
-/// 2467 rps at 0.66 ms CPU per request at saturation, against 3165 rps at
-/// 0.50 ms with 4 MiB. The guest's stack is smaller now (build-support/guest_memory.rs);
-/// the window stays large for components that grow their memory.
+/// `runtime::engine`), else every accessible page up to this bound. Pages
+/// released with madvise fault back in on the next request, and each
+/// release costs a TLB shootdown across cores. With a 1 MiB window, the
+/// built-in guest's data and heap (then above its 1 MiB stack) were
+/// released every request: 2467 rps at 0.66 ms CPU per request at
+/// saturation, against 3165 rps at 0.50 ms with 4 MiB. The guest's stack
+/// is smaller now (`build-support/guest_memory.rs`); the window stays large
+/// for components that grow their memory.
 pub const MEMORY_KEEP_RESIDENT: usize = 4 << 20;
 
 /// Bytes of an answer's body read on the guests' runtime before the answer

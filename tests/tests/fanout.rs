@@ -514,10 +514,11 @@ fn nested(depth: usize) -> serde_json::Value {
     (0..depth).fold(json!(1), |inner, _| json!([inner]))
 }
 
-/// The built-in guest (its 0.2 build) starts with memory enough for a
+/// The built-in guest (either build) starts with memory enough for a
 /// product and a 20-id batch (`build-support/guest_memory.rs`), so fresh
-/// instances serve them without growing it: each growth is an `mprotect` in the instance
-/// pool, and the next instance in the slot undoes it with another.
+/// instances serve them without growing it: each growth is an `mprotect`
+/// in the instance pool, and the next instance in the slot undoes it with
+/// another.
 #[tokio::test]
 async fn ordinary_requests_fit_the_guests_initial_memory() -> Result<()> {
     let upstreams = ProductUpstreams::start(MS(0)).await?;
@@ -540,18 +541,15 @@ async fn ordinary_requests_fit_the_guests_initial_memory() -> Result<()> {
     let stats = host.settled_stats().await;
     assert_eq!(stats.instantiations, 2);
     // The count itself is tested in hostile.rs, with a guest that grows.
-    // The 0.3 build grew its memory ten times for these two: its initial
-    // memory is not sized for it yet.
-    if fanout_tests::wasi_http() == fanout_host::WasiHttpVersion::P2 {
-        assert_eq!(stats.memory_growths, 0, "{stats:?}");
-    }
+    assert_eq!(stats.memory_growths, 0, "{stats:?}");
     Ok(())
 }
 
 #[tokio::test]
 async fn deeply_nested_upstream_json_fits_the_guest_stack() -> Result<()> {
-    // The guest's stack is small on purpose (build-support/guest_memory.rs): a deep body
-    // must still be answered, or refused with a clear error, never trap.
+    // The guest's stack is small on purpose (build-support/guest_memory.rs):
+    // a deep body must still be answered, or refused with a clear error,
+    // never trap.
     let upstreams = ProductUpstreams::start(MS(0)).await?;
     let host = upstreams.host().await?;
     // As deep as serde_json goes (its recursion limit is 128).
