@@ -427,6 +427,7 @@ impl FanoutBuilder {
                 config.unwrap_or_else(|| AdmissionConfig::for_budget(max_instances, budget)),
             ),
         };
+        metrics.watch(&admission);
         let ticker = EpochTicker::start(engine.clone())?;
         let runner = Runner {
             pre,

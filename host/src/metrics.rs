@@ -12,17 +12,22 @@
 //! | `fanout_shed_held_total` (shed answers held until `Retry-After`, or longer when many are held, because the client came back sooner on its connection) | |
 //! | `fanout_queue_wait_seconds` (histogram, time spent in the admission line) | |
 //! | `fanout_admission_limit` (gauge, the adaptive limit now) | |
+//! | `fanout_queue_length` (gauge, requests waiting in the admission line now) | |
+//! | `fanout_shed_holding` (gauge, shed answers being held now: clients that came back sooner than `Retry-After`) | |
 //! | `fanout_guest_failures_total` (traps, limits, deadlines) | `cause` |
 //! | `fanout_response_cache_lookups_total` (upstream GETs by how they were answered: hit, stale, coalesced, miss, pass) | `upstream`, `result` |
 //! | `fanout_response_cache_evictions_total` (entries pushed out by the bounds) | `upstream` |
 //! | `fanout_response_cache_bytes` (gauge, stored answers) | `upstream` |
 
-use prometheus_client::encoding::EncodeLabelSet;
+use crate::admission::Admission;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -77,6 +82,44 @@ pub struct Metrics {
     pub(crate) response_cache_lookups: Family<CacheLabels, Counter>,
     pub(crate) response_cache_evictions: Family<UpstreamLabel, Counter>,
     pub(crate) response_cache_bytes: Family<UpstreamLabel, Gauge>,
+    /// Where the line and the held sheds are read at each scrape.
+    admission: Arc<OnceLock<Admission>>,
+}
+
+/// The admission's line and held sheds, read when the metrics are encoded:
+/// both change with every request, and only a scrape needs them.
+struct AdmissionGauges(Arc<OnceLock<Admission>>);
+
+// `Collector` asks for it; the admission's state is in the gauges.
+impl std::fmt::Debug for AdmissionGauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdmissionGauges")
+    }
+}
+
+impl Collector for AdmissionGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(admission) = self.0.get() else {
+            return Ok(());
+        };
+        let gauges = [
+            (
+                "fanout_queue_length",
+                "Requests waiting in the admission line now",
+                admission.waiting(),
+            ),
+            (
+                "fanout_shed_holding",
+                "Shed answers being held now, their clients having come back sooner than Retry-After",
+                admission.held_sheds().held(),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
+    }
 }
 
 impl Default for Metrics {
@@ -97,6 +140,8 @@ impl Default for Metrics {
         let response_cache_lookups = Family::<CacheLabels, Counter>::default();
         let response_cache_evictions = Family::<UpstreamLabel, Counter>::default();
         let response_cache_bytes = Family::<UpstreamLabel, Gauge>::default();
+        let admission = Arc::new(OnceLock::new());
+        registry.register_collector(Box::new(AdmissionGauges(admission.clone())));
         registry.register_with_unit(
             "http_server_request_duration",
             "Duration of incoming requests, by route and status",
@@ -187,11 +232,18 @@ impl Default for Metrics {
             response_cache_lookups,
             response_cache_evictions,
             response_cache_bytes,
+            admission,
         }
     }
 }
 
 impl Metrics {
+    /// Reads the line's length and the held sheds from `admission` at each
+    /// scrape. The first admission given stays.
+    pub(crate) fn watch(&self, admission: &Admission) {
+        let _ = self.admission.set(admission.clone());
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -216,5 +268,55 @@ impl Metrics {
                 outcome,
             })
             .observe(took.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of the sample `name` in `text`, if there is one.
+    fn sample(text: &str, name: &str) -> Option<i64> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[tokio::test]
+    async fn the_line_and_the_held_sheds_are_read_at_each_scrape() {
+        let metrics = Metrics::default();
+        let admission = Admission::fixed(1);
+        assert_eq!(sample(&metrics.encode(), "fanout_queue_length"), None);
+        metrics.watch(&admission);
+        let text = metrics.encode();
+        assert_eq!(sample(&text, "fanout_queue_length"), Some(0));
+        assert_eq!(sample(&text, "fanout_shed_holding"), Some(0));
+
+        let running = admission
+            .admit(Duration::ZERO, None)
+            .await
+            .expect("a place");
+        let line: Vec<_> = (0..2)
+            .map(|_| {
+                let admission = admission.clone();
+                tokio::spawn(async move { admission.admit(Duration::from_secs(5), None).await })
+            })
+            .collect();
+        while admission.waiting() < 2 {
+            tokio::task::yield_now().await;
+        }
+        let held = admission.held_sheds().hold();
+        let text = metrics.encode();
+        assert_eq!(sample(&text, "fanout_queue_length"), Some(2), "{text}");
+        assert_eq!(sample(&text, "fanout_shed_holding"), Some(1), "{text}");
+
+        drop(held);
+        drop(running);
+        for waiter in line {
+            // Each in turn takes the one place and gives it back.
+            drop(waiter.await.expect("no panic").expect("admitted"));
+        }
+        let text = metrics.encode();
+        assert_eq!(sample(&text, "fanout_queue_length"), Some(0));
+        assert_eq!(sample(&text, "fanout_shed_holding"), Some(0));
     }
 }

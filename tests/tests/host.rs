@@ -562,6 +562,11 @@ async fn queues_what_fits(admission: fanout_host::AdmissionMode) -> Result<()> {
         metrics.contains("fanout_shed_total{cause=\"queue_full\"} 6"),
         "{metrics}"
     );
+    // Everyone answered: no one is left in line, and no shed was held (each
+    // client sent one request).
+    for gauge in ["fanout_queue_length 0", "fanout_shed_holding 0"] {
+        assert!(metrics.lines().any(|line| line == gauge), "{metrics}");
+    }
     Ok(())
 }
 
