@@ -47,8 +47,9 @@ pub enum Target {
     /// `fanout` with fixed admission instead of the adaptive default
     /// (measured under overload).
     FanoutFixed,
-    /// `fanout` with the guests on threads of their own (`--guest-threads`).
-    FanoutGuestThreads,
+    /// `fanout` with the guests on the connections' threads
+    /// (`--guest-threads 0`, the layout before the split).
+    FanoutSharedThreads,
     /// `fanout` with its telemetry on: JSON access logs and OTLP span
     /// export (measured at saturation, beside `fanout`).
     FanoutTelemetry,
@@ -99,7 +100,7 @@ impl Target {
         Target::FanoutPerRequest,
         Target::FanoutP3,
         Target::FanoutFixed,
-        Target::FanoutGuestThreads,
+        Target::FanoutSharedThreads,
         Target::FanoutTelemetry,
         Target::Native,
         Target::WasmtimeServe,
@@ -113,7 +114,7 @@ impl Target {
             Target::FanoutSequential => "fanout-sequential",
             Target::Fanout => "fanout",
             Target::FanoutFixed => "fanout-fixed",
-            Target::FanoutGuestThreads => "fanout-guest-threads",
+            Target::FanoutSharedThreads => "fanout-shared-threads",
             Target::FanoutTelemetry => "fanout-telemetry",
             Target::FanoutCoalesce => "fanout-coalesce",
             Target::FanoutCache => "fanout-cache",
@@ -195,7 +196,7 @@ impl Harness {
             Target::Fanout
             | Target::FanoutSequential
             | Target::FanoutFixed
-            | Target::FanoutGuestThreads
+            | Target::FanoutSharedThreads
             | Target::FanoutTelemetry
             | Target::FanoutCoalesce
             | Target::FanoutCache
@@ -210,7 +211,7 @@ impl Harness {
                     Target::FanoutP3 => &["--p3"],
                     Target::FanoutSequential => &["--sequential"],
                     Target::FanoutFixed => &["--fixed"],
-                    Target::FanoutGuestThreads => &["--guest-threads", "2"],
+                    Target::FanoutSharedThreads => &["--guest-threads", "0"],
                     Target::FanoutTelemetry => &["--telemetry"],
                     Target::FanoutCoalesce => &["--coalesce"],
                     Target::FanoutCache => &["--cache-ttl-ms", "1000"],
@@ -491,7 +492,7 @@ impl Harness {
             (Target::FanoutFixed, 500, Hostile),
             (Target::Fanout, 500, RetryAfter),
             (Target::Fanout, 5000, RetryAfter),
-            (Target::FanoutGuestThreads, 500, RetryAfter),
+            (Target::FanoutSharedThreads, 500, RetryAfter),
             // What one shed costs, for the CPU share the rows above spend
             // on theirs.
             (Target::FanoutShedAll, 64, Hostile),

@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use fanout_bench::report::{self, Machine, Results};
 use fanout_bench::{Harness, Target, servers, targets};
+use fanout_host::threads::ThreadLayout;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -143,7 +144,9 @@ enum Command {
         /// Fixed admission instead of the adaptive default.
         #[arg(long)]
         fixed: bool,
-        /// Run the guests on this many threads of their own.
+        /// Run the guests on this many threads of their own; 0 runs them
+        /// on the connections' threads (default: as the `fanout` binary
+        /// lays its threads out, see `fanout_host::threads`).
         #[arg(long)]
         guest_threads: Option<usize>,
         /// FANOUT_CONFIG JSON.
@@ -190,7 +193,18 @@ const SATURATION_C: usize = 64;
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let runtime = tokio::runtime::Runtime::new()?;
+    // `fanout` as the binary runs it: its connections on a runtime of
+    // their own, the guests on another.
+    let threads = match &args.command {
+        Command::ServeFanout { guest_threads, .. } => {
+            Some(ThreadLayout::from_flags(None, *guest_threads))
+        }
+        _ => None,
+    };
+    let runtime = match threads {
+        Some(threads) => threads.connection_runtime()?,
+        None => tokio::runtime::Runtime::new()?,
+    };
     match args.command {
         Command::ServeBlocking { upstream, workers } => {
             let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -217,7 +231,7 @@ fn main() -> Result<()> {
             upstream,
             sequential,
             fixed,
-            guest_threads,
+            guest_threads: _,
             guest_config,
             max_instances,
             cache_dir,
@@ -256,7 +270,7 @@ fn main() -> Result<()> {
                 max_instances,
                 cache_dir,
                 fixed,
-                guest_threads,
+                guest_threads: threads.and_then(|threads| threads.guest_threads),
                 identical: match (cache_ttl_ms, coalesce) {
                     (Some(ms), _) => servers::Identical::Cache {
                         ttl: Duration::from_millis(ms),
@@ -360,7 +374,7 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
         Target::FanoutPerRequest,
         Target::FanoutP3,
         Target::FanoutTelemetry,
-        Target::FanoutGuestThreads,
+        Target::FanoutSharedThreads,
         Target::Native,
         Target::WasmtimeServe,
         Target::WasmtimeServeReuse,
@@ -425,7 +439,7 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
                     .join(",")
             ));
             // Named targets may include the fanout variants the full run
-            // shows elsewhere (e.g. `fanout-guest-threads` at c=500).
+            // shows elsewhere (e.g. `fanout-shared-threads` at c=500).
             let targets = if only.is_empty() {
                 all_targets
             } else {

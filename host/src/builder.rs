@@ -260,11 +260,10 @@ impl FanoutBuilder {
 
     /// Runs the guests on a runtime of their own with `threads` workers,
     /// apart from the caller's runtime that accepts connections and sheds.
-    /// Under overload a shed 503 is then answered faster (p99 6.4 ms rather
-    /// than 27.5 ms at c=500, clients honouring `Retry-After`, in
-    /// BENCHMARKS.md's latest run), at the price of up to about a seventh
-    /// of the throughput at saturation (by run: README.md). Off by default:
-    /// the guests run on the caller's runtime.
+    /// Under overload a shed 503 is then answered without waiting behind
+    /// guest work (see [`threads`](crate::threads), which lays out the
+    /// `fanout` binary's threads this way, and README.md). Off by default
+    /// in the library: the guests run on the caller's runtime.
     ///
     /// Each request crosses between the runtimes once each way: the guest's
     /// answer is read to its end (up to [`HANDOFF_BUFFER`](crate::limits::HANDOFF_BUFFER)) before it goes

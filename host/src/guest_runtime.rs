@@ -6,12 +6,10 @@ use crate::error::Error;
 /// A tokio runtime of its own for the guests
 /// ([`FanoutBuilder::guest_threads`]).
 ///
-/// Under overload the CPU is full of guest work. On one runtime, a new
-/// request waits in the same run queue as the guests' tasks before the host
-/// can even decide to shed it, so a 503 took 13–20 ms (p99) at c=500. On
-/// their own threads, the connections get their share of the CPU from the
-/// kernel's scheduler, and a shed is answered at once. Dropped without
-/// waiting: the guests still running are cut off with it.
+/// Under overload the CPU is full of guest work; on their own threads the
+/// connections get the CPU from the kernel's scheduler instead of waiting
+/// behind it (see [`threads`](crate::threads)). Dropped without waiting:
+/// the guests still running are cut off with it.
 pub(crate) struct GuestRuntime(Option<tokio::runtime::Runtime>);
 
 impl GuestRuntime {

@@ -91,6 +91,7 @@ mod runtime;
 mod stats;
 mod store;
 pub mod telemetry;
+pub mod threads;
 mod units;
 pub mod upstream;
 mod worker;

@@ -8,6 +8,7 @@ use clap::{Parser, ValueEnum};
 use fanout_guest::protocol::{ENV_CONFIG, ENV_DEADLINE_MS};
 use fanout_host::config::FileConfig;
 use fanout_host::telemetry::Otlp;
+use fanout_host::threads::ThreadLayout;
 use fanout_host::{Fanout, Limits, WasiHttpVersion};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -116,10 +117,17 @@ struct Args {
     no_coalesce: bool,
 
     /// Run the guests on N threads of their own, apart from the ones that
-    /// accept connections: faster 503s under overload, a little less
-    /// throughput at saturation [default: the same threads].
+    /// accept connections, so that a 503 under overload does not wait
+    /// behind guest work; 0 runs them on the connections' threads
+    /// [default: one per core].
     #[arg(long, value_name = "N")]
     guest_threads: Option<usize>,
+
+    /// Threads that accept connections, read requests, shed and write
+    /// answers [default: one per four cores, at least one; one per core
+    /// with --guest-threads 0].
+    #[arg(long, value_name = "N")]
+    connection_threads: Option<usize>,
 
     /// The guest's own budget per request, in milliseconds [default: 200].
     #[arg(long)]
@@ -205,9 +213,16 @@ fn init_logging(format: Option<LogFormat>) -> Result<Option<Otlp>> {
     Ok(otlp)
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     let args = Args::parse();
+    let threads = ThreadLayout::from_flags(args.connection_threads, args.guest_threads);
+    let runtime = threads
+        .connection_runtime()
+        .context("cannot start the connections' runtime")?;
+    runtime.block_on(run(args, threads))
+}
+
+async fn run(args: Args, threads: ThreadLayout) -> Result<()> {
     let otlp = init_logging(args.log_format)?;
     if otlp.is_some() {
         tracing::info!("exporting spans over OTLP");
@@ -225,7 +240,7 @@ async fn main() -> Result<()> {
         return Ok(());
     }
 
-    let (fanout, listen, admin) = configure(&args).map_err(|e| {
+    let (fanout, listen, admin) = configure(&args, threads).map_err(|e| {
         // A file's guest table is `guest` to its reader, not FANOUT_CONFIG.
         match (&args.config, e) {
             (Some(_), fanout_host::Error::GuestConfig { key, reason }) => anyhow::anyhow!(
@@ -279,7 +294,10 @@ async fn main() -> Result<()> {
 }
 
 /// The file (or the demo), then the flags on top; validated and compiled.
-fn configure(args: &Args) -> Result<(Fanout, SocketAddr, Option<SocketAddr>), fanout_host::Error> {
+fn configure(
+    args: &Args,
+    threads: ThreadLayout,
+) -> Result<(Fanout, SocketAddr, Option<SocketAddr>), fanout_host::Error> {
     let mut builder = Fanout::builder();
     let mut listen = None;
     let mut admin = None;
@@ -339,7 +357,7 @@ fn configure(args: &Args) -> Result<(Fanout, SocketAddr, Option<SocketAddr>), fa
     if args.no_coalesce {
         builder = builder.coalescing(false);
     }
-    if let Some(threads) = args.guest_threads {
+    if let Some(threads) = threads.guest_threads {
         builder = builder.guest_threads(threads);
     }
     if !args.no_cache
