@@ -558,6 +558,30 @@ pub fn markdown(r: &Results) -> String {
             },
         );
     }
+    let shared = good(sat, Target::FanoutSharedThreads, sat_c);
+    if !shared.is_nan() {
+        let honour = |t| {
+            let runs = group(&honouring, t, 500);
+            (
+                stat(runs.iter().filter_map(|x| x.load.non_2xx_p99_ms)).median,
+                good(&honouring, t, 500),
+            )
+        };
+        let ((split_p99, split_good), (shared_p99, shared_good)) =
+            (honour(Target::Fanout), honour(Target::FanoutSharedThreads));
+        let _ = writeln!(
+            out,
+            "**Threads.** `fanout` runs its guests on threads of their own, one per core, \
+             and its connections on others, one per four cores (the binary's default: \
+             `fanout_host::threads`); `fanout-shared-threads` runs both on one runtime \
+             (`--guest-threads 0`). Apart, it serves {} the requests of one runtime at \
+             saturation. At c=500 with clients honouring `Retry-After` (overload, below), \
+             its 503s reach them in {split_p99:.1} against {shared_p99:.1} ms (p99), for \
+             {split_good:.0} against {shared_good:.0} answers a second: on one runtime a \
+             new request waits behind guest work before the host reads it.\n",
+            ratio(fanout_sat, shared),
+        );
+    }
     if !r.overload.is_empty() {
         overload_section(&mut out, &r.overload, fanout_sat);
     }
