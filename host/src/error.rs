@@ -9,6 +9,7 @@
 //!   ([`client_error_code`]) and from the guardrails' refusals
 //!   ([`guarded_error_code`]), by the errors' types, never their text.
 
+use crate::admission::RETRY_AFTER;
 use crate::guard::Blocked;
 use crate::response::{ResponseBody, error_response};
 use crate::upstream::TransportError;
@@ -216,10 +217,6 @@ impl Failure {
         response
     }
 }
-
-/// What a shed answer's `Retry-After` asks of the client, and the least time
-/// between two shed answers on one connection.
-pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Marks an answer the host shed (on the response's extensions), for the
 /// server's pacing of clients that retry at once.

@@ -1,8 +1,7 @@
 //! The HTTP/1.1 accept loop, shared by the aggregator, the admin endpoints
 //! and the demo upstreams' server, and what it remembers per connection.
 
-use crate::admission::Admission;
-use crate::error::RETRY_AFTER;
+use crate::admission::{Admission, RETRY_AFTER};
 use crate::limits::ConnectionLimits;
 use crate::response::ResponseBody;
 use http::{Request, Response};

@@ -96,12 +96,13 @@ mod units;
 pub mod upstream;
 mod worker;
 
+pub use admission::RETRY_AFTER;
 pub use builder::{AdmissionMode, FanoutBuilder};
 pub use builtin_guest::{
     GUEST_COMPONENT, GUEST_COMPONENT_PATH, GUEST_P3_COMPONENT, GUEST_P3_COMPONENT_PATH,
 };
 pub use error::{
-    DnsFailure, Error, Failure, RETRY_AFTER, client_error_code, error_code_name, guarded_error_code,
+    DnsFailure, Error, Failure, client_error_code, error_code_name, guarded_error_code,
 };
 pub use fanout::Fanout;
 pub use guest_world::WasiHttpVersion;

@@ -14,7 +14,7 @@ pub(crate) struct Stats {
     pub(crate) memory_growths: AtomicU64,
 }
 
-/// A snapshot of [`Fanout::stats`].
+/// A snapshot of [`Fanout::stats`](crate::Fanout::stats).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StatsSnapshot {
     /// Requests that got an instance.

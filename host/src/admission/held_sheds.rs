@@ -18,7 +18,7 @@
 //! stops (see `Fanout::serve`), so that a shutdown's grace is not spent
 //! holding 503s.
 
-use crate::error::RETRY_AFTER;
+use super::RETRY_AFTER;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 

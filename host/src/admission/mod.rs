@@ -34,6 +34,10 @@ pub use held_sheds::{HELD_SHEDS_PER_ANSWER, HeldSheds, Holding, MAX_SHED_HOLD};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// What a shed answer's `Retry-After` asks of the client, and the least time
+/// between two shed answers on one connection.
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+
 /// The shared limiter, with its line of waiting requests.
 #[derive(Clone)]
 pub struct Admission {
