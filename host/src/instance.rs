@@ -382,12 +382,6 @@ async fn await_head(
     // upstreams, is what the limiter learns from.
     let upstream_wait = attempts.upstream_wait(admitted_at, Instant::now());
     runner.admission.learn(admitted_at, upstream_wait);
-    if runner.adaptive {
-        runner
-            .metrics
-            .admission_limit
-            .set(runner.admission.snapshot().0 as i64);
-    }
     match answered {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(code)) => Err(Failure::NoResponse(format!(

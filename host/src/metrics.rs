@@ -11,7 +11,7 @@
 //! | `fanout_shed_total` (requests turned away by admission, 503 with `Retry-After`, by the JSON body's `code`: `overloaded` at the adaptive limit, `pool_full` at a fixed one, `queue_full` the line too long, `queue_timeout` waited as long as allowed) | `cause` |
 //! | `fanout_shed_held_total` (shed answers held until `Retry-After`, or longer when many are held, because the client came back sooner on its connection) | |
 //! | `fanout_queue_wait_seconds` (histogram, time spent in the admission line) | |
-//! | `fanout_admission_limit` (gauge, the adaptive limit now) | |
+//! | `fanout_admission_limit` (gauge, the admission limit now: learnt when adaptive, the pool's size when fixed) | |
 //! | `fanout_queue_length` (gauge, requests waiting in the admission line now) | |
 //! | `fanout_shed_holding` (gauge, shed answers being held now: clients that came back sooner than `Retry-After`) | |
 //! | `fanout_guest_failures_total` (traps, limits, deadlines) | `cause` |
@@ -77,17 +77,18 @@ pub struct Metrics {
     pub(crate) shed: Family<CauseLabel, Counter>,
     pub(crate) sheds_held: Counter,
     pub(crate) queue_wait: Histogram,
-    pub(crate) admission_limit: Gauge,
     pub(crate) failures: Family<CauseLabel, Counter>,
     pub(crate) response_cache_lookups: Family<CacheLabels, Counter>,
     pub(crate) response_cache_evictions: Family<UpstreamLabel, Counter>,
     pub(crate) response_cache_bytes: Family<UpstreamLabel, Gauge>,
-    /// Where the line and the held sheds are read at each scrape.
+    /// Where the limit, the line and the held sheds are read at each scrape.
     admission: Arc<OnceLock<Admission>>,
 }
 
-/// The admission's line and held sheds, read when the metrics are encoded:
-/// both change with every request, and only a scrape needs them.
+/// The admission's limit, line and held sheds, read when the metrics are
+/// encoded: they change with every request, and only a scrape needs them
+/// (the limit, set on a gauge at each answer, took the admission's lock a
+/// second time per request).
 struct AdmissionGauges(Arc<OnceLock<Admission>>);
 
 // `Collector` asks for it; the admission's state is in the gauges.
@@ -103,6 +104,11 @@ impl Collector for AdmissionGauges {
             return Ok(());
         };
         let gauges = [
+            (
+                "fanout_admission_limit",
+                "Requests the admission lets run at once",
+                admission.snapshot().0,
+            ),
             (
                 "fanout_queue_length",
                 "Requests waiting in the admission line now",
@@ -135,7 +141,6 @@ impl Default for Metrics {
         let shed = Family::<CauseLabel, Counter>::default();
         let sheds_held = Counter::default();
         let queue_wait = latency_histogram();
-        let admission_limit = Gauge::default();
         let failures = Family::<CauseLabel, Counter>::default();
         let response_cache_lookups = Family::<CacheLabels, Counter>::default();
         let response_cache_evictions = Family::<UpstreamLabel, Counter>::default();
@@ -191,11 +196,6 @@ impl Default for Metrics {
             queue_wait.clone(),
         );
         registry.register(
-            "fanout_admission_limit",
-            "Requests the adaptive admission lets run at once",
-            admission_limit.clone(),
-        );
-        registry.register(
             "fanout_guest_failures",
             "Requests the host answered for the guest, by cause",
             failures.clone(),
@@ -227,7 +227,6 @@ impl Default for Metrics {
             shed,
             sheds_held,
             queue_wait,
-            admission_limit,
             failures,
             response_cache_lookups,
             response_cache_evictions,
@@ -238,8 +237,8 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Reads the line's length and the held sheds from `admission` at each
-    /// scrape. The first admission given stays.
+    /// Reads the limit, the line's length and the held sheds from
+    /// `admission` at each scrape. The first admission given stays.
     pub(crate) fn watch(&self, admission: &Admission) {
         let _ = self.admission.set(admission.clone());
     }
@@ -282,12 +281,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_line_and_the_held_sheds_are_read_at_each_scrape() {
+    async fn the_limit_the_line_and_the_held_sheds_are_read_at_each_scrape() {
         let metrics = Metrics::default();
         let admission = Admission::fixed(1);
         assert_eq!(sample(&metrics.encode(), "fanout_queue_length"), None);
         metrics.watch(&admission);
         let text = metrics.encode();
+        assert_eq!(sample(&text, "fanout_admission_limit"), Some(1));
         assert_eq!(sample(&text, "fanout_queue_length"), Some(0));
         assert_eq!(sample(&text, "fanout_shed_holding"), Some(0));
 

@@ -61,11 +61,7 @@ impl ThreadLayout {
             connection_threads: connection_threads
                 .filter(|n| *n > 0)
                 .unwrap_or(default.connection_threads),
-            guest_threads: match guest_threads {
-                Some(0) => None,
-                Some(n) => Some(n),
-                None => default.guest_threads,
-            },
+            guest_threads: guest_threads.map_or(default.guest_threads, |n| (n > 0).then_some(n)),
         }
     }
 
