@@ -11,7 +11,7 @@
 
 use fanout_guest::errors::{self, UpstreamFailure};
 use fanout_guest::fanout::{Attempt, Env};
-use fanout_guest::serve::{self, Incoming, duration_ns};
+use fanout_guest::serve::{self, Incoming, RandomBuffer, duration_ns};
 use futures_util::future::{Either, select};
 use serde_json::Value;
 use std::pin::pin;
@@ -38,6 +38,7 @@ impl wasip3::exports::http::handler::Guest for Handler {
         let env = P3Env {
             origin,
             request: &incoming,
+            random: RandomBuffer::default(),
         };
         let (answer, body, server_timing) = serve::handle(&env, serve::config(), &incoming).await;
         let fields = serve::answer_fields(&answer, body.len(), &server_timing);
@@ -84,6 +85,8 @@ struct P3Env<'a> {
     /// When the request arrived.
     origin: Instant,
     request: &'a Incoming,
+    /// From wasi:random/random.
+    random: RandomBuffer,
 }
 
 impl Env for P3Env<'_> {
@@ -96,7 +99,10 @@ impl Env for P3Env<'_> {
     }
 
     fn random(&self) -> u64 {
-        wasip3::random::random::get_random_u64()
+        self.random.next(|bytes| {
+            let fresh = wasip3::random::random::get_random_bytes(bytes.len() as u64);
+            bytes.iter_mut().zip(fresh).for_each(|(b, f)| *b = f);
+        })
     }
 
     async fn attempt(&self, attempt: Attempt<'_>) -> Result<Value, UpstreamFailure> {

@@ -4,7 +4,7 @@
 use crate::errors::{self, UpstreamFailure};
 use crate::fanout::{Attempt, Env};
 use crate::merge::Answer;
-use crate::serve::{self, Incoming, duration_ns};
+use crate::serve::{self, Incoming, RandomBuffer, duration_ns};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 use wasip2::http::outgoing_handler;
@@ -39,6 +39,7 @@ impl wasip2::exports::http::incoming_handler::Guest for Handler {
             let env = WasiEnv {
                 origin,
                 request: &incoming,
+                random: RandomBuffer::default(),
             };
             let (answer, body, server_timing) =
                 serve::handle(&env, serve::config(), &incoming).await;
@@ -103,13 +104,8 @@ struct WasiEnv<'a> {
     /// When the request arrived.
     origin: Instant,
     request: &'a Incoming,
-}
-
-/// 64 bits from wasi:random/random, part of the proxy world.
-fn random_u64() -> u64 {
-    let mut bytes = [0u8; 8];
-    wstd::rand::get_random_bytes(&mut bytes);
-    u64::from_le_bytes(bytes)
+    /// From wasi:random/random, part of the proxy world.
+    random: RandomBuffer,
 }
 
 impl Env for WasiEnv<'_> {
@@ -122,7 +118,8 @@ impl Env for WasiEnv<'_> {
     }
 
     fn random(&self) -> u64 {
-        random_u64()
+        self.random
+            .next(|bytes| wstd::rand::get_random_bytes(bytes))
     }
 
     async fn attempt(&self, attempt: Attempt<'_>) -> Result<Value, UpstreamFailure> {
@@ -206,12 +203,19 @@ async fn read_body(body: &IncomingBody) -> Result<Vec<u8>, UpstreamFailure> {
     let stream = body
         .stream()
         .map_err(|()| UpstreamFailure::Transport("the response body stream was taken".into()))?;
-    let ready = AsyncPollable::new(stream.subscribe());
+    // Subscribed to on the first empty read only: a small body is often
+    // all there once the head is, and each subscription is two host calls.
+    let mut ready: Option<AsyncPollable> = None;
     let mut bytes = Vec::new();
     loop {
         match stream.read(READ_CHUNK) {
             // Nothing yet: wait, rather than spin.
-            Ok(chunk) if chunk.is_empty() => ready.wait_for().await,
+            Ok(chunk) if chunk.is_empty() => {
+                ready
+                    .get_or_insert_with(|| AsyncPollable::new(stream.subscribe()))
+                    .wait_for()
+                    .await
+            }
             Ok(chunk) => serve::append_chunk(&mut bytes, &chunk)?,
             Err(StreamError::Closed) => break,
             Err(StreamError::LastOperationFailed(error)) => {

@@ -90,10 +90,26 @@ pub async fn call<E: Env>(
     trace: &TraceContext,
     budget_header: Option<&str>,
 ) -> Result<Value, UpstreamFailure> {
+    let now = env.now();
+    call_from(env, upstream, url, budget, trace, budget_header, now).await
+}
+
+/// [`call`], its first attempt timed from `now`: the caller has just read
+/// the clock, and each read is a host call.
+async fn call_from<E: Env>(
+    env: &E,
+    upstream: &RouteUpstream,
+    url: String,
+    budget: Budget,
+    trace: &TraceContext,
+    budget_header: Option<&str>,
+    now: Duration,
+) -> Result<Value, UpstreamFailure> {
     let mut number = 1;
     let mut previous: Option<UpstreamFailure> = None;
+    let mut now = now;
     loop {
-        let timeout = budget.attempt_timeout(env.now(), upstream.timeout);
+        let timeout = budget.attempt_timeout(now, upstream.timeout);
         if timeout.is_zero() {
             return Err(UpstreamFailure::Timeout);
         }
@@ -129,6 +145,7 @@ pub async fn call<E: Env>(
             return Err(failure);
         }
         env.sleep(backoff).await;
+        now = env.now();
         number += 1;
         previous = Some(failure);
     }
@@ -170,7 +187,7 @@ pub async fn fan_out<E: Env>(
         async move {
             let started = env.now();
             let header = config.budget_header.as_deref();
-            let result = call(env, upstream, url, budget, trace, header).await;
+            let result = call_from(env, upstream, url, budget, trace, header, started).await;
             (id, node, started, env.now(), result)
         }
     };

@@ -350,9 +350,69 @@ pub fn duration_ns(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// Random bits for one request, fetched from the host 64 bytes at a time.
+///
+/// A request takes about five 64-bit values (a trace id, then a span id
+/// and maybe a jitter per call) and each fetch is a host call; one fetch
+/// serves them all. One buffer per request, so nothing of one request's
+/// bits is left for the next in a reused instance.
+#[derive(Debug, Default)]
+pub struct RandomBuffer {
+    words: std::cell::Cell<[u64; 8]>,
+    left: std::cell::Cell<usize>,
+}
+
+impl RandomBuffer {
+    /// The next 64 bits, calling `fill` for 64 new bytes when none are left.
+    pub fn next(&self, fill: impl FnOnce(&mut [u8; 64])) -> u64 {
+        let mut words = self.words.get();
+        let mut left = self.left.get();
+        if left == 0 {
+            let mut bytes = [0u8; 64];
+            fill(&mut bytes);
+            for (word, chunk) in words.iter_mut().zip(bytes.chunks_exact(8)) {
+                *word = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
+            }
+            left = words.len();
+            self.words.set(words);
+        }
+        self.left.set(left - 1);
+        words[words.len() - left]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_bits_are_fetched_once_for_eight_values() {
+        let buffer = RandomBuffer::default();
+        let fetches = std::cell::Cell::new(0u8);
+        let fill = |bytes: &mut [u8; 64]| {
+            fetches.set(fetches.get() + 1);
+            for (i, b) in bytes.iter_mut().enumerate() {
+                *b = fetches.get().wrapping_mul(100).wrapping_add(i as u8);
+            }
+        };
+        let values: Vec<u64> = (0..9).map(|_| buffer.next(fill)).collect();
+        assert_eq!(fetches.get(), 2, "eight values a fetch");
+        // Each value is the next 8 bytes of the fetch, little-endian.
+        assert_eq!(
+            values[0],
+            u64::from_le_bytes([100, 101, 102, 103, 104, 105, 106, 107])
+        );
+        assert_eq!(
+            values[7],
+            u64::from_le_bytes([156, 157, 158, 159, 160, 161, 162, 163])
+        );
+        assert_eq!(
+            values[8],
+            u64::from_le_bytes([200, 201, 202, 203, 204, 205, 206, 207])
+        );
+        let distinct: std::collections::HashSet<_> = values.iter().collect();
+        assert_eq!(distinct.len(), 9);
+    }
 
     fn fields(list: &[(&str, &[u8])]) -> Vec<(String, Vec<u8>)> {
         list.iter()
