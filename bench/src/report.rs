@@ -1,7 +1,7 @@
 //! BENCHMARKS.md, the raw JSON and the latency plot.
 
 use crate::driver::Backoff;
-use crate::{Micro, Run, Sustained, Target};
+use crate::{CAPACITY_CLIENTS, Micro, Run, Sustained, Target};
 use anyhow::Result;
 use serde::Serialize;
 use std::fmt::Write;
@@ -1066,6 +1066,47 @@ fn plot(path: &Path, runs: &[Run]) -> Result<()> {
 }
 
 /// The overload table: each (target, c, backoff) window's median.
+/// What `fanout` serves with 50 ms upstreams when the load just fits
+/// ([`CAPACITY_CLIENTS`]), beside its saturation rate (0 ms upstreams) and
+/// the c=500 and c=5000 rows: how much of the gap to saturation is
+/// admission's and how much the waiting requests' own cost.
+fn capacity_paragraph(out: &mut String, runs: &[Run], saturation: f64) {
+    let rows = |c: usize, f: &dyn Fn(&Run) -> f64| {
+        stat(
+            runs.iter()
+                .filter(|x| {
+                    x.target == Target::Fanout
+                        && x.load.concurrency == c
+                        && x.load.backoff == Backoff::None
+                })
+                .map(f),
+        )
+    };
+    let capacity = rows(CAPACITY_CLIENTS, &|r| r.load.goodput);
+    // No such row (a results file from before it): NaN, so not `> 0`.
+    if !(capacity.median > 0.0 && saturation > 0.0) {
+        return;
+    }
+    let cpu = rows(CAPACITY_CLIENTS, &|r| r.cpu_ms_per_request);
+    let share = |c: usize| 100.0 * rows(c, &|r| r.load.goodput).median / capacity.median;
+    let _ = writeln!(
+        out,
+        "\nWith these upstreams `fanout` serves {} 2xx/s at c={CAPACITY_CLIENTS} \
+         (enough clients to keep the cores busy, few enough that little is \
+         shed), {:.0} % of its saturation rate with 0 ms upstreams, at {} ms \
+         of CPU a request: a request that waits 50 ms for its upstreams costs \
+         more (more rounds of polling, its connections idle longer) and the \
+         upstream simulator, on the same cores, keeps 50 ms timers. Against \
+         that capacity, the c=500 and c=5000 rows that re-send at once get \
+         {:.0} % and {:.0} %.",
+        cell(capacity, 0),
+        100.0 * capacity.median / saturation,
+        cell(cpu, 3),
+        share(500),
+        share(5000),
+    );
+}
+
 fn overload_section(out: &mut String, runs: &[Run], saturation: f64) {
     // What one shed costs: `fanout-shed-all` sheds nearly every request at
     // once. CPU milliseconds.
@@ -1161,6 +1202,7 @@ fn overload_section(out: &mut String, runs: &[Run], saturation: f64) {
             shed_cost.median * 1e3
         );
     }
+    capacity_paragraph(out, runs, saturation);
     let _ = writeln!(
         out,
         "\nAn *ignore* client's 503s, once the sheds its host's answers earned \
