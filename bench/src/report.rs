@@ -583,7 +583,8 @@ pub fn markdown(r: &Results) -> String {
         );
     }
     if !r.overload.is_empty() {
-        overload_section(&mut out, &r.overload, fanout_sat);
+        let sat_cpu = median_of(sat, Target::Fanout, sat_c, |x| x.cpu_ms_per_request);
+        overload_section(&mut out, &r.overload, fanout_sat, sat_cpu);
     }
     for s in &r.sustained {
         let per10: Vec<String> = s.rps_per_10s.iter().map(|v| format!("{v:.0}")).collect();
@@ -1070,7 +1071,7 @@ fn plot(path: &Path, runs: &[Run]) -> Result<()> {
 /// ([`CAPACITY_CLIENTS`]), beside its saturation rate (0 ms upstreams) and
 /// the c=500 and c=5000 rows: how much of the gap to saturation is
 /// admission's and how much the waiting requests' own cost.
-fn capacity_paragraph(out: &mut String, runs: &[Run], saturation: f64) {
+fn capacity_paragraph(out: &mut String, runs: &[Run], saturation: f64, saturation_cpu: f64) {
     let rows = |c: usize, f: &dyn Fn(&Run) -> f64| {
         stat(
             runs.iter()
@@ -1094,11 +1095,10 @@ fn capacity_paragraph(out: &mut String, runs: &[Run], saturation: f64) {
         "\nWith these upstreams `fanout` serves {} 2xx/s at c={CAPACITY_CLIENTS} \
          (enough clients to keep the cores busy, few enough that little is \
          shed), {:.0} % of its saturation rate with 0 ms upstreams, at {} ms \
-         of CPU a request: a request that waits 50 ms for its upstreams costs \
-         more (more rounds of polling, its connections idle longer) and the \
-         upstream simulator, on the same cores, keeps 50 ms timers. Against \
-         that capacity, the c=500 and c=5000 rows that re-send at once get \
-         {:.0} % and {:.0} %.",
+         of CPU a request against {saturation_cpu:.3} at saturation (why a \
+         request that waits can cost more: `bench/profile/README.md`). \
+         Against that capacity, the c=500 and c=5000 rows that re-send at \
+         once get {:.0} % and {:.0} %.",
         cell(capacity, 0),
         100.0 * capacity.median / saturation,
         cell(cpu, 3),
@@ -1107,7 +1107,7 @@ fn capacity_paragraph(out: &mut String, runs: &[Run], saturation: f64) {
     );
 }
 
-fn overload_section(out: &mut String, runs: &[Run], saturation: f64) {
+fn overload_section(out: &mut String, runs: &[Run], saturation: f64, saturation_cpu: f64) {
     // What one shed costs: `fanout-shed-all` sheds nearly every request at
     // once. CPU milliseconds.
     let shed_cost = stat(
@@ -1202,7 +1202,7 @@ fn overload_section(out: &mut String, runs: &[Run], saturation: f64) {
             shed_cost.median * 1e3
         );
     }
-    capacity_paragraph(out, runs, saturation);
+    capacity_paragraph(out, runs, saturation, saturation_cpu);
     let _ = writeln!(
         out,
         "\nAn *ignore* client's 503s, once the sheds its host's answers earned \
