@@ -13,6 +13,7 @@ use crate::limits::Limits;
 use crate::metrics::{CauseLabel, Metrics};
 use crate::outbound::AttemptLog;
 use crate::response::ResponseBody;
+use crate::shed_lines::ShedLines;
 use crate::stats::StatsSnapshot;
 use crate::telemetry::{self, ACCESS_LOG_TARGET};
 use bytes::Bytes;
@@ -34,6 +35,8 @@ pub struct Fanout {
     origin: Origin,
     /// Whether [`Fanout::serve`] accepts requests, for `/readyz`.
     accepting: Arc<AtomicBool>,
+    /// Sheds get a few access lines a second, not one each.
+    shed_lines: Arc<ShedLines>,
 }
 
 impl Fanout {
@@ -42,6 +45,7 @@ impl Fanout {
             runner: Arc::new(runner),
             origin,
             accepting: Arc::new(AtomicBool::new(false)),
+            shed_lines: Arc::new(ShedLines::new()),
         }
     }
 
@@ -122,6 +126,7 @@ impl Fanout {
             attempts: attempts.clone(),
             span: span.clone(),
             done: false,
+            shed_lines: None,
         };
         let ran = self
             .runner
@@ -130,7 +135,12 @@ impl Fanout {
             .await;
         let response = match ran {
             Ok(response) => response,
-            Err(failure) => self.failed(&failure, &line.trace_id, &line.method, &line.path),
+            Err(failure) => {
+                if failure.is_shed() {
+                    line.shed_lines = Some(self.shed_lines.clone());
+                }
+                self.failed(&failure, &line.trace_id, &line.method, &line.path)
+            }
         };
         line.finish(response.status().as_u16());
         response
@@ -151,9 +161,9 @@ impl Fanout {
         let status = failure.status().as_u16();
         if failure.is_shed() {
             // Expected under overload, and by the ten thousand per second
-            // when clients ignore Retry-After: the access line and
-            // `fanout_shed_total` say enough. Its cause tells a shed at the
-            // door (a fast 503) from one that waited in line first.
+            // when clients ignore Retry-After: `fanout_shed_total` and a
+            // few access lines a second say enough. Its cause tells a shed
+            // at the door (a fast 503) from one that waited in line first.
             metrics.shed.get_or_create(&CauseLabel { cause }).inc();
             tracing::debug!(%trace_id, %method, %path, cause, status, "{}", failure.message());
         } else if failure.status().is_client_error() {
@@ -261,6 +271,8 @@ struct AccessLine {
     attempts: AttemptLog,
     span: tracing::Span,
     done: bool,
+    /// Set for a shed: its line is written only if this admits it.
+    shed_lines: Option<Arc<ShedLines>>,
 }
 
 impl AccessLine {
@@ -275,15 +287,26 @@ impl AccessLine {
         }
         self.metrics.server_request(&self.route, status, took);
         // The summary costs allocations: only when someone reads it.
-        if tracing::enabled!(target: ACCESS_LOG_TARGET, tracing::Level::INFO) {
+        if !tracing::enabled!(target: ACCESS_LOG_TARGET, tracing::Level::INFO) {
+            return;
+        }
+        let (trace_id, method, path, route) =
+            (&self.trace_id, &self.method, &self.path, &self.route);
+        let duration_ms = took.as_secs_f64() * 1e3;
+        let Some(shed_lines) = &self.shed_lines else {
             let upstreams = self.attempts.summary();
-            let (trace_id, method, path, route) =
-                (&self.trace_id, &self.method, &self.path, &self.route);
             tracing::info!(
                 target: ACCESS_LOG_TARGET,
-                %trace_id, %method, %path, %route, status,
-                duration_ms = took.as_secs_f64() * 1e3,
-                %upstreams,
+                %trace_id, %method, %path, %route, status, duration_ms, %upstreams,
+                "request"
+            );
+            return;
+        };
+        // A shed called no upstream: no summary.
+        if let Some(sheds_not_logged) = shed_lines.admit(Instant::now()) {
+            tracing::info!(
+                target: ACCESS_LOG_TARGET,
+                %trace_id, %method, %path, %route, status, duration_ms, sheds_not_logged,
                 "request"
             );
         }

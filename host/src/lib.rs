@@ -88,6 +88,7 @@ mod outgoing_handler;
 mod response;
 pub mod response_cache;
 mod runtime;
+mod shed_lines;
 mod stats;
 mod store;
 pub mod telemetry;

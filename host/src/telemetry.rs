@@ -53,8 +53,14 @@ use tracing_subscriber::registry::LookupSpan;
 /// The `tracing` target of the host's request and upstream spans.
 pub const SPAN_TARGET: &str = "fanout::otel";
 
-/// The `tracing` target of the access log: one event per request.
+/// The `tracing` target of the access log: one event per request, but
+/// for sheds past [`SHED_LINES_PER_SECOND`].
 pub const ACCESS_LOG_TARGET: &str = "fanout::access";
+
+/// Access lines of sheds written a second at most; each written one
+/// carries `sheds_not_logged`, the sheds left out since the one before.
+/// `fanout_shed_total` counts them all.
+pub const SHED_LINES_PER_SECOND: u32 = 10;
 
 /// The `tracing` target of what a guest writes to stdout and stderr.
 pub const GUEST_OUTPUT_TARGET: &str = "fanout::guest";

@@ -225,6 +225,72 @@ async fn a_full_pool_sheds_with_503() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_flood_of_sheds_is_logged_a_few_lines_a_second() -> Result<()> {
+    use fanout_host::telemetry::SHED_LINES_PER_SECOND;
+    const FLOOD: usize = 60;
+    let logs = fanout_tests::capture_logs();
+    let limits = Limits {
+        max_instances: 1,
+        queue_wait: Duration::ZERO,
+        ..limits(MS(400))
+    };
+    let host = TestHost::start(hostile(limits)?).await?;
+    // Re-sent at once while the only instance is parked, as wrk would.
+    let (parked, sheds) = tokio::join!(host.get("/park"), async {
+        while host.fanout.stats().instances_in_use == 0 {
+            tokio::task::yield_now().await;
+        }
+        let mut sheds = Vec::new();
+        while sheds.len() < FLOOD {
+            sheds.push(host.get("/ok").await);
+        }
+        sheds
+    });
+    assert_eq!(parked?.status, StatusCode::GATEWAY_TIMEOUT);
+    let shed = sheds
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .filter(|a| a.status == StatusCode::SERVICE_UNAVAILABLE)
+        .count();
+    // The parked guest holds the instance for 400 ms: time for all.
+    assert_eq!(shed, FLOOD);
+    let metrics = host.fanout.metrics().encode();
+    assert!(
+        metrics.contains(&format!(
+            r#"fanout_shed_total{{cause="pool_full"}} {FLOOD}"#
+        )),
+        "every shed is counted: {metrics}"
+    );
+    let events = logs.events();
+    let lines: Vec<_> = events
+        .iter()
+        .filter(|e| e["target"] == "fanout::access" && e["status"] == 503)
+        .collect();
+    // The first second's worth, and a second's more if the flood
+    // straddled one.
+    let most = 2 * SHED_LINES_PER_SECOND as usize;
+    assert!(
+        !lines.is_empty() && lines.len() <= most,
+        "{} lines for {FLOOD} sheds: {lines:#?}",
+        lines.len()
+    );
+    // Each line says how many sheds it stands for; none is counted twice.
+    let stood_for: u64 = lines
+        .iter()
+        .map(|e| 1 + e["sheds_not_logged"].as_u64().expect("a count"))
+        .sum();
+    assert!(stood_for <= FLOOD as u64, "{lines:#?}");
+    // The other answers keep a line each.
+    assert!(
+        events
+            .iter()
+            .any(|e| e["target"] == "fanout::access" && e["status"] == 504)
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn guest_output_and_failures_are_logged() -> Result<()> {
     let logs = fanout_tests::capture_logs();
     let host = TestHost::start(hostile(limits(Duration::from_secs(5)))?).await?;
