@@ -82,21 +82,9 @@ impl Budget {
 }
 
 /// Calls one upstream at `url`, retrying per its policy, within `budget`.
+/// The first attempt is timed from `now`, the clock as the caller just
+/// read it: each read is a host call.
 pub async fn call<E: Env>(
-    env: &E,
-    upstream: &RouteUpstream,
-    url: String,
-    budget: Budget,
-    trace: &TraceContext,
-    budget_header: Option<&str>,
-) -> Result<Value, UpstreamFailure> {
-    let now = env.now();
-    call_from(env, upstream, url, budget, trace, budget_header, now).await
-}
-
-/// [`call`], its first attempt timed from `now`: the caller has just read
-/// the clock, and each read is a host call.
-async fn call_from<E: Env>(
     env: &E,
     upstream: &RouteUpstream,
     url: String,
@@ -187,7 +175,7 @@ pub async fn fan_out<E: Env>(
         async move {
             let started = env.now();
             let header = config.budget_header.as_deref();
-            let result = call_from(env, upstream, url, budget, trace, header, started).await;
+            let result = call(env, upstream, url, budget, trace, header, started).await;
             (id, node, started, env.now(), result)
         }
     };

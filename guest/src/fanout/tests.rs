@@ -25,6 +25,7 @@ fn call_200ms(env: &FakeEnv, upstream: &RouteUpstream) -> Result<Value, Upstream
             Budget::starting_at(MS(0), MS(200)),
             &TRACE,
             None,
+            env.now(),
         ),
     )
 }
@@ -68,6 +69,7 @@ fn every_attempt_carries_the_trace_with_its_own_span() {
             Budget::starting_at(MS(0), MS(200)),
             &TRACE,
             Some("x-request-timeout-ms"),
+            env.now(),
         ),
     );
     let traced = traced.borrow();
@@ -229,7 +231,8 @@ fn an_exhausted_budget_calls_nothing() {
                 "http://u/1".into(),
                 budget,
                 &TRACE,
-                None
+                None,
+                env.now(),
             )
         ),
         Err(UpstreamFailure::Timeout)
