@@ -207,12 +207,16 @@ async fn adaptive_admission_keeps_its_goodput_under_clients_that_resend_at_once(
         |counts: &std::collections::BTreeMap<u16, usize>| counts.get(&200).copied().unwrap_or(0);
     let (ok_alone, ok_crowded) = (ok(&alone), ok(&crowded));
     // Answers and sheds, and few others: a fixed pool of 256 admitted so
-    // many at c=500 that nearly every answer was a 504. A few here are the
-    // mock upstreams answering late on a crowded machine.
+    // many at c=500 that nearly every answer was a 504. Some 504s here are
+    // the budget's tail (`upstream_timeout`: the debug host, the mock
+    // upstreams and 350 clients share two cores), and how many depends on
+    // the machine: 0.2-2 % of the 2xx on an idle one, up to 8 % with two
+    // busy loops beside the test, 7 % once in CI. At most a fifth keeps
+    // the collapse out with room for a slow machine.
     for counts in [&alone, &crowded] {
         let sheds = counts.get(&503).copied().unwrap_or(0);
         let other = counts.values().sum::<usize>() - ok(counts) - sheds;
-        assert!(other * 20 <= ok(counts), "{alone:?} then {crowded:?}");
+        assert!(other * 5 <= ok(counts), "{alone:?} then {crowded:?}");
     }
     // Six times the clients, most of them re-sending at once: the answers
     // a second stay near what the host gave alone (loose: two shared

@@ -5,7 +5,6 @@ use anyhow::Result;
 use fanout_tests::{Behaviour, MS, MockUpstream, ProductUpstreams, TestHost};
 use http::StatusCode;
 use serde_json::{Value, json};
-use std::time::Instant;
 
 #[tokio::test]
 async fn a_flaky_upstream_is_retried_to_a_complete_answer() -> Result<()> {
@@ -119,7 +118,6 @@ async fn the_deadline_cancels_calls_in_flight() -> Result<()> {
     let upstreams = ProductUpstreams::start(MS(0)).await?;
     upstreams.pricing.set_behaviour(Behaviour::hang());
     let host = upstreams.host().await?;
-    let sent = Instant::now();
     let answer = host.get("/products/42").await?;
     assert_eq!(
         answer.status,
@@ -134,13 +132,12 @@ async fn the_deadline_cancels_calls_in_flight() -> Result<()> {
     );
 
     // Every call to the hanging upstream was cut off, and the upstream
-    // stopped working on it when the host answered (+10 ms): the deadline's
-    // answer and its calls' end are one event. Counted from the answer,
-    // not from `sent` + 200 ms: on a loaded machine the host's timer fires
-    // late (211 ms once), and that lateness is the scheduler's, not a call
-    // left running. The answer is back, so the aborts have been sent; wait
-    // (bounded) for the mock to see them.
-    let answered = sent + answer.elapsed;
+    // stopped working on it once the host answered: the answer is back, so
+    // the aborts have been sent; wait (bounded) for the mock to see them.
+    // A call left running (to its own timeout, or the pool's idle timeout)
+    // would hang there. No bound tighter than the wait: how soon the mock
+    // sees an abort is the scheduler's (it once took more than 10 ms in a
+    // loaded test run), not the host's.
     let waited = tokio::time::timeout(MS(500), async {
         while upstreams.pricing.in_flight() > 0 {
             tokio::time::sleep(MS(1)).await;
@@ -152,12 +149,7 @@ async fn the_deadline_cancels_calls_in_flight() -> Result<()> {
     assert!(!calls.is_empty());
     for call in &calls {
         assert!(call.cut_off(), "{call:?}");
-        let ended = call.ended.unwrap();
-        assert!(
-            ended <= answered + MS(10),
-            "upstream work ended {:?} after the answer",
-            ended.saturating_duration_since(answered)
-        );
+        assert!(call.ended.is_some(), "{call:?}");
     }
     Ok(())
 }
