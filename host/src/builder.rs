@@ -40,6 +40,7 @@ pub struct FanoutBuilder {
     admission: AdmissionMode,
     guest_threads: Option<usize>,
     coalescing: bool,
+    shed_lines_per_second: u32,
 }
 
 /// How requests are admitted before they get an instance. Either way, a
@@ -90,6 +91,7 @@ impl Default for FanoutBuilder {
             admission: AdmissionMode::Adaptive(None),
             guest_threads: None,
             coalescing: true,
+            shed_lines_per_second: crate::telemetry::SHED_LINES_PER_SECOND,
         }
     }
 }
@@ -255,6 +257,17 @@ impl FanoutBuilder {
     /// see BENCHMARKS.md for the two under overload).
     pub fn admission(mut self, admission: AdmissionMode) -> Self {
         self.admission = admission;
+        self
+    }
+
+    /// How many access lines sheds (503s from admission) get a second, at
+    /// most: [`SHED_LINES_PER_SECOND`](crate::telemetry::SHED_LINES_PER_SECOND)
+    /// by default; 0 writes one for every shed. Each line written carries
+    /// `sheds_not_logged`, the sheds left out since the one before;
+    /// `fanout_shed_total` counts them all. Under clients that re-send at
+    /// once a line per shed costs the CPU the answers need.
+    pub fn shed_lines_per_second(mut self, lines: u32) -> Self {
+        self.shed_lines_per_second = lines;
         self
     }
 
@@ -444,7 +457,7 @@ impl FanoutBuilder {
             guests: self.guest_threads.map(GuestRuntime::new).transpose()?,
             ticker,
         };
-        Ok(Fanout::new(runner, origin))
+        Ok(Fanout::new(runner, origin, self.shed_lines_per_second))
     }
 }
 

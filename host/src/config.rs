@@ -59,6 +59,18 @@ pub struct FileConfig {
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     /// The guest's configuration (`FANOUT_CONFIG`): routes, budget, caps.
     pub guest: Option<fanout_guest::config::RawConfig>,
+    #[serde(default)]
+    /// The access log.
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+/// The `[log]` table.
+pub struct LogConfig {
+    /// Access lines sheds get a second, at most; 0 for one per shed
+    /// (see [`FanoutBuilder::shed_lines_per_second`]).
+    pub shed_lines_per_second: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -278,6 +290,9 @@ impl FileConfig {
         }
         for (name, upstream) in &self.upstreams {
             builder = upstream.apply(name, builder)?;
+        }
+        if let Some(lines) = self.log.shed_lines_per_second {
+            builder = builder.shed_lines_per_second(lines);
         }
         if let Some(guest) = &self.guest {
             let json = serde_json::to_string(guest).map_err(|e| invalid("guest", e.to_string()))?;

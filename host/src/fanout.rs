@@ -35,17 +35,19 @@ pub struct Fanout {
     origin: Origin,
     /// Whether [`Fanout::serve`] accepts requests, for `/readyz`.
     accepting: Arc<AtomicBool>,
-    /// Sheds get a few access lines a second, not one each.
-    shed_lines: Arc<ShedLines>,
+    /// Sheds get a few access lines a second, not one each; `None`: one
+    /// each.
+    shed_lines: Option<Arc<ShedLines>>,
 }
 
 impl Fanout {
-    pub(crate) fn new(runner: Runner, origin: Origin) -> Fanout {
+    pub(crate) fn new(runner: Runner, origin: Origin, shed_lines_per_second: u32) -> Fanout {
         Fanout {
             runner: Arc::new(runner),
             origin,
             accepting: Arc::new(AtomicBool::new(false)),
-            shed_lines: Arc::new(ShedLines::new()),
+            shed_lines: (shed_lines_per_second > 0)
+                .then(|| Arc::new(ShedLines::new(shed_lines_per_second))),
         }
     }
 
@@ -137,7 +139,7 @@ impl Fanout {
             Ok(response) => response,
             Err(failure) => {
                 if failure.is_shed() {
-                    line.shed_lines = Some(self.shed_lines.clone());
+                    line.shed_lines = self.shed_lines.clone();
                 }
                 self.failed(&failure, &line.trace_id, &line.method, &line.path)
             }

@@ -153,6 +153,12 @@ struct Args {
     /// Log format; json by default when stdout is not a terminal.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+
+    /// Access lines sheds (503s from admission) get a second, at most, each
+    /// counting the sheds left out before it; 0 writes one per shed
+    /// [default: 10].
+    #[arg(long, value_name = "N")]
+    shed_lines_per_second: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -356,6 +362,9 @@ fn configure(
     });
     if args.no_coalesce {
         builder = builder.coalescing(false);
+    }
+    if let Some(lines) = args.shed_lines_per_second {
+        builder = builder.shed_lines_per_second(lines);
     }
     if let Some(threads) = threads.guest_threads {
         builder = builder.guest_threads(threads);

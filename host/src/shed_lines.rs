@@ -3,9 +3,10 @@
 //! Under overload, clients that re-send at once are shed by the thousand a
 //! second (four 503s to each answer at c=5000 in BENCHMARKS.md). A line for
 //! each would spend on logging the CPU the answers need, and flood whatever
-//! ships the log. `fanout_shed_total` counts every shed; the log keeps
-//! [`SHED_LINES_PER_SECOND`], each saying how many sheds went unlogged
-//! before it. Every other answer keeps its line.
+//! ships the log. `fanout_shed_total` counts every shed; the log keeps a
+//! few a second (`FanoutBuilder::shed_lines_per_second`, 10 by default),
+//! each saying how many sheds went unlogged before it. Every other answer
+//! keeps its line.
 //!
 //! Not tracing-subscriber's filtering: it decides per callsite, not per
 //! rate, and the count of what was left out belongs on the line.
@@ -13,11 +14,10 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::telemetry::SHED_LINES_PER_SECOND;
-
-/// One host's budget of shed lines: [`SHED_LINES_PER_SECOND`] a second.
+/// One host's budget of shed lines: `per_second` a second.
 #[derive(Debug)]
 pub(crate) struct ShedLines {
+    per_second: u32,
     state: Mutex<Window>,
 }
 
@@ -30,8 +30,10 @@ struct Window {
 }
 
 impl ShedLines {
-    pub(crate) fn new() -> ShedLines {
+    /// A budget of `per_second` lines a second (at least one).
+    pub(crate) fn new(per_second: u32) -> ShedLines {
         ShedLines {
+            per_second: per_second.max(1),
             state: Mutex::new(Window {
                 started: Instant::now(),
                 written: 0,
@@ -49,7 +51,7 @@ impl ShedLines {
             window.started = now;
             window.written = 0;
         }
-        if window.written < SHED_LINES_PER_SECOND {
+        if window.written < self.per_second {
             window.written += 1;
             Some(std::mem::take(&mut window.skipped))
         } else {
@@ -62,10 +64,11 @@ impl ShedLines {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::SHED_LINES_PER_SECOND;
 
     #[test]
     fn a_burst_is_logged_a_few_lines_a_second_and_counted() {
-        let lines = ShedLines::new();
+        let lines = ShedLines::new(SHED_LINES_PER_SECOND);
         let t0 = Instant::now();
         let burst: Vec<_> = (0..100).map(|_| lines.admit(t0)).collect();
         let written: Vec<u64> = burst.iter().flatten().copied().collect();
@@ -81,7 +84,7 @@ mod tests {
 
     #[test]
     fn a_trickle_is_logged_whole() {
-        let lines = ShedLines::new();
+        let lines = ShedLines::new(SHED_LINES_PER_SECOND);
         let t0 = Instant::now();
         for i in 0..50 {
             let at = t0 + Duration::from_millis(200 * i);

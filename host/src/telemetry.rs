@@ -57,8 +57,9 @@ pub const SPAN_TARGET: &str = "fanout::otel";
 /// for sheds past [`SHED_LINES_PER_SECOND`].
 pub const ACCESS_LOG_TARGET: &str = "fanout::access";
 
-/// Access lines of sheds written a second at most; each written one
-/// carries `sheds_not_logged`, the sheds left out since the one before.
+/// Access lines of sheds written a second at most, by default (see
+/// `FanoutBuilder::shed_lines_per_second`); each written one carries
+/// `sheds_not_logged`, the sheds left out since the one before.
 /// `fanout_shed_total` counts them all.
 pub const SHED_LINES_PER_SECOND: u32 = 10;
 

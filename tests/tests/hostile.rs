@@ -224,18 +224,21 @@ async fn a_full_pool_sheds_with_503() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn a_flood_of_sheds_is_logged_a_few_lines_a_second() -> Result<()> {
-    use fanout_host::telemetry::SHED_LINES_PER_SECOND;
-    const FLOOD: usize = 60;
+/// Sheds while the only instance is parked, re-sent at once as wrk would,
+/// on a host built with `shed_lines`; the access lines of the sheds and
+/// whether the parked request's 504 kept its line.
+async fn flood_of_sheds(shed_lines: Option<u32>) -> Result<(Vec<serde_json::Value>, bool)> {
     let logs = fanout_tests::capture_logs();
     let limits = Limits {
         max_instances: 1,
         queue_wait: Duration::ZERO,
         ..limits(MS(400))
     };
-    let host = TestHost::start(hostile(limits)?).await?;
-    // Re-sent at once while the only instance is parked, as wrk would.
+    let mut builder = hostile_builder(limits);
+    if let Some(lines) = shed_lines {
+        builder = builder.shed_lines_per_second(lines);
+    }
+    let host = TestHost::start(builder.build()?).await?;
     let (parked, sheds) = tokio::join!(host.get("/park"), async {
         while host.fanout.stats().instances_in_use == 0 {
             tokio::task::yield_now().await;
@@ -263,10 +266,23 @@ async fn a_flood_of_sheds_is_logged_a_few_lines_a_second() -> Result<()> {
         "every shed is counted: {metrics}"
     );
     let events = logs.events();
-    let lines: Vec<_> = events
+    let timed_out = events
         .iter()
+        .any(|e| e["target"] == "fanout::access" && e["status"] == 504);
+    let lines = events
+        .into_iter()
         .filter(|e| e["target"] == "fanout::access" && e["status"] == 503)
         .collect();
+    Ok((lines, timed_out))
+}
+
+/// Sheds in [`flood_of_sheds`].
+const FLOOD: usize = 60;
+
+#[tokio::test]
+async fn a_flood_of_sheds_is_logged_a_few_lines_a_second() -> Result<()> {
+    use fanout_host::telemetry::SHED_LINES_PER_SECOND;
+    let (lines, timed_out) = flood_of_sheds(None).await?;
     // The first second's worth, and a second's more if the flood
     // straddled one.
     let most = 2 * SHED_LINES_PER_SECOND as usize;
@@ -282,11 +298,16 @@ async fn a_flood_of_sheds_is_logged_a_few_lines_a_second() -> Result<()> {
         .sum();
     assert!(stood_for <= FLOOD as u64, "{lines:#?}");
     // The other answers keep a line each.
-    assert!(
-        events
-            .iter()
-            .any(|e| e["target"] == "fanout::access" && e["status"] == 504)
-    );
+    assert!(timed_out);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_operator_may_log_every_shed() -> Result<()> {
+    let (lines, timed_out) = flood_of_sheds(Some(0)).await?;
+    assert_eq!(lines.len(), FLOOD, "{lines:#?}");
+    assert!(lines.iter().all(|e| e.get("sheds_not_logged").is_none()));
+    assert!(timed_out);
     Ok(())
 }
 

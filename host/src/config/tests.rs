@@ -134,3 +134,14 @@ fn the_shipped_example_is_the_demo() {
     demo.sort();
     assert_eq!(names, demo);
 }
+
+#[test]
+fn the_log_table_sets_the_shed_lines() {
+    let config = parse("[log]\nshed_lines_per_second = 0\n").expect("parses");
+    assert_eq!(config.log.shed_lines_per_second, Some(0));
+    assert!(config.apply(Fanout::builder()).is_ok());
+    let err = parse("[log]\nshed_lines_per_second = -1\n").unwrap_err();
+    assert!(err.contains("shed_lines_per_second"), "{err}");
+    let err = parse("[log]\nformat = \"json\"\n").unwrap_err();
+    assert!(err.contains("format") && err.contains("line 2"), "{err}");
+}
