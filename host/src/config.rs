@@ -1,7 +1,8 @@
 //! `fanout.toml`: the host's one configuration file.
 //!
 //! It holds the listen address, the component, the limits, the upstreams
-//! (each with its adapter and guardrails) and the guest's routes. Everything
+//! (each with its adapter and guardrails), the access log's shed lines and
+//! the guest's routes. Everything
 //! is validated before the server listens; an error names the key.
 //!
 //! ```toml
