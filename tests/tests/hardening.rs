@@ -5,7 +5,7 @@ use anyhow::Result;
 use fanout_host::Limits;
 use fanout_tests::{MS, ProductUpstreams, TestHost};
 use http::StatusCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -249,12 +249,12 @@ async fn calls_cut_off_by_a_short_budget_do_not_open_a_circuit() -> Result<()> {
     Ok(())
 }
 
-/// `GET /products?ids=0,...,99` with the largest budget a client may ask.
-async fn largest_batch(host: &TestHost) -> Result<fanout_tests::Answer> {
-    use fanout_guest::config::{DEFAULT_MAX_DEADLINE, MAX_BATCH_IDS};
+/// `GET /products?ids=0,...,99` asking for `budget`.
+async fn largest_batch(host: &TestHost, budget: Duration) -> Result<fanout_tests::Answer> {
+    use fanout_guest::config::MAX_BATCH_IDS;
     use fanout_guest::protocol::TIMEOUT_HEADER;
     let ids: Vec<String> = (0..MAX_BATCH_IDS).map(|i| i.to_string()).collect();
-    let budget = DEFAULT_MAX_DEADLINE.as_millis().to_string();
+    let budget = budget.as_millis().to_string();
     host.get_with(
         &format!("/products?ids={}", ids.join(",")),
         &[(TIMEOUT_HEADER, &budget)],
@@ -266,7 +266,7 @@ async fn largest_batch(host: &TestHost) -> Result<fanout_tests::Answer> {
 async fn the_largest_batch_with_the_largest_budget_completes() -> Result<()> {
     let upstreams = ProductUpstreams::start(MS(10)).await?;
     let host = upstreams.host().await?;
-    let answer = largest_batch(&host).await?;
+    let answer = largest_batch(&host, fanout_guest::config::DEFAULT_MAX_DEADLINE).await?;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
     let items = answer.json["items"].as_array().expect("items");
     assert_eq!(items.len(), fanout_guest::config::MAX_BATCH_IDS);
@@ -290,13 +290,26 @@ async fn the_largest_batch_with_every_retry_spent_completes() -> Result<()> {
         .reviews
         .set_behaviour(fanout_tests::Behaviour::status(503));
     // No breaker or retry budget to save the guest its attempts: all 300
-    // reviews attempts go out.
+    // reviews attempts go out. The fuel is under test, not the time: 5 s
+    // of budget, not the default 1 s most a client may ask for, which the
+    // 500 calls and their backoffs took ~380 ms of alone but used up with
+    // the other tests and two busy loops beside them (an item's inventory
+    // call cut off at 1.03 s).
+    let budget = Duration::from_secs(5);
     let fanout = upstreams
         .builder()
         .guardrails("reviews", fanout_host::guard::Guardrails::default())
+        .env(
+            fanout_guest::protocol::ENV_CONFIG,
+            serde_json::json!({"max_deadline_ms": budget.as_millis() as u64}).to_string(),
+        )
+        .limits(Limits {
+            deadline: budget * 2,
+            ..fanout_tests::limits()
+        })
         .build()?;
     let host = TestHost::start(fanout).await?;
-    let answer = largest_batch(&host).await?;
+    let answer = largest_batch(&host, budget).await?;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.error_code());
     assert_eq!(
         answer.json["items"][99]["degraded"],

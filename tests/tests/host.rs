@@ -487,34 +487,46 @@ async fn a_full_host_queues_what_fits_and_sheds_the_rest_at_the_door() -> Result
 }
 
 async fn queues_what_fits(admission: fanout_host::AdmissionMode) -> Result<()> {
-    let upstreams = ProductUpstreams::start(MS(100)).await?;
+    // Upstreams at 200 ms, so that the host's own time, which a loaded
+    // machine stretches, is a small part of how long a place is held: with
+    // 100 ms upstreams and a 240 ms bound, a first request that took 20 ms
+    // more than the upstreams made the line hold one instead of two (0.3
+    // guest, two busy loops beside the tests). Each attempt may take 400
+    // ms, and every request asks for a budget of 1 s.
+    let upstreams = ProductUpstreams::start(MS(200)).await?;
+    let patient = |name: &str, field: &str, required: bool| {
+        serde_json::json!({"name": name, "url": format!("{{base}}/{name}/{{id}}"),
+            "field": field, "required": required, "timeout_ms": 400})
+    };
+    let config = serde_json::json!({"routes": [{"path": "/products/{id}", "upstreams": [
+        patient("inventory", "inventory", true),
+        patient("pricing", "price", true),
+        patient("reviews", "reviews", false),
+    ]}]});
     let limits = fanout_host::Limits {
         max_instances: 2,
-        queue_wait: MS(240),
+        queue_wait: MS(480),
         ..fanout_tests::limits()
     };
     let fanout = upstreams
         .builder()
         .limits(limits)
         .admission(admission)
+        .env("FANOUT_CONFIG", config.to_string())
         .build()?;
     let host = TestHost::start(fanout).await?;
-    // One request teaches the host how long a request takes (~100 ms): two
-    // places free one every ~50 ms. A request joins the line when its
-    // expected wait is within half the 240 ms bound: two fit (50 and 100
-    // ms), a third (150 ms) is shed at once.
-    assert_eq!(host.get("/products/0").await?.status, StatusCode::OK);
+    let budget = [("x-request-timeout-ms", "1000")];
+    // One request teaches the host how long a request takes (~200 ms): two
+    // places free one every ~100 ms. A request joins the line when its
+    // expected wait is within half the 480 ms bound: two fit (100 and 200
+    // ms), a third (300 ms) is shed at once.
+    let first = host.get_with("/products/0", &budget).await?;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.json);
+    // The budget leaves room for the wait: the host takes the wait out of
+    // it before the guest starts.
     let answers = futures_util::future::join_all((1..=10).map(|i| {
-        let host = &host;
-        async move {
-            // A budget that leaves room for the wait: the host takes the
-            // wait out of it before the guest starts.
-            host.get_with(
-                &format!("/products/{i}"),
-                &[("x-request-timeout-ms", "500")],
-            )
-            .await
-        }
+        let (host, budget) = (&host, &budget);
+        async move { host.get_with(&format!("/products/{i}"), budget).await }
     }))
     .await;
     let (mut ok, mut waited) = (0, 0);
@@ -523,7 +535,7 @@ async fn queues_what_fits(admission: fanout_host::AdmissionMode) -> Result<()> {
         match answer.status {
             StatusCode::OK => {
                 ok += 1;
-                if answer.elapsed >= MS(180) {
+                if answer.elapsed >= MS(360) {
                     waited += 1;
                 }
             }
@@ -534,7 +546,7 @@ async fn queues_what_fits(admission: fanout_host::AdmissionMode) -> Result<()> {
                     answer.json["error"]["message"]
                         .as_str()
                         .unwrap()
-                        .contains("at most 240 ms"),
+                        .contains("at most 480 ms"),
                     "{}",
                     answer.json
                 );
