@@ -2,8 +2,8 @@
 //!
 //! It holds the listen address, the component, the limits, the upstreams
 //! (each with its adapter and guardrails), the access log's shed lines and
-//! the guest's routes. Everything
-//! is validated before the server listens; an error names the key.
+//! the guest's routes. Everything is validated before the server listens;
+//! an error names the key.
 //!
 //! ```toml
 //! listen = "127.0.0.1:8080"

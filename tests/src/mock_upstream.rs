@@ -274,6 +274,23 @@ impl ProductUpstreams {
             .http_upstream("reviews", self.reviews.base_url())
     }
 
+    /// The built-in product route as `FANOUT_CONFIG`, with each attempt
+    /// allowed `attempt_timeout`: for upstreams slower than the default
+    /// per-attempt timeout (150 ms) that should be answered, not retried.
+    pub fn route_with_attempt_timeout(attempt_timeout: Duration) -> String {
+        let upstream = |name: &str, field: &str, required: bool| {
+            serde_json::json!({"name": name, "url": format!("{{base}}/{name}/{{id}}"),
+                "field": field, "required": required,
+                "timeout_ms": attempt_timeout.as_millis() as u64})
+        };
+        serde_json::json!({"routes": [{"path": "/products/{id}", "upstreams": [
+            upstream("inventory", "inventory", true),
+            upstream("pricing", "price", true),
+            upstream("reviews", "reviews", false),
+        ]}]})
+        .to_string()
+    }
+
     /// A test host with the three as its upstreams and nothing else set.
     pub async fn host(&self) -> Result<TestHost> {
         TestHost::start(self.builder().build()?).await

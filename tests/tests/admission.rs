@@ -19,19 +19,8 @@ async fn slower_upstreams_do_not_shrink_the_admission_limit() -> Result<()> {
     // whole latency would shrink; each attempt may take 190 ms, so that
     // they are answered, not retried, on a slow machine.
     let upstreams = ProductUpstreams::start(MS(20)).await?;
-    let patient = |name: &str, field: &str, required: bool| {
-        json!({"name": name, "url": format!("{{base}}/{name}/{{id}}"), "field": field,
-               "required": required, "timeout_ms": 190})
-    };
-    let config = json!({"routes": [{"path": "/products/{id}", "upstreams": [
-        patient("inventory", "inventory", true),
-        patient("pricing", "price", true),
-        patient("reviews", "reviews", false),
-    ]}]});
-    let fanout = upstreams
-        .builder()
-        .env("FANOUT_CONFIG", config.to_string())
-        .build()?;
+    let config = ProductUpstreams::route_with_attempt_timeout(MS(190));
+    let fanout = upstreams.builder().env("FANOUT_CONFIG", config).build()?;
     let host = Arc::new(TestHost::start(fanout).await?);
     let initial = host
         .fanout

@@ -494,15 +494,7 @@ async fn queues_what_fits(admission: fanout_host::AdmissionMode) -> Result<()> {
     // guest, two busy loops beside the tests). Each attempt may take 400
     // ms, and every request asks for a budget of 1 s.
     let upstreams = ProductUpstreams::start(MS(200)).await?;
-    let patient = |name: &str, field: &str, required: bool| {
-        serde_json::json!({"name": name, "url": format!("{{base}}/{name}/{{id}}"),
-            "field": field, "required": required, "timeout_ms": 400})
-    };
-    let config = serde_json::json!({"routes": [{"path": "/products/{id}", "upstreams": [
-        patient("inventory", "inventory", true),
-        patient("pricing", "price", true),
-        patient("reviews", "reviews", false),
-    ]}]});
+    let config = ProductUpstreams::route_with_attempt_timeout(MS(400));
     let limits = fanout_host::Limits {
         max_instances: 2,
         queue_wait: MS(480),
@@ -512,7 +504,7 @@ async fn queues_what_fits(admission: fanout_host::AdmissionMode) -> Result<()> {
         .builder()
         .limits(limits)
         .admission(admission)
-        .env("FANOUT_CONFIG", config.to_string())
+        .env("FANOUT_CONFIG", config)
         .build()?;
     let host = TestHost::start(fanout).await?;
     let budget = [("x-request-timeout-ms", "1000")];
