@@ -447,6 +447,31 @@ mod tests {
     }
 
     #[test]
+    fn the_limit_keeps_what_the_answer_rate_needs_in_flight() {
+        let mut aimd = Aimd::new(AdmissionConfig {
+            initial: 400,
+            ..AdmissionConfig::for_budget(1000, MS(200))
+        });
+        let mut now = Instant::now();
+        let mut answer = |aimd: &mut Aimd, own: u64| {
+            now += MS(1);
+            aimd.try_admit();
+            aimd.finish_parts(MS(own), MS(200), now);
+        };
+        // 1,000 answers a second with 200 ms upstreams, then the host's own
+        // time climbs (a neighbour takes the CPU): the limit shrinks, but
+        // not below the 1,000 a second times 200 ms in flight it takes to
+        // keep answering as many.
+        for _ in 0..2000 {
+            answer(&mut aimd, 5);
+        }
+        for _ in 0..2000 {
+            answer(&mut aimd, 80);
+        }
+        assert_eq!(aimd.limit(), 200, "shrunk to the floor, no further");
+    }
+
+    #[test]
     fn far_below_the_target_the_limit_grows_by_one_per_completion() {
         let mut aimd = Aimd::new(AdmissionConfig {
             initial: 20,
