@@ -151,7 +151,10 @@ async fn the_deadline_cancels_calls_in_flight() -> Result<()> {
     assert!(!calls.is_empty());
     for call in &calls {
         assert!(call.cut_off(), "{call:?}");
-        let ended = call.ended.expect("ended").duration_since(sent);
+        let ended = call
+            .ended
+            .unwrap_or_else(|| panic!("never ended: {call:?}"))
+            .duration_since(sent);
         // Ended by the deadline (200 ms), not by running on to the end of
         // its own timeout. The first attempt times out at 150 ms; its retry
         // starts 10-20 ms later, and left to its own 150 ms timeout it would

@@ -275,6 +275,14 @@ mod tests {
         }
     }
 
+    /// A pool of 1,000 whose requests have the guest's default budget.
+    fn with_a_200_ms_budget(initial: usize) -> Aimd {
+        Aimd::new(AdmissionConfig {
+            initial,
+            ..AdmissionConfig::for_budget(1000, MS(200))
+        })
+    }
+
     #[test]
     fn sheds_beyond_the_limit() {
         let mut aimd = Aimd::new(config());
@@ -420,11 +428,7 @@ mod tests {
 
     #[test]
     fn a_busy_cpu_within_the_budget_does_not_shrink_the_limit() {
-        let budget = MS(200);
-        let mut aimd = Aimd::new(AdmissionConfig {
-            initial: 50,
-            ..AdmissionConfig::for_budget(1000, budget)
-        });
+        let mut aimd = with_a_200_ms_budget(50);
         let mut now = Instant::now();
         let mut finish = |aimd: &mut Aimd, own: u64| {
             now += MS(30);
@@ -448,10 +452,7 @@ mod tests {
 
     #[test]
     fn the_limit_keeps_what_the_answer_rate_needs_in_flight() {
-        let mut aimd = Aimd::new(AdmissionConfig {
-            initial: 400,
-            ..AdmissionConfig::for_budget(1000, MS(200))
-        });
+        let mut aimd = with_a_200_ms_budget(400);
         let mut now = Instant::now();
         let mut answer = |aimd: &mut Aimd, own: u64| {
             now += MS(1);
@@ -473,10 +474,7 @@ mod tests {
 
     #[test]
     fn far_below_the_target_the_limit_grows_by_one_per_completion() {
-        let mut aimd = Aimd::new(AdmissionConfig {
-            initial: 20,
-            ..AdmissionConfig::for_budget(1000, MS(200))
-        });
+        let mut aimd = with_a_200_ms_budget(20);
         let mut now = Instant::now();
         // One slow burst ends slow start: growth is additive from here...
         aimd.try_admit();
