@@ -70,6 +70,12 @@ pub struct LoadResult {
     /// Open loop: the arrival rate offered (`concurrency` is then the peak
     /// in flight).
     pub offered_rps: Option<f64>,
+    /// Closed loop: clients that got no 2xx in the window (each sent at
+    /// least one request in it).
+    pub clients_without_2xx: Option<usize>,
+    /// Closed loop: Jain's fairness index of the clients' 2xx counts, from
+    /// 1/n (one client got every answer) to 1 (all got as many).
+    pub fairness: Option<f64>,
 }
 
 /// Latencies of every client, in one place: a histogram is ~128 KiB,
@@ -276,9 +282,20 @@ pub async fn run(
     let mut per_second = vec![0u64; seconds];
     let mut ok_per_second = vec![0u64; seconds];
     let mut samples = BTreeMap::new();
+    let mut ok_per_client = Vec::with_capacity(concurrency);
     for task in tasks {
         let Ok(stats) = task.await else { continue };
         backoffs += stats.backoffs;
+        if stats.statuses.values().sum::<u64>() > 0 {
+            ok_per_client.push(
+                stats
+                    .statuses
+                    .iter()
+                    .filter(|(s, _)| (200..300).contains(*s))
+                    .map(|(_, n)| *n)
+                    .sum::<u64>(),
+            );
+        }
         for (k, v) in stats.statuses {
             *statuses.entry(k).or_default() += v;
         }
@@ -308,6 +325,8 @@ pub async fn run(
         rps_per_second: per_second,
         ok_per_second,
         samples,
+        clients_without_2xx: Some(ok_per_client.iter().filter(|n| **n == 0).count()),
+        fairness: jain_index(&ok_per_client),
         ..LoadResult::from_latencies(
             measure,
             &latencies.all,
@@ -352,6 +371,15 @@ impl LoadResult {
             ..LoadResult::default()
         }
     }
+}
+
+/// Jain's fairness index of `counts`: (Σx)² / (n·Σx²). `None` for no
+/// clients or no answers at all.
+pub fn jain_index(counts: &[u64]) -> Option<f64> {
+    let n = counts.len() as f64;
+    let sum: f64 = counts.iter().map(|&x| x as f64).sum();
+    let squares: f64 = counts.iter().map(|&x| (x as f64) * (x as f64)).sum();
+    (squares > 0.0).then(|| sum * sum / (n * squares))
 }
 
 /// How a request that got no answer failed: `connect` or `other`.
@@ -411,5 +439,15 @@ mod tests {
             Urls::one("http://x/products/42").pick().path(),
             "/products/42"
         );
+    }
+
+    #[test]
+    fn jain_index_runs_from_one_client_served_to_all_served_alike() {
+        assert_eq!(jain_index(&[]), None, "no clients");
+        assert_eq!(jain_index(&[0, 0, 0]), None, "no answers");
+        assert_eq!(jain_index(&[7, 7, 7, 7]), Some(1.0), "all alike");
+        assert_eq!(jain_index(&[12, 0, 0, 0]), Some(0.25), "one of four: 1/n");
+        // Half the clients served, alike: 1/2.
+        assert_eq!(jain_index(&[5, 5, 0, 0]), Some(0.5));
     }
 }

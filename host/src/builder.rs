@@ -15,7 +15,7 @@ use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::outbound::{DefaultHooks, OutboundHooks, UpstreamHandle, Upstreams};
 use crate::response_cache::ResponseCacheConfig;
-use crate::runtime::{self, EpochTicker};
+use crate::runtime::{self, EpochTicker, GuestProfiler};
 use crate::stats::Stats;
 use crate::store::RequestState;
 use crate::upstream::Upstream;
@@ -41,6 +41,7 @@ pub struct FanoutBuilder {
     guest_threads: Option<usize>,
     coalescing: bool,
     shed_lines_per_second: u32,
+    profiler: Option<GuestProfiler>,
 }
 
 /// How requests are admitted before they get an instance. Either way, a
@@ -92,6 +93,7 @@ impl Default for FanoutBuilder {
             guest_threads: None,
             coalescing: true,
             shed_lines_per_second: crate::telemetry::SHED_LINES_PER_SECOND,
+            profiler: None,
         }
     }
 }
@@ -253,6 +255,14 @@ impl FanoutBuilder {
         self
     }
 
+    /// Names the guest's compiled code for `perf` (off by default). A
+    /// profiling aid: the map is written as code is loaded, and the
+    /// compiled-component cache serves it as well.
+    pub fn guest_profiler(mut self, profiler: GuestProfiler) -> Self {
+        self.profiler = Some(profiler);
+        self
+    }
+
     /// How requests are admitted ([`AdmissionMode::Adaptive`] by default:
     /// see BENCHMARKS.md for the two under overload).
     pub fn admission(mut self, admission: AdmissionMode) -> Self {
@@ -406,7 +416,8 @@ impl FanoutBuilder {
             }
         };
         let world = WasiHttpVersion::exported_by(&bytes);
-        let engine = runtime::engine(&self.limits, world).map_err(Error::wasmtime)?;
+        let engine =
+            runtime::engine(&self.limits, world, self.profiler).map_err(Error::wasmtime)?;
         let (component, origin) =
             crate::cache::load_or_compile(&engine, &bytes, self.cache_dir.as_deref())
                 .map_err(|e| Error::Component(format!("{e:#}")))?;

@@ -109,5 +109,6 @@ pub use fanout::Fanout;
 pub use guest_world::WasiHttpVersion;
 pub use limits::Limits;
 pub use response::{ResponseBody, error_response, full_body};
+pub use runtime::GuestProfiler;
 pub use stats::StatsSnapshot;
 pub use upstream::Upstream;

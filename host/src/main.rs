@@ -154,6 +154,12 @@ struct Args {
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
 
+    /// Name the guest's compiled code for `perf`: `perfmap` writes
+    /// /tmp/perf-<pid>.map, `jitdump` writes jit-<pid>.dump for `perf
+    /// inject --jit` [default: none].
+    #[arg(long, value_enum, env = "FANOUT_PROFILE")]
+    profile: Option<ProfileFlag>,
+
     /// Access lines sheds (503s from admission) get a second, at most, each
     /// counting the sheds left out before it; 0 writes one per shed
     /// [default: 10].
@@ -165,6 +171,12 @@ struct Args {
 enum AdmissionFlag {
     Adaptive,
     Fixed,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ProfileFlag {
+    Perfmap,
+    Jitdump,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -368,6 +380,12 @@ fn configure(
     }
     if let Some(threads) = threads.guest_threads {
         builder = builder.guest_threads(threads);
+    }
+    if let Some(profile) = args.profile {
+        builder = builder.guest_profiler(match profile {
+            ProfileFlag::Perfmap => fanout_host::GuestProfiler::PerfMap,
+            ProfileFlag::Jitdump => fanout_host::GuestProfiler::JitDump,
+        });
     }
     if !args.no_cache
         && let Some(dir) = args

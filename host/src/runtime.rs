@@ -10,6 +10,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
+/// How the guest's compiled code is named for a profiler outside the
+/// process, as `wasmtime serve --profile` does. Without one, `perf` shows
+/// the guest as anonymous JIT addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestProfiler {
+    /// `/tmp/perf-<pid>.map`, which `perf report` reads by itself.
+    PerfMap,
+    /// `jit-<pid>.dump` in the working directory, for `perf inject --jit`:
+    /// with the code itself, so annotations show the guest's instructions.
+    JitDump,
+}
+
 /// Fuel between two yields to the async executor. A guest that computes for a
 /// long time still lets other requests on the same worker thread make
 /// progress, and lets the wall-clock timeout observe it.
@@ -24,8 +36,12 @@ const FUEL_YIELD_INTERVAL: u64 = 20_000;
 
 /// Builds the engine: epoch interruption on, fuel metering when the limits
 /// ask for fuel, instances from a pool sized for `limits.max_instances`
-/// concurrent requests.
-pub(crate) fn engine(limits: &Limits, world: WasiHttpVersion) -> wasmtime::Result<Engine> {
+/// concurrent requests; the guest's code named for `profiler`, if any.
+pub(crate) fn engine(
+    limits: &Limits,
+    world: WasiHttpVersion,
+    profiler: Option<GuestProfiler>,
+) -> wasmtime::Result<Engine> {
     let n = limits.max_instances;
     let stacks = match world {
         WasiHttpVersion::P2 => n,
@@ -53,6 +69,12 @@ pub(crate) fn engine(limits: &Limits, world: WasiHttpVersion) -> wasmtime::Resul
         .epoch_interruption(true)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
         .memory_init_cow(true);
+    if let Some(profiler) = profiler {
+        config.profiler(match profiler {
+            GuestProfiler::PerfMap => wasmtime::ProfilingStrategy::PerfMap,
+            GuestProfiler::JitDump => wasmtime::ProfilingStrategy::JitDump,
+        });
+    }
     match world {
         WasiHttpVersion::P3 => config.wasm_component_model_async(true),
         // Off for a 0.2 guest, which does not use it: with it on, every

@@ -1,6 +1,7 @@
 //! The `fanout` binary as an operator runs it: OTLP export switched on by
-//! `OTEL_EXPORTER_OTLP_ENDPOINT`, spans flushed at a graceful shutdown, and
-//! JSON log lines on stdout that the spans do not clutter.
+//! `OTEL_EXPORTER_OTLP_ENDPOINT`, spans flushed at a graceful shutdown,
+//! JSON log lines on stdout that the spans do not clutter, and the guest's
+//! code named for `perf` with `--profile`.
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -70,9 +71,9 @@ struct Running {
     logs: Vec<serde_json::Value>,
 }
 
-/// Starts `fanout` on port 0 with the demo upstreams and waits for the line
-/// that says where it listens.
-async fn start(otlp_endpoint: Option<&str>) -> Result<Running> {
+/// Starts `fanout` on port 0 with the demo upstreams, and `extra` flags,
+/// and waits for the line that says where it listens.
+async fn start(otlp_endpoint: Option<&str>, extra: &[&str]) -> Result<Running> {
     let mut command = Command::new(env!("CARGO_BIN_EXE_fanout"));
     command
         .args([
@@ -83,10 +84,12 @@ async fn start(otlp_endpoint: Option<&str>) -> Result<Running> {
             "--cache-dir",
         ])
         .arg(std::env::temp_dir().join("fanout-binary-test-cache"))
+        .args(extra)
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         .env_remove("OTEL_SERVICE_NAME")
         .env_remove("RUST_LOG")
+        .env_remove("FANOUT_PROFILE")
         .stdout(Stdio::piped())
         .kill_on_drop(true);
     if let Some(endpoint) = otlp_endpoint {
@@ -151,7 +154,7 @@ impl Running {
 #[tokio::test]
 async fn otlp_endpoint_turns_on_export_and_shutdown_flushes_it() -> Result<()> {
     let (endpoint, received) = collector().await?;
-    let fanout = start(Some(&endpoint)).await?;
+    let fanout = start(Some(&endpoint), &[]).await?;
     assert_eq!(fanout.get("/products/1").await?, http::StatusCode::OK);
     assert_eq!(fanout.get("/products/2").await?, http::StatusCode::OK);
     // The batch exporter has not sent these yet: the shutdown must.
@@ -188,7 +191,7 @@ async fn otlp_endpoint_turns_on_export_and_shutdown_flushes_it() -> Result<()> {
 
 #[tokio::test]
 async fn without_an_endpoint_nothing_is_exported() -> Result<()> {
-    let fanout = start(None).await?;
+    let fanout = start(None, &[]).await?;
     assert_eq!(fanout.get("/products/3").await?, http::StatusCode::OK);
     // Without --config, the demo's second route is served too.
     assert_eq!(fanout.get("/orders/1").await?, http::StatusCode::OK);
@@ -204,6 +207,60 @@ async fn without_an_endpoint_nothing_is_exported() -> Result<()> {
             .filter(|l| l["target"] == "fanout::access")
             .count(),
         2
+    );
+    Ok(())
+}
+
+/// The perf map a process with `pid` writes, its contents once the process
+/// has stopped (`None`: it wrote none), and the file removed.
+#[cfg(target_os = "linux")]
+fn take_perf_map(pid: u32) -> Result<Option<String>> {
+    let path = std::path::PathBuf::from(format!("/tmp/perf-{pid}.map"));
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            std::fs::remove_file(&path)?;
+            Ok(Some(text))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn profile_perfmap_names_the_guest_code_for_perf() -> Result<()> {
+    // Off by default: no map.
+    let fanout = start(None, &[]).await?;
+    let pid = fanout.child.id().context("running")?;
+    assert_eq!(fanout.get("/products/5").await?, http::StatusCode::OK);
+    fanout.stop().await?;
+    assert_eq!(take_perf_map(pid)?, None, "a map written without --profile");
+
+    // The compiled component comes from the cache the run above filled:
+    // the map must name its code all the same.
+    let fanout = start(None, &["--profile", "perfmap"]).await?;
+    let pid = fanout.child.id().context("running")?;
+    assert_eq!(fanout.get("/products/6").await?, http::StatusCode::OK);
+    fanout.stop().await?;
+    let map = take_perf_map(pid)?.context("no /tmp/perf-<pid>.map written")?;
+    // perf's format: start and size in hex (the start with `0x` or
+    // without), then the symbol's name.
+    let hex = |field: &str| u64::from_str_radix(field.trim_start_matches("0x"), 16).is_ok();
+    for line in map.lines() {
+        let mut fields = line.splitn(3, ' ');
+        let (start, size, name) = (fields.next(), fields.next(), fields.next());
+        assert!(
+            start.is_some_and(hex) && size.is_some_and(hex) && name.is_some_and(|n| !n.is_empty()),
+            "not a perf map line: {line:?}"
+        );
+    }
+    // The guest's own functions, by their Rust names.
+    assert!(
+        map.lines()
+            .any(|line| line.contains("fanout_guest::fanout::fan_out")),
+        "the guest's fan-out is not named: {} lines, e.g. {:?}",
+        map.lines().count(),
+        map.lines().take(5).collect::<Vec<_>>()
     );
     Ok(())
 }
