@@ -155,8 +155,7 @@ struct Args {
     log_format: Option<LogFormat>,
 
     /// Name the guest's compiled code for `perf`: `perfmap` writes
-    /// /tmp/perf-<pid>.map, `jitdump` writes jit-<pid>.dump for `perf
-    /// inject --jit` [default: none].
+    /// /tmp/perf-<pid>.map, which `perf report` reads [default: none].
     #[arg(long, value_enum, env = "FANOUT_PROFILE")]
     profile: Option<ProfileFlag>,
 
@@ -176,7 +175,6 @@ enum AdmissionFlag {
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum ProfileFlag {
     Perfmap,
-    Jitdump,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -384,7 +382,6 @@ fn configure(
     if let Some(profile) = args.profile {
         builder = builder.guest_profiler(match profile {
             ProfileFlag::Perfmap => fanout_host::GuestProfiler::PerfMap,
-            ProfileFlag::Jitdump => fanout_host::GuestProfiler::JitDump,
         });
     }
     if !args.no_cache

@@ -13,13 +13,15 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 /// How the guest's compiled code is named for a profiler outside the
 /// process, as `wasmtime serve --profile` does. Without one, `perf` shows
 /// the guest as anonymous JIT addresses.
+///
+/// wasmtime's jitdump and VTune agents need its `profiling` feature, which
+/// pulls in C code (ittapi) that the static musl image would also have to
+/// build; a perf map needs nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum GuestProfiler {
     /// `/tmp/perf-<pid>.map`, which `perf report` reads by itself.
     PerfMap,
-    /// `jit-<pid>.dump` in the working directory, for `perf inject --jit`:
-    /// with the code itself, so annotations show the guest's instructions.
-    JitDump,
 }
 
 /// Fuel between two yields to the async executor. A guest that computes for a
@@ -72,7 +74,6 @@ pub(crate) fn engine(
     if let Some(profiler) = profiler {
         config.profiler(match profiler {
             GuestProfiler::PerfMap => wasmtime::ProfilingStrategy::PerfMap,
-            GuestProfiler::JitDump => wasmtime::ProfilingStrategy::JitDump,
         });
     }
     match world {
