@@ -18,11 +18,10 @@
 //! ran 3 % more operators took as long. This prints numbers; it asserts
 //! nothing.
 
+mod support;
+
 use anyhow::{Context, Result};
-use bytes::Bytes;
-use fanout_host::{Fanout, adapters};
-use http::StatusCode;
-use http_body_util::{BodyExt, Empty};
+use fanout_host::Fanout;
 use std::time::{Duration, Instant};
 
 /// Rounds each build runs, and requests in a round.
@@ -36,53 +35,17 @@ async fn main() -> Result<()> {
         !paths.is_empty(),
         "usage: compare_guests COMPONENT.wasm [COMPONENT.wasm ...]"
     );
-    let instant = |body: serde_json::Value| {
-        adapters::from_fn(move |_request| {
-            let body = body.clone();
-            async move { Ok(adapters::json_response(StatusCode::OK, &body)) }
-        })
-    };
     let mut builds = Vec::new();
     for path in &paths {
-        let fanout = Fanout::builder()
-            .component_path(path)
-            .upstream(
-                "inventory",
-                "http://inventory.local",
-                instant(serde_json::json!({"in_stock": true, "quantity": 3})),
-            )
-            .upstream(
-                "pricing",
-                "http://pricing.local",
-                instant(serde_json::json!({"amount": 12.5, "currency": "EUR"})),
-            )
-            .upstream(
-                "reviews",
-                "http://reviews.local",
-                instant(serde_json::json!({"rating": 4.2, "count": 17})),
-            )
+        let fanout = support::instant_upstreams(Fanout::builder().component_path(path))
             .build()
             .with_context(|| format!("loading {path}"))?;
         builds.push(fanout);
     }
-    let one = |fanout: Fanout| async move {
-        let request = http::Request::get("/products/42")
-            .header("host", "localhost")
-            .body(Empty::<Bytes>::new())
-            .expect("valid request");
-        let response = fanout.handle(request).await;
-        anyhow::ensure!(
-            response.status() == StatusCode::OK,
-            "answered {}",
-            response.status()
-        );
-        response.into_body().collect().await?;
-        Ok(())
-    };
     // Warm: instances made, caches filled.
     for fanout in &builds {
         for _ in 0..3 * PER_ROUND {
-            one(fanout.clone()).await?;
+            support::product_request(fanout).await?;
         }
     }
     let before: Vec<_> = builds.iter().map(Fanout::stats).collect();
@@ -96,7 +59,7 @@ async fn main() -> Result<()> {
             };
             let started = Instant::now();
             for _ in 0..PER_ROUND {
-                one(builds[i].clone()).await?;
+                support::product_request(&builds[i]).await?;
             }
             rounds[i].push(started.elapsed() / PER_ROUND);
         }

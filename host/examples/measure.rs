@@ -10,6 +10,8 @@
 //! This prints numbers; it asserts nothing. The benchmark harness compares
 //! targets side by side.
 
+mod support;
+
 use anyhow::Result;
 use bytes::Bytes;
 use fanout_host::guard::{CircuitBreakerConfig, Guardrails, RetryBudgetConfig};
@@ -17,7 +19,6 @@ use fanout_host::outbound::{UpstreamHandle, default_send_request};
 use fanout_host::upstream::Call;
 use fanout_host::{Fanout, adapters};
 use http::StatusCode;
-use http_body_util::{BodyExt, Empty};
 use std::time::{Duration, Instant};
 
 #[tokio::main]
@@ -27,47 +28,16 @@ async fn main() -> Result<()> {
         .map(|n| n.parse())
         .transpose()?
         .unwrap_or(2000);
-    let instant = |body: serde_json::Value| {
-        adapters::from_fn(move |_req| {
-            let body = body.clone();
-            async move { Ok(adapters::json_response(StatusCode::OK, &body)) }
-        })
-    };
-    let fanout = Fanout::builder()
-        .upstream(
-            "inventory",
-            "http://inventory.local",
-            instant(serde_json::json!({"in_stock": true, "quantity": 3})),
-        )
-        .upstream(
-            "pricing",
-            "http://pricing.local",
-            instant(serde_json::json!({"amount": 12.5, "currency": "EUR"})),
-        )
-        .upstream(
-            "reviews",
-            "http://reviews.local",
-            instant(serde_json::json!({"rating": 4.2, "count": 17})),
-        )
-        .build()?;
+    let fanout = support::instant_upstreams(Fanout::builder()).build()?;
 
-    let one = |fanout: Fanout| async move {
-        let request = http::Request::get("/products/42")
-            .header("host", "localhost")
-            .body(Empty::<Bytes>::new())
-            .expect("valid request");
-        let response = fanout.handle(request).await;
-        assert_eq!(response.status(), StatusCode::OK);
-        response.into_body().collect().await.expect("body");
-    };
     // Warm up: first instantiations fault in the pool's memory.
     for _ in 0..100 {
-        one(fanout.clone()).await;
+        support::product_request(&fanout).await?;
     }
     let before = fanout.stats();
     let started = Instant::now();
     for _ in 0..requests {
-        one(fanout.clone()).await;
+        support::product_request(&fanout).await?;
     }
     let elapsed = started.elapsed();
     let after = fanout.stats();
