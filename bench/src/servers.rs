@@ -514,17 +514,27 @@ fn blocking_request(
     Ok(())
 }
 
-/// Installs the `fanout` binary's telemetry: JSON log lines on stdout and
-/// OTLP span export to `collector`. The exporter flushes when dropped.
-pub fn telemetry(collector: &str) -> Result<fanout_host::telemetry::Otlp> {
+/// Installs the `fanout` binary's telemetry: JSON log lines on stdout
+/// (queued for a thread of their own, as the binary's are) and OTLP span
+/// export to `collector`. Dropped, the guard writes out the last lines and
+/// the exporter flushes.
+pub fn telemetry(
+    collector: &str,
+) -> Result<(
+    fanout_host::stdout_log::WorkerGuard,
+    fanout_host::telemetry::Otlp,
+)> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{EnvFilter, Layer, Registry};
     let otlp = fanout_host::telemetry::Otlp::to_endpoint(collector)?;
     let filter = EnvFilter::new("info")
         .add_directive(format!("{}=off", fanout_host::telemetry::SPAN_TARGET).parse()?);
+    let (writer, flush_at_exit) =
+        fanout_host::stdout_log::writer(fanout_host::stdout_log::DEFAULT_BUFFERED_LINES);
     let layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = vec![
         tracing_subscriber::fmt::layer()
+            .with_writer(writer)
             .json()
             .flatten_event(true)
             .with_filter(filter)
@@ -532,5 +542,5 @@ pub fn telemetry(collector: &str) -> Result<fanout_host::telemetry::Otlp> {
         otlp.layer(),
     ];
     tracing_subscriber::registry().with(layers).try_init()?;
-    Ok(otlp)
+    Ok((flush_at_exit, otlp))
 }

@@ -90,6 +90,7 @@ pub mod response_cache;
 mod runtime;
 mod shed_lines;
 mod stats;
+pub mod stdout_log;
 mod store;
 pub mod telemetry;
 pub mod threads;

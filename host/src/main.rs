@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use fanout_guest::protocol::{ENV_CONFIG, ENV_DEADLINE_MS};
 use fanout_host::config::FileConfig;
+use fanout_host::stdout_log::WorkerGuard;
 use fanout_host::telemetry::Otlp;
 use fanout_host::threads::ThreadLayout;
 use fanout_host::{Fanout, Limits, WasiHttpVersion};
@@ -154,6 +155,13 @@ struct Args {
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
 
+    /// Log lines queued for stdout at most while its reader is behind;
+    /// past them lines are dropped and counted
+    /// (`fanout_log_lines_dropped_total`), never waited for.
+    #[arg(long, value_name = "N", env = "FANOUT_LOG_BUFFER_LINES",
+          default_value_t = fanout_host::stdout_log::DEFAULT_BUFFERED_LINES)]
+    log_buffer_lines: usize,
+
     /// Name the guest's compiled code for `perf`: `perfmap` writes
     /// /tmp/perf-<pid>.map, which `perf report` reads [default: none].
     #[arg(long, value_enum, env = "FANOUT_PROFILE")]
@@ -198,10 +206,14 @@ fn parse_upstream(raw: &str) -> Result<(String, String), String> {
     Ok((name.trim().to_string(), url.trim().to_string()))
 }
 
-/// Log lines on stdout, plus OTLP span export when
-/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set. The returned exporter flushes its
-/// last spans when dropped.
-fn init_logging(format: Option<LogFormat>) -> Result<Option<Otlp>> {
+/// Log lines on stdout (from a thread of their own: `stdout_log`), plus
+/// OTLP span export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set. Dropped,
+/// the returned guard writes out the lines still queued and the exporter
+/// flushes its last spans.
+fn init_logging(
+    format: Option<LogFormat>,
+    buffered_lines: usize,
+) -> Result<(WorkerGuard, Option<Otlp>)> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{EnvFilter, Layer, Registry};
@@ -216,7 +228,8 @@ fn init_logging(format: Option<LogFormat>) -> Result<Option<Otlp>> {
     } else {
         LogFormat::Json
     });
-    let fmt = tracing_subscriber::fmt::layer();
+    let (writer, flush_at_exit) = fanout_host::stdout_log::writer(buffered_lines);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
     let fmt = match format {
         LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter).boxed(),
         LogFormat::Pretty => fmt.with_filter(filter).boxed(),
@@ -226,7 +239,7 @@ fn init_logging(format: Option<LogFormat>) -> Result<Option<Otlp>> {
         layers.push(otlp.layer());
     }
     tracing_subscriber::registry().with(layers).init();
-    Ok(otlp)
+    Ok((flush_at_exit, otlp))
 }
 
 fn main() -> Result<()> {
@@ -239,7 +252,7 @@ fn main() -> Result<()> {
 }
 
 async fn run(args: Args, threads: ThreadLayout) -> Result<()> {
-    let otlp = init_logging(args.log_format)?;
+    let (_flush_at_exit, otlp) = init_logging(args.log_format, args.log_buffer_lines)?;
     if otlp.is_some() {
         tracing::info!("exporting spans over OTLP");
     }

@@ -18,11 +18,12 @@
 //! | `fanout_response_cache_lookups_total` (upstream GETs by how they were answered: hit, stale, coalesced, miss, pass) | `upstream`, `result` |
 //! | `fanout_response_cache_evictions_total` (entries pushed out by the bounds) | `upstream` |
 //! | `fanout_response_cache_bytes` (gauge, stored answers) | `upstream` |
+//! | `fanout_log_lines_dropped_total` (log lines dropped because stdout's reader fell behind: see [`stdout_log`](crate::stdout_log); only with that log) | |
 
 use crate::admission::Admission;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -128,6 +129,26 @@ impl Collector for AdmissionGauges {
     }
 }
 
+/// The stdout log's dropped lines, read when the metrics are encoded: the
+/// log belongs to the process, not to one host.
+#[derive(Debug)]
+struct LogDrops;
+
+impl Collector for LogDrops {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(dropped) = crate::stdout_log::dropped_lines() else {
+            return Ok(());
+        };
+        let counter = ConstCounter::new(dropped as u64);
+        counter.encode(encoder.encode_descriptor(
+            "fanout_log_lines_dropped",
+            "Log lines dropped because the reader of stdout fell behind",
+            None,
+            counter.metric_type(),
+        )?)
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::default();
@@ -147,6 +168,7 @@ impl Default for Metrics {
         let response_cache_bytes = Family::<UpstreamLabel, Gauge>::default();
         let admission = Arc::new(OnceLock::new());
         registry.register_collector(Box::new(AdmissionGauges(admission.clone())));
+        registry.register_collector(Box::new(LogDrops));
         registry.register_with_unit(
             "http_server_request_duration",
             "Duration of incoming requests, by route and status",

@@ -1,7 +1,8 @@
 //! The `fanout` binary as an operator runs it: OTLP export switched on by
 //! `OTEL_EXPORTER_OTLP_ENDPOINT`, spans flushed at a graceful shutdown,
-//! JSON log lines on stdout that the spans do not clutter, and the guest's
-//! code named for `perf` with `--profile`.
+//! JSON log lines on stdout that the spans do not clutter and that a
+//! stalled reader cannot stall answers with, and the guest's code named
+//! for `perf` with `--profile`.
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -130,6 +131,35 @@ impl Running {
         let status = response.status();
         response.into_body().collect().await?;
         Ok(status)
+    }
+
+    /// Where the admin endpoints listen (`--admin`), from the log line
+    /// that says so, reading on until it comes.
+    async fn admin_addr(&mut self) -> Result<String> {
+        let said = |l: &serde_json::Value| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("admin listening"))
+                .then(|| l["addr"].as_str().map(str::to_string))
+                .flatten()
+        };
+        if let Some(addr) = self.logs.iter().find_map(said) {
+            return Ok(addr);
+        }
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(line) = self.lines.next_line().await? {
+                if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
+                    let addr = said(&json);
+                    self.logs.push(json);
+                    if let Some(addr) = addr {
+                        return Ok(addr);
+                    }
+                }
+            }
+            bail!("fanout exited without its admin listening")
+        })
+        .await
+        .context("no admin address logged within 10 s")?
     }
 
     /// SIGTERM, then every remaining log line until the process exits.
@@ -263,4 +293,149 @@ async fn profile_perfmap_names_the_guest_code_for_perf() -> Result<()> {
         map.lines().take(5).collect::<Vec<_>>()
     );
     Ok(())
+}
+
+/// A reader of stdout that stops reading (a stalled log shipper, a full
+/// disk behind the container runtime) must cost log lines, counted, never
+/// answers: once the pipe is full, a line written in place would block
+/// the thread that answers requests.
+#[tokio::test]
+async fn a_stalled_reader_of_stdout_costs_log_lines_not_answers() -> Result<()> {
+    let mut fanout = start(
+        None,
+        &["--admin", "127.0.0.1:0", "--log-buffer-lines", "64"],
+    )
+    .await?;
+    let admin = fanout.admin_addr().await?;
+
+    // Nobody reads stdout from here on. A pipe holds 64 KiB, some 200
+    // access lines, the queue 64 more and the batch being written ~200:
+    // 1,000 requests fill them all.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<Bytes>>();
+    let answered = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut statuses = Vec::new();
+        for batch in 0..1000 / 32 + 1 {
+            let calls = (0..32).map(|i| {
+                let client = client.clone();
+                let uri = format!("http://{}/products/{}", fanout.addr, batch * 32 + i);
+                async move {
+                    let response = client.get(uri.parse()?).await?;
+                    let status = response.status();
+                    response.into_body().collect().await?;
+                    anyhow::Ok(status)
+                }
+            });
+            for status in futures_util::future::join_all(calls).await {
+                statuses.push(status?);
+            }
+        }
+        anyhow::Ok(statuses)
+    })
+    .await
+    .context("requests stalled behind a stalled stdout")??;
+    assert!(answered.len() >= 1000);
+    assert!(
+        answered.iter().all(|s| *s == http::StatusCode::OK),
+        "{answered:?}"
+    );
+
+    let metrics = get_text(&client, &format!("http://{admin}/metrics")).await?;
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("fanout_log_lines_dropped_total "))
+        .context("no fanout_log_lines_dropped_total on /metrics")?
+        .trim()
+        .parse()?;
+    assert!(
+        (100..=1000).contains(&dropped),
+        "{dropped} lines dropped of ~1,000"
+    );
+
+    // Read again, the log goes on. The queue drains in a moment, so a
+    // request or two after reading resumes is logged; the first may still
+    // find it full.
+    let Running {
+        mut child,
+        addr,
+        mut lines,
+        ..
+    } = fanout;
+    let read = Arc::new(Mutex::new(Vec::<serde_json::Value>::new()));
+    let line_read = Arc::new(tokio::sync::Notify::new());
+    let reader = tokio::spawn({
+        let (read, line_read) = (read.clone(), line_read.clone());
+        async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(json) = serde_json::from_str(&line) {
+                    read.lock().unwrap().push(json);
+                    line_read.notify_waiters();
+                }
+            }
+        }
+    });
+    let logged = |path: &str| {
+        read.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l["target"] == "fanout::access" && l["path"] == path)
+    };
+    let mut probes = 0;
+    let after_the_stall = loop {
+        probes += 1;
+        assert!(probes <= 50, "no request logged after the reader came back");
+        let path = format!("/products/{}", 100_000 + probes);
+        let status = get_status(&client, &format!("http://{addr}{path}")).await?;
+        assert_eq!(status, http::StatusCode::OK);
+        // Its line may come after its answer; a dropped one never comes.
+        let seen = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let next = line_read.notified();
+                if logged(&path) {
+                    break;
+                }
+                next.await;
+            }
+        })
+        .await;
+        if seen.is_ok() {
+            break path;
+        }
+    };
+    assert!(probes <= 3, "{probes} requests before one was logged");
+
+    let pid = nix::unistd::Pid::from_raw(child.id().context("running")? as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .context("fanout did not stop within 30 s of SIGTERM")??;
+    assert!(status.success(), "{status}");
+    reader.await?;
+    assert!(logged(&after_the_stall));
+    Ok(())
+}
+
+async fn get_status(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Empty<Bytes>,
+    >,
+    url: &str,
+) -> Result<http::StatusCode> {
+    let response = client.get(url.parse()?).await?;
+    let status = response.status();
+    response.into_body().collect().await?;
+    Ok(status)
+}
+
+async fn get_text(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Empty<Bytes>,
+    >,
+    url: &str,
+) -> Result<String> {
+    let response = client.get(url.parse()?).await?;
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(String::from_utf8(body.to_vec())?)
 }
