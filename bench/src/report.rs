@@ -569,6 +569,14 @@ pub fn markdown(r: &Results) -> String {
         };
         let ((split_p99, split_good), (shared_p99, shared_good)) =
             (honour(Target::Fanout), honour(Target::FanoutSharedThreads));
+        // A window with no 503 has no p99 of them (NaN).
+        let p99 = |ms: f64| {
+            if ms.is_nan() {
+                "no 503s".to_string()
+            } else {
+                format!("{ms:.1} ms")
+            }
+        };
         let _ = writeln!(
             out,
             "**Threads.** `fanout` runs its guests on threads of their own, one per core, \
@@ -576,10 +584,12 @@ pub fn markdown(r: &Results) -> String {
              `fanout_host::threads`); `fanout-shared-threads` runs both on one runtime \
              (`--guest-threads 0`). Apart, it serves {} the requests of one runtime at \
              saturation. At c=500 with clients honouring `Retry-After` (overload, below), \
-             its 503s reach them in {split_p99:.1} against {shared_p99:.1} ms (p99), for \
+             its 503s reach them in {} against {} (p99), for \
              {split_good:.0} against {shared_good:.0} answers a second: on one runtime a \
              new request waits behind guest work before the host reads it.\n",
             ratio(fanout_sat, shared),
+            p99(split_p99),
+            p99(shared_p99),
         );
     }
     if !r.overload.is_empty() {
@@ -1068,7 +1078,7 @@ fn plot(path: &Path, runs: &[Run]) -> Result<()> {
 
 /// The overload table: each (target, c, backoff) window's median.
 /// What `fanout` serves with 50 ms upstreams when the load just fits
-/// ([`CAPACITY_CLIENTS`]), beside its saturation rate (0 ms upstreams) and
+/// (the most of [`CAPACITY_CLIENTS`]), beside its saturation rate (0 ms upstreams) and
 /// the c=500 and c=5000 rows: how much of the gap to saturation is
 /// admission's and how much the waiting requests' own cost.
 fn capacity_paragraph(out: &mut String, runs: &[Run], saturation: f64, saturation_cpu: f64) {
@@ -1083,18 +1093,30 @@ fn capacity_paragraph(out: &mut String, runs: &[Run], saturation: f64, saturatio
                 .map(f),
         )
     };
-    let capacity = rows(CAPACITY_CLIENTS, &|r| r.load.goodput);
-    // No such row (a results file from before it): NaN, so not `> 0`.
-    if !(capacity.median > 0.0 && saturation > 0.0) {
+    // The level that got the most; a results file from before some of
+    // them has fewer (NaN medians lose every comparison).
+    let Some(best) = CAPACITY_CLIENTS
+        .into_iter()
+        .filter(|&c| rows(c, &|r| r.load.goodput).median > 0.0)
+        .max_by(|&a, &b| {
+            let goodput = |c| rows(c, &|r| r.load.goodput).median;
+            goodput(a).total_cmp(&goodput(b))
+        })
+    else {
+        return;
+    };
+    let capacity = rows(best, &|r| r.load.goodput);
+    if saturation.is_nan() || saturation <= 0.0 {
         return;
     }
-    let cpu = rows(CAPACITY_CLIENTS, &|r| r.cpu_ms_per_request);
+    let cpu = rows(best, &|r| r.cpu_ms_per_request);
     let share = |c: usize| 100.0 * rows(c, &|r| r.load.goodput).median / capacity.median;
+    let tried = CAPACITY_CLIENTS.map(|c| c.to_string()).join(", ");
     let _ = writeln!(
         out,
-        "\nWith these upstreams `fanout` serves {} 2xx/s at c={CAPACITY_CLIENTS} \
-         (enough clients to keep the cores busy, few enough that little is \
-         shed), {:.0} % of its saturation rate with 0 ms upstreams, at {} ms \
+        "\nWith these upstreams `fanout` serves at most {} 2xx/s, at \
+         c={best} (of c={tried}: enough clients to keep the cores busy, few \
+         enough that little is shed), {:.0} % of its saturation rate with 0 ms upstreams, at {} ms \
          of CPU a request against {saturation_cpu:.3} at saturation (why a \
          request that waits can cost more: `bench/profile/README.md`). \
          Against that capacity, the c=500 and c=5000 rows that re-send at \

@@ -38,7 +38,7 @@ pub const DEFAULT_MAX_INSTANCES: u32 = 256;
 pub const MAX_DEFAULT_INSTANCES: u32 = 2048;
 
 /// Memory counted per instance when the pool is sized from memory: an
-/// instance in flight costs ~390 KiB of RSS (BENCHMARKS.md "Micro"),
+/// instance in flight costs 150–390 KiB of RSS (BENCHMARKS.md "Micro", by run),
 /// rounded up for guests that grow their heap.
 pub const MEMORY_PER_INSTANCE: u64 = 1 << 20;
 
