@@ -415,6 +415,47 @@ pub fn markdown(r: &Results) -> String {
             verdict(frac, frac >= goal)
         );
     }
+    // #14's open-loop goal: at twice the saturation rate, goodput of at
+    // least 90 % of it, and every other request a fast 503.
+    if let Some(capacity) = r.open_loop_capacity {
+        let at_2x: Vec<&Run> = r
+            .open_loop
+            .iter()
+            .filter(|x| {
+                x.target == Target::Fanout
+                    && x.load
+                        .offered_rps
+                        .is_some_and(|o| (o / capacity).round() == 2.0)
+            })
+            .collect();
+        if !at_2x.is_empty() {
+            let share = stat(at_2x.iter().map(|x| x.load.goodput / capacity)).median;
+            let p99 = stat(at_2x.iter().filter_map(|x| x.load.non_2xx_p99_ms)).median;
+            let only_fast_503 = at_2x.iter().all(|x| {
+                x.load
+                    .statuses
+                    .keys()
+                    .all(|s| (200..300).contains(s) || *s == 503)
+                    && x.load.errors.is_empty()
+            }) && (p99.is_nan() || p99 < 5.0);
+            let _ = writeln!(
+                out,
+                "| `fanout` open loop at 2× its saturation rate: goodput / saturation, and the rest | ≥ 90%, only 503, p99 < 5 ms | {:.0}%, {}, non-2xx p99 {} | {} |",
+                share * 100.0,
+                if at_2x.iter().all(|x| x.load.errors.is_empty()) {
+                    "every request answered"
+                } else {
+                    "some not answered"
+                },
+                if p99.is_nan() {
+                    "n/a (none)".to_string()
+                } else {
+                    format!("{p99:.1} ms")
+                },
+                met(share >= 0.9 && only_fast_503)
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "| `fanout` non-2xx at c=500, clients honouring Retry-After, are fast 503s | only 503, p99 < 5 ms | {}, p99 {} | {} |",
