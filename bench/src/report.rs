@@ -228,6 +228,32 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
+/// Whether every request of `run` was answered, each a 2xx or a 503.
+fn answered_2xx_or_503(run: &Run) -> bool {
+    run.load
+        .statuses
+        .keys()
+        .all(|s| (200..300).contains(s) || *s == 503)
+        && run.load.errors.is_empty()
+}
+
+fn only_503_or_not(only_503: bool) -> &'static str {
+    if only_503 {
+        "only 503"
+    } else {
+        "other statuses or no answer"
+    }
+}
+
+/// A p99 in ms, or `none` when there was nothing to take it of (NaN).
+fn ms_or(ms: f64, none: &str) -> String {
+    if ms.is_nan() {
+        none.to_string()
+    } else {
+        format!("{ms:.1} ms")
+    }
+}
+
 fn met(ok: bool) -> &'static str {
     if ok { "met" } else { "**missed**" }
 }
@@ -384,13 +410,7 @@ pub fn markdown(r: &Results) -> String {
     .median;
     let fanout_500: Vec<&Run> = group(&honouring, Target::Fanout, 500);
     let non_2xx_p99 = stat(fanout_500.iter().filter_map(|x| x.load.non_2xx_p99_ms)).median;
-    let only_503 = fanout_500.iter().all(|x| {
-        x.load
-            .statuses
-            .keys()
-            .all(|s| (200..300).contains(s) || *s == 503)
-            && x.load.errors.is_empty()
-    });
+    let only_503 = fanout_500.iter().all(|x| answered_2xx_or_503(x));
     let _ = writeln!(out, "## Goals\n");
     let _ = writeln!(out, "| goal | target | measured | |\n|---|---|---|---|");
     let _ = writeln!(
@@ -431,44 +451,22 @@ pub fn markdown(r: &Results) -> String {
         if !at_2x.is_empty() {
             let share = stat(at_2x.iter().map(|x| x.load.goodput / capacity)).median;
             let p99 = stat(at_2x.iter().filter_map(|x| x.load.non_2xx_p99_ms)).median;
-            let only_fast_503 = at_2x.iter().all(|x| {
-                x.load
-                    .statuses
-                    .keys()
-                    .all(|s| (200..300).contains(s) || *s == 503)
-                    && x.load.errors.is_empty()
-            }) && (p99.is_nan() || p99 < 5.0);
+            let only_503 = at_2x.iter().all(|x| answered_2xx_or_503(x));
             let _ = writeln!(
                 out,
-                "| `fanout` open loop at 2× its saturation rate: goodput / saturation, and the rest | ≥ 90%, only 503, p99 < 5 ms | {:.0}%, {}, non-2xx p99 {} | {} |",
+                "| `fanout` open loop at 2× its saturation rate: goodput / saturation, and the rest | ≥ 90%, only 503, p99 < 5 ms | {:.0}%, {}, p99 {} | {} |",
                 share * 100.0,
-                if at_2x.iter().all(|x| x.load.errors.is_empty()) {
-                    "every request answered"
-                } else {
-                    "some not answered"
-                },
-                if p99.is_nan() {
-                    "n/a (none)".to_string()
-                } else {
-                    format!("{p99:.1} ms")
-                },
-                met(share >= 0.9 && only_fast_503)
+                only_503_or_not(only_503),
+                ms_or(p99, "n/a (none)"),
+                met(share >= 0.9 && only_503 && (p99.is_nan() || p99 < 5.0))
             );
         }
     }
     let _ = writeln!(
         out,
         "| `fanout` non-2xx at c=500, clients honouring Retry-After, are fast 503s | only 503, p99 < 5 ms | {}, p99 {} | {} |",
-        if only_503 {
-            "only 503"
-        } else {
-            "other statuses or no answer"
-        },
-        if non_2xx_p99.is_nan() {
-            "n/a (none)".to_string()
-        } else {
-            format!("{non_2xx_p99:.1} ms")
-        },
+        only_503_or_not(only_503),
+        ms_or(non_2xx_p99, "n/a (none)"),
         if fanout_500.is_empty() {
             "n/a (not measured)"
         } else {
@@ -610,14 +608,6 @@ pub fn markdown(r: &Results) -> String {
         };
         let ((split_p99, split_good), (shared_p99, shared_good)) =
             (honour(Target::Fanout), honour(Target::FanoutSharedThreads));
-        // A window with no 503 has no p99 of them (NaN).
-        let p99 = |ms: f64| {
-            if ms.is_nan() {
-                "no 503s".to_string()
-            } else {
-                format!("{ms:.1} ms")
-            }
-        };
         let _ = writeln!(
             out,
             "**Threads.** `fanout` runs its guests on threads of their own, one per core, \
@@ -629,8 +619,8 @@ pub fn markdown(r: &Results) -> String {
              {split_good:.0} against {shared_good:.0} answers a second: on one runtime a \
              new request waits behind guest work before the host reads it.\n",
             ratio(fanout_sat, shared),
-            p99(split_p99),
-            p99(shared_p99),
+            ms_or(split_p99, "no 503s"),
+            ms_or(shared_p99, "no 503s"),
         );
     }
     if !r.overload.is_empty() {

@@ -96,11 +96,12 @@ impl<W: Write> Write for LineBatches<W> {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        // Taken out first: a failed write drops the batch rather than
-        // growing it without bound while stdout is closed.
-        let batch = std::mem::take(&mut self.batch);
-        let written = self.out.write_all(&batch).and_then(|()| self.out.flush());
-        self.batch = batch;
+        let written = self
+            .out
+            .write_all(&self.batch)
+            .and_then(|()| self.out.flush());
+        // Cleared even when the write failed: the batch must not grow
+        // without bound while stdout is closed.
         self.batch.clear();
         written
     }

@@ -122,15 +122,8 @@ async fn start(otlp_endpoint: Option<&str>, extra: &[&str]) -> Result<Running> {
 
 impl Running {
     async fn get(&self, path: &str) -> Result<http::StatusCode> {
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<Empty<Bytes>>();
-        let response = client
-            .get(format!("http://{}{path}", self.addr).parse()?)
-            .await?;
-        let status = response.status();
-        response.into_body().collect().await?;
-        Ok(status)
+        let url = format!("http://{}{path}", self.addr);
+        Ok(fetch(&client(), &url).await?.0)
     }
 
     /// Where the admin endpoints listen (`--admin`), from the log line
@@ -311,20 +304,14 @@ async fn a_stalled_reader_of_stdout_costs_log_lines_not_answers() -> Result<()> 
     // Nobody reads stdout from here on. A pipe holds 64 KiB, some 200
     // access lines, the queue 64 more and the batch being written ~200:
     // 1,000 requests fill them all.
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Empty<Bytes>>();
+    let client = client();
     let answered = tokio::time::timeout(Duration::from_secs(60), async {
         let mut statuses = Vec::new();
         for batch in 0..1000 / 32 + 1 {
             let calls = (0..32).map(|i| {
                 let client = client.clone();
-                let uri = format!("http://{}/products/{}", fanout.addr, batch * 32 + i);
-                async move {
-                    let response = client.get(uri.parse()?).await?;
-                    let status = response.status();
-                    response.into_body().collect().await?;
-                    anyhow::Ok(status)
-                }
+                let url = format!("http://{}/products/{}", fanout.addr, batch * 32 + i);
+                async move { anyhow::Ok(fetch(&client, &url).await?.0) }
             });
             for status in futures_util::future::join_all(calls).await {
                 statuses.push(status?);
@@ -340,7 +327,8 @@ async fn a_stalled_reader_of_stdout_costs_log_lines_not_answers() -> Result<()> 
         "{answered:?}"
     );
 
-    let metrics = get_text(&client, &format!("http://{admin}/metrics")).await?;
+    let (_, metrics) = fetch(&client, &format!("http://{admin}/metrics")).await?;
+    let metrics = String::from_utf8(metrics.to_vec())?;
     let dropped: u64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("fanout_log_lines_dropped_total "))
@@ -385,7 +373,7 @@ async fn a_stalled_reader_of_stdout_costs_log_lines_not_answers() -> Result<()> 
         probes += 1;
         assert!(probes <= 50, "no request logged after the reader came back");
         let path = format!("/products/{}", 100_000 + probes);
-        let status = get_status(&client, &format!("http://{addr}{path}")).await?;
+        let (status, _) = fetch(&client, &format!("http://{addr}{path}")).await?;
         assert_eq!(status, http::StatusCode::OK);
         // Its line may come after its answer; a dropped one never comes.
         let seen = tokio::time::timeout(Duration::from_secs(5), async {
@@ -415,27 +403,18 @@ async fn a_stalled_reader_of_stdout_costs_log_lines_not_answers() -> Result<()> 
     Ok(())
 }
 
-async fn get_status(
-    client: &hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        Empty<Bytes>,
-    >,
-    url: &str,
-) -> Result<http::StatusCode> {
-    let response = client.get(url.parse()?).await?;
-    let status = response.status();
-    response.into_body().collect().await?;
-    Ok(status)
+type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Empty<Bytes>,
+>;
+
+fn client() -> Client {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
 }
 
-async fn get_text(
-    client: &hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        Empty<Bytes>,
-    >,
-    url: &str,
-) -> Result<String> {
+/// GET `url`: its status and whole body.
+async fn fetch(client: &Client, url: &str) -> Result<(http::StatusCode, Bytes)> {
     let response = client.get(url.parse()?).await?;
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok(String::from_utf8(body.to_vec())?)
+    let status = response.status();
+    Ok((status, response.into_body().collect().await?.to_bytes()))
 }
