@@ -1,9 +1,9 @@
 //! `fanout.toml`: the host's one configuration file.
 //!
 //! It holds the listen address, the component, the limits, the upstreams
-//! (each with its adapter and guardrails), the access log's shed lines and
-//! the guest's routes. Everything is validated before the server listens;
-//! an error names the key.
+//! (each with its adapter and guardrails), the log (its shed lines and its
+//! queue) and the guest's routes. Everything is validated before the
+//! server listens; an error names the key.
 //!
 //! ```toml
 //! listen = "127.0.0.1:8080"
@@ -72,6 +72,11 @@ pub struct LogConfig {
     /// Access lines sheds get a second, at most; 0 for one per shed
     /// (see [`FanoutBuilder::shed_lines_per_second`]).
     pub shed_lines_per_second: Option<u32>,
+    /// Log lines queued for stdout at most while its reader is behind
+    /// (see [`crate::stdout_log::writer`]); at least 1. Logging starts
+    /// before the rest of the file is applied, so the binary reads this
+    /// through [`FileConfig::log_buffer_lines`] first.
+    pub buffer_lines: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -274,6 +279,18 @@ impl FileConfig {
             },
             max_connections: l.max_connections.unwrap_or(defaults.max_connections),
         })
+    }
+
+    /// `[log] buffer_lines`, if set: the queue of log lines for stdout,
+    /// which must hold at least one.
+    pub fn log_buffer_lines(&self) -> Result<Option<usize>, Error> {
+        match self.log.buffer_lines {
+            Some(0) => Err(invalid(
+                "log.buffer_lines",
+                "must be at least 1: past the queue lines are dropped, so 0 would drop them all",
+            )),
+            lines => Ok(lines),
+        }
     }
 
     /// Applies the file to `builder`: limits, component, upstreams, guest

@@ -157,10 +157,10 @@ struct Args {
 
     /// Log lines queued for stdout at most while its reader is behind;
     /// past them lines are dropped and counted
-    /// (`fanout_log_lines_dropped_total`), never waited for.
-    #[arg(long, value_name = "N", env = "FANOUT_LOG_BUFFER_LINES",
-          default_value_t = fanout_host::stdout_log::DEFAULT_BUFFERED_LINES)]
-    log_buffer_lines: usize,
+    /// (`fanout_log_lines_dropped_total`), never waited for. Overrides
+    /// `[log] buffer_lines` in the file [default: 8192].
+    #[arg(long, value_name = "N", env = "FANOUT_LOG_BUFFER_LINES")]
+    log_buffer_lines: Option<std::num::NonZeroUsize>,
 
     /// Name the guest's compiled code for `perf`: `perfmap` writes
     /// /tmp/perf-<pid>.map, which `perf report` reads [default: none].
@@ -204,6 +204,23 @@ fn parse_upstream(raw: &str) -> Result<(String, String), String> {
         .split_once('=')
         .ok_or_else(|| format!("`{raw}` is not NAME=URL"))?;
     Ok((name.trim().to_string(), url.trim().to_string()))
+}
+
+/// The log's queue of lines: the flag (or its env variable), else the
+/// file's `[log] buffer_lines`, else the default. A wrong value in the
+/// file is refused even when the flag overrides it, as the file's limits
+/// are.
+fn log_buffer_lines(
+    flag: Option<usize>,
+    file: Option<&FileConfig>,
+) -> Result<usize, fanout_host::Error> {
+    let from_file = file
+        .map(FileConfig::log_buffer_lines)
+        .transpose()?
+        .flatten();
+    Ok(flag
+        .or(from_file)
+        .unwrap_or(fanout_host::stdout_log::DEFAULT_BUFFERED_LINES))
 }
 
 /// Log lines on stdout (from a thread of their own: `stdout_log`), plus
@@ -252,7 +269,16 @@ fn main() -> Result<()> {
 }
 
 async fn run(args: Args, threads: ThreadLayout) -> Result<()> {
-    let (_flush_at_exit, otlp) = init_logging(args.log_format, args.log_buffer_lines)?;
+    // The file is read before logging starts: its `[log]` table sizes the
+    // log's queue. What is wrong with it is printed to stderr, as any
+    // error that stops the start.
+    let file = match &args.config {
+        Some(path) => Some(FileConfig::load(path).context("fanout did not start")?),
+        None => None,
+    };
+    let flag = args.log_buffer_lines.map(std::num::NonZeroUsize::get);
+    let buffered_lines = log_buffer_lines(flag, file.as_ref()).context("fanout did not start")?;
+    let (_flush_at_exit, otlp) = init_logging(args.log_format, buffered_lines)?;
     if otlp.is_some() {
         tracing::info!("exporting spans over OTLP");
     }
@@ -269,7 +295,7 @@ async fn run(args: Args, threads: ThreadLayout) -> Result<()> {
         return Ok(());
     }
 
-    let (fanout, listen, admin) = configure(&args, threads).map_err(|e| {
+    let (fanout, listen, admin) = configure(&args, file, threads).map_err(|e| {
         // A file's guest table is `guest` to its reader, not FANOUT_CONFIG.
         match (&args.config, e) {
             (Some(_), fanout_host::Error::GuestConfig { key, reason }) => anyhow::anyhow!(
@@ -325,15 +351,15 @@ async fn run(args: Args, threads: ThreadLayout) -> Result<()> {
 /// The file (or the demo), then the flags on top; validated and compiled.
 fn configure(
     args: &Args,
+    file: Option<FileConfig>,
     threads: ThreadLayout,
 ) -> Result<(Fanout, SocketAddr, Option<SocketAddr>), fanout_host::Error> {
     let mut builder = Fanout::builder();
     let mut listen = None;
     let mut admin = None;
     let mut limits = Limits::default();
-    match &args.config {
-        Some(path) => {
-            let file = FileConfig::load(path)?;
+    match file {
+        Some(file) => {
             limits = file.limits()?;
             let (applied, settings) = file.apply(builder)?;
             builder = applied;
@@ -449,4 +475,37 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fanout_host::stdout_log::DEFAULT_BUFFERED_LINES;
+
+    fn file(text: &str) -> FileConfig {
+        toml::from_str(text).expect("a valid file")
+    }
+
+    #[test]
+    fn the_flag_sizes_the_log_queue_before_the_file_and_the_file_before_the_default() {
+        let sized = file("[log]\nbuffer_lines = 64\n");
+        let not_set = file("[log]\nshed_lines_per_second = 5\n");
+        assert_eq!(log_buffer_lines(Some(10), Some(&sized)).unwrap(), 10);
+        assert_eq!(log_buffer_lines(None, Some(&sized)).unwrap(), 64);
+        assert_eq!(
+            log_buffer_lines(None, Some(&not_set)).unwrap(),
+            DEFAULT_BUFFERED_LINES
+        );
+        assert_eq!(
+            log_buffer_lines(None, None).unwrap(),
+            DEFAULT_BUFFERED_LINES
+        );
+        let zero = file("[log]\nbuffer_lines = 0\n");
+        let err = log_buffer_lines(None, Some(&zero)).unwrap_err();
+        assert!(err.to_string().contains("log.buffer_lines"), "{err}");
+        assert!(
+            log_buffer_lines(Some(32), Some(&zero)).is_err(),
+            "a wrong file is refused whatever the flags say"
+        );
+    }
 }

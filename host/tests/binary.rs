@@ -91,6 +91,8 @@ async fn start(otlp_endpoint: Option<&str>, extra: &[&str]) -> Result<Running> {
         .env_remove("OTEL_SERVICE_NAME")
         .env_remove("RUST_LOG")
         .env_remove("FANOUT_PROFILE")
+        .env_remove("FANOUT_CONFIG_FILE")
+        .env_remove("FANOUT_LOG_BUFFER_LINES")
         .stdout(Stdio::piped())
         .kill_on_drop(true);
     if let Some(endpoint) = otlp_endpoint {
@@ -294,11 +296,22 @@ async fn profile_perfmap_names_the_guest_code_for_perf() -> Result<()> {
 /// the thread that answers requests.
 #[tokio::test]
 async fn a_stalled_reader_of_stdout_costs_log_lines_not_answers() -> Result<()> {
-    let mut fanout = start(
-        None,
-        &["--admin", "127.0.0.1:0", "--log-buffer-lines", "64"],
-    )
-    .await?;
+    // The repository's fanout.toml with a queue of 64 lines: the file's
+    // `[log]` table, read before logging starts, sizes it (its 8,192
+    // would drop nothing here).
+    let file = tempfile::NamedTempFile::new()?;
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../fanout.toml"))?;
+    let shipped = "\nbuffer_lines = 8192 ";
+    assert!(
+        text.contains(shipped),
+        "fanout.toml sets [log] buffer_lines"
+    );
+    std::fs::write(
+        file.path(),
+        text.replacen(shipped, "\nbuffer_lines = 64 ", 1),
+    )?;
+    let config = file.path().to_str().context("a UTF-8 temp path")?;
+    let mut fanout = start(None, &["--config", config, "--admin", "127.0.0.1:0"]).await?;
     let admin = fanout.admin_addr().await?;
 
     // Nobody reads stdout from here on. A pipe holds 64 KiB, some 200
@@ -400,6 +413,42 @@ async fn a_stalled_reader_of_stdout_costs_log_lines_not_answers() -> Result<()> 
     assert!(status.success(), "{status}");
     reader.await?;
     assert!(logged(&after_the_stall));
+    Ok(())
+}
+
+/// Runs `fanout --check` with `args` and returns its exit status and
+/// stderr: a configuration check that starts nothing.
+async fn check(args: &[&str]) -> Result<(std::process::ExitStatus, String)> {
+    let output = Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .arg("--check")
+        .args(args)
+        .env_remove("FANOUT_CONFIG_FILE")
+        .env_remove("FANOUT_LOG_BUFFER_LINES")
+        .stdin(Stdio::null())
+        .output()
+        .await?;
+    Ok((
+        output.status,
+        String::from_utf8_lossy(&output.stderr).into(),
+    ))
+}
+
+#[tokio::test]
+async fn a_log_queue_of_no_lines_is_refused_by_key() -> Result<()> {
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), "[log]\nbuffer_lines = 0\n")?;
+    let config = file.path().to_str().context("a UTF-8 temp path")?;
+    let (status, stderr) = check(&["--config", config]).await?;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("log.buffer_lines") && stderr.contains("at least 1"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // The flag: clap's usage error.
+    let (status, stderr) = check(&["--log-buffer-lines", "0"]).await?;
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--log-buffer-lines"), "{stderr}");
     Ok(())
 }
 

@@ -145,3 +145,17 @@ fn the_log_table_sets_the_shed_lines() {
     let err = parse("[log]\nformat = \"json\"\n").unwrap_err();
     assert!(err.contains("format") && err.contains("line 2"), "{err}");
 }
+
+#[test]
+fn the_log_table_sizes_the_queue_of_log_lines() {
+    let lines = |text: &str| parse(text).expect("parses").log_buffer_lines();
+    assert_eq!(lines("").unwrap(), None, "not set: the binary's default");
+    assert_eq!(lines("[log]\nbuffer_lines = 64\n").unwrap(), Some(64));
+    let err = lines("[log]\nbuffer_lines = 0\n").unwrap_err().to_string();
+    assert!(
+        err.contains("log.buffer_lines") && err.contains("at least 1"),
+        "{err}"
+    );
+    let err = parse("[log]\nbuffer_lines = -1\n").unwrap_err();
+    assert!(err.contains("buffer_lines"), "{err}");
+}
