@@ -185,6 +185,11 @@ enum Command {
         /// Serve the guest's `wasi:http@0.3` build.
         #[arg(long)]
         p3: bool,
+        /// Serve the admin endpoints (`/metrics`, `/healthz`, `/readyz`)
+        /// here as well, to watch the admission limit and the sheds during
+        /// a window; the address is printed as `admin on ADDR`.
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
     },
 }
 
@@ -243,6 +248,7 @@ fn main() -> Result<()> {
             shed_all,
             instance_reuse,
             p3,
+            admin,
         } => runtime.block_on(async {
             let _otlp = if telemetry {
                 Some(servers::telemetry(&upstream)?)
@@ -283,6 +289,14 @@ fn main() -> Result<()> {
                 instance_reuse,
                 p3,
             })?;
+            if let Some(admin) = admin {
+                let admin = tokio::net::TcpListener::bind(admin).await?;
+                println!("admin on {}", admin.local_addr()?);
+                let fanout = fanout.clone();
+                tokio::spawn(
+                    async move { fanout.serve_admin(admin, std::future::pending()).await },
+                );
+            }
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             servers::announce(listener.local_addr()?);
             if shed_all {
