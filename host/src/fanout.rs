@@ -101,7 +101,6 @@ impl Fanout {
         B::Error: Into<tower::BoxError>,
     {
         let started = Instant::now();
-        crate::lag::ensure_probe();
         let method = request.method().clone();
         // The client chooses the path: logs and spans get a bounded copy.
         let path = telemetry::bounded(request.uri().path()).into_owned();

@@ -130,6 +130,7 @@ impl Runner {
             // Should this future be dropped (the client went away), the
             // guard stops the guest; once the head is out, the body holds it.
             None => {
+                crate::lag::ensure_probe();
                 let task = tokio::spawn(guest);
                 let stop = GuestTask::new(task.abort_handle());
                 let ended = async move { task.await.map_err(|join| join.to_string()) };
@@ -410,6 +411,7 @@ async fn on_guest_runtime(
     admitted_at: Instant,
     cut: GuestCut,
 ) -> Result<Response<ResponseBody>, Failure> {
+    crate::lag::ensure_probe();
     let (outcome_tx, outcome) = oneshot::channel();
     let guest = async move {
         let _ = outcome_tx.send(guest.await);
