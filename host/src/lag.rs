@@ -13,10 +13,11 @@
 //! upstreams' answers are read: started by the first request to reach it,
 //! and again by the next should that runtime end (as each test's does).
 //! Not on the connections' runtime: its one thread sleeps most of the time,
-//! so the kernel runs it on time while the guests' threads wait. With the
-//! probe there, at c=5000 clients honouring `Retry-After` (50 ms
-//! upstreams, `fanout-bench serve-fanout`, 2 cores), 4 windows of 6 opened
-//! circuits, each answering nothing for its five seconds.
+//! so the kernel runs it on time while the guests' threads wait. At c=5000
+//! clients honouring `Retry-After` (50 ms upstreams, `fanout-bench
+//! serve-fanout`, 2 cores, 10 s windows), a probe there let circuits open
+//! in 4 windows of 8, each answering nothing for its five seconds; on the
+//! guests' runtime, in 1 of 6.
 //!
 //! tokio-metrics reports scheduling delay per task after the fact; this
 //! needs a yes or no now, for ~20 lines.
