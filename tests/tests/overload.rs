@@ -160,8 +160,8 @@ async fn adaptive_admission_keeps_its_goodput_under_clients_that_resend_at_once(
     // Every admitted request makes its own calls, for the count below. No
     // circuit breakers: they are not under test, and the mock upstreams
     // share this machine's two cores with the host and 350 clients. When
-    // the flood makes a few of their answers late, five in a row open a
-    // circuit for 5 s, and the test would measure that instead.
+    // the flood makes a run of their answers late, a circuit may open for
+    // 5 s, and the test would measure that instead.
     let unbroken = fanout_host::guard::Guardrails {
         circuit_breaker: None,
         ..fanout_host::guard::Guardrails::http_defaults()

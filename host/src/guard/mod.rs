@@ -54,11 +54,13 @@ pub struct Guardrails {
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CircuitBreakerConfig {
-    /// Opens after this many failures in a row.
+    /// Opens after this many failures in a row; timeouts of calls that
+    /// were in flight together count as one.
     pub consecutive_failures: u32,
     /// Or when this fraction of the last `window` calls failed...
     pub failure_rate: f64,
-    /// ...over this many of the last calls...
+    /// ...over this many of the last calls, or over the last second's
+    /// calls when there were more...
     pub window: usize,
     /// ...once the window holds at least this many calls.
     pub min_calls: usize,

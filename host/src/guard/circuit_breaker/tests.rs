@@ -242,23 +242,23 @@ fn a_call_cut_off_sooner_than_the_upstream_answers_says_nothing() {
     let mut b = Breaker::new(config());
     let t0 = Instant::now();
     for _ in 0..10 {
-        b.record(Outcome::Answered(ms(50)), false, false, t0);
+        b.record(Outcome::Answered(ms(50)), false, false, t0, t0);
     }
     // A request that spent its budget in line gives its calls 10 ms:
     // their timeouts are no sign of the upstream's health.
     for _ in 0..10 {
         assert_eq!(b.admit(t0), Some(false));
-        b.record(Outcome::OutOfTime(ms(10)), false, false, t0);
+        b.record(Outcome::OutOfTime(ms(10)), false, false, t0, t0);
     }
     assert_eq!(b.admit(t0), Some(false), "still closed");
     // Nor are those of a host running late, however long.
     for _ in 0..10 {
-        b.record(Outcome::OutOfTime(ms(500)), false, true, t0);
+        b.record(Outcome::OutOfTime(ms(500)), false, true, t0, t0);
     }
     assert_eq!(b.admit(t0), Some(false), "still closed");
     // Cut off after longer than it usually takes: three in a row open it.
     for _ in 0..3 {
-        b.record(Outcome::OutOfTime(ms(60)), false, false, t0);
+        b.record(Outcome::OutOfTime(ms(60)), false, false, t0, t0);
     }
     assert_eq!(b.admit(t0), None, "open");
 }
@@ -269,7 +269,7 @@ fn before_the_first_answer_only_long_timeouts_count() {
     let mut b = Breaker::new(config());
     let t0 = Instant::now();
     for _ in 0..10 {
-        b.record(Outcome::OutOfTime(ms(30)), false, false, t0);
+        b.record(Outcome::OutOfTime(ms(30)), false, false, t0, t0);
     }
     assert_eq!(
         b.admit(t0),
@@ -278,7 +278,7 @@ fn before_the_first_answer_only_long_timeouts_count() {
     );
     // An upstream that hangs from the start, at the default 150 ms.
     for _ in 0..3 {
-        b.record(Outcome::OutOfTime(ms(150)), false, false, t0);
+        b.record(Outcome::OutOfTime(ms(150)), false, false, t0, t0);
     }
     assert_eq!(b.admit(t0), None, "open");
 }
@@ -293,7 +293,7 @@ fn a_probe_that_says_nothing_lets_the_next_call_probe() {
     }
     let later = t0 + ms(100);
     assert_eq!(b.admit(later), Some(true), "a probe");
-    b.record(Outcome::OutOfTime(ms(150)), true, true, later);
+    b.record(Outcome::OutOfTime(ms(150)), true, true, later, later);
     assert_eq!(b.admit(later), Some(true), "another probe, not stuck");
 }
 
@@ -367,14 +367,16 @@ fn first_opening(p: f64, calls: u32) -> Option<u32> {
     // xorshift64: a fixed sequence, no dependency for one test.
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     for i in 0..calls {
-        if b.admit(t0).is_none() {
+        // 6,000 calls a second.
+        let now = t0 + SIX_THOUSANDTH * i;
+        if b.admit(now).is_none() {
             return Some(i);
         }
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         let failed = (x >> 11) as f64 / (1u64 << 53) as f64 <= p;
-        b.record_health(!failed, false, t0);
+        b.record_health(!failed, false, now);
     }
     None
 }
@@ -396,4 +398,160 @@ fn an_upstream_that_fails_every_call_or_most_opens_it_quickly() {
     assert_eq!(first_opening(1.0, 1_000), Some(10));
     let most = first_opening(0.7, 1_000);
     assert!(most.is_some_and(|n| n <= 25), "{most:?}");
+}
+
+/// The gap between calls at 6,000 a second.
+const SIX_THOUSANDTH: Duration = Duration::from_micros(167);
+
+/// A breaker with the defaults after a second of answers at 6,000 calls a
+/// second, each taking 50 ms; and when the last was recorded.
+fn busy_breaker() -> (Breaker, Instant) {
+    let mut b = Breaker::new(CircuitBreakerConfig::default());
+    let t0 = Instant::now();
+    let mut t = t0 + Duration::from_millis(50);
+    for _ in 0..6_000 {
+        t += SIX_THOUSANDTH;
+        assert_eq!(b.admit(t), Some(false));
+        b.record(
+            Outcome::Answered(Duration::from_millis(50)),
+            false,
+            false,
+            t - Duration::from_millis(50),
+            t,
+        );
+    }
+    (b, t)
+}
+
+/// An upstream of 6,000 calls a second stalls for 200 ms: the ~900 calls
+/// begun in the 150 ms (their attempt timeout) before it ends time out one
+/// after another, each begun before the first of them timed out. Counted one by one, they made ten
+/// in a row at once, and filled the last 100 calls with failures: the
+/// circuit opened for 5 s, every answer a 503, for a stall of 200 ms.
+#[test]
+fn a_short_stall_at_thousands_of_calls_a_second_leaves_the_circuit_closed() {
+    let ms = Duration::from_millis;
+    let (mut b, mut t) = busy_breaker();
+    let timeout = ms(150);
+    for _ in 0..880 {
+        t += SIX_THOUSANDTH;
+        b.record(Outcome::OutOfTime(timeout), false, false, t - timeout, t);
+        assert_eq!(b.admit(t), Some(false), "closed during the stall");
+    }
+    assert_eq!(b.consecutive_failures, 1, "one stall, one failure in a row");
+    // The stall is over: answers again.
+    for _ in 0..6_000 {
+        t += SIX_THOUSANDTH;
+        b.record(Outcome::Answered(ms(50)), false, false, t - ms(50), t);
+        assert_eq!(b.admit(t), Some(false), "closed after it");
+    }
+}
+
+/// ...while an upstream that hangs for good opens it within a second: its
+/// timeouts outweigh the last second's answers.
+#[test]
+fn a_hanging_upstream_at_thousands_of_calls_a_second_opens_within_a_second() {
+    let (mut b, mut t) = busy_breaker();
+    let (hung_at, timeout) = (t, Duration::from_millis(150));
+    let mut opened = None;
+    for _ in 0..12_000 {
+        t += SIX_THOUSANDTH;
+        b.record(Outcome::OutOfTime(timeout), false, false, t - timeout, t);
+        if b.admit(t).is_none() {
+            opened = Some(t - hung_at);
+            break;
+        }
+    }
+    let opened = opened.expect("the circuit opens");
+    assert!(opened <= Duration::from_secs(1), "opened after {opened:?}");
+}
+
+/// At ten calls a second, each cut at its 150 ms timeout, calls overlap:
+/// every other one began before the last counted timeout was recorded.
+/// The circuit still opens, one attempt timeout or so a step.
+#[test]
+fn a_hanging_upstream_at_a_few_calls_a_second_opens_after_ten_timeouts_in_a_row() {
+    let ms = Duration::from_millis;
+    let mut b = Breaker::new(CircuitBreakerConfig::default());
+    let t0 = Instant::now();
+    b.record(Outcome::Answered(ms(50)), false, false, t0, t0 + ms(50));
+    let (gap, timeout) = (ms(100), ms(150));
+    let hung_at = t0 + ms(100);
+    let mut opened = None;
+    for i in 0..100 {
+        let started = hung_at + gap * i;
+        let ended = started + timeout;
+        b.record(Outcome::OutOfTime(timeout), false, false, started, ended);
+        if b.admit(ended).is_none() {
+            opened = Some(ended - hung_at);
+            break;
+        }
+    }
+    let opened = opened.expect("the circuit opens");
+    let steps = CircuitBreakerConfig::default().consecutive_failures;
+    assert!(opened <= (timeout + gap) * steps, "opened after {opened:?}");
+}
+
+/// Only timeouts are taken together: answers that fail (5xx, refused) say
+/// each for itself that the upstream is failing, however many were in
+/// flight at once.
+#[test]
+fn failures_in_flight_together_count_each() {
+    let ms = Duration::from_millis;
+    let mut b = Breaker::new(config());
+    let t0 = Instant::now();
+    for i in 1..=3 {
+        assert_eq!(b.admit(t0), Some(false));
+        b.record(Outcome::Failed, false, false, t0, t0 + ms(i));
+    }
+    assert_eq!(b.admit(t0 + ms(3)), None, "three in a row: open");
+}
+
+/// A burst of failures among thousands of answers a second is weighed
+/// against the last second's calls, not the last `window` (here 10)...
+#[test]
+fn the_failure_rate_at_high_volume_is_taken_over_a_second() {
+    let ms = Duration::from_millis;
+    let config = CircuitBreakerConfig {
+        consecutive_failures: 1_000_000,
+        ..config()
+    };
+    let mut b = Breaker::new(config.clone());
+    let mut t = Instant::now();
+    let call = |b: &mut Breaker, t: &mut Instant, ok: bool| {
+        *t += SIX_THOUSANDTH;
+        b.record_health(ok, false, *t);
+        b.admit(*t)
+    };
+    for _ in 0..6_000 {
+        assert_eq!(call(&mut b, &mut t, true), Some(false));
+    }
+    // ...so 300 failures in a row after a second of answers leave it
+    // closed...
+    for _ in 0..300 {
+        assert_eq!(call(&mut b, &mut t, false), Some(false));
+    }
+    assert!(b.window.len() > 5_000, "{} calls weighed", b.window.len());
+    // ...and a second later the window is that second's: half of its
+    // calls failing opens the circuit.
+    let mut opened = false;
+    for i in 0..6_000 {
+        if call(&mut b, &mut t, i % 2 == 1).is_none() {
+            opened = true;
+            break;
+        }
+    }
+    assert!(opened, "half failing over a second opens it");
+    // At a few calls a second, the window is still the last `window`
+    // calls.
+    let mut b = Breaker::new(config);
+    let t0 = Instant::now();
+    for i in 0..10 {
+        b.record_health(true, false, t0 + ms(100) * i);
+    }
+    for i in 10..15 {
+        b.record_health(false, false, t0 + ms(100) * i);
+    }
+    assert_eq!(b.window.len(), 10);
+    assert_eq!(b.admit(t0 + ms(1_400)), None, "5 of the last 10 failed");
 }
