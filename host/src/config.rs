@@ -77,6 +77,20 @@ pub struct LogConfig {
     /// before the rest of the file is applied, so the binary reads this
     /// through [`FileConfig::log_buffer_lines`] first.
     pub buffer_lines: Option<usize>,
+    /// How the `fanout` binary writes its log lines; unset, `pretty` on a
+    /// terminal and `json` otherwise. Read, like `buffer_lines`, before
+    /// logging starts; `--log-format` overrides it.
+    pub format: Option<LogFormat>,
+}
+
+/// How log lines are written (`[log] format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object a line, its fields flattened: for collectors.
+    Json,
+    /// Human-readable lines, coloured only on a terminal.
+    Pretty,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

@@ -6,7 +6,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use fanout_guest::protocol::{ENV_CONFIG, ENV_DEADLINE_MS};
-use fanout_host::config::FileConfig;
+use fanout_host::config::{FileConfig, LogFormat};
 use fanout_host::stdout_log::WorkerGuard;
 use fanout_host::telemetry::Otlp;
 use fanout_host::threads::ThreadLayout;
@@ -151,9 +151,10 @@ struct Args {
     #[arg(long)]
     check: bool,
 
-    /// Log format; json by default when stdout is not a terminal.
+    /// Log format. Overrides `[log] format` in the file [default: pretty
+    /// on a terminal, json otherwise].
     #[arg(long, value_enum)]
-    log_format: Option<LogFormat>,
+    log_format: Option<LogFormatFlag>,
 
     /// Log lines queued for stdout at most while its reader is behind;
     /// past them lines are dropped and counted
@@ -186,9 +187,18 @@ enum ProfileFlag {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
+enum LogFormatFlag {
     Json,
     Pretty,
+}
+
+impl From<LogFormatFlag> for LogFormat {
+    fn from(flag: LogFormatFlag) -> LogFormat {
+        match flag {
+            LogFormatFlag::Json => LogFormat::Json,
+            LogFormatFlag::Pretty => LogFormat::Pretty,
+        }
+    }
 }
 
 fn parse_wasi_http(value: &str) -> Result<WasiHttpVersion, String> {
@@ -223,12 +233,25 @@ fn log_buffer_lines(
         .unwrap_or(fanout_host::stdout_log::DEFAULT_BUFFERED_LINES))
 }
 
+/// The log's format: the flag, else the file's `[log] format`, else
+/// pretty for a person at a `terminal` and JSON for a collector.
+fn log_format(flag: Option<LogFormatFlag>, file: Option<&FileConfig>, terminal: bool) -> LogFormat {
+    flag.map(LogFormat::from)
+        .or(file.and_then(|file| file.log.format))
+        .unwrap_or(if terminal {
+            LogFormat::Pretty
+        } else {
+            LogFormat::Json
+        })
+}
+
 /// Log lines on stdout (from a thread of their own: `stdout_log`), plus
 /// OTLP span export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set. Dropped,
 /// the returned guard writes out the lines still queued and the exporter
 /// flushes its last spans.
 fn init_logging(
-    format: Option<LogFormat>,
+    format: LogFormat,
+    terminal: bool,
     buffered_lines: usize,
 ) -> Result<(WorkerGuard, Option<Otlp>)> {
     use tracing_subscriber::layer::SubscriberExt;
@@ -240,16 +263,15 @@ fn init_logging(
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info"))
         .add_directive(format!("{}=off", fanout_host::telemetry::SPAN_TARGET).parse()?);
-    let format = format.unwrap_or(if std::io::stdout().is_terminal() {
-        LogFormat::Pretty
-    } else {
-        LogFormat::Json
-    });
     let (writer, flush_at_exit) = fanout_host::stdout_log::writer(buffered_lines);
     let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
     let fmt = match format {
         LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter).boxed(),
-        LogFormat::Pretty => fmt.with_filter(filter).boxed(),
+        // Colour codes in a file or a collector are noise.
+        LogFormat::Pretty => fmt
+            .with_ansi(terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()))
+            .with_filter(filter)
+            .boxed(),
     };
     let mut layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = vec![fmt];
     if let Some(otlp) = &otlp {
@@ -278,7 +300,9 @@ async fn run(args: Args, threads: ThreadLayout) -> Result<()> {
     };
     let flag = args.log_buffer_lines.map(std::num::NonZeroUsize::get);
     let buffered_lines = log_buffer_lines(flag, file.as_ref()).context("fanout did not start")?;
-    let (_flush_at_exit, otlp) = init_logging(args.log_format, buffered_lines)?;
+    let terminal = std::io::stdout().is_terminal();
+    let format = log_format(args.log_format, file.as_ref(), terminal);
+    let (_flush_at_exit, otlp) = init_logging(format, terminal, buffered_lines)?;
     if otlp.is_some() {
         tracing::info!("exporting spans over OTLP");
     }
@@ -507,5 +531,20 @@ mod tests {
             log_buffer_lines(Some(32), Some(&zero)).is_err(),
             "a wrong file is refused whatever the flags say"
         );
+    }
+
+    #[test]
+    fn the_flag_sets_the_log_format_before_the_file_and_the_file_before_the_terminal() {
+        let pretty = file("[log]\nformat = \"pretty\"\n");
+        let json = file("[log]\nformat = \"json\"\n");
+        let not_set = file("[log]\nbuffer_lines = 64\n");
+        let flag = Some(LogFormatFlag::Json);
+        assert_eq!(log_format(flag, Some(&pretty), true), LogFormat::Json);
+        assert_eq!(log_format(None, Some(&pretty), false), LogFormat::Pretty);
+        assert_eq!(log_format(None, Some(&json), true), LogFormat::Json);
+        for file in [Some(&not_set), None] {
+            assert_eq!(log_format(None, file, true), LogFormat::Pretty);
+            assert_eq!(log_format(None, file, false), LogFormat::Json);
+        }
     }
 }

@@ -452,6 +452,56 @@ async fn a_log_queue_of_no_lines_is_refused_by_key() -> Result<()> {
     Ok(())
 }
 
+/// `[log] format = "pretty"` in the file: the lines are for a person, and
+/// with stdout a pipe, without colour codes.
+#[tokio::test]
+async fn the_file_sets_the_log_format() -> Result<()> {
+    let file = tempfile::NamedTempFile::new()?;
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../fanout.toml"))?;
+    std::fs::write(
+        file.path(),
+        text.replacen("[log]\n", "[log]\nformat = \"pretty\"\n", 1),
+    )?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fanout"))
+        .args(["--listen", "127.0.0.1:0", "--config"])
+        .arg(file.path())
+        .arg("--cache-dir")
+        .arg(std::env::temp_dir().join("fanout-binary-test-cache"))
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .env_remove("FANOUT_CONFIG_FILE")
+        .env_remove("FANOUT_LOG_BUFFER_LINES")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut logged = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await? {
+            if logged.iter().any(|l: &String| l.contains("upstream")) {
+                return anyhow::Ok(());
+            }
+            logged.push(line);
+        }
+        bail!("fanout exited: {logged:#?}")
+    })
+    .await
+    .context("no upstream logged within 60 s")??;
+    let ready = logged
+        .iter()
+        .find(|l| l.contains("component ready"))
+        .context("the component's line")?;
+    assert!(ready.contains(" INFO "), "{ready}");
+    for line in &logged {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_err(),
+            "{line}"
+        );
+        assert!(!line.contains('\x1b'), "colour codes in a pipe: {line:?}");
+    }
+    Ok(())
+}
+
 type Client = hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
     Empty<Bytes>,

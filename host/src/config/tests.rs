@@ -142,8 +142,31 @@ fn the_log_table_sets_the_shed_lines() {
     assert!(config.apply(Fanout::builder()).is_ok());
     let err = parse("[log]\nshed_lines_per_second = -1\n").unwrap_err();
     assert!(err.contains("shed_lines_per_second"), "{err}");
-    let err = parse("[log]\nformat = \"json\"\n").unwrap_err();
-    assert!(err.contains("format") && err.contains("line 2"), "{err}");
+    let err = parse("[log]\ncolour = true\n").unwrap_err();
+    assert!(err.contains("colour") && err.contains("line 2"), "{err}");
+}
+
+#[test]
+fn the_log_table_sets_the_format() {
+    use crate::config::LogFormat;
+    let format = |text: &str| parse(text).map(|file| file.log.format);
+    assert_eq!(format("").unwrap(), None, "not set: by the terminal");
+    assert_eq!(
+        format("[log]\nformat = \"json\"\n").unwrap(),
+        Some(LogFormat::Json)
+    );
+    assert_eq!(
+        format("[log]\nformat = \"pretty\"\n").unwrap(),
+        Some(LogFormat::Pretty)
+    );
+    let err = format("[log]\nformat = \"xml\"\n").unwrap_err();
+    assert!(
+        err.contains("xml")
+            && err.contains("json")
+            && err.contains("pretty")
+            && err.contains("line 2"),
+        "{err}"
+    );
 }
 
 #[test]
