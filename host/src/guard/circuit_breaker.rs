@@ -231,8 +231,8 @@ impl Drop for Pending {
 /// that a burst of failures is weighed against the second around it.
 const RATE_SPAN: Duration = Duration::from_secs(1);
 
-/// The most calls the rate's window holds, whatever the rate: ~1 MiB per
-/// upstream at 16 bytes a call.
+/// The most calls the rate's window holds, whatever the rate: 1.5 MiB per
+/// upstream at 24 bytes a call.
 const MAX_RATE_CALLS: usize = 65_536;
 
 /// Below a quarter of the timeout, the least margin between a call dropped
