@@ -1,8 +1,8 @@
 //! `fanout.toml`: the host's one configuration file.
 //!
 //! It holds the listen address, the component, the limits, the upstreams
-//! (each with its adapter and guardrails), the log (its shed lines and its
-//! queue) and the guest's routes. Everything is validated before the
+//! (each with its adapter and guardrails), the log (its shed lines, its
+//! queue and its format) and the guest's routes. Everything is validated before the
 //! server listens; an error names the key.
 //!
 //! ```toml

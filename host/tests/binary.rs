@@ -72,29 +72,50 @@ struct Running {
     logs: Vec<serde_json::Value>,
 }
 
+/// `fanout` serving on port 0 with the tests' compile cache, stdout piped,
+/// and none of the environment that would change what it does.
+fn serving_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fanout"));
+    command
+        .args(["--listen", "127.0.0.1:0", "--cache-dir"])
+        .arg(std::env::temp_dir().join("fanout-binary-test-cache"))
+        .stdout(Stdio::piped())
+        .kill_on_drop(true);
+    without_inherited_settings(&mut command);
+    command
+}
+
+/// Removes what the tests' own environment might set for the binary.
+fn without_inherited_settings(command: &mut Command) {
+    for var in [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_SERVICE_NAME",
+        "RUST_LOG",
+        "NO_COLOR",
+        "FANOUT_PROFILE",
+        "FANOUT_CONFIG_FILE",
+        "FANOUT_LOG_BUFFER_LINES",
+    ] {
+        command.env_remove(var);
+    }
+}
+
+/// The repository's fanout.toml with `shipped` (which it must hold)
+/// replaced by `with`, in a temporary file.
+fn shipped_config_with(shipped: &str, with: &str) -> Result<tempfile::NamedTempFile> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../fanout.toml"))?;
+    assert!(text.contains(shipped), "fanout.toml holds {shipped:?}");
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), text.replacen(shipped, with, 1))?;
+    Ok(file)
+}
+
 /// Starts `fanout` on port 0 with the demo upstreams, and `extra` flags,
 /// and waits for the line that says where it listens.
 async fn start(otlp_endpoint: Option<&str>, extra: &[&str]) -> Result<Running> {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_fanout"));
-    command
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--cache-dir",
-        ])
-        .arg(std::env::temp_dir().join("fanout-binary-test-cache"))
-        .args(extra)
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        .env_remove("OTEL_SERVICE_NAME")
-        .env_remove("RUST_LOG")
-        .env_remove("FANOUT_PROFILE")
-        .env_remove("FANOUT_CONFIG_FILE")
-        .env_remove("FANOUT_LOG_BUFFER_LINES")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true);
+    let mut command = serving_command();
+    command.args(["--log-format", "json"]).args(extra);
     if let Some(endpoint) = otlp_endpoint {
         command.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
     }
@@ -299,17 +320,7 @@ async fn a_stalled_reader_of_stdout_costs_log_lines_not_answers() -> Result<()> 
     // The repository's fanout.toml with a queue of 64 lines: the file's
     // `[log]` table, read before logging starts, sizes it (its 8,192
     // would drop nothing here).
-    let file = tempfile::NamedTempFile::new()?;
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../fanout.toml"))?;
-    let shipped = "\nbuffer_lines = 8192 ";
-    assert!(
-        text.contains(shipped),
-        "fanout.toml sets [log] buffer_lines"
-    );
-    std::fs::write(
-        file.path(),
-        text.replacen(shipped, "\nbuffer_lines = 64 ", 1),
-    )?;
+    let file = shipped_config_with("\nbuffer_lines = 8192 ", "\nbuffer_lines = 64 ")?;
     let config = file.path().to_str().context("a UTF-8 temp path")?;
     let mut fanout = start(None, &["--config", config, "--admin", "127.0.0.1:0"]).await?;
     let admin = fanout.admin_addr().await?;
@@ -419,14 +430,10 @@ async fn a_stalled_reader_of_stdout_costs_log_lines_not_answers() -> Result<()> 
 /// Runs `fanout --check` with `args` and returns its exit status and
 /// stderr: a configuration check that starts nothing.
 async fn check(args: &[&str]) -> Result<(std::process::ExitStatus, String)> {
-    let output = Command::new(env!("CARGO_BIN_EXE_fanout"))
-        .arg("--check")
-        .args(args)
-        .env_remove("FANOUT_CONFIG_FILE")
-        .env_remove("FANOUT_LOG_BUFFER_LINES")
-        .stdin(Stdio::null())
-        .output()
-        .await?;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fanout"));
+    command.arg("--check").args(args).stdin(Stdio::null());
+    without_inherited_settings(&mut command);
+    let output = command.output().await?;
     Ok((
         output.status,
         String::from_utf8_lossy(&output.stderr).into(),
@@ -456,24 +463,8 @@ async fn a_log_queue_of_no_lines_is_refused_by_key() -> Result<()> {
 /// with stdout a pipe, without colour codes.
 #[tokio::test]
 async fn the_file_sets_the_log_format() -> Result<()> {
-    let file = tempfile::NamedTempFile::new()?;
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../fanout.toml"))?;
-    std::fs::write(
-        file.path(),
-        text.replacen("[log]\n", "[log]\nformat = \"pretty\"\n", 1),
-    )?;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fanout"))
-        .args(["--listen", "127.0.0.1:0", "--config"])
-        .arg(file.path())
-        .arg("--cache-dir")
-        .arg(std::env::temp_dir().join("fanout-binary-test-cache"))
-        .env_remove("RUST_LOG")
-        .env_remove("NO_COLOR")
-        .env_remove("FANOUT_CONFIG_FILE")
-        .env_remove("FANOUT_LOG_BUFFER_LINES")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
+    let file = shipped_config_with("[log]\n", "[log]\nformat = \"pretty\"\n")?;
+    let mut child = serving_command().arg("--config").arg(file.path()).spawn()?;
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut logged = Vec::new();
     tokio::time::timeout(Duration::from_secs(60), async {
