@@ -256,9 +256,12 @@ fn main() -> Result<()> {
                 // Quiet unless asked: RUST_LOG=warn shows what the host
                 // saw (an open circuit, a guest failure) on stderr.
                 if std::env::var_os("RUST_LOG").is_some() {
+                    use std::io::IsTerminal;
                     tracing_subscriber::fmt()
                         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
                         .with_writer(std::io::stderr)
+                        // Sent to a file or a pipe, no colour codes.
+                        .with_ansi(std::io::stderr().is_terminal())
                         .try_init()
                         .map_err(|e| anyhow::anyhow!("{e}"))?;
                 }

@@ -31,6 +31,7 @@ pub(crate) async fn serve(
         shutdown,
         Duration::from_secs(1),
         crate::limits::ConnectionLimits::default(),
+        Default::default(),
         move |request, _| {
             let answer = view.answer(request.uri().path());
             async move { answer }

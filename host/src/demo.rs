@@ -121,6 +121,7 @@ pub async fn serve(
         shutdown,
         Duration::from_secs(1),
         crate::limits::ConnectionLimits::default(),
+        Default::default(),
         move |request, _| {
             let upstreams = upstreams.clone();
             async move {

@@ -208,6 +208,7 @@ impl Fanout {
             shutdown,
             grace,
             self.runner.limits.connections(),
+            self.runner.metrics.connections_open.clone(),
             move |request, connection| {
                 let (fanout, released) = (fanout.clone(), released.clone());
                 async move {

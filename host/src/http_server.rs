@@ -5,6 +5,7 @@ use crate::admission::{Admission, RETRY_AFTER};
 use crate::limits::ConnectionLimits;
 use crate::response::ResponseBody;
 use http::{Request, Response};
+use prometheus_client::metrics::gauge::Gauge;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -69,7 +70,7 @@ impl Connection {
 
 /// An HTTP/1.1 server loop with graceful shutdown: `handler` answers every
 /// request, with what is known of its connection; after `shutdown`,
-/// connections get `grace` to finish.
+/// connections get `grace` to finish. `open` counts the connections open.
 ///
 /// Slow and idle clients are closed after the header timeout (hyper applies
 /// it only with a timer), oversized heads get `431`, and at most
@@ -81,6 +82,7 @@ pub(crate) async fn serve_http<H, F>(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
     limits: ConnectionLimits,
+    open: Gauge,
     handler: H,
 ) -> std::io::Result<()>
 where
@@ -90,7 +92,7 @@ where
     use hyper_util::rt::{TokioIo, TokioTimer};
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
-    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let places = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .keep_alive(true)
@@ -100,7 +102,7 @@ where
         .max_buf_size(limits.max_header_bytes);
     loop {
         let place = tokio::select! {
-            place = open.clone().acquire_owned() => place.expect("the semaphore is never closed"),
+            place = places.clone().acquire_owned() => place.expect("the semaphore is never closed"),
             () = &mut shutdown => break,
         };
         let (stream, peer) = tokio::select! {
@@ -125,10 +127,13 @@ where
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
+        open.inc();
+        let open = open.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
+            open.dec();
             drop(place);
         });
     }

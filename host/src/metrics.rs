@@ -8,6 +8,7 @@
 //! | `fanout_fuel_consumed` (histogram, per request) | |
 //! | `fanout_instances_in_use` (gauge) | |
 //! | `fanout_instances_idle` (gauge, instances kept for the next request) | |
+//! | `fanout_connections_open` (gauge, client connections open on the aggregator's listener; at `max_connections` it stops accepting) | |
 //! | `fanout_shed_total` (requests turned away by admission, 503 with `Retry-After`, by the JSON body's `code`: `overloaded` at the adaptive limit, `pool_full` at a fixed one, `queue_full` the line too long, `queue_timeout` waited as long as allowed) | `cause` |
 //! | `fanout_shed_held_total` (shed answers held until `Retry-After`, or longer when many are held, because the client came back sooner on its connection) | |
 //! | `fanout_queue_wait_seconds` (histogram, time spent in the admission line) | |
@@ -74,6 +75,7 @@ pub struct Metrics {
     pub(crate) retries: Family<UpstreamLabel, Counter>,
     pub(crate) fuel: Histogram,
     pub(crate) instances_in_use: Gauge,
+    pub(crate) connections_open: Gauge,
     pub(crate) instances_idle: Gauge,
     pub(crate) shed: Family<CauseLabel, Counter>,
     pub(crate) sheds_held: Counter,
@@ -158,6 +160,7 @@ impl Default for Metrics {
         // 10k to ~160M fuel.
         let fuel = Histogram::new(exponential_buckets(10_000.0, 2.0, 15));
         let instances_in_use = Gauge::default();
+        let connections_open = Gauge::default();
         let instances_idle = Gauge::default();
         let shed = Family::<CauseLabel, Counter>::default();
         let sheds_held = Counter::default();
@@ -195,6 +198,11 @@ impl Default for Metrics {
             "fanout_instances_in_use",
             "Component instances running now",
             instances_in_use.clone(),
+        );
+        registry.register(
+            "fanout_connections_open",
+            "Client connections open on the aggregator's listener now",
+            connections_open.clone(),
         );
         registry.register(
             "fanout_instances_idle",
@@ -245,6 +253,7 @@ impl Default for Metrics {
             retries,
             fuel,
             instances_in_use,
+            connections_open,
             instances_idle,
             shed,
             sheds_held,
