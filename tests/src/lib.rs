@@ -17,7 +17,7 @@ pub use faulty_upstream::{Fault, FaultyUpstream};
 pub use logs::{Logs, capture_logs};
 pub use mock_upstream::{Behaviour, Call, MockUpstream, ProductUpstreams};
 pub use otlp::{OtlpReceiver, ReceivedSpan};
-pub use test_host::{Answer, TestHost, cache_dir, get_json};
+pub use test_host::{Answer, TestHost, cache_dir, get_json, sample};
 pub use tls_upstream::{Pki, TlsUpstream};
 pub use watchdog::{Watchdog, watchdog};
 

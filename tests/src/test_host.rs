@@ -20,6 +20,13 @@ pub fn cache_dir() -> std::path::PathBuf {
     std::env::temp_dir().join("fanout-test-component-cache")
 }
 
+/// The value of the series `name{labels}` in a Prometheus text exposition.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// The fanout host serving on 127.0.0.1 port 0. Dropping it shuts it down.
 pub struct TestHost {
     pub addr: SocketAddr,
@@ -62,6 +69,11 @@ impl TestHost {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         self.fanout.stats()
+    }
+
+    /// The value of the series `name{labels}` in the host's metrics now.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        sample(&self.fanout.metrics().encode(), series)
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -208,13 +208,10 @@ async fn concurrent_requests_share_the_pool_and_leave_it_whole() -> Result<()> {
         "{}",
         stats.instantiations
     );
-    let metrics = host.fanout.metrics().encode();
-    let idle = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("fanout_instances_idle "))
-        .expect("the idle gauge")
-        .parse::<u32>()?;
-    assert!((1..=4).contains(&idle), "{idle}");
+    let idle = host
+        .metric("fanout_instances_idle")
+        .expect("the idle gauge");
+    assert!((1.0..=4.0).contains(&idle), "{idle}");
     Ok(())
 }
 

@@ -3,16 +3,9 @@
 
 use anyhow::Result;
 use fanout_host::Limits;
-use fanout_tests::{Behaviour, MS, ProductUpstreams, TestHost};
+use fanout_tests::{Behaviour, MS, ProductUpstreams, TestHost, sample};
 use http::StatusCode;
 use http_body_util::{BodyExt, Empty};
-
-/// The value of the sample `name{labels}` in a text exposition.
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
 
 async fn get(url: &str) -> Result<(StatusCode, String)> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
