@@ -212,10 +212,15 @@ impl Fanout {
             move |request, connection| {
                 let (fanout, released) = (fanout.clone(), released.clone());
                 async move {
+                    fanout.runner.admission.pacing().arrived();
                     let response = fanout.handle(request).await;
                     if is_paced(&response)
                         && connection
-                            .pace_shed(&fanout.runner.admission, &released)
+                            .pace_shed(
+                                &fanout.runner.admission,
+                                fanout.runner.metrics.connections_open.get(),
+                                &released,
+                            )
                             .await
                     {
                         fanout.runner.metrics.sheds_held.inc();

@@ -1,7 +1,7 @@
 //! The HTTP/1.1 accept loop, shared by the aggregator, the admin endpoints
 //! and the demo upstreams' server, and what it remembers per connection.
 
-use crate::admission::{Admission, RETRY_AFTER};
+use crate::admission::{Admission, Pacing, RETRY_AFTER};
 use crate::limits::ConnectionLimits;
 use crate::response::ResponseBody;
 use http::{Request, Response};
@@ -23,10 +23,12 @@ pub(crate) struct Connection {
 impl Connection {
     /// Holds a shed answer on this connection when the client came back
     /// sooner than the previous shed's `Retry-After` ([`RETRY_AFTER`])
-    /// asked and `admission`'s [`FastSheds`] have no token left; returns
-    /// whether it held it. The hold, counted from the previous shed, is
-    /// `Retry-After`, longer when many are held (see [`HeldSheds`]), and
-    /// ends when `released` turns true (the server is stopping).
+    /// asked, `admission`'s [`FastSheds`] have no token left and holding
+    /// slows the load at all ([`PacingProbe`], told the `connections`
+    /// open); returns whether it held it. The hold, counted from the
+    /// previous shed, is `Retry-After`, longer when many are held (see
+    /// [`HeldSheds`]), and ends when `released` turns true (the server is
+    /// stopping) or holds go off.
     ///
     /// Most load generators and retry loops answer a 503 with a new request
     /// at once. Shedding them all fast only turns the host's CPU into 503s
@@ -34,28 +36,36 @@ impl Connection {
     /// sheds the host's answers earned are spent, such a client gets its
     /// next 503 when it should have asked, or later, while a client that
     /// honours `Retry-After`, or a new one, is answered at once. So is an
-    /// open-loop load's pooled connection, while earned sheds last.
+    /// open-loop load's pooled connection, while earned sheds last, and
+    /// always once the probe has seen that holds do not slow it.
     ///
     /// [`FastSheds`]: crate::admission::FastSheds
     /// [`HeldSheds`]: crate::admission::HeldSheds
+    /// [`PacingProbe`]: crate::admission::PacingProbe
     pub(crate) async fn pace_shed(
         &self,
         admission: &Admission,
+        connections: i64,
         released: &tokio::sync::watch::Receiver<bool>,
     ) -> bool {
         let now = Instant::now();
-        let hold_until = {
+        let connections = usize::try_from(connections).unwrap_or(0);
+        let pacing = admission.pacing().shed(now.into_std(), connections);
+        let hold = {
             let mut last = self.last_shed.lock().unwrap_or_else(|e| e.into_inner());
-            let until = last
-                .filter(|shed| *shed + RETRY_AFTER > now && !admission.fast_sheds().try_take())
-                .map(|shed| {
-                    let rate = admission.answers_per_second();
-                    shed + admission.held_sheds().next_hold(rate)
-                });
-            *last = Some(until.unwrap_or(now));
-            until
+            let hold = match pacing {
+                Pacing::Hold(release) => last
+                    .filter(|shed| *shed + RETRY_AFTER > now && !admission.fast_sheds().try_take())
+                    .map(|shed| {
+                        let rate = admission.answers_per_second();
+                        (shed + admission.held_sheds().next_hold(rate), release)
+                    }),
+                Pacing::AtOnce => None,
+            };
+            *last = Some(hold.map_or(now, |(until, _)| until));
+            hold
         };
-        let Some(until) = hold_until else {
+        let Some((until, release)) = hold else {
             return false;
         };
         let _holding = admission.held_sheds().hold();
@@ -63,6 +73,7 @@ impl Connection {
         tokio::select! {
             () = tokio::time::sleep_until(until) => {}
             _ = released.wait_for(|released| *released) => {}
+            () = admission.pacing().released(release) => {}
         }
         true
     }
@@ -167,12 +178,12 @@ mod tests {
         let released = stopping.subscribe();
         let t0 = tokio::time::Instant::now();
         assert!(
-            !connection.pace_shed(&admission, &released).await,
+            !connection.pace_shed(&admission, 1, &released).await,
             "the first shed goes at once"
         );
         tokio::time::advance(Duration::from_millis(10)).await;
         assert!(
-            connection.pace_shed(&admission, &released).await,
+            connection.pace_shed(&admission, 1, &released).await,
             "back after 10 ms: held"
         );
         // Timers round up to the millisecond.
@@ -184,7 +195,7 @@ mod tests {
         assert_eq!(admission.held_sheds().held(), 0, "no longer held");
         tokio::time::advance(RETRY_AFTER).await;
         assert!(
-            !connection.pace_shed(&admission, &released).await,
+            !connection.pace_shed(&admission, 1, &released).await,
             "back after Retry-After: at once"
         );
     }
@@ -195,7 +206,7 @@ mod tests {
         let (admission, stopping) = drained();
         let released = stopping.subscribe();
         assert!(
-            !connection.pace_shed(&admission, &released).await,
+            !connection.pace_shed(&admission, 1, &released).await,
             "the first: at once"
         );
         // An answer given elsewhere earns its sheds at once; all but one
@@ -205,11 +216,11 @@ mod tests {
             assert!(admission.fast_sheds().try_take());
         }
         assert!(
-            !connection.pace_shed(&admission, &released).await,
+            !connection.pace_shed(&admission, 1, &released).await,
             "a token: at once"
         );
         assert!(
-            connection.pace_shed(&admission, &released).await,
+            connection.pace_shed(&admission, 1, &released).await,
             "no token left: held"
         );
     }
@@ -233,9 +244,9 @@ mod tests {
         // are held two seconds each.
         let others: Vec<_> = (0..59).map(|_| admission.held_sheds().hold()).collect();
         let t0 = tokio::time::Instant::now();
-        assert!(!connection.pace_shed(&admission, &released).await);
+        assert!(!connection.pace_shed(&admission, 1, &released).await);
         tokio::time::advance(Duration::from_millis(10)).await;
-        assert!(connection.pace_shed(&admission, &released).await, "held");
+        assert!(connection.pace_shed(&admission, 1, &released).await, "held");
         let held = t0.elapsed();
         let two = Duration::from_secs(2);
         assert!(
@@ -245,9 +256,50 @@ mod tests {
         // Ten thousand held: the bound.
         let crowd: Vec<_> = (0..10_000).map(|_| admission.held_sheds().hold()).collect();
         let t0 = tokio::time::Instant::now();
-        assert!(connection.pace_shed(&admission, &released).await, "held");
+        assert!(connection.pace_shed(&admission, 1, &released).await, "held");
         assert!(t0.elapsed() <= MAX_SHED_HOLD + Duration::from_millis(2));
         drop((others, crowd, tickets));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_shed_goes_out_when_holds_go_off() {
+        let connection = std::sync::Arc::new(Connection::default());
+        let (admission, stopping) = drained();
+        let released = stopping.subscribe();
+        assert!(!connection.pace_shed(&admission, 1, &released).await);
+        let held = tokio::spawn({
+            let (connection, admission) = (connection.clone(), admission.clone());
+            let released = released.clone();
+            async move { connection.pace_shed(&admission, 1, &released).await }
+        });
+        while admission.held_sheds().held() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // An open loop, as the probe sees it: six arrivals a millisecond
+        // whether sheds are held or not. The clock stands still, so only
+        // holds going off can end the hold.
+        let start = Instant::now();
+        let t0 = start.into_std();
+        let mut ms = 0;
+        while admission.pacing().holding() {
+            assert!(ms < 2_000, "holds still on after {ms} ms");
+            admission.pacing().shed(t0 + Duration::from_millis(ms), 1);
+            for _ in 0..6 {
+                admission.pacing().arrived();
+            }
+            ms += 1;
+        }
+        assert!(held.await.unwrap(), "it was held");
+        // A paused clock moves on by itself only when every task waits: had
+        // the hold not been ended, it would have moved to the hold's end.
+        assert!(
+            start.elapsed() < Duration::from_millis(1),
+            "held {:?}",
+            start.elapsed()
+        );
+        assert_eq!(admission.held_sheds().held(), 0);
+        // And the next shed back too soon goes out at once.
+        assert!(!connection.pace_shed(&admission, 1, &released).await);
     }
 
     #[tokio::test(start_paused = true)]
@@ -255,12 +307,12 @@ mod tests {
         let connection = std::sync::Arc::new(Connection::default());
         let (admission, stopping) = drained();
         let released = stopping.subscribe();
-        assert!(!connection.pace_shed(&admission, &released).await);
+        assert!(!connection.pace_shed(&admission, 1, &released).await);
         let held = tokio::spawn({
             let (connection, admission) = (connection.clone(), admission.clone());
             async move {
                 let t0 = tokio::time::Instant::now();
-                assert!(connection.pace_shed(&admission, &released).await);
+                assert!(connection.pace_shed(&admission, 1, &released).await);
                 t0.elapsed()
             }
         });

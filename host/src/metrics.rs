@@ -15,6 +15,7 @@
 //! | `fanout_admission_limit` (gauge, the admission limit now: learnt when adaptive, the pool's size when fixed) | |
 //! | `fanout_queue_length` (gauge, requests waiting in the admission line now) | |
 //! | `fanout_shed_holding` (gauge, shed answers being held now: clients that came back sooner than `Retry-After`) | |
+//! | `fanout_shed_pacing` (gauge, 1 while such sheds may be held, 0 while a probe found that holding them does not slow the load: see [`PacingProbe`](crate::admission::PacingProbe)) | |
 //! | `fanout_guest_failures_total` (traps, limits, deadlines) | `cause` |
 //! | `fanout_response_cache_lookups_total` (upstream GETs by how they were answered: hit, stale, coalesced, miss, pass) | `upstream`, `result` |
 //! | `fanout_response_cache_evictions_total` (entries pushed out by the bounds) | `upstream` |
@@ -121,6 +122,11 @@ impl Collector for AdmissionGauges {
                 "fanout_shed_holding",
                 "Shed answers being held now, their clients having come back sooner than Retry-After",
                 admission.held_sheds().held(),
+            ),
+            (
+                "fanout_shed_pacing",
+                "1 while sheds to clients back too soon may be held, 0 while holding them was found not to slow the load",
+                usize::from(admission.pacing().holding()),
             ),
         ];
         for (name, help, value) in gauges {
@@ -321,6 +327,7 @@ mod tests {
         assert_eq!(sample(&text, "fanout_admission_limit"), Some(1));
         assert_eq!(sample(&text, "fanout_queue_length"), Some(0));
         assert_eq!(sample(&text, "fanout_shed_holding"), Some(0));
+        assert_eq!(sample(&text, "fanout_shed_pacing"), Some(1));
 
         let running = admission
             .admit(Duration::ZERO, None)

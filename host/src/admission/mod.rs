@@ -16,8 +16,8 @@
 //! A request beyond the limit waits in a line bounded by its budget, or is
 //! shed at the door, before an instance is spent, with a 503 that says
 //! when to retry; [`FastSheds`] decides which sheds to clients that did
-//! not wait go out at once, and [`HeldSheds`] how long the others are
-//! held.
+//! not wait go out at once, [`HeldSheds`] how long the others are held,
+//! and [`PacingProbe`] whether holding them slows the load at all.
 //!
 //! No maintained crate implements this for tower (tower's `ConcurrencyLimit`
 //! is fixed); the logic is small, pure and unit-tested with explicit times.
@@ -25,11 +25,13 @@
 mod aimd;
 mod fast_sheds;
 mod held_sheds;
+mod pacing_probe;
 
 pub(crate) use aimd::ewma;
 pub use aimd::{AdmissionConfig, Aimd, LATENCY_SHARE};
 pub use fast_sheds::{FAST_SHEDS_PER_ANSWER, FastSheds};
 pub use held_sheds::{HELD_SHEDS_PER_ANSWER, HeldSheds, Holding, MAX_SHED_HOLD};
+pub use pacing_probe::{Pacing, PacingProbe};
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,6 +48,8 @@ pub struct Admission {
     fast_sheds: Arc<FastSheds>,
     /// The sheds to clients back too soon that wait for their 503.
     held_sheds: Arc<HeldSheds>,
+    /// Whether to hold such sheds at all.
+    pacing: Arc<PacingProbe>,
 }
 
 struct Shared {
@@ -140,6 +144,7 @@ impl Admission {
             })),
             fast_sheds: Arc::default(),
             held_sheds: Arc::default(),
+            pacing: Arc::default(),
         }
     }
 
@@ -267,6 +272,12 @@ impl Admission {
     /// `Connection::pace_shed`).
     pub fn held_sheds(&self) -> &HeldSheds {
         &self.held_sheds
+    }
+
+    /// Whether sheds to clients back too soon are held at all: only while
+    /// holding them slows the load down (see [`PacingProbe`]).
+    pub fn pacing(&self) -> &PacingProbe {
+        &self.pacing
     }
 
     /// How many requests a second finish now, by Little's law: those in

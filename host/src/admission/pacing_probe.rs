@@ -1,0 +1,316 @@
+//! Whether holding sheds slows the load at all, found by trying without.
+//!
+//! Holding a shed ([`HeldSheds`](super::HeldSheds)) slows a client that
+//! waits for each answer before it sends again: wrk, hey, k6's virtual
+//! users, a retry loop. It does not slow an open-loop load (requests at a
+//! rate of their own, as users arrive, over a pool of connections): the
+//! pool sends the next request on another connection, opens new ones while
+//! the held ones wait, and the held 503s only come late. `fanout-bench load
+//! --rate 6200` (twice this 2-core box's capacity, 50 ms upstreams,
+//! `serve-fanout`), two windows each: with holds, 2,022 and 2,134 2xx/s,
+//! non-2xx p99 1,003 ms, 1,206 and 1,484 connections; with none, 2,440 and
+//! 2,254 2xx/s, non-2xx p99 10 and 16 ms, 624 and 740 connections. With
+//! this probe: non-2xx p99 12-14 ms (218 ms in a window a trial of holds
+//! fell in); against 5,000 clients that re-send at once, holds stayed on
+//! throughout and goodput was as without the probe.
+//!
+//! One connection cannot tell the two loads apart (a pool reuses the
+//! connection just answered, at once, as a re-sender does), but the whole
+//! can: a closed loop's arrival rate follows how fast it is answered, an
+//! open loop's does not. So while the host sheds, now and then it measures
+//! the arrival rate, then does the other thing for a while and measures
+//! again (how long: [`PROBE`]).
+//! - Holding, holds go off after [`OFF_VOTES`] probes in a row in which
+//!   requests came less than [`OPEN_RATIO`] times as fast with sheds at
+//!   once; the sheds held then go out at once. One probe is not enough: a
+//!   closed loop's arrivals come in waves (held clients come back
+//!   together), and one short trial in the trough of a wave looks like an
+//!   open loop.
+//! - Not holding, holds come back on after one probe in which requests came
+//!   at least [`RESEND_RATIO`] times as fast without holds as with them.
+//!
+//! A verdict that stands doubles the time to the next probe, up to
+//! [`MAX_PERIOD`]; a change brings it back to [`MIN_PERIOD`], a vote for
+//! one to [`VOTE_PERIOD`]. Holding is where it starts, and where it goes back to
+//! after [`CALM`] without a paced shed: of the two mistakes, re-senders
+//! answered at once cost the host's CPU, an open loop's held 503s only
+//! come late.
+//!
+//! Hand-written: this is a policy of the host's own, small and tested with
+//! explicit times.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The shortest and the longest each of a probe's two measurements lasts.
+/// A trial of sheds at once is the shortest: a closed loop's clients that
+/// are not held come back at once, and within milliseconds. A trial of
+/// holds lasts as long as the connections open take to send a request each
+/// at the arrival rate measured before it, within these bounds: a closed
+/// loop's re-sender is held only when it comes back, so a shorter trial
+/// would see few of them held, and an open loop's sheds are held for as
+/// long as it lasts.
+pub const PROBE: (Duration, Duration) = (Duration::from_millis(50), Duration::from_millis(250));
+
+/// Time to the first probe, and to the next after the mode changed.
+pub const MIN_PERIOD: Duration = Duration::from_millis(500);
+
+/// Time to the next probe after a vote for holds off: an open loop's
+/// sheds are held until the last vote.
+pub const VOTE_PERIOD: Duration = Duration::from_millis(200);
+
+/// The longest time between probes, once a verdict has stood many times.
+pub const MAX_PERIOD: Duration = Duration::from_secs(32);
+
+/// Requests come at least this many times as fast with holds off as with
+/// them on: the load re-sends, and holds come back on.
+pub const RESEND_RATIO: f64 = 1.5;
+
+/// Requests come less than this many times as fast with holds off as with
+/// them on: a vote for holds off.
+pub const OPEN_RATIO: f64 = 1.25;
+
+/// Votes in a row that turn holds off.
+pub const OFF_VOTES: u32 = 3;
+
+/// Without a paced shed for this long, the next one starts afresh.
+pub const CALM: Duration = Duration::from_secs(5);
+
+/// Fewer arrivals than this in either measurement say nothing.
+const MIN_ARRIVALS: u64 = 10;
+
+/// Whether sheds are held now, and a probe's state.
+#[derive(Debug)]
+pub struct PacingProbe {
+    arrivals: AtomicU64,
+    state: Mutex<State>,
+    /// Bumped when holds go off, to send the held sheds out.
+    released: tokio::sync::watch::Sender<u64>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// The mode in force between probes: holds on.
+    holding: bool,
+    phase: Phase,
+    period: Duration,
+    /// Probes in a row, while holding, that looked like an open loop.
+    votes: u32,
+    last_shed: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// In the mode, measuring nothing until `measure_at`: what follows a
+    /// change is not what the mode does.
+    Settled { until: Instant, measure_at: Instant },
+    /// In the mode until `until`, counting arrivals from `start`.
+    Measuring {
+        until: Instant,
+        start: Instant,
+        arrivals: u64,
+    },
+    /// Counting arrivals in the other mode from `start`, for `span`;
+    /// `measured` came in the mode, with how long that took.
+    Trying {
+        start: Instant,
+        arrivals: u64,
+        span: Duration,
+        measured: (u64, Duration),
+    },
+}
+
+impl Phase {
+    /// In the mode for `period` from `now`, measured over its second half.
+    fn settled(now: Instant, period: Duration) -> Phase {
+        Phase::Settled {
+            until: now + period,
+            measure_at: now + period / 2,
+        }
+    }
+}
+
+/// What a shed should do now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pacing {
+    /// Hold it if its client came back too soon; the number says which
+    /// release a hold waits for (see [`PacingProbe::released`]).
+    Hold(u64),
+    /// Send it at once.
+    AtOnce,
+}
+
+impl Default for PacingProbe {
+    fn default() -> PacingProbe {
+        PacingProbe {
+            arrivals: AtomicU64::new(0),
+            state: Mutex::new(State {
+                holding: true,
+                // Replaced at the first shed.
+                phase: Phase::settled(Instant::now(), MIN_PERIOD),
+                period: MIN_PERIOD,
+                votes: 0,
+                last_shed: None,
+            }),
+            released: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+impl PacingProbe {
+    /// A request arrived (any request, shed or not).
+    pub fn arrived(&self) {
+        self.arrivals.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether sheds are held between probes (the mode, not a probe's
+    /// trial of the other).
+    pub fn holding(&self) -> bool {
+        self.lock().holding
+    }
+
+    /// Returns when holds go off after `release` (what [`Pacing::Hold`]
+    /// carried).
+    pub async fn released(&self, release: u64) {
+        let mut receiver = self.released.subscribe();
+        // The sender lives as long as `self`, which the caller borrows.
+        let _ = receiver.wait_for(|now| *now != release).await;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What a shed paced at `now`, with `connections` open on the server,
+    /// should do; moves the probe along.
+    pub fn shed(&self, now: Instant, connections: usize) -> Pacing {
+        let arrivals = self.arrivals.load(Ordering::Relaxed);
+        let mut state = self.lock();
+        if state
+            .last_shed
+            .is_none_or(|last| now.saturating_duration_since(last) >= CALM)
+        {
+            state.holding = true;
+            state.period = MIN_PERIOD;
+            state.votes = 0;
+            state.phase = Phase::settled(now, MIN_PERIOD);
+        }
+        state.last_shed = Some(now);
+        let in_mode = match state.phase {
+            Phase::Settled { until, measure_at } => {
+                if now >= measure_at {
+                    state.phase = Phase::Measuring {
+                        until: until.max(now + PROBE.0),
+                        start: now,
+                        arrivals,
+                    };
+                }
+                true
+            }
+            Phase::Measuring {
+                until,
+                start,
+                arrivals: from,
+            } => {
+                if now >= until {
+                    let measured = (arrivals - from, now - start);
+                    let span = if state.holding {
+                        PROBE.0
+                    } else {
+                        Duration::from_secs_f64(connections as f64 / rate(measured).max(1.0))
+                            .clamp(PROBE.0, PROBE.1)
+                    };
+                    state.phase = Phase::Trying {
+                        start: now,
+                        arrivals,
+                        span,
+                        measured,
+                    };
+                    false
+                } else {
+                    true
+                }
+            }
+            Phase::Trying {
+                start,
+                arrivals: from,
+                span,
+                measured,
+            } => {
+                if now >= start + span {
+                    let tried = (arrivals - from, now - start);
+                    self.conclude(&mut state, now, measured, tried);
+                    true
+                } else {
+                    false
+                }
+            }
+        };
+        if in_mode == state.holding {
+            Pacing::Hold(*self.released.borrow())
+        } else {
+            Pacing::AtOnce
+        }
+    }
+
+    /// A probe's end: `measured` arrivals in the mode, `tried` in the
+    /// other, each with how long it took.
+    fn conclude(
+        &self,
+        state: &mut State,
+        now: Instant,
+        measured: (u64, Duration),
+        tried: (u64, Duration),
+    ) {
+        let (with_holds, without) = if state.holding {
+            (rate(measured), rate(tried))
+        } else {
+            (rate(tried), rate(measured))
+        };
+        let enough = measured.0.min(tried.0) >= MIN_ARRIVALS;
+        let holding = if !enough {
+            state.holding
+        } else if state.holding {
+            state.votes = if without < with_holds * OPEN_RATIO {
+                state.votes + 1
+            } else {
+                0
+            };
+            state.votes < OFF_VOTES
+        } else {
+            without >= with_holds * RESEND_RATIO
+        };
+        if !holding {
+            // Held in the mode, or in a trial that did not convince.
+            self.released.send_modify(|release| *release += 1);
+            state.votes = 0;
+        }
+        state.period = if state.votes > 0 {
+            VOTE_PERIOD
+        } else if holding == state.holding {
+            (state.period * 2).min(MAX_PERIOD)
+        } else {
+            MIN_PERIOD
+        };
+        tracing::debug!(
+            holding,
+            votes = state.votes,
+            with_holds,
+            without,
+            span_ms = tried.1.as_millis() as u64,
+            next_probe_ms = state.period.as_millis() as u64,
+            "shed pacing probed"
+        );
+        state.holding = holding;
+        state.phase = Phase::settled(now, state.period);
+    }
+}
+
+/// Arrivals a second.
+fn rate((count, over): (u64, Duration)) -> f64 {
+    count as f64 / over.as_secs_f64().max(1e-3)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,221 @@
+use super::*;
+
+const MS: fn(u64) -> Duration = Duration::from_millis;
+
+/// A load: arrivals per millisecond while sheds are held, and while not.
+#[derive(Clone, Copy)]
+struct Load {
+    holding: u64,
+    at_once: u64,
+    /// Connections open: with the arrival rate, how long a trial of holds
+    /// lasts (none: the shortest).
+    connections: usize,
+}
+
+/// Wrk-like clients: answered at once, they come back four times as fast.
+const RE_SENDERS: Load = Load {
+    holding: 5,
+    at_once: 20,
+    connections: 0,
+};
+
+/// Requests at a rate of their own, whatever is done with them.
+const OPEN_LOOP: Load = Load {
+    holding: 6,
+    at_once: 6,
+    connections: 0,
+};
+
+/// Drives `probe` one shed a millisecond from `from` for `length` under
+/// `load`; returns, per millisecond, whether the shed was held.
+fn drive(probe: &PacingProbe, from: Instant, length: Duration, load: Load) -> Vec<bool> {
+    let mut held = Vec::new();
+    let mut at = Duration::ZERO;
+    while at < length {
+        let holding = matches!(probe.shed(from + at, load.connections), Pacing::Hold(_));
+        let arrivals = if holding { load.holding } else { load.at_once };
+        for _ in 0..arrivals {
+            probe.arrived();
+        }
+        held.push(holding);
+        at += MS(1);
+    }
+    held
+}
+
+/// Whether `future` is ready at once.
+fn ready(future: impl std::future::Future<Output = ()>) -> bool {
+    let mut future = std::pin::pin!(future);
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    future.as_mut().poll(&mut context).is_ready()
+}
+
+/// The milliseconds at which a run of sheds at once began.
+fn trials(held: &[bool]) -> Vec<usize> {
+    (0..held.len())
+        .filter(|&i| !held[i] && (i == 0 || held[i - 1]))
+        .collect()
+}
+
+#[test]
+fn re_senders_stay_held_and_are_probed_ever_more_rarely() {
+    let probe = PacingProbe::default();
+    let t0 = Instant::now();
+    let Pacing::Hold(release) = probe.shed(t0, 0) else {
+        panic!("holding at first")
+    };
+    let held = drive(&probe, t0 + MS(1), Duration::from_secs(20), RE_SENDERS);
+    assert!(probe.holding());
+    assert!(!ready(probe.released(release)), "holds never went off");
+    // The first probe tries sheds at once for 50 ms half a second in (the
+    // drive began at 1 ms); the gap to the next doubles from there.
+    let starts = trials(&held);
+    assert_eq!(starts[0], 499, "{starts:?}");
+    let gaps: Vec<usize> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+    assert_eq!(&gaps[..4], &[1_050, 2_050, 4_050, 8_050], "{starts:?}");
+    let at_once = held.iter().filter(|h| !**h).count();
+    assert_eq!(at_once, 50 * starts.len(), "only the trials");
+}
+
+#[test]
+fn an_open_loop_is_answered_at_once_after_three_votes_and_its_held_sheds_go_out() {
+    let probe = PacingProbe::default();
+    let t0 = Instant::now();
+    let Pacing::Hold(release) = probe.shed(t0, 0) else {
+        panic!("holding at first")
+    };
+    let waiting = probe.released(release);
+    let held = drive(&probe, t0 + MS(1), Duration::from_secs(20), OPEN_LOOP);
+    assert!(!probe.holding());
+    // Three trials of sheds at once (at 500, 750 and 1,000 ms), each a vote
+    // for holds off; off from the third on but in the later probes' trials
+    // of holds, ever more rarely.
+    assert_eq!(&trials(&held)[..3], &[499, 749, 999]);
+    assert!(held[1_049..].iter().take(500).all(|h| !*h));
+    let after = held[999..].iter().filter(|h| **h).count();
+    assert!(after <= 50 * 5, "{after} ms of holds in the trials");
+    assert!(ready(waiting), "the held sheds were not released");
+}
+
+#[test]
+fn one_vote_is_not_enough() {
+    let probe = PacingProbe::default();
+    let t0 = Instant::now();
+    // An open loop for the first probe, re-senders after it.
+    drive(&probe, t0, MS(560), OPEN_LOOP);
+    let held = drive(&probe, t0 + MS(560), MS(2_000), RE_SENDERS);
+    assert!(probe.holding());
+    assert!(held.iter().filter(|h| !**h).count() <= 3 * 50);
+}
+
+#[test]
+fn a_trial_of_holds_that_fails_releases_what_it_held() {
+    let probe = PacingProbe::default();
+    let t0 = Instant::now();
+    drive(&probe, t0, MS(1_100), OPEN_LOOP);
+    assert!(!probe.holding());
+    // The next probe, 500 ms after the verdict at 1,050 ms: measures sheds
+    // at once, then holds for 50 ms.
+    let mut release = None;
+    for ms in 1_100..1_700 {
+        if let Pacing::Hold(r) = probe.shed(t0 + MS(ms), 0) {
+            release.get_or_insert(r);
+        }
+        for _ in 0..OPEN_LOOP.holding {
+            probe.arrived();
+        }
+    }
+    let release = release.expect("the trial held");
+    assert!(
+        ready(probe.released(release)),
+        "the trial's holds still waiting"
+    );
+    assert!(!probe.holding());
+}
+
+#[test]
+fn a_load_that_turns_into_re_senders_is_held_again_at_the_next_probe() {
+    let probe = PacingProbe::default();
+    let t0 = Instant::now();
+    drive(&probe, t0, Duration::from_secs(10), OPEN_LOOP);
+    assert!(!probe.holding());
+    let held = drive(
+        &probe,
+        t0 + Duration::from_secs(10),
+        Duration::from_secs(20),
+        RE_SENDERS,
+    );
+    assert!(probe.holding());
+    // The probes' period had grown to 8 s: the change is seen within it.
+    let settled = (0..held.len()).find(|&i| held[i..].iter().take(500).all(|h| *h));
+    assert!(settled.unwrap() < 8_500, "{settled:?}");
+}
+
+#[test]
+fn after_a_calm_it_starts_again_holding() {
+    let probe = PacingProbe::default();
+    let t0 = Instant::now();
+    drive(&probe, t0, Duration::from_secs(3), OPEN_LOOP);
+    assert!(!probe.holding());
+    // Quiet for less than CALM: still off.
+    let later = t0 + Duration::from_secs(3) + CALM - MS(10);
+    assert_eq!(probe.shed(later, 0), Pacing::AtOnce);
+    // Quiet for CALM: holding again, the first probe half a second on.
+    let much_later = later + CALM;
+    assert!(matches!(probe.shed(much_later, 0), Pacing::Hold(_)));
+    assert!(probe.holding());
+    let held = drive(&probe, much_later + MS(1), MS(700), RE_SENDERS);
+    assert_eq!(trials(&held), vec![499]);
+}
+
+#[test]
+fn too_few_arrivals_change_nothing() {
+    let probe = PacingProbe::default();
+    let t0 = Instant::now();
+    // One arrival every 10 ms however sheds are answered: 5 in a 50 ms
+    // trial, too few to judge by.
+    let mut modes = Vec::new();
+    for ms in (0..5_000).step_by(10) {
+        probe.shed(t0 + MS(ms), 0);
+        probe.arrived();
+        modes.push(probe.holding());
+    }
+    assert!(modes.iter().all(|h| *h));
+}
+
+#[test]
+fn a_trial_of_holds_lasts_as_long_as_the_connections_take_to_send_one_each() {
+    let probe = PacingProbe::default();
+    let t0 = Instant::now();
+    // 1,200 connections open at 6 arrivals a millisecond (6,000 a
+    // second): 200 ms.
+    let load = Load {
+        connections: 1_200,
+        ..OPEN_LOOP
+    };
+    let held = drive(&probe, t0, Duration::from_secs(3), load);
+    assert!(!probe.holding());
+    // Off at 1,050 ms; the next probe measures from 1,300 to 1,550 ms,
+    // then holds for 200 ms.
+    assert!(held[1_050..1_550].iter().all(|h| !*h));
+    assert!(held[1_550..1_750].iter().all(|h| *h));
+    assert!(!held[1_750]);
+    // At most PROBE's longest.
+    let probe = PacingProbe::default();
+    let load = Load {
+        connections: 10_000_000,
+        ..OPEN_LOOP
+    };
+    let held = drive(&probe, t0, Duration::from_secs(3), load);
+    let trial = held[1_550..].iter().take_while(|h| **h).count();
+    assert_eq!(MS(trial as u64), PROBE.1);
+    // A trial of sheds at once is the shortest whatever is open.
+    let probe = PacingProbe::default();
+    let load = Load {
+        connections: 10_000_000,
+        ..RE_SENDERS
+    };
+    let held = drive(&probe, t0, Duration::from_secs(3), load);
+    assert_eq!(trials(&held), vec![500, 1_550]);
+    assert_eq!(held[500..].iter().take_while(|h| !**h).count(), 50);
+}
