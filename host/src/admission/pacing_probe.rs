@@ -18,8 +18,9 @@
 //! connection just answered, at once, as a re-sender does), but the whole
 //! can: a closed loop's arrival rate follows how fast it is answered, an
 //! open loop's does not. So while the host sheds, now and then it measures
-//! the arrival rate, then does the other thing for a while and measures
-//! again (how long: [`PROBE`]).
+//! the arrival rate (over the second half of the time since the last
+//! probe), then does the other thing for a while ([`PROBE`]) and measures
+//! again.
 //! - Holding, holds go off after [`OFF_VOTES`] probes in a row in which
 //!   requests came less than [`OPEN_RATIO`] times as fast with sheds at
 //!   once; the sheds held then go out at once. One probe is not enough: a
@@ -31,10 +32,10 @@
 //!
 //! A verdict that stands doubles the time to the next probe, up to
 //! [`MAX_PERIOD`]; a change brings it back to [`MIN_PERIOD`], a vote for
-//! one to [`VOTE_PERIOD`]. Holding is where it starts, and where it goes back to
-//! after [`CALM`] without a paced shed: of the two mistakes, re-senders
-//! answered at once cost the host's CPU, an open loop's held 503s only
-//! come late.
+//! one to [`VOTE_PERIOD`]. Holding is where it starts, and where it goes
+//! back to after [`CALM`] without a paced shed: of the two mistakes,
+//! re-senders answered at once cost the host's CPU, an open loop's held
+//! 503s only come late.
 //!
 //! Hand-written: this is a policy of the host's own, small and tested with
 //! explicit times.
@@ -185,8 +186,10 @@ impl PacingProbe {
     /// What a shed paced at `now`, with `connections` open on the server,
     /// should do; moves the probe along.
     pub fn shed(&self, now: Instant, connections: usize) -> Pacing {
-        let arrivals = self.arrivals.load(Ordering::Relaxed);
         let mut state = self.lock();
+        // Read under the lock, so that each holder sees no fewer than the
+        // last: the counts below subtract.
+        let arrivals = self.arrivals.load(Ordering::Relaxed);
         if state
             .last_shed
             .is_none_or(|last| now.saturating_duration_since(last) >= CALM)
