@@ -570,10 +570,16 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
         }
         _ => unreachable!("serve commands are handled in main"),
     }
-    // A section measured apart from `all`: say when, beside its command.
+    // A section measured apart from `all`: say when beside its command, and
+    // on what, if not on the machine the report's header names.
     if !command_is_all && let Some(last) = results.commands.last_mut() {
-        let when = report::Machine::read().date;
-        *last = format!("{last}   # {when}");
+        let now = report::Machine::read();
+        let on = if now.cpu_model == results.machine.cpu_model {
+            String::new()
+        } else {
+            format!(" on {} cores ({})", now.cores, now.cpu_model)
+        };
+        *last = format!("{last}   # {}{on}", now.date);
     }
     report::write(out, &results)?;
     println!("{}", report::markdown(&results));

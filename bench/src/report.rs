@@ -275,7 +275,7 @@ pub fn markdown(r: &Results) -> String {
         out,
         "Measured {} on {} cores ({}), every target as its own process on loopback, \
          all in one run (a command below dated later re-measured its section then, \
-         and the ratios that use it): absolute numbers vary from machine to machine, the ratios \
+         and the ratios that use it, on the machine it names if another): absolute numbers vary from machine to machine, the ratios \
          are the result. The machine is shared and noisy: each cell is the median of \
          the repeats, with the spread (min–max) in brackets. The load driver keeps \
          a fixed number of clients, each sending its next request as soon as the \

@@ -67,14 +67,32 @@ fn re_senders_stay_held_and_are_probed_ever_more_rarely() {
     let held = drive(&probe, t0 + MS(1), Duration::from_secs(20), RE_SENDERS);
     assert!(probe.holding());
     assert!(!ready(probe.released(release)), "holds never went off");
-    // The first probe tries sheds at once for 50 ms half a second in (the
-    // drive began at 1 ms); the gap to the next doubles from there.
+    // The first probe measures from a quarter of a second in, for a second
+    // (HELD_ROUND), then tries sheds at once (the drive began at 1 ms).
+    // Each trial ends as soon as the arrivals outnumber what its whole
+    // 50 ms would have brought at 1.5 times the rate with holds (375, at
+    // five a millisecond): at twenty a millisecond, after 18 or 19 ms
+    // (where a millisecond's twenty fall). The period to the next doubles,
+    // 1 s (half a second settling, a second measuring), 2 s, 4 s, 8 s.
     let starts = trials(&held);
-    assert_eq!(starts[0], 499, "{starts:?}");
-    let gaps: Vec<usize> = starts.windows(2).map(|w| w[1] - w[0]).collect();
-    assert_eq!(&gaps[..4], &[1_050, 2_050, 4_050, 8_050], "{starts:?}");
+    assert_eq!(starts[0], 1_249, "{starts:?}");
+    let lengths: Vec<usize> = starts
+        .iter()
+        .map(|&start| held[start..].iter().take_while(|h| !**h).count())
+        .collect();
+    assert!(
+        lengths.iter().all(|ms| (18..=19).contains(ms)),
+        "{lengths:?}"
+    );
+    // The verdict falls at the first shed after the trial.
+    let periods: Vec<usize> = starts
+        .windows(2)
+        .zip(&lengths)
+        .map(|(w, ms)| w[1] - w[0] - ms)
+        .collect();
+    assert_eq!(&periods[..4], &[1_500, 2_000, 4_000, 8_000], "{starts:?}");
     let at_once = held.iter().filter(|h| !**h).count();
-    assert_eq!(at_once, 50 * starts.len(), "only the trials");
+    assert_eq!(at_once, lengths.iter().sum::<usize>(), "only the trials");
 }
 
 #[test]
@@ -87,12 +105,13 @@ fn an_open_loop_is_answered_at_once_after_three_votes_and_its_held_sheds_go_out(
     let waiting = probe.released(release);
     let held = drive(&probe, t0 + MS(1), Duration::from_secs(20), OPEN_LOOP);
     assert!(!probe.holding());
-    // Three trials of sheds at once (at 500, 750 and 1,000 ms), each a vote
-    // for holds off; off from the third on but in the later probes' trials
-    // of holds, ever more rarely.
-    assert_eq!(&trials(&held)[..3], &[499, 749, 999]);
-    assert!(held[1_049..].iter().take(500).all(|h| !*h));
-    let after = held[999..].iter().filter(|h| **h).count();
+    // Three trials of sheds at once, each after a second measured with
+    // holds (at 1,250, 2,400 and 3,550 ms), each a vote for holds off; off
+    // from the third on but in the later probes' trials of holds, ever
+    // more rarely.
+    assert_eq!(&trials(&held)[..3], &[1_249, 2_399, 3_549]);
+    assert!(held[3_599..].iter().take(500).all(|h| !*h));
+    let after = held[3_549..].iter().filter(|h| **h).count();
     assert!(after <= 50 * 5, "{after} ms of holds in the trials");
     assert!(ready(waiting), "the held sheds were not released");
 }
@@ -102,8 +121,8 @@ fn one_vote_is_not_enough() {
     let probe = PacingProbe::default();
     let t0 = Instant::now();
     // An open loop for the first probe, re-senders after it.
-    drive(&probe, t0, MS(560), OPEN_LOOP);
-    let held = drive(&probe, t0 + MS(560), MS(2_000), RE_SENDERS);
+    drive(&probe, t0, MS(1_310), OPEN_LOOP);
+    let held = drive(&probe, t0 + MS(1_310), MS(3_000), RE_SENDERS);
     assert!(probe.holding());
     assert!(held.iter().filter(|h| !**h).count() <= 3 * 50);
 }
@@ -112,12 +131,12 @@ fn one_vote_is_not_enough() {
 fn a_trial_of_holds_that_fails_releases_what_it_held() {
     let probe = PacingProbe::default();
     let t0 = Instant::now();
-    drive(&probe, t0, MS(1_100), OPEN_LOOP);
+    drive(&probe, t0, MS(3_700), OPEN_LOOP);
     assert!(!probe.holding());
-    // The next probe, 500 ms after the verdict at 1,050 ms: measures sheds
+    // The next probe, 500 ms after the verdict at 3,600 ms: measures sheds
     // at once, then holds for 50 ms.
     let mut release = None;
-    for ms in 1_100..1_700 {
+    for ms in 3_700..4_300 {
         if let Pacing::Hold(r) = probe.shed(t0 + MS(ms), 0) {
             release.get_or_insert(r);
         }
@@ -155,17 +174,18 @@ fn a_load_that_turns_into_re_senders_is_held_again_at_the_next_probe() {
 fn after_a_calm_it_starts_again_holding() {
     let probe = PacingProbe::default();
     let t0 = Instant::now();
-    drive(&probe, t0, Duration::from_secs(3), OPEN_LOOP);
+    // Off at 3,600 ms, a trial of holds from 4,100 to 4,150 ms.
+    drive(&probe, t0, MS(4_400), OPEN_LOOP);
     assert!(!probe.holding());
     // Quiet for less than CALM: still off.
-    let later = t0 + Duration::from_secs(3) + CALM - MS(10);
+    let later = t0 + MS(4_400) + CALM - MS(10);
     assert_eq!(probe.shed(later, 0), Pacing::AtOnce);
-    // Quiet for CALM: holding again, the first probe half a second on.
+    // Quiet for CALM: holding again, the first probe as at the start.
     let much_later = later + CALM;
     assert!(matches!(probe.shed(much_later, 0), Pacing::Hold(_)));
     assert!(probe.holding());
-    let held = drive(&probe, much_later + MS(1), MS(700), RE_SENDERS);
-    assert_eq!(trials(&held), vec![499]);
+    let held = drive(&probe, much_later + MS(1), MS(1_400), RE_SENDERS);
+    assert_eq!(trials(&held), vec![1_249]);
 }
 
 #[test]
@@ -193,29 +213,30 @@ fn a_trial_of_holds_lasts_as_long_as_the_connections_take_to_send_one_each() {
         connections: 1_200,
         ..OPEN_LOOP
     };
-    let held = drive(&probe, t0, Duration::from_secs(3), load);
+    let held = drive(&probe, t0, Duration::from_secs(5), load);
     assert!(!probe.holding());
-    // Off at 1,050 ms; the next probe measures from 1,300 to 1,550 ms,
+    // Off at 3,600 ms; the next probe measures from 3,850 to 4,100 ms,
     // then holds for 200 ms.
-    assert!(held[1_050..1_550].iter().all(|h| !*h));
-    assert!(held[1_550..1_750].iter().all(|h| *h));
-    assert!(!held[1_750]);
+    assert!(held[3_600..4_100].iter().all(|h| !*h));
+    assert!(held[4_100..4_300].iter().all(|h| *h));
+    assert!(!held[4_300]);
     // At most PROBE's longest.
     let probe = PacingProbe::default();
     let load = Load {
         connections: 10_000_000,
         ..OPEN_LOOP
     };
-    let held = drive(&probe, t0, Duration::from_secs(3), load);
-    let trial = held[1_550..].iter().take_while(|h| **h).count();
+    let held = drive(&probe, t0, Duration::from_secs(5), load);
+    let trial = held[4_100..].iter().take_while(|h| **h).count();
     assert_eq!(MS(trial as u64), PROBE.1);
-    // A trial of sheds at once is the shortest whatever is open.
+    // A trial of sheds at once is the shortest whatever is open (against
+    // re-senders, shorter still: see above).
     let probe = PacingProbe::default();
     let load = Load {
         connections: 10_000_000,
-        ..RE_SENDERS
+        ..OPEN_LOOP
     };
-    let held = drive(&probe, t0, Duration::from_secs(3), load);
-    assert_eq!(trials(&held), vec![500, 1_550]);
-    assert_eq!(held[500..].iter().take_while(|h| !**h).count(), 50);
+    let held = drive(&probe, t0, Duration::from_secs(2), load);
+    assert_eq!(trials(&held)[0], 1_250);
+    assert_eq!(held[1_250..].iter().take_while(|h| !**h).count(), 50);
 }
