@@ -492,12 +492,17 @@ async fn queues_what_fits(admission: fanout_host::AdmissionMode) -> Result<()> {
     // 100 ms upstreams and a 240 ms bound, a first request that took 20 ms
     // more than the upstreams made the line hold one instead of two (0.3
     // guest, two busy loops beside the tests). Each attempt may take 400
-    // ms, and every request asks for a budget of 1 s.
+    // ms, and every request asks for a budget of 2 s.
     let upstreams = ProductUpstreams::start(MS(200)).await?;
-    let config = ProductUpstreams::route_with_attempt_timeout(MS(400));
+    // Budgets up to 3 s, so that a 1.2 s line (below) leaves time to run.
+    let mut config: serde_json::Value =
+        serde_json::from_str(&ProductUpstreams::route_with_attempt_timeout(MS(400)))?;
+    config["max_deadline_ms"] = 3000.into();
+    let config = config.to_string();
     let limits = fanout_host::Limits {
         max_instances: 2,
-        queue_wait: MS(480),
+        queue_wait: MS(1200),
+        deadline: MS(5000),
         ..fanout_tests::limits()
     };
     let fanout = upstreams
@@ -507,11 +512,11 @@ async fn queues_what_fits(admission: fanout_host::AdmissionMode) -> Result<()> {
         .env("FANOUT_CONFIG", config)
         .build()?;
     let host = TestHost::start(fanout).await?;
-    let budget = [("x-request-timeout-ms", "1000")];
+    let budget = [("x-request-timeout-ms", "2000")];
     // One request teaches the host how long a request takes (~200 ms): two
     // places free one every ~100 ms. A request joins the line when its
-    // expected wait is within half the 480 ms bound: two fit (100 and 200
-    // ms), a third (300 ms) is shed at once.
+    // expected wait is within a fifth of the 1,200 ms bound: two fit (100
+    // and 200 ms), a third (300 ms) is shed at once.
     let first = host.get_with("/products/0", &budget).await?;
     assert_eq!(first.status, StatusCode::OK, "{}", first.json);
     // The budget leaves room for the wait: the host takes the wait out of
@@ -538,7 +543,7 @@ async fn queues_what_fits(admission: fanout_host::AdmissionMode) -> Result<()> {
                     answer.json["error"]["message"]
                         .as_str()
                         .unwrap()
-                        .contains("at most 480 ms"),
+                        .contains("at most 1200 ms"),
                     "{}",
                     answer.json
                 );
