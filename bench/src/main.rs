@@ -572,14 +572,20 @@ async fn bench(command: Command, out: &std::path::Path, only: &[String], h: Harn
     }
     // A section measured apart from `all`: say when beside its command, and
     // on what, if not on the machine the report's header names.
-    if !command_is_all && let Some(last) = results.commands.last_mut() {
+    // An earlier run of the same command is superseded: its figures are gone.
+    if !command_is_all && let Some(last) = results.commands.pop() {
         let now = report::Machine::read();
         let on = if now.cpu_model == results.machine.cpu_model {
             String::new()
         } else {
             format!(" on {} cores ({})", now.cores, now.cpu_model)
         };
-        *last = format!("{last}   # {}{on}", now.date);
+        results
+            .commands
+            .retain(|earlier| earlier.split("   #").next() != Some(last.as_str()));
+        results
+            .commands
+            .push(format!("{last}   # {}{on}", now.date));
     }
     report::write(out, &results)?;
     println!("{}", report::markdown(&results));
