@@ -275,8 +275,8 @@ pub fn markdown(r: &Results) -> String {
         out,
         "Measured {} on {} cores ({}), every target as its own process on loopback, \
          all in one run (a command below dated later re-measured its section then, \
-         and the ratios that use it, on the machine it names if another): absolute numbers vary from machine to machine, the ratios \
-         are the result. The machine is shared and noisy: each cell is the median of \
+         and the ratios that use it, on the machine it names if another): absolute \
+         numbers vary from machine to machine, the ratios are the result. The machine is shared and noisy: each cell is the median of \
          the repeats, with the spread (min–max) in brackets. The load driver keeps \
          a fixed number of clients, each sending its next request as soon as the \
          last is answered, 503 or not, as wrk, hey, k6 and most retry loops do \

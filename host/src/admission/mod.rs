@@ -337,9 +337,10 @@ impl Drop for Ticket {
 /// sheds of an open loop at twice the host's capacity (50 ms upstreams,
 /// 2-core AMD box), so its non-2xx p99 was theirs: 27-211 ms in five
 /// windows. With a fifth, 4.9-49 ms in five windows alternating with those,
-/// with no fewer answers there (median 1,931 against 2,300 2xx/s, spreads
-/// overlapping), nor at c=500 (2,550 and 2,672 against 2,204 and 2,420) or
-/// c=5000 (2,437 and 2,506 against 2,310 and 2,404) re-sending at once.
+/// at about as many answers there (1,840-3,000 against 1,829-2,644 2xx/s,
+/// medians 2,138 and 2,300), and no fewer at c=500 (2,550 and 2,672
+/// against 2,204 and 2,420) or c=5000 (2,437 and 2,506 against 2,310 and
+/// 2,404) re-sending at once.
 const LINE_SHARE: f64 = 0.2;
 
 /// Weight of the newest hold time in the admission's moving average.

@@ -61,8 +61,9 @@ pub const PROBE: (Duration, Duration) = (Duration::from_millis(50), Duration::fr
 /// The least time arrivals with holds are measured over: a held client
 /// comes back once in it (holds last `Retry-After` or longer), so it is
 /// not measured on the crest or in the trough of the waves in which held
-/// clients come back. Over 50-100 ms, 300 clients re-sending at once at a
-/// debug build measured from 150 to 6,500 arrivals a second with holds.
+/// clients come back. Over 50-100 ms, the overload tests' re-senders (32
+/// and 300 clients, debug build) measured from 150 to 6,500 arrivals a
+/// second with holds.
 pub const HELD_ROUND: Duration = super::RETRY_AFTER;
 
 /// Time to the first probe, and to the next after the mode changed.
