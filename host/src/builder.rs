@@ -39,6 +39,7 @@ pub struct FanoutBuilder {
     cache_dir: Option<PathBuf>,
     admission: AdmissionMode,
     guest_threads: Option<usize>,
+    guest_nice: u8,
     coalescing: bool,
     shed_lines_per_second: u32,
     profiler: Option<GuestProfiler>,
@@ -91,6 +92,7 @@ impl Default for FanoutBuilder {
             cache_dir: None,
             admission: AdmissionMode::Adaptive(None),
             guest_threads: None,
+            guest_nice: 0,
             coalescing: true,
             shed_lines_per_second: crate::telemetry::SHED_LINES_PER_SECOND,
             profiler: None,
@@ -298,6 +300,23 @@ impl FanoutBuilder {
         self
     }
 
+    /// Runs the [guest threads](Self::guest_threads) `nice` steps below the
+    /// priority of the thread that builds them (Linux nice values: 19 is
+    /// the lowest; elsewhere this does nothing). 0, the library's default,
+    /// leaves them at it.
+    ///
+    /// Within the process's own scheduling group (a container's cgroup, a
+    /// session's autogroup) a waking connection thread then takes a core
+    /// from guest work at once, so sheds, `/healthz` and new requests are
+    /// read on time while the guests fill the CPU. The guests lose no CPU
+    /// to the connections that those would not have taken anyway, but
+    /// they do yield to other busy processes in the same group: the
+    /// `fanout` binary lowers them by 10 (see [`threads`](crate::threads)).
+    pub fn guest_nice(mut self, nice: u8) -> Self {
+        self.guest_nice = nice;
+        self
+    }
+
     /// Hooks into every outgoing request (see [`OutboundHooks`]).
     pub fn outbound_hooks(mut self, hooks: Arc<dyn OutboundHooks>) -> Self {
         self.hooks = hooks;
@@ -465,7 +484,10 @@ impl FanoutBuilder {
             builtin,
             admission,
             adaptive: matches!(self.admission, AdmissionMode::Adaptive(_)),
-            guests: self.guest_threads.map(GuestRuntime::new).transpose()?,
+            guests: self
+                .guest_threads
+                .map(|threads| GuestRuntime::new(threads, self.guest_nice))
+                .transpose()?,
             ticker,
         };
         Ok(Fanout::new(runner, origin, self.shed_lines_per_second))

@@ -130,6 +130,12 @@ struct Args {
     #[arg(long, value_name = "N")]
     connection_threads: Option<usize>,
 
+    /// Run the guest threads N steps of nice below the connections', so
+    /// that a connection thread gets a core at once when the guests fill
+    /// them; 0 keeps them at one priority (Linux only) [default: 10].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(0..=19))]
+    guest_nice: Option<u8>,
+
     /// The guest's own budget per request, in milliseconds [default: 200].
     #[arg(long)]
     guest_deadline_ms: Option<u64>,
@@ -283,7 +289,8 @@ fn init_logging(
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let threads = ThreadLayout::from_flags(args.connection_threads, args.guest_threads);
+    let threads =
+        ThreadLayout::from_flags(args.connection_threads, args.guest_threads, args.guest_nice);
     let runtime = threads
         .connection_runtime()
         .context("cannot start the connections' runtime")?;
@@ -439,8 +446,8 @@ fn configure(
     if let Some(lines) = args.shed_lines_per_second {
         builder = builder.shed_lines_per_second(lines);
     }
-    if let Some(threads) = threads.guest_threads {
-        builder = builder.guest_threads(threads);
+    if let Some(count) = threads.guest_threads {
+        builder = builder.guest_threads(count).guest_nice(threads.guest_nice);
     }
     if let Some(profile) = args.profile {
         builder = builder.guest_profiler(match profile {

@@ -14,8 +14,27 @@
 //! them beside two guest threads on two cores served 6.5 % fewer requests
 //! at saturation than one runtime (six alternating rounds), one of them
 //! served as many (+2 %). The guest threads are one per core.
+//!
+//! The guest threads also run [`GUEST_NICE`] steps below the connections'
+//! priority. Even on a thread of its own, a connection thread that wakes
+//! while the guests fill both cores waits its turn beside them: in an open
+//! loop at twice capacity its 503s took 12-71 ms (p99). Below it, the
+//! guests give it a core at once (2-17 ms), and, as it sleeps most of the
+//! time, they lose little CPU to it.
 
 use std::num::NonZeroUsize;
+
+/// How many steps of nice the `fanout` binary lowers its guest threads by
+/// (`--guest-nice`), against its connection threads.
+///
+/// An open loop at 6,200 requests a second, twice what the 2-core AMD box
+/// answers with 50 ms upstreams, the host in a scheduling group of its own
+/// as in a container (five alternating windows each): 503s in 2.3-16.8 ms
+/// (p99) against 11.7-70.8 ms at 0, and 7-61 `queue_timeout` sheds a
+/// window against 70-494, for 1,923-2,708 2xx a second against
+/// 1,925-2,658. At 5 the 503s took as long as at 0 (32 and 35 ms), at 19
+/// the guests answered fewer (1,983 and 2,291).
+pub const GUEST_NICE: u8 = 10;
 
 /// The threads of the connections' runtime and of the guests'.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,16 +45,21 @@ pub struct ThreadLayout {
     /// Worker threads of the guests' own runtime; `None`: the guests run on
     /// the connections' runtime.
     pub guest_threads: Option<usize>,
+    /// Steps of nice the guest threads run below the connections' (see
+    /// [`GUEST_NICE`] and `FanoutBuilder::guest_nice`).
+    pub guest_nice: u8,
 }
 
 impl ThreadLayout {
     /// The default on a machine with `cores` CPUs: one connection thread per
-    /// four cores (at least one), and a guest thread per core.
+    /// four cores (at least one), and a guest thread per core,
+    /// [`GUEST_NICE`] below them.
     pub fn split(cores: usize) -> ThreadLayout {
         let cores = cores.max(1);
         ThreadLayout {
             connection_threads: (cores / 4).max(1),
             guest_threads: Some(cores),
+            guest_nice: GUEST_NICE,
         }
     }
 
@@ -44,14 +68,20 @@ impl ThreadLayout {
         ThreadLayout {
             connection_threads: cores.max(1),
             guest_threads: None,
+            guest_nice: 0,
         }
     }
 
     /// The layout from the flags: `guest_threads` 0 puts the guests on the
     /// connections' runtime; each count left out takes its default for
     /// this machine's CPUs (the cgroup's quota, if lower: see
-    /// [`std::thread::available_parallelism`]).
-    pub fn from_flags(connection_threads: Option<usize>, guest_threads: Option<usize>) -> Self {
+    /// [`std::thread::available_parallelism`]), and `guest_nice` left out
+    /// takes [`GUEST_NICE`].
+    pub fn from_flags(
+        connection_threads: Option<usize>,
+        guest_threads: Option<usize>,
+        guest_nice: Option<u8>,
+    ) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
         let default = match guest_threads {
             Some(0) => ThreadLayout::shared(cores),
@@ -62,6 +92,7 @@ impl ThreadLayout {
                 .filter(|n| *n > 0)
                 .unwrap_or(default.connection_threads),
             guest_threads: guest_threads.map_or(default.guest_threads, |n| (n > 0).then_some(n)),
+            guest_nice: guest_nice.unwrap_or(default.guest_nice),
         }
     }
 
@@ -85,7 +116,9 @@ mod tests {
             let ThreadLayout {
                 connection_threads,
                 guest_threads,
+                guest_nice,
             } = ThreadLayout::split(cores);
+            assert_eq!(guest_nice, GUEST_NICE);
             (connection_threads, guest_threads)
         };
         assert_eq!(layout(0), (1, Some(1)));
@@ -98,23 +131,24 @@ mod tests {
     fn flags_override_the_defaults() {
         let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
         assert_eq!(
-            ThreadLayout::from_flags(None, None),
+            ThreadLayout::from_flags(None, None, None),
             ThreadLayout::split(cores)
         );
         assert_eq!(
-            ThreadLayout::from_flags(None, Some(0)),
+            ThreadLayout::from_flags(None, Some(0), None),
             ThreadLayout::shared(cores),
             "0 guest threads: the old layout"
         );
         assert_eq!(
-            ThreadLayout::from_flags(Some(3), Some(5)),
+            ThreadLayout::from_flags(Some(3), Some(5), Some(0)),
             ThreadLayout {
                 connection_threads: 3,
-                guest_threads: Some(5)
+                guest_threads: Some(5),
+                guest_nice: 0,
             }
         );
         assert_eq!(
-            ThreadLayout::from_flags(Some(0), Some(0)).connection_threads,
+            ThreadLayout::from_flags(Some(0), Some(0), None).connection_threads,
             cores,
             "0 connection threads: the default"
         );

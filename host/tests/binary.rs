@@ -1,8 +1,8 @@
 //! The `fanout` binary as an operator runs it: OTLP export switched on by
 //! `OTEL_EXPORTER_OTLP_ENDPOINT`, spans flushed at a graceful shutdown,
 //! JSON log lines on stdout that the spans do not clutter and that a
-//! stalled reader cannot stall answers with, and the guest's code named
-//! for `perf` with `--profile`.
+//! stalled reader cannot stall answers with, the guest's code named for
+//! `perf` with `--profile`, and its guest threads below its connections'.
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -308,6 +308,73 @@ async fn profile_perfmap_names_the_guest_code_for_perf() -> Result<()> {
         map.lines().count(),
         map.lines().take(5).collect::<Vec<_>>()
     );
+    Ok(())
+}
+
+/// Each thread of process `pid` by name, with its nice value
+/// (`/proc/PID/task/TID/stat`: field 19, counted past the name in
+/// parentheses, which may hold spaces).
+#[cfg(target_os = "linux")]
+fn nice_by_thread(pid: u32) -> Result<Vec<(String, i32)>> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let stat = std::fs::read_to_string(task?.path().join("stat"))?;
+        let (name, rest) = stat
+            .split_once(" (")
+            .and_then(|(_, rest)| rest.rsplit_once(") "))
+            .context("a stat line")?;
+        let nice = rest.split(' ').nth(16).context("a nice field")?.parse()?;
+        threads.push((name.to_string(), nice));
+    }
+    Ok(threads)
+}
+
+/// The guests run below the connections (`--guest-nice`, 10 unless told),
+/// so that a connection thread gets a core at once when they fill them;
+/// the threads that accept, read and shed keep the process's priority.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_guest_threads_run_below_the_connections() -> Result<()> {
+    let ours = nice_by_thread(std::process::id())?
+        .into_iter()
+        .map(|(_, nice)| nice)
+        .min()
+        .context("a thread")?;
+    for (flags, below) in [
+        (&[][..], 10),
+        (&["--guest-nice", "3"][..], 3),
+        (&["--guest-nice", "0"][..], 0),
+    ] {
+        let fanout = start(None, flags).await?;
+        // Guest threads start with the runtime; a request makes sure.
+        assert_eq!(fanout.get("/products/7").await?, http::StatusCode::OK);
+        let threads = nice_by_thread(fanout.child.id().context("running")?)?;
+        fanout.stop().await?;
+        let guests: Vec<i32> = threads
+            .iter()
+            .filter(|(name, _)| name == "fanout-guest")
+            .map(|(_, nice)| *nice)
+            .collect();
+        assert!(!guests.is_empty(), "no guest threads in {threads:?}");
+        assert!(
+            guests.iter().all(|nice| *nice == (ours + below).min(19)),
+            "{flags:?}: guests at {guests:?}, expected {ours} + {below}"
+        );
+        let workers: Vec<i32> = threads
+            .iter()
+            .filter(|(name, _)| name == "tokio-rt-worker")
+            .map(|(_, nice)| *nice)
+            .collect();
+        assert!(!workers.is_empty(), "no connection threads in {threads:?}");
+        assert!(
+            workers.iter().all(|nice| *nice == ours),
+            "{flags:?}: connection threads at {workers:?}, expected {ours}"
+        );
+    }
+    // Past 19 there is no lower priority: clap's usage error.
+    let (status, stderr) = check(&["--guest-nice", "20"]).await?;
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--guest-nice"), "{stderr}");
     Ok(())
 }
 
