@@ -149,6 +149,10 @@ enum Command {
         /// lays its threads out, see `fanout_host::threads`).
         #[arg(long)]
         guest_threads: Option<usize>,
+        /// Steps of nice the guest threads run below the connections'
+        /// (default: as the `fanout` binary, `fanout_host::threads::GUEST_NICE`).
+        #[arg(long)]
+        guest_nice: Option<u8>,
         /// FANOUT_CONFIG JSON.
         #[arg(long)]
         guest_config: Option<String>,
@@ -201,9 +205,11 @@ fn main() -> Result<()> {
     // `fanout` as the binary runs it: its connections on a runtime of
     // their own, the guests on another.
     let threads = match &args.command {
-        Command::ServeFanout { guest_threads, .. } => {
-            Some(ThreadLayout::from_flags(None, *guest_threads))
-        }
+        Command::ServeFanout {
+            guest_threads,
+            guest_nice,
+            ..
+        } => Some(ThreadLayout::from_flags(None, *guest_threads, *guest_nice)),
         _ => None,
     };
     let runtime = match threads {
@@ -237,6 +243,7 @@ fn main() -> Result<()> {
             sequential,
             fixed,
             guest_threads: _,
+            guest_nice: _,
             guest_config,
             max_instances,
             cache_dir,
@@ -280,6 +287,7 @@ fn main() -> Result<()> {
                 cache_dir,
                 fixed,
                 guest_threads: threads.and_then(|threads| threads.guest_threads),
+                guest_nice: threads.map_or(0, |threads| threads.guest_nice),
                 identical: match (cache_ttl_ms, coalesce) {
                     (Some(ms), _) => servers::Identical::Cache {
                         ttl: Duration::from_millis(ms),

@@ -335,6 +335,8 @@ pub struct FanoutSetup {
     pub cache_dir: Option<std::path::PathBuf>,
     pub fixed: bool,
     pub guest_threads: Option<usize>,
+    /// Steps of nice the guest threads run below the connections'.
+    pub guest_nice: u8,
     pub identical: Identical,
     /// HTTPS upstreams: the CA to trust and the `http2` mode.
     pub tls: Option<(std::path::PathBuf, String)>,
@@ -356,6 +358,7 @@ pub fn fanout(setup: FanoutSetup) -> Result<fanout_host::Fanout> {
         cache_dir,
         fixed,
         guest_threads,
+        guest_nice,
         identical,
         tls,
         shed_all,
@@ -413,7 +416,7 @@ pub fn fanout(setup: FanoutSetup) -> Result<fanout_host::Fanout> {
         builder = builder.admission(fanout_host::AdmissionMode::Fixed);
     }
     if let Some(threads) = guest_threads {
-        builder = builder.guest_threads(threads);
+        builder = builder.guest_threads(threads).guest_nice(guest_nice);
     }
     match identical {
         Identical::CallEach => builder = builder.coalescing(false),
