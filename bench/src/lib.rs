@@ -50,9 +50,6 @@ pub enum Target {
     /// `fanout` with the guests on the connections' threads
     /// (`--guest-threads 0`, the layout before the split).
     FanoutSharedThreads,
-    /// `fanout` with its guest threads at the connections' priority
-    /// (`--guest-nice 0`, the layout before they were lowered).
-    FanoutGuestNice0,
     /// `fanout` with its telemetry on: JSON access logs and OTLP span
     /// export (measured at saturation, beside `fanout`).
     FanoutTelemetry,
@@ -96,7 +93,7 @@ impl Target {
     ];
 
     /// Every target a report may show, in table order.
-    pub const REPORTED: [Target; 13] = [
+    pub const REPORTED: [Target; 12] = [
         Target::Blocking,
         Target::FanoutSequential,
         Target::Fanout,
@@ -104,7 +101,6 @@ impl Target {
         Target::FanoutP3,
         Target::FanoutFixed,
         Target::FanoutSharedThreads,
-        Target::FanoutGuestNice0,
         Target::FanoutTelemetry,
         Target::Native,
         Target::WasmtimeServe,
@@ -119,7 +115,6 @@ impl Target {
             Target::Fanout => "fanout",
             Target::FanoutFixed => "fanout-fixed",
             Target::FanoutSharedThreads => "fanout-shared-threads",
-            Target::FanoutGuestNice0 => "fanout-guest-nice-0",
             Target::FanoutTelemetry => "fanout-telemetry",
             Target::FanoutCoalesce => "fanout-coalesce",
             Target::FanoutCache => "fanout-cache",
@@ -202,7 +197,6 @@ impl Harness {
             | Target::FanoutSequential
             | Target::FanoutFixed
             | Target::FanoutSharedThreads
-            | Target::FanoutGuestNice0
             | Target::FanoutTelemetry
             | Target::FanoutCoalesce
             | Target::FanoutCache
@@ -218,7 +212,6 @@ impl Harness {
                     Target::FanoutSequential => &["--sequential"],
                     Target::FanoutFixed => &["--fixed"],
                     Target::FanoutSharedThreads => &["--guest-threads", "0"],
-                    Target::FanoutGuestNice0 => &["--guest-nice", "0"],
                     Target::FanoutTelemetry => &["--telemetry"],
                     Target::FanoutCoalesce => &["--coalesce"],
                     Target::FanoutCache => &["--cache-ttl-ms", "1000"],
@@ -395,30 +388,17 @@ impl Harness {
         let plan = [
             (Target::Fanout, 1.0),
             (Target::Fanout, 2.0),
-            (Target::FanoutGuestNice0, 2.0),
             (Target::Native, 2.0),
             (Target::WasmtimeServe, 2.0),
             (Target::Fanout, 10.0),
         ];
         let upstreams = self.upstreams(delay).await?;
-        // Every target up at once (idle ones take no CPU) and the repeats
-        // taken in turns across the plan, as in `latency`: a slow stretch
-        // of the machine falls on all rows alike.
-        let mut processes: Vec<(Target, Process)> = Vec::new();
-        for (target, _) in plan {
-            if processes.iter().any(|(t, _)| *t == target) {
-                continue;
-            }
-            if let Some(process) = self.start(target, &upstreams).await? {
-                processes.push((target, process));
-            }
-        }
         let mut runs = Vec::new();
-        for repeat in 0..self.repeats {
-            for (target, times) in plan {
-                let Some((_, process)) = processes.iter().find(|(t, _)| *t == target) else {
-                    continue;
-                };
+        for (target, times) in plan {
+            let Some(process) = self.start(target, &upstreams).await? else {
+                continue;
+            };
+            for repeat in 0..self.repeats {
                 let window = Window {
                     scenario: "open-loop",
                     concurrency: 0,
@@ -435,18 +415,11 @@ impl Harness {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 let run = self
-                    .measure_open(window, capacity * times, target, process, &upstreams)
+                    .measure_open(window, capacity * times, target, &process, &upstreams)
                     .await;
                 eprintln!("{}", report::one_line(&run));
                 runs.push(run);
             }
-        }
-        // The report lists a target's rows together, in the plan's order.
-        runs.sort_by_key(|run| {
-            let first = plan.iter().position(|(t, _)| *t == run.target);
-            (first, run.load.offered_rps.unwrap_or_default() as u64)
-        });
-        for (_, process) in processes {
             process.stop().await;
         }
         upstreams.stop().await;

@@ -150,7 +150,7 @@ enum Command {
         #[arg(long)]
         guest_threads: Option<usize>,
         /// Steps of nice the guest threads run below the connections'
-        /// (default: as the `fanout` binary, `fanout_host::threads::GUEST_NICE`).
+        /// (`--guest-nice`; default: as the `fanout` binary, 0).
         #[arg(long)]
         guest_nice: Option<u8>,
         /// FANOUT_CONFIG JSON.

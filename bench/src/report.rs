@@ -273,9 +273,8 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(out, "# Benchmarks\n");
     let _ = writeln!(
         out,
-        "Measured {} on {} cores ({}), every target as its own process on loopback \
-         in a session of its own (so scheduled as one group against the load driver \
-         and the upstream simulator, as in a container), all in one run (a command below dated later re-measured its section then, \
+        "Measured {} on {} cores ({}), every target as its own process on loopback, \
+         all in one run (a command below dated later re-measured its section then, \
          and the ratios that use it, on the machine it names if another): absolute \
          numbers vary from machine to machine, the ratios are the result. The machine is shared and noisy: each cell is the median of \
          the repeats, with the spread (min–max) in brackets. The load driver keeps \
@@ -924,9 +923,7 @@ fn open_loop_section(out: &mut String, capacity: f64, runs: &[Run]) {
          slow server cannot hide its queue (no coordinated omission). The rates \
          are multiples of `fanout`'s own saturation rate measured in the same run: \
          {capacity:.0} rps. Goal at 2x: goodput at least 90 % of that, every non-2xx \
-         a 503 answered in under 5 ms. The windows are taken in turns across the rows; \
-         `fanout-guest-nice-0` is `fanout` with its guest threads at its connection \
-         threads' priority (`--guest-nice 0`).\n"
+         a 503 answered in under 5 ms.\n"
     );
     let _ = writeln!(
         out,

@@ -19,31 +19,8 @@ impl Process {
     /// Runs `exe args...` and waits for it to print where it listens:
     /// `listening on <addr>` on stdout, or wasmtime's `Serving HTTP on
     /// <url>` on stderr.
-    ///
-    /// Each runs in a session of its own. Linux schedules each session as
-    /// a group (autogroups, on by default) and the threads of a group
-    /// against each other: so a target competes with the load driver and
-    /// the upstream server as a whole, as it would in a container or on
-    /// a machine of its own, and the priorities among its own threads
-    /// (`--guest-nice`) mean within it what they mean there. In the
-    /// driver's session instead, a target's lowered guest threads would
-    /// yield to the driver's. Out of the driver's process group, a Ctrl-C
-    /// no longer reaches it: it is sent SIGTERM when the driver's thread
-    /// that started it ends instead.
     pub async fn start(name: &str, exe: &Path, args: &[String]) -> Result<Process> {
-        let mut command = Command::new(exe);
-        // SAFETY: setsid and prctl are async-signal-safe and touch nothing
-        // of the parent's.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::setsid() == -1 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = command
+        let mut child = Command::new(exe)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

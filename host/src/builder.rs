@@ -302,16 +302,15 @@ impl FanoutBuilder {
 
     /// Runs the [guest threads](Self::guest_threads) `nice` steps below the
     /// priority of the thread that builds them (Linux nice values: 19 is
-    /// the lowest; elsewhere this does nothing). 0, the library's default,
-    /// leaves them at it.
+    /// the lowest; elsewhere this does nothing). 0, the default, leaves
+    /// them at it.
     ///
-    /// Within the process's own scheduling group (a container's cgroup, a
-    /// session's autogroup) a waking connection thread then takes a core
-    /// from guest work at once, so sheds, `/healthz` and new requests are
-    /// read on time while the guests fill the CPU. The guests lose no CPU
-    /// to the connections that those would not have taken anyway, but
-    /// they do yield to other busy processes in the same group: the
-    /// `fanout` binary lowers them by 10 (see [`threads`](crate::threads)).
+    /// A connection thread that wakes while the guests fill the cores then
+    /// takes one at once, so sheds and new requests are read on time. The
+    /// cost: when the host gets no more than its share of the CPU, the
+    /// connection thread's work (sheds by the thousand) comes first and the
+    /// guests answer fewer, and the guests yield to every busy process in
+    /// their scheduling group. Measured both ways in [`threads`](crate::threads).
     pub fn guest_nice(mut self, nice: u8) -> Self {
         self.guest_nice = nice;
         self

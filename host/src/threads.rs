@@ -15,26 +15,28 @@
 //! at saturation than one runtime (six alternating rounds), one of them
 //! served as many (+2 %). The guest threads are one per core.
 //!
-//! The guest threads also run [`GUEST_NICE`] steps below the connections'
-//! priority. Even on a thread of its own, a connection thread that wakes
-//! while the guests fill both cores waits its turn beside them: in an open
-//! loop at twice capacity its 503s took 12-71 ms (p99). Below it, the
-//! guests give it a core at once (2-17 ms), and, as it sleeps most of the
-//! time, they lose little CPU to it.
+//! The guest threads can also run below the connections' priority
+//! (`--guest-nice N`, [`FanoutBuilder::guest_nice`](crate::FanoutBuilder::guest_nice)),
+//! off by default: measured both ways, it helped or hurt with how much
+//! else wanted the CPU. An open loop at twice capacity (6,200 requests a
+//! second on the 2-core AMD box, 50 ms upstreams):
+//!
+//! - The host in a scheduling group of its own, the load generator and
+//!   the upstreams together in another (five alternating windows each):
+//!   with the guests 10 below, the 503s took 2.3-16.8 ms (p99) against
+//!   11.7-70.8 ms, for as many 2xx (1,923-2,708 a second against
+//!   1,925-2,658). 5 below did nothing for the 503s; 19 below cost 2xx.
+//! - The host, the load generator and the upstreams each in a group of
+//!   their own (`fanout-bench open-loop`, three windows each): 10 below
+//!   answered fewer 2xx (1,723-2,468 against 2,191-2,780), with 157 and
+//!   394 504s in two of the windows (at most 25 at one priority), and the
+//!   503s were not faster (5.7-222 ms against 15-24 ms).
+//!   Squeezed to its group's share, the host gave the connection thread,
+//!   busy with 5,000 sheds a second, the CPU the guests needed.
+//! - In one group with the load generator, the guests yield to it too:
+//!   13 % fewer 2xx (two windows each).
 
 use std::num::NonZeroUsize;
-
-/// How many steps of nice the `fanout` binary lowers its guest threads by
-/// (`--guest-nice`), against its connection threads.
-///
-/// An open loop at 6,200 requests a second, twice what the 2-core AMD box
-/// answers with 50 ms upstreams, the host in a scheduling group of its own
-/// as in a container (five alternating windows each): 503s in 2.3-16.8 ms
-/// (p99) against 11.7-70.8 ms at 0, and 7-61 `queue_timeout` sheds a
-/// window against 70-494, for 1,923-2,708 2xx a second against
-/// 1,925-2,658. At 5 the 503s took as long as at 0 (32 and 35 ms), at 19
-/// the guests answered fewer (1,983 and 2,291).
-pub const GUEST_NICE: u8 = 10;
 
 /// The threads of the connections' runtime and of the guests'.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,20 +48,20 @@ pub struct ThreadLayout {
     /// the connections' runtime.
     pub guest_threads: Option<usize>,
     /// Steps of nice the guest threads run below the connections' (see
-    /// [`GUEST_NICE`] and `FanoutBuilder::guest_nice`).
+    /// `FanoutBuilder::guest_nice`); 0: one priority.
     pub guest_nice: u8,
 }
 
 impl ThreadLayout {
     /// The default on a machine with `cores` CPUs: one connection thread per
-    /// four cores (at least one), and a guest thread per core,
-    /// [`GUEST_NICE`] below them.
+    /// four cores (at least one), and a guest thread per core, at their
+    /// priority.
     pub fn split(cores: usize) -> ThreadLayout {
         let cores = cores.max(1);
         ThreadLayout {
             connection_threads: (cores / 4).max(1),
             guest_threads: Some(cores),
-            guest_nice: GUEST_NICE,
+            guest_nice: 0,
         }
     }
 
@@ -76,7 +78,7 @@ impl ThreadLayout {
     /// connections' runtime; each count left out takes its default for
     /// this machine's CPUs (the cgroup's quota, if lower: see
     /// [`std::thread::available_parallelism`]), and `guest_nice` left out
-    /// takes [`GUEST_NICE`].
+    /// is 0.
     pub fn from_flags(
         connection_threads: Option<usize>,
         guest_threads: Option<usize>,
@@ -118,7 +120,7 @@ mod tests {
                 guest_threads,
                 guest_nice,
             } = ThreadLayout::split(cores);
-            assert_eq!(guest_nice, GUEST_NICE);
+            assert_eq!(guest_nice, 0);
             (connection_threads, guest_threads)
         };
         assert_eq!(layout(0), (1, Some(1)));
@@ -140,11 +142,11 @@ mod tests {
             "0 guest threads: the old layout"
         );
         assert_eq!(
-            ThreadLayout::from_flags(Some(3), Some(5), Some(0)),
+            ThreadLayout::from_flags(Some(3), Some(5), Some(10)),
             ThreadLayout {
                 connection_threads: 3,
                 guest_threads: Some(5),
-                guest_nice: 0,
+                guest_nice: 10,
             }
         );
         assert_eq!(
