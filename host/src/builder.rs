@@ -306,11 +306,10 @@ impl FanoutBuilder {
     /// them at it.
     ///
     /// A connection thread that wakes while the guests fill the cores then
-    /// takes one at once, so sheds and new requests are read on time. The
-    /// cost: when the host gets no more than its share of the CPU, the
-    /// connection thread's work (sheds by the thousand) comes first and the
-    /// guests answer fewer, and the guests yield to every busy process in
-    /// their scheduling group. Measured both ways in [`threads`](crate::threads).
+    /// takes one at once, so sheds and new requests are read on time. But
+    /// the guests also yield to every busy process in their scheduling
+    /// group, and in one of the two overloads measured they answered fewer
+    /// on as much CPU: see [`threads`](crate::threads).
     pub fn guest_nice(mut self, nice: u8) -> Self {
         self.guest_nice = nice;
         self

@@ -27,12 +27,13 @@
 //!   11.7-70.8 ms, for as many 2xx (1,923-2,708 a second against
 //!   1,925-2,658). 5 below did nothing for the 503s; 19 below cost 2xx.
 //! - The host, the load generator and the upstreams each in a group of
-//!   their own (`fanout-bench open-loop`, three windows each): 10 below
+//!   their own (`fanout-bench open-loop` with each server started in a
+//!   session of its own, a harness change tried and reverted; three
+//!   windows each): 10 below
 //!   answered fewer 2xx (1,723-2,468 against 2,191-2,780), with 157 and
 //!   394 504s in two of the windows (at most 25 at one priority), and the
-//!   503s were not faster (5.7-222 ms against 15-24 ms).
-//!   Squeezed to its group's share, the host gave the connection thread,
-//!   busy with 5,000 sheds a second, the CPU the guests needed.
+//!   503s were not faster (5.7-222 ms against 15-24 ms), on as much CPU
+//!   (1.24-1.34 cores either way). Why, these windows do not tell.
 //! - In one group with the load generator, the guests yield to it too:
 //!   13 % fewer 2xx (two windows each).
 
