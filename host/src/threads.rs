@@ -33,7 +33,7 @@
 //!   answered fewer 2xx (1,723-2,468 against 2,191-2,780), with 157 and
 //!   394 504s in two of the windows (at most 25 at one priority), and the
 //!   503s were not faster (5.7-222 ms against 15-24 ms), on as much CPU
-//!   (1.24-1.34 cores either way). Why, these windows do not tell.
+//!   (1.24-1.31 cores either way). Why, these windows do not tell.
 //! - In one group with the load generator, the guests yield to it too:
 //!   13 % fewer 2xx (two windows each).
 
