@@ -190,6 +190,7 @@ async fn concurrent_requests_share_the_pool_and_leave_it_whole() -> Result<()> {
         async move { host.get(&format!("/burn?{}", i * 100)).await }
     });
     let answers = futures_util::future::join_all(asks).await;
+    let mut ran = 0;
     for answer in answers {
         let answer = answer?;
         assert!(
@@ -198,14 +199,18 @@ async fn concurrent_requests_share_the_pool_and_leave_it_whole() -> Result<()> {
             answer.status,
             answer.json
         );
+        ran += u64::from(answer.status == StatusCode::OK);
     }
     let stats = host.settled_stats().await;
     assert_eq!(stats.instances_in_use, 0);
-    // 200 requests at most 16 to an instance need at least 13 of them;
-    // one per request would be 200.
+    // The 503s were shed before they reached an instance: on a slow
+    // machine the line's second does not hold all 200 behind four
+    // instances. `ran` requests at most 16 to an instance need at least
+    // ran / 16 of them; one per request would be `ran`.
+    assert!(ran >= 32, "only {ran} of 200 ran: nothing to tell reuse by");
     assert!(
-        (13..200).contains(&stats.instantiations),
-        "{}",
+        (ran.div_ceil(16)..ran).contains(&stats.instantiations),
+        "{} instances for {ran} requests",
         stats.instantiations
     );
     let idle = host
