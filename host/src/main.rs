@@ -4,7 +4,7 @@
 //! upstreams answered in-process.
 
 use anyhow::{Context, Result};
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
 use fanout_guest::protocol::{ENV_CONFIG, ENV_DEADLINE_MS};
 use fanout_host::config::{FileConfig, LogFormat};
 use fanout_host::stdout_log::WorkerGuard;
@@ -290,6 +290,16 @@ fn init_logging(
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    // On the connections' threads there are no guest threads to lower:
+    // said, rather than ignored.
+    if args.guest_threads == Some(0) && args.guest_nice.is_some_and(|n| n > 0) {
+        Args::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--guest-nice lowers the guests' own threads, and --guest-threads 0 runs them on the connections'",
+            )
+            .exit();
+    }
     let threads =
         ThreadLayout::from_flags(args.connection_threads, args.guest_threads, args.guest_nice);
     let runtime = threads

@@ -350,31 +350,39 @@ async fn guest_nice_lowers_the_guest_threads_alone() -> Result<()> {
         assert_eq!(fanout.get("/products/7").await?, http::StatusCode::OK);
         let threads = nice_by_thread(fanout.child.id().context("running")?)?;
         fanout.stop().await?;
-        let guests: Vec<i32> = threads
-            .iter()
-            .filter(|(name, _)| name == "fanout-guest")
-            .map(|(_, nice)| *nice)
-            .collect();
+        let nice_of = |wanted: &str| -> Vec<i32> {
+            threads
+                .iter()
+                .filter(|(name, _)| name == wanted)
+                .map(|(_, nice)| *nice)
+                .collect()
+        };
+        let guests = nice_of("fanout-guest");
         assert!(!guests.is_empty(), "no guest threads in {threads:?}");
         assert!(
             guests.iter().all(|nice| *nice == (ours + below).min(19)),
             "{flags:?}: guests at {guests:?}, expected {ours} + {below}"
         );
-        let workers: Vec<i32> = threads
-            .iter()
-            .filter(|(name, _)| name == "tokio-rt-worker")
-            .map(|(_, nice)| *nice)
-            .collect();
+        let workers = nice_of("tokio-rt-worker");
         assert!(!workers.is_empty(), "no connection threads in {threads:?}");
         assert!(
             workers.iter().all(|nice| *nice == ours),
             "{flags:?}: connection threads at {workers:?}, expected {ours}"
         );
     }
-    // Past 19 there is no lower priority: clap's usage error.
-    let (status, stderr) = check(&["--guest-nice", "20"]).await?;
-    assert_eq!(status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("--guest-nice"), "{stderr}");
+    // Past 19 there is no lower priority, and with the guests on the
+    // connections' threads no threads of theirs: clap's usage errors.
+    for flags in [
+        &["--guest-nice", "20"][..],
+        &["--guest-nice", "5", "--guest-threads", "0"][..],
+    ] {
+        let (status, stderr) = check(flags).await?;
+        assert_eq!(status.code(), Some(2), "{flags:?}: {stderr}");
+        assert!(stderr.contains("--guest-nice"), "{flags:?}: {stderr}");
+    }
+    // 0 with 0 asks for nothing to be lowered: accepted.
+    let (status, stderr) = check(&["--guest-nice", "0", "--guest-threads", "0"]).await?;
+    assert!(status.success(), "{stderr}");
     Ok(())
 }
 
