@@ -1259,7 +1259,9 @@ fn overload_section(out: &mut String, runs: &[Run], saturation: f64, saturation_
     let _ = writeln!(
         out,
         "\nAn *ignore* client's 503s, once the sheds its host's answers earned \
-         are spent, are held on its connection: a second after its last, longer \
+         are spent, are held on its connection (from the host's first probe on, \
+         about a second into the load, whatever is left of those: it has seen \
+         the clients re-send at once): a second after its last, longer \
          when many are held against few answers (held clients come back, all \
          together, no faster than the host answers; 5 s at most). The *ignore* \
          rows' non-2xx p99 is that hold."

@@ -23,9 +23,10 @@ pub(crate) struct Connection {
 impl Connection {
     /// Holds a shed answer on this connection when the client came back
     /// sooner than the previous shed's `Retry-After` ([`RETRY_AFTER`])
-    /// asked, `admission`'s [`FastSheds`] have no token left and holding
-    /// slows the load at all ([`PacingProbe`], told the `connections`
-    /// open); returns whether it held it. The hold, counted from the
+    /// asked and holding slows the load at all ([`PacingProbe`], told the
+    /// `connections` open), unless a token of `admission`'s [`FastSheds`]
+    /// is left and the probe has not seen the load re-send; returns
+    /// whether it held it. The hold, counted from the
     /// previous shed, is `Retry-After`, longer when many are held (see
     /// [`HeldSheds`]), and ends when `released` turns true (the server is
     /// stopping) or holds go off.
@@ -37,7 +38,9 @@ impl Connection {
     /// next 503 when it should have asked, or later, while a client that
     /// honours `Retry-After`, or a new one, is answered at once. So is an
     /// open-loop load's pooled connection, while earned sheds last, and
-    /// always once the probe has seen that holds do not slow it.
+    /// always once the probe has seen that holds do not slow it. Once the
+    /// probe has seen the load re-send, earned sheds are not spent on it:
+    /// each would only bring the next request at once.
     ///
     /// [`FastSheds`]: crate::admission::FastSheds
     /// [`HeldSheds`]: crate::admission::HeldSheds
@@ -54,8 +57,14 @@ impl Connection {
         let hold = {
             let mut last = self.last_shed.lock().unwrap_or_else(|e| e.into_inner());
             let hold = match pacing {
-                Pacing::Hold(release) => last
-                    .filter(|shed| *shed + RETRY_AFTER > now && !admission.fast_sheds().try_take())
+                Pacing::Hold {
+                    release,
+                    fast_sheds,
+                } => last
+                    .filter(|shed| {
+                        *shed + RETRY_AFTER > now
+                            && !(fast_sheds && admission.fast_sheds().try_take())
+                    })
                     .map(|shed| {
                         let rate = admission.answers_per_second();
                         (shed + admission.held_sheds().next_hold(rate), release)
@@ -222,6 +231,50 @@ mod tests {
         assert!(
             connection.pace_shed(&admission, 1, &released).await,
             "no token left: held"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn once_the_load_re_sends_a_client_back_too_soon_is_held_whatever_tokens_are_left() {
+        let connection = Connection::default();
+        let admission = Admission::fixed(4);
+        let stopping = tokio::sync::watch::channel(false).0;
+        let released = stopping.subscribe();
+        // Re-senders, as the probe sees them: five arrivals a millisecond
+        // while sheds are held, twenty while answered at once, until its
+        // first verdict (after 1.25 s).
+        let start = Instant::now();
+        let mut ms = 0;
+        loop {
+            let now = start.into_std() + Duration::from_millis(ms);
+            let arrivals = match admission.pacing().shed(now, 1) {
+                Pacing::Hold {
+                    fast_sheds: false, ..
+                } => break,
+                Pacing::Hold { .. } => 5,
+                Pacing::AtOnce => 20,
+            };
+            assert!(ms < 2_000, "no verdict after {ms} ms");
+            for _ in 0..arrivals {
+                admission.pacing().arrived();
+            }
+            ms += 1;
+        }
+        tokio::time::advance(Duration::from_millis(ms)).await;
+        assert!(
+            !connection.pace_shed(&admission, 1, &released).await,
+            "the first shed goes at once"
+        );
+        tokio::time::advance(Duration::from_millis(10)).await;
+        let t0 = tokio::time::Instant::now();
+        assert!(
+            connection.pace_shed(&admission, 1, &released).await,
+            "back after 10 ms: held"
+        );
+        assert!(t0.elapsed() >= RETRY_AFTER - Duration::from_millis(10));
+        assert!(
+            admission.fast_sheds().try_take(),
+            "held with the bucket still full"
         );
     }
 

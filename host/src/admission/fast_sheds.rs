@@ -9,7 +9,10 @@
 //! fast, turn every CPU into 503s. Each answer the host gives earns
 //! [`FAST_SHEDS_PER_ANSWER`] sheds at once; beyond them, a connection that
 //! came back sooner than `Retry-After` asked waits for its 503 (see
-//! `Connection::pace_shed`).
+//! `Connection::pace_shed`). None are spent once the pacing probe has seen
+//! the load re-send at once: until the probe's first verdict, the bucket is
+//! what keeps an open loop's 503s fast, but a re-sender answered on a token
+//! is only back at once for the next shed.
 //!
 //! Tied to answers, not to a rate: the CPU share sheds may take is then
 //! their cost against an answer's (two of 35 µs against ~1 ms on the

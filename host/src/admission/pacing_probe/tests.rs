@@ -29,18 +29,51 @@ const OPEN_LOOP: Load = Load {
 /// Drives `probe` one shed a millisecond from `from` for `length` under
 /// `load`; returns, per millisecond, whether the shed was held.
 fn drive(probe: &PacingProbe, from: Instant, length: Duration, load: Load) -> Vec<bool> {
-    let mut held = Vec::new();
+    paced(probe, from, length, load)
+        .iter()
+        .map(|pacing| matches!(pacing, Pacing::Hold { .. }))
+        .collect()
+}
+
+/// As [`drive`], returning what each shed was told.
+fn paced(probe: &PacingProbe, from: Instant, length: Duration, load: Load) -> Vec<Pacing> {
+    let mut paced = Vec::new();
     let mut at = Duration::ZERO;
     while at < length {
-        let holding = matches!(probe.shed(from + at, load.connections), Pacing::Hold(_));
-        let arrivals = if holding { load.holding } else { load.at_once };
+        let pacing = probe.shed(from + at, load.connections);
+        let arrivals = match pacing {
+            Pacing::Hold { .. } => load.holding,
+            Pacing::AtOnce => load.at_once,
+        };
         for _ in 0..arrivals {
             probe.arrived();
         }
-        held.push(holding);
+        paced.push(pacing);
         at += MS(1);
     }
-    held
+    paced
+}
+
+/// Held, and answered at once on an earned token if one is left.
+fn token_spent(pacing: &Pacing) -> bool {
+    matches!(
+        pacing,
+        Pacing::Hold {
+            fast_sheds: true,
+            ..
+        }
+    )
+}
+
+/// Held whatever tokens are left.
+fn tokens_kept(pacing: &Pacing) -> bool {
+    matches!(
+        pacing,
+        Pacing::Hold {
+            fast_sheds: false,
+            ..
+        }
+    )
 }
 
 /// Whether `future` is ready at once.
@@ -61,7 +94,7 @@ fn trials(held: &[bool]) -> Vec<usize> {
 fn re_senders_stay_held_and_are_probed_ever_more_rarely() {
     let probe = PacingProbe::default();
     let t0 = Instant::now();
-    let Pacing::Hold(release) = probe.shed(t0, 0) else {
+    let Pacing::Hold { release, .. } = probe.shed(t0, 0) else {
         panic!("holding at first")
     };
     let held = drive(&probe, t0 + MS(1), Duration::from_secs(20), RE_SENDERS);
@@ -99,7 +132,7 @@ fn re_senders_stay_held_and_are_probed_ever_more_rarely() {
 fn an_open_loop_is_answered_at_once_after_three_votes_and_its_held_sheds_go_out() {
     let probe = PacingProbe::default();
     let t0 = Instant::now();
-    let Pacing::Hold(release) = probe.shed(t0, 0) else {
+    let Pacing::Hold { release, .. } = probe.shed(t0, 0) else {
         panic!("holding at first")
     };
     let waiting = probe.released(release);
@@ -137,7 +170,7 @@ fn a_trial_of_holds_that_fails_releases_what_it_held() {
     // at once, then holds for 50 ms.
     let mut release = None;
     for ms in 3_700..4_300 {
-        if let Pacing::Hold(r) = probe.shed(t0 + MS(ms), 0) {
+        if let Pacing::Hold { release: r, .. } = probe.shed(t0 + MS(ms), 0) {
             release.get_or_insert(r);
         }
         for _ in 0..OPEN_LOOP.holding {
@@ -182,7 +215,7 @@ fn after_a_calm_it_starts_again_holding() {
     assert_eq!(probe.shed(later, 0), Pacing::AtOnce);
     // Quiet for CALM: holding again, the first probe as at the start.
     let much_later = later + CALM;
-    assert!(matches!(probe.shed(much_later, 0), Pacing::Hold(_)));
+    assert!(matches!(probe.shed(much_later, 0), Pacing::Hold { .. }));
     assert!(probe.holding());
     let held = drive(&probe, much_later + MS(1), MS(1_400), RE_SENDERS);
     assert_eq!(trials(&held), vec![1_249]);
@@ -239,4 +272,60 @@ fn a_trial_of_holds_lasts_as_long_as_the_connections_take_to_send_one_each() {
     let held = drive(&probe, t0, Duration::from_secs(2), load);
     assert_eq!(trials(&held)[0], 1_250);
     assert_eq!(held[1_250..].iter().take_while(|h| !**h).count(), 50);
+}
+
+#[test]
+fn re_senders_get_no_earned_sheds_from_the_first_verdict_until_a_calm() {
+    let probe = PacingProbe::default();
+    let t0 = Instant::now();
+    let seen = paced(&probe, t0, Duration::from_secs(10), RE_SENDERS);
+    // Tokens may be spent until the first probe's trial of sheds at once
+    // (from 1,250 ms) ends, at the first shed after 18 or 19 ms...
+    let verdict = seen.iter().position(tokens_kept).expect("a verdict");
+    assert!((1_268..=1_270).contains(&verdict), "{verdict}");
+    assert!(seen[..1_250].iter().all(token_spent));
+    // ...and never after it: each later probe sees the same, and between
+    // its trials of sheds at once every shed is held.
+    assert!(!seen[verdict..].iter().any(token_spent));
+    let held = seen[verdict..].iter().filter(|p| tokens_kept(p)).count();
+    assert!(held >= 10_000 - verdict - 4 * 19, "{held}");
+    // After a calm, the first probe starts afresh, and so do the tokens.
+    let later = t0 + Duration::from_secs(10) + CALM;
+    assert!(token_spent(&probe.shed(later, 0)));
+}
+
+#[test]
+fn an_open_loop_is_never_refused_its_earned_sheds() {
+    let probe = PacingProbe::default();
+    let t0 = Instant::now();
+    let seen = paced(&probe, t0, Duration::from_secs(10), OPEN_LOOP);
+    assert!(!seen.iter().any(tokens_kept));
+    assert!(seen[..1_250].iter().all(token_spent));
+}
+
+#[test]
+fn re_senders_that_turn_into_an_open_loop_get_earned_sheds_at_the_next_probe() {
+    let probe = PacingProbe::default();
+    let t0 = Instant::now();
+    // Re-senders for 3 s: the probes' trials at 1,250 and 2,769 ms saw
+    // them.
+    let seen = paced(&probe, t0, Duration::from_secs(3), RE_SENDERS);
+    assert!(tokens_kept(seen.last().unwrap()));
+    // Then an open loop: the next probe's trial (at 4,788 ms, 50 ms of
+    // sheds at once) is a vote for holds off, and from its end the load
+    // no longer counts as re-sending.
+    let seen = paced(
+        &probe,
+        t0 + Duration::from_secs(3),
+        Duration::from_secs(3),
+        OPEN_LOOP,
+    );
+    let trial = seen
+        .iter()
+        .position(|p| *p == Pacing::AtOnce)
+        .expect("a trial");
+    assert_eq!(trial, 1_788);
+    assert!(seen[..trial].iter().all(tokens_kept));
+    assert_eq!(seen[trial + 50..].iter().position(token_spent), Some(0));
+    assert!(probe.holding(), "one vote is not enough");
 }
