@@ -62,18 +62,7 @@ impl wasip3::exports::http::handler::Guest for Handler {
 
 /// The request as [`serve`] reads it.
 fn incoming(request: &Request) -> Incoming {
-    let method = match request.get_method() {
-        Method::Get => "GET".to_string(),
-        Method::Head => "HEAD".to_string(),
-        Method::Post => "POST".to_string(),
-        Method::Put => "PUT".to_string(),
-        Method::Delete => "DELETE".to_string(),
-        Method::Connect => "CONNECT".to_string(),
-        Method::Options => "OPTIONS".to_string(),
-        Method::Trace => "TRACE".to_string(),
-        Method::Patch => "PATCH".to_string(),
-        Method::Other(other) => other,
-    };
+    let method = fanout_guest::method_name!(Method, request.get_method());
     Incoming::new(
         method,
         request.get_path_with_query(),

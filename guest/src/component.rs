@@ -52,18 +52,7 @@ wasip2::http::proxy::export!(Handler with_types_in wasip2);
 
 /// The request as [`serve`](crate::serve) reads it.
 fn incoming(request: &IncomingRequest) -> Incoming {
-    let method = match request.method() {
-        Method::Get => "GET".to_string(),
-        Method::Head => "HEAD".to_string(),
-        Method::Post => "POST".to_string(),
-        Method::Put => "PUT".to_string(),
-        Method::Delete => "DELETE".to_string(),
-        Method::Connect => "CONNECT".to_string(),
-        Method::Options => "OPTIONS".to_string(),
-        Method::Trace => "TRACE".to_string(),
-        Method::Patch => "PATCH".to_string(),
-        Method::Other(other) => other,
-    };
+    let method = crate::method_name!(Method, request.method());
     Incoming::new(
         method,
         request.path_with_query(),

@@ -327,6 +327,27 @@ macro_rules! set_get_target {
     }};
 }
 
+/// The name of `$method`, a request method of either `wasi:http` version
+/// (`Method` named by `$Method` in the caller's scope), as [`Incoming`]
+/// takes it. A macro for the same reason as [`upstream_failure!`].
+#[macro_export]
+macro_rules! method_name {
+    ($Method:ident, $method:expr) => {
+        match $method {
+            $Method::Get => "GET".to_string(),
+            $Method::Head => "HEAD".to_string(),
+            $Method::Post => "POST".to_string(),
+            $Method::Put => "PUT".to_string(),
+            $Method::Delete => "DELETE".to_string(),
+            $Method::Connect => "CONNECT".to_string(),
+            $Method::Options => "OPTIONS".to_string(),
+            $Method::Trace => "TRACE".to_string(),
+            $Method::Patch => "PATCH".to_string(),
+            $Method::Other(other) => other,
+        }
+    };
+}
+
 /// Adds `chunk` to an upstream's body read so far, refusing a body larger
 /// than [`MAX_UPSTREAM_BODY`].
 pub fn append_chunk(bytes: &mut Vec<u8>, chunk: &[u8]) -> Result<(), UpstreamFailure> {
