@@ -822,9 +822,14 @@ pub struct Soak {
     pub load: LoadResult,
     /// Requests whose client hung up 20 ms in.
     pub hangups: u64,
-    /// Resident memory when the measured window opened and when it closed.
+    /// Resident memory when the measured window opened and when it closed
+    /// (the last sample taken under load).
     pub rss_start_bytes: u64,
     pub rss_end_bytes: u64,
+    /// Resident memory once the load's clients had all been answered and
+    /// gone: the host gives back what the crowd took.
+    #[serde(default)]
+    pub rss_after_bytes: u64,
     /// RSS every 10 s of the window, from its start.
     #[serde(default)]
     pub rss_per_10s: Vec<u64>,
@@ -915,13 +920,17 @@ impl Harness {
             driver::Backoff::None,
         )
         .await;
-        let rss_end = process.rss();
+        // Read here, the clients are gone and the host has given back what
+        // they took (30 MiB of 180 once on the AMD box): the window's end
+        // is its last sample, taken under load.
+        let rss_after = process.rss();
         stop.store(true, Ordering::Relaxed);
         for quitter in quitters {
             let _ = quitter.await;
         }
         let (rss_start, fds_start) = at_start.await.unwrap_or_default();
         let rss_per_10s = sampler.await.unwrap_or_default();
+        let rss_end = rss_per_10s.last().copied().unwrap_or(rss_after);
         // Once the clients are gone and the upstream pool's idle
         // connections have timed out, what is open should be what was open
         // before the load. hyper-util's pool reaps idle connections on a
@@ -937,6 +946,7 @@ impl Harness {
             hangups: hangups.load(Ordering::Relaxed),
             rss_start_bytes: rss_start,
             rss_end_bytes: rss_end,
+            rss_after_bytes: rss_after,
             rss_per_10s,
             fds_idle,
             fds_start,

@@ -1025,6 +1025,13 @@ fn soak_section(out: &mut String, s: &crate::Soak) {
             growth(half, s.rss_end_bytes)
         );
     }
+    if s.rss_after_bytes > 0 {
+        let _ = writeln!(
+            out,
+            "| RSS once the clients were answered and gone | {:.1} MiB |",
+            mib(s.rss_after_bytes)
+        );
+    }
     let per_10s: Vec<String> = s
         .rss_per_10s
         .iter()
