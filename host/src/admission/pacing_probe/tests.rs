@@ -138,13 +138,14 @@ fn an_open_loop_is_answered_at_once_after_three_votes_and_its_held_sheds_go_out(
     let waiting = probe.released(release);
     let held = drive(&probe, t0 + MS(1), Duration::from_secs(20), OPEN_LOOP);
     assert!(!probe.holding());
-    // Three trials of sheds at once, each after a second measured with
-    // holds (at 1,250, 2,400 and 3,550 ms), each a vote for holds off; off
+    // Three trials of sheds at once, each a vote for holds off: the first
+    // after a second measured with holds (at 1,250 ms), the next two 300 ms
+    // apart (100 ms settling, 150 measuring with holds, 50 trying); off
     // from the third on but in the later probes' trials of holds, ever
     // more rarely.
-    assert_eq!(&trials(&held)[..3], &[1_249, 2_399, 3_549]);
-    assert!(held[3_599..].iter().take(500).all(|h| !*h));
-    let after = held[3_549..].iter().filter(|h| **h).count();
+    assert_eq!(&trials(&held)[..3], &[1_249, 1_549, 1_849]);
+    assert!(held[1_899..].iter().take(500).all(|h| !*h));
+    let after = held[1_849..].iter().filter(|h| **h).count();
     assert!(after <= 50 * 5, "{after} ms of holds in the trials");
     assert!(ready(waiting), "the held sheds were not released");
 }
@@ -164,12 +165,12 @@ fn one_vote_is_not_enough() {
 fn a_trial_of_holds_that_fails_releases_what_it_held() {
     let probe = PacingProbe::default();
     let t0 = Instant::now();
-    drive(&probe, t0, MS(3_700), OPEN_LOOP);
+    drive(&probe, t0, MS(2_000), OPEN_LOOP);
     assert!(!probe.holding());
-    // The next probe, 500 ms after the verdict at 3,600 ms: measures sheds
+    // The next probe, 500 ms after the verdict at 1,900 ms: measures sheds
     // at once, then holds for 50 ms.
     let mut release = None;
-    for ms in 3_700..4_300 {
+    for ms in 2_000..2_600 {
         if let Pacing::Hold { release: r, .. } = probe.shed(t0 + MS(ms), 0) {
             release.get_or_insert(r);
         }
@@ -207,11 +208,11 @@ fn a_load_that_turns_into_re_senders_is_held_again_at_the_next_probe() {
 fn after_a_calm_it_starts_again_holding() {
     let probe = PacingProbe::default();
     let t0 = Instant::now();
-    // Off at 3,600 ms, a trial of holds from 4,100 to 4,150 ms.
-    drive(&probe, t0, MS(4_400), OPEN_LOOP);
+    // Off at 1,900 ms, a trial of holds from 2,400 to 2,450 ms.
+    drive(&probe, t0, MS(2_700), OPEN_LOOP);
     assert!(!probe.holding());
     // Quiet for less than CALM: still off.
-    let later = t0 + MS(4_400) + CALM - MS(10);
+    let later = t0 + MS(2_700) + CALM - MS(10);
     assert_eq!(probe.shed(later, 0), Pacing::AtOnce);
     // Quiet for CALM: holding again, the first probe as at the start.
     let much_later = later + CALM;
@@ -248,11 +249,11 @@ fn a_trial_of_holds_lasts_as_long_as_the_connections_take_to_send_one_each() {
     };
     let held = drive(&probe, t0, Duration::from_secs(5), load);
     assert!(!probe.holding());
-    // Off at 3,600 ms; the next probe measures from 3,850 to 4,100 ms,
+    // Off at 1,900 ms; the next probe measures from 2,150 to 2,400 ms,
     // then holds for 200 ms.
-    assert!(held[3_600..4_100].iter().all(|h| !*h));
-    assert!(held[4_100..4_300].iter().all(|h| *h));
-    assert!(!held[4_300]);
+    assert!(held[1_900..2_400].iter().all(|h| !*h));
+    assert!(held[2_400..2_600].iter().all(|h| *h));
+    assert!(!held[2_600]);
     // At most PROBE's longest.
     let probe = PacingProbe::default();
     let load = Load {
@@ -260,7 +261,7 @@ fn a_trial_of_holds_lasts_as_long_as_the_connections_take_to_send_one_each() {
         ..OPEN_LOOP
     };
     let held = drive(&probe, t0, Duration::from_secs(5), load);
-    let trial = held[4_100..].iter().take_while(|h| **h).count();
+    let trial = held[2_400..].iter().take_while(|h| **h).count();
     assert_eq!(MS(trial as u64), PROBE.1);
     // A trial of sheds at once is the shortest whatever is open (against
     // re-senders, shorter still: see above).
@@ -313,13 +314,8 @@ fn re_senders_that_turn_into_an_open_loop_get_earned_sheds_at_the_next_probe() {
     assert!(tokens_kept(seen.last().unwrap()));
     // Then an open loop: the next probe's trial (at 4,788 ms, 50 ms of
     // sheds at once) is a vote for holds off, and from its end the load
-    // no longer counts as re-sending.
-    let seen = paced(
-        &probe,
-        t0 + Duration::from_secs(3),
-        Duration::from_secs(3),
-        OPEN_LOOP,
-    );
+    // no longer counts as re-sending (the next trial would be at 5,088).
+    let seen = paced(&probe, t0 + Duration::from_secs(3), MS(2_000), OPEN_LOOP);
     let trial = seen
         .iter()
         .position(|p| *p == Pacing::AtOnce)
@@ -328,4 +324,48 @@ fn re_senders_that_turn_into_an_open_loop_get_earned_sheds_at_the_next_probe() {
     assert!(seen[..trial].iter().all(tokens_kept));
     assert_eq!(seen[trial + 50..].iter().position(token_spent), Some(0));
     assert!(probe.holding(), "one vote is not enough");
+}
+
+#[test]
+fn two_votes_are_not_enough_and_a_failed_vote_measures_a_full_round_again() {
+    let probe = PacingProbe::default();
+    let t0 = Instant::now();
+    // An open loop for the first two probes (votes at 1,300 and 1,600 ms),
+    // re-senders from then on.
+    drive(&probe, t0, MS(1_610), OPEN_LOOP);
+    assert!(probe.holding());
+    let held = drive(&probe, t0 + MS(1_610), MS(3_000), RE_SENDERS);
+    assert!(probe.holding());
+    // The third trial (at 1,850 ms) saw them re-send; the probe after it
+    // measures with holds for a whole HELD_ROUND again, from 100 ms after
+    // that verdict (the period had doubled to 400 ms).
+    let starts: Vec<usize> = trials(&held).iter().map(|i| i + 1_610).collect();
+    assert_eq!(starts[0], 1_850, "{starts:?}");
+    let verdict = starts[0]
+        + held[starts[0] - 1_610..]
+            .iter()
+            .take_while(|h| !**h)
+            .count();
+    assert!(
+        starts[1] >= verdict + 200 + 1_000,
+        "{starts:?}, verdict at {verdict}"
+    );
+}
+
+#[test]
+fn a_measurement_after_a_vote_is_topped_up_to_a_round_by_the_last() {
+    let new = (30, MS(150));
+    assert_eq!(topped_up(None, new), new);
+    // 1,000 a second over the 850 ms the new one did not cover.
+    assert_eq!(
+        topped_up(Some((1_000, MS(1_000))), new),
+        (30 + 850, HELD_ROUND)
+    );
+    assert_eq!(
+        topped_up(Some((2_400, MS(1_200))), new),
+        (30 + 1_700, HELD_ROUND)
+    );
+    // A round or more of its own needs nothing of the last.
+    let long = (1_300, MS(1_100));
+    assert_eq!(topped_up(Some((1, MS(1_000))), long), long);
 }
