@@ -369,3 +369,44 @@ fn a_measurement_after_a_vote_is_topped_up_to_a_round_by_the_last() {
     let long = (1_300, MS(1_100));
     assert_eq!(topped_up(Some((1, MS(1_000))), long), long);
 }
+
+/// An open loop whose arrivals with sheds at once come in a burst: half
+/// again as fast, as when its client falls behind and catches up.
+const BURSTING: Load = Load {
+    holding: 6,
+    at_once: 9,
+    connections: 0,
+};
+
+#[test]
+fn after_a_vote_one_trial_a_little_fast_says_nothing() {
+    let probe = PacingProbe::default();
+    let t0 = Instant::now();
+    // Votes at 1,300 ms; the second trial (1,550-1,600 ms) sees the burst,
+    // runs its whole 50 ms (1.5 times is short of RESET_RATIO), and the
+    // votes stand; the next two trials (1,850 and 2,150 ms) are votes.
+    drive(&probe, t0, MS(1_500), OPEN_LOOP);
+    let burst = drive(&probe, t0 + MS(1_500), MS(200), BURSTING);
+    assert_eq!(burst.iter().filter(|h| !**h).count(), 50);
+    let held = drive(&probe, t0 + MS(1_700), MS(1_000), OPEN_LOOP);
+    assert_eq!(trials(&held)[..2], [150, 450]);
+    assert!(held[499..].iter().all(|h| !*h), "holds off at 2,200 ms");
+    assert!(!probe.holding());
+}
+
+#[test]
+fn two_trials_a_little_fast_in_a_row_end_the_votes() {
+    let probe = PacingProbe::default();
+    let t0 = Instant::now();
+    drive(&probe, t0, MS(1_500), OPEN_LOOP);
+    // From the second trial on, every trial sees the burst: the second
+    // says nothing, the third ends the votes, and from then on none is a
+    // vote (1.5 times is more than OPEN_RATIO).
+    let held = drive(&probe, t0 + MS(1_500), Duration::from_secs(10), BURSTING);
+    assert!(probe.holding());
+    let starts = trials(&held);
+    assert_eq!(starts[..2], [50, 350], "{starts:?}");
+    // After the third, a whole round measured with holds again (the
+    // period had doubled to 400 ms: 200 settling, 1,000 measuring).
+    assert_eq!(starts[2], 350 + 50 + 1_200, "{starts:?}");
+}
