@@ -177,8 +177,9 @@ struct State {
     /// The last probe, holding, saw the load re-send (see the module's
     /// docs): no fast sheds to clients back too soon.
     resends: bool,
-    /// Arrivals with holds, and over how long, that the last vote for holds
-    /// off was judged by: what the next probe's measurement tops up.
+    /// Arrivals with holds, and over how long, that the last probe judged
+    /// by, while votes for holds off stand: what the next probe's
+    /// measurement tops up.
     held: Option<(u64, Duration)>,
     last_shed: Option<Instant>,
 }
