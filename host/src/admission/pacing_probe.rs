@@ -205,6 +205,14 @@ enum Phase {
     },
 }
 
+impl State {
+    /// Whether the next trial may say nothing ([`RESET_RATIO`]): after a
+    /// vote, and not twice in a row.
+    fn may_say_nothing(&self) -> bool {
+        self.votes > 0 && !self.undecided
+    }
+}
+
 impl Phase {
     /// In the mode for `period` from `now`, measured over its second half.
     fn settled(now: Instant, period: Duration) -> Phase {
@@ -343,8 +351,8 @@ impl PacingProbe {
                 measured,
             } => {
                 let tried = (arrivals - from, now - start);
-                // After a vote, a trial that may yet say nothing runs on.
-                let ratio = if state.votes > 0 && !state.undecided {
+                // A trial that may yet say nothing runs on.
+                let ratio = if state.may_say_nothing() {
                     RESET_RATIO
                 } else {
                     RESEND_RATIO
@@ -389,8 +397,7 @@ impl PacingProbe {
         } else if state.holding {
             state.resends = without >= with_holds * RESEND_RATIO;
             let vote = without < with_holds * OPEN_RATIO;
-            let undecided =
-                !vote && state.votes > 0 && !state.undecided && without < with_holds * RESET_RATIO;
+            let undecided = !vote && state.may_say_nothing() && without < with_holds * RESET_RATIO;
             if vote || undecided {
                 state.votes += u32::from(vote);
                 state.held = Some(measured);
