@@ -15,7 +15,7 @@ async fn slower_upstreams_do_not_shrink_the_admission_limit() -> Result<()> {
     // Upstreams that slow down need more requests in flight, not fewer: the
     // limit learns from the host's own time, not from the upstreams' wait.
     // The slow upstreams take 140 ms, past the latency the limiter allows
-    // (60 % of the 200 ms budget), so that a limiter that learnt from the
+    // (30 % of the 200 ms budget), so that a limiter that learnt from the
     // whole latency would shrink; each attempt may take 190 ms, so that
     // they are answered, not retried, on a slow machine.
     let upstreams = ProductUpstreams::start(MS(20)).await?;
