@@ -531,6 +531,7 @@ pub fn markdown(r: &Results) -> String {
         );
     }
     out.push('\n');
+    bounds_section(&mut out, r, sat_c);
 
     let _ = writeln!(out, "## Latency: three upstreams at 50 ms each\n");
     let _ = writeln!(
@@ -1114,41 +1115,155 @@ fn plot(path: &Path, runs: &[Run]) -> Result<()> {
     Ok(())
 }
 
-/// The overload table: each (target, c, backoff) window's median.
+/// What bounds the goals that are hard to meet on this kind of machine,
+/// from the run's own figures: what a change would have to move.
+fn bounds_section(out: &mut String, r: &Results, sat_c: usize) {
+    let (lat, sat) = (&r.latency, &r.saturation);
+    let cpu = |runs: &[Run], t, c| median_of(runs, t, c, |x| x.cpu_ms_per_request);
+    let hostile: Vec<Run> = r
+        .overload
+        .iter()
+        .filter(|x| x.load.backoff == Backoff::None)
+        .cloned()
+        .collect();
+    let mut lines = Vec::new();
+    let (fanout_cpu, native_cpu) = (
+        cpu(sat, Target::Fanout, sat_c),
+        cpu(sat, Target::Native, sat_c),
+    );
+    if fanout_cpu > 0.0 && native_cpu > 0.0 {
+        lines.push(format!(
+            "- **`fanout` / `native` at saturation**: CPU per request, {fanout_cpu:.3} against \
+             {native_cpu:.3} ms ({:.2}×; the rates' ratio is higher because the load driver \
+             and the upstream simulator, on the same two cores, take more of them the \
+             faster the target answers). The difference is the guest and the `wasi:http` \
+             glue between it and the host (each upstream call is about thirty host calls), \
+             spread thin: no host function stood above a few per cent of a profile \
+             (`bench/profile/README.md`).",
+            native_cpu / fanout_cpu
+        ));
+    }
+    let sat_good = median_of(sat, Target::Fanout, sat_c, |x| x.load.goodput);
+    if let Some((best, capacity, capacity_cpu)) = fanout_capacity(&hostile) {
+        let sat_cpu = cpu(sat, Target::Fanout, sat_c);
+        let share =
+            |c| 100.0 * fanout_overload(&hostile, c, &|x| x.load.goodput).median / capacity.median;
+        lines.push(format!(
+            "- **Goodput at c=500 and c=5000 against saturation**: the saturation rate has \
+             0 ms upstreams. With the overload rows' 50 ms upstreams, the most `fanout` \
+             answers is {:.0} 2xx/s (c={best}), {:.0} % of saturation, at {:.3} ms of CPU a \
+             request against {sat_cpu:.3}: a request that waits costs more (its answers \
+             come one by one, each a round of polling), and that is the ceiling of both \
+             ratios. Against it the c=500 and c=5000 rows get {:.0} % and {:.0} %.",
+            capacity.median,
+            100.0 * capacity.median / sat_good,
+            capacity_cpu.median,
+            share(500),
+            share(5000),
+        ));
+        if let Some(open) = r.open_loop_capacity {
+            let at_2x = |t| {
+                stat(
+                    r.open_loop
+                        .iter()
+                        .filter(|x| {
+                            x.target == t
+                                && x.load
+                                    .offered_rps
+                                    .is_some_and(|o| (o / open).round() == 2.0)
+                        })
+                        .map(|x| x.load.goodput),
+                )
+                .median
+            };
+            let (fanout_2x, native_2x) = (at_2x(Target::Fanout), at_2x(Target::Native));
+            if !fanout_2x.is_nan() {
+                lines.push(format!(
+                    "- **Open loop at 2×**: the same ceiling, and the load driver sending \
+                     {:.0} requests a second on the same two cores: `fanout` answers \
+                     {fanout_2x:.0} 2xx/s, {:.0} % of that capacity; `native`, \
+                     beside the same driver, {native_2x:.0}.",
+                    2.0 * open,
+                    100.0 * fanout_2x / capacity.median,
+                ));
+            }
+        }
+    }
+    let p50_gap = median_of(lat, Target::Fanout, 5, |x| x.load.p50_ms)
+        - median_of(lat, Target::Native, 5, |x| x.load.p50_ms);
+    if let (false, Some(micro)) = (p50_gap.is_nan(), &r.micro) {
+        lines.push(format!(
+            "- **p99 at c=5 against `native`**: the gap is there at the median too \
+             ({p50_gap:.1} ms at p50). A request's own work, {:.0} µs in one process \
+             with upstreams answering at once, runs before and after the upstreams' \
+             wait, handed from the connection thread to a guest thread and back, each \
+             hand-over a wake-up of a sleeping thread.",
+            micro.in_process_request_us
+        ));
+        lines.push(format!(
+            "- **Instantiation of a fresh instance**: only `--instance-reuse 1` pays it \
+             on every request; reused, as by default, it is {:.2} µs of a request.",
+            micro.instantiation_per_request_reused_us
+        ));
+    }
+    if lines.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "**What bounds the hard goals**, in this run's figures:\n"
+    );
+    for line in lines {
+        let _ = writeln!(out, "{line}");
+    }
+    out.push('\n');
+}
+
+/// A `fanout` overload row's value over its repeats: clients that re-send
+/// at once, `c` of them.
+fn fanout_overload(runs: &[Run], c: usize, f: &dyn Fn(&Run) -> f64) -> Stat {
+    stat(
+        runs.iter()
+            .filter(|x| {
+                x.target == Target::Fanout
+                    && x.load.concurrency == c
+                    && x.load.backoff == Backoff::None
+            })
+            .map(f),
+    )
+}
+
+/// `fanout`'s capacity with the overload scenario's 50 ms upstreams: the
+/// level of [`CAPACITY_CLIENTS`] that got the most 2xx, its 2xx a second
+/// and its CPU per request.
+fn fanout_capacity(runs: &[Run]) -> Option<(usize, Stat, Stat)> {
+    // A results file from before some of the levels has fewer (NaN
+    // medians lose every comparison).
+    let goodput = |c| fanout_overload(runs, c, &|r| r.load.goodput).median;
+    let best = CAPACITY_CLIENTS
+        .into_iter()
+        .filter(|&c| goodput(c) > 0.0)
+        .max_by(|&a, &b| goodput(a).total_cmp(&goodput(b)))?;
+    Some((
+        best,
+        fanout_overload(runs, best, &|r| r.load.goodput),
+        fanout_overload(runs, best, &|r| r.cpu_ms_per_request),
+    ))
+}
+
 /// What `fanout` serves with 50 ms upstreams when the load just fits
 /// (the most of [`CAPACITY_CLIENTS`]), beside its saturation rate (0 ms upstreams) and
 /// the c=500 and c=5000 rows: how much of the gap to saturation is
 /// admission's and how much the waiting requests' own cost.
 fn capacity_paragraph(out: &mut String, runs: &[Run], saturation: f64, saturation_cpu: f64) {
-    let rows = |c: usize, f: &dyn Fn(&Run) -> f64| {
-        stat(
-            runs.iter()
-                .filter(|x| {
-                    x.target == Target::Fanout
-                        && x.load.concurrency == c
-                        && x.load.backoff == Backoff::None
-                })
-                .map(f),
-        )
-    };
-    // The level that got the most; a results file from before some of
-    // them has fewer (NaN medians lose every comparison).
-    let Some(best) = CAPACITY_CLIENTS
-        .into_iter()
-        .filter(|&c| rows(c, &|r| r.load.goodput).median > 0.0)
-        .max_by(|&a, &b| {
-            let goodput = |c| rows(c, &|r| r.load.goodput).median;
-            goodput(a).total_cmp(&goodput(b))
-        })
-    else {
+    let Some((best, capacity, cpu)) = fanout_capacity(runs) else {
         return;
     };
-    let capacity = rows(best, &|r| r.load.goodput);
     if saturation.is_nan() || saturation <= 0.0 {
         return;
     }
-    let cpu = rows(best, &|r| r.cpu_ms_per_request);
-    let share = |c: usize| 100.0 * rows(c, &|r| r.load.goodput).median / capacity.median;
+    let share =
+        |c: usize| 100.0 * fanout_overload(runs, c, &|r| r.load.goodput).median / capacity.median;
     let tried = CAPACITY_CLIENTS.map(|c| c.to_string()).join(", ");
     let _ = writeln!(
         out,
@@ -1167,6 +1282,7 @@ fn capacity_paragraph(out: &mut String, runs: &[Run], saturation: f64, saturatio
     );
 }
 
+/// The overload table: each (target, c, backoff) window's median.
 fn overload_section(out: &mut String, runs: &[Run], saturation: f64, saturation_cpu: f64) {
     // What one shed costs: `fanout-shed-all` sheds nearly every request at
     // once. CPU milliseconds.
