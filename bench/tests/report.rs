@@ -39,20 +39,9 @@ fn the_bounds_of_the_hard_goals_are_the_runs_own_figures() -> Result<()> {
     // CPU per request at saturation, fanout against native, from the raw
     // windows: the section's ratio is theirs.
     let cpu = |target: Target| {
-        let mut v: Vec<f64> = results
-            .saturation
-            .iter()
-            .filter(|run| run.target == target)
-            .map(|run| run.cpu_ms_per_request)
-            .collect();
-        v.sort_by(f64::total_cmp);
-        assert!(!v.is_empty(), "{target:?} at saturation");
-        let mid = v.len() / 2;
-        if v.len() % 2 == 0 {
-            (v[mid - 1] + v[mid]) / 2.0
-        } else {
-            v[mid]
-        }
+        let windows = results.saturation.iter().filter(|run| run.target == target);
+        assert!(windows.clone().count() > 0, "{target:?} at saturation");
+        report::stat(windows.map(|run| run.cpu_ms_per_request)).median
     };
     let (fanout, native) = (cpu(Target::Fanout), cpu(Target::Native));
     assert!(
