@@ -86,7 +86,11 @@ pub const INITIAL_LIMIT: usize = 64;
 ///
 /// An open loop at 6,250 a second answered 3,525-3,973 2xx/s against
 /// 3,272-3,572; saturation (0 ms upstreams, c=64), c=50 and c=300 were as
-/// before. 0.45 fell between the two; a 10 ms slack instead of 20 did no
+/// before. At c=500 with 20 ms upstreams, where the old target still
+/// allowed 100 ms of the host's own time, 4,724-4,835 2xx/s against
+/// 4,071-4,686 (2xx p99 87-101 against 152-156 ms); with 0 ms upstreams as
+/// many (5,143-5,584 against 5,156-5,363) sooner (2xx p99 95-109 against
+/// 160-172 ms), three pairs each. 0.45 fell between the two; a 10 ms slack instead of 20 did no
 /// better, 5 ms left CPU idle.
 pub const LATENCY_SHARE: f64 = 0.3;
 
