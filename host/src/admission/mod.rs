@@ -8,8 +8,9 @@
 //! latency instead (AIMD, as in TCP congestion control and Netflix's
 //! concurrency-limits), with goodput inside the budget as its aim: it
 //! shrinks by a tenth, at most once per round trip, only when requests'
-//! own time passes both twice the fastest seen lately and
-//! [`LATENCY_SHARE`] of the budget less the upstreams' wait, and never
+//! own time passes all of twice the fastest seen lately, 20 ms more than
+//! it, and [`LATENCY_SHARE`] of the budget less the upstreams' wait (more
+//! in flight than keep the CPUs busy each cost more CPU), and never
 //! below what the highest recent answer rate needs in flight. It grows by
 //! one per completion at start, after a collapse (TCP's slow start) and
 //! while far below what counts as slow, else by about one per round trip.
