@@ -304,12 +304,7 @@ pub fn markdown(r: &Results) -> String {
     let fanout_sat = good(sat, Target::Fanout, sat_c);
     // Against the blocking baseline: the overload scenario's c=500 rows
     // (the same clients, side by side), else the latency scenario's.
-    let hostile_over: Vec<Run> = r
-        .overload
-        .iter()
-        .filter(|x| x.load.backoff == Backoff::None)
-        .cloned()
-        .collect();
+    let hostile_over = with_backoff(&r.overload, Backoff::None);
     let blocking_runs: &[Run] = if group(&hostile_over, Target::Blocking, 500).is_empty() {
         lat
     } else {
@@ -387,18 +382,12 @@ pub fn markdown(r: &Results) -> String {
     // scenario's c=500: goodput with clients that re-send at once; the
     // speed of a 503 with clients that honour Retry-After (one that does
     // not gets its next 503 no sooner than Retry-After asked).
-    let by_backoff = |backoff: Backoff| -> Vec<Run> {
-        r.overload
-            .iter()
-            .filter(|x| x.load.backoff == backoff)
-            .cloned()
-            .collect()
-    };
-    let (hostile, honouring) = (by_backoff(Backoff::None), by_backoff(Backoff::RetryAfter));
-    let over: &[Run] = if group(&hostile, Target::Fanout, 500).is_empty() {
+    let honouring = with_backoff(&r.overload, Backoff::RetryAfter);
+    let hostile = &hostile_over;
+    let over: &[Run] = if group(hostile, Target::Fanout, 500).is_empty() {
         lat
     } else {
-        &hostile
+        hostile
     };
     let goodput_500 = good(over, Target::Fanout, 500);
     let goodput_5000 = good(over, Target::Fanout, 5000);
@@ -438,16 +427,7 @@ pub fn markdown(r: &Results) -> String {
     // #14's open-loop goal: at twice the saturation rate, goodput of at
     // least 90 % of it, and every other request a fast 503.
     if let Some(capacity) = r.open_loop_capacity {
-        let at_2x: Vec<&Run> = r
-            .open_loop
-            .iter()
-            .filter(|x| {
-                x.target == Target::Fanout
-                    && x.load
-                        .offered_rps
-                        .is_some_and(|o| (o / capacity).round() == 2.0)
-            })
-            .collect();
+        let at_2x = open_loop_at_2x(&r.open_loop, capacity, Target::Fanout);
         if !at_2x.is_empty() {
             let share = stat(at_2x.iter().map(|x| x.load.goodput / capacity)).median;
             let p99 = stat(at_2x.iter().filter_map(|x| x.load.non_2xx_p99_ms)).median;
@@ -1115,17 +1095,33 @@ fn plot(path: &Path, runs: &[Run]) -> Result<()> {
     Ok(())
 }
 
+/// The overload windows whose clients treat a 503 as `backoff` says.
+fn with_backoff(runs: &[Run], backoff: Backoff) -> Vec<Run> {
+    runs.iter()
+        .filter(|x| x.load.backoff == backoff)
+        .cloned()
+        .collect()
+}
+
+/// `target`'s open-loop windows at twice `capacity`, the saturation rate
+/// the open loop's rates are multiples of.
+fn open_loop_at_2x(runs: &[Run], capacity: f64, target: Target) -> Vec<&Run> {
+    runs.iter()
+        .filter(|x| {
+            x.target == target
+                && x.load
+                    .offered_rps
+                    .is_some_and(|o| (o / capacity).round() == 2.0)
+        })
+        .collect()
+}
+
 /// What bounds the goals that are hard to meet on this kind of machine,
 /// from the run's own figures: what a change would have to move.
 fn bounds_section(out: &mut String, r: &Results, sat_c: usize) {
     let (lat, sat) = (&r.latency, &r.saturation);
     let cpu = |runs: &[Run], t, c| median_of(runs, t, c, |x| x.cpu_ms_per_request);
-    let hostile: Vec<Run> = r
-        .overload
-        .iter()
-        .filter(|x| x.load.backoff == Backoff::None)
-        .cloned()
-        .collect();
+    let hostile = with_backoff(&r.overload, Backoff::None);
     let mut lines = Vec::new();
     let (fanout_cpu, native_cpu) = (
         cpu(sat, Target::Fanout, sat_c),
@@ -1164,14 +1160,8 @@ fn bounds_section(out: &mut String, r: &Results, sat_c: usize) {
         if let Some(open) = r.open_loop_capacity {
             let at_2x = |t| {
                 stat(
-                    r.open_loop
+                    open_loop_at_2x(&r.open_loop, open, t)
                         .iter()
-                        .filter(|x| {
-                            x.target == t
-                                && x.load
-                                    .offered_rps
-                                    .is_some_and(|o| (o / open).round() == 2.0)
-                        })
                         .map(|x| x.load.goodput),
                 )
                 .median

@@ -451,15 +451,21 @@ mod tests {
         assert!(aimd.limit() >= limit, "not treated as slow");
     }
 
+    /// Finishes a request every 30 ms with `wait` on its upstreams and the
+    /// host's own time given.
+    fn every_30_ms_waiting(wait: Duration) -> impl FnMut(&mut Aimd, u64) {
+        let mut now = Instant::now();
+        move |aimd, own| {
+            now += MS(30);
+            aimd.try_admit();
+            aimd.finish_parts(MS(own), wait, now);
+        }
+    }
+
     #[test]
     fn a_busy_cpu_within_the_budget_does_not_shrink_the_limit() {
         let mut aimd = with_a_200_ms_budget(50);
-        let mut now = Instant::now();
-        let mut finish = |aimd: &mut Aimd, own: u64| {
-            now += MS(30);
-            aimd.try_admit();
-            aimd.finish_parts(MS(own), MS(10), now);
-        };
+        let mut finish = every_30_ms_waiting(MS(10));
         // The fastest seen is 2 ms of the host's own; under load it is 45
         // (waiting for a CPU), with 10 ms upstreams: 55 ms in all, inside
         // 30 % of the budget. Over twenty times the fastest, and not slow.
@@ -478,12 +484,7 @@ mod tests {
     #[test]
     fn with_slow_upstreams_the_fastest_own_time_decides() {
         let mut aimd = with_a_200_ms_budget(50);
-        let mut now = Instant::now();
-        let mut finish = |aimd: &mut Aimd, own: u64| {
-            now += MS(30);
-            aimd.try_admit();
-            aimd.finish_parts(MS(own), MS(50), now);
-        };
+        let mut finish = every_30_ms_waiting(MS(50));
         // 50 ms upstreams leave 10 ms of the 60 ms target: less than the
         // fastest own time (2 ms) plus the 20 ms slack, which decides.
         // 15 ms of the host's own is not slow...
