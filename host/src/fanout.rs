@@ -208,7 +208,10 @@ impl Fanout {
             shutdown,
             grace,
             self.runner.limits.connections(),
-            self.runner.metrics.connections_open.clone(),
+            crate::http_server::ConnectionMetrics {
+                open: self.runner.metrics.connections_open.clone(),
+                refused_heads: self.runner.metrics.refused_heads.clone(),
+            },
             move |request, connection| {
                 let (fanout, released) = (fanout.clone(), released.clone());
                 async move {

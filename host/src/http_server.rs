@@ -3,8 +3,11 @@
 
 use crate::admission::{Admission, Pacing, RETRY_AFTER};
 use crate::limits::ConnectionLimits;
+use crate::metrics::CauseLabel;
 use crate::response::ResponseBody;
 use http::{Request, Response};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -88,9 +91,35 @@ impl Connection {
     }
 }
 
+/// What a server loop counts of its connections.
+#[derive(Clone, Default)]
+pub(crate) struct ConnectionMetrics {
+    /// Connections open now.
+    pub(crate) open: Gauge,
+    /// Request heads refused before any handler ran, by [`refused_head`].
+    pub(crate) refused_heads: Family<CauseLabel, Counter>,
+}
+
+/// Why hyper refused a request head, if that is how `error` ended its
+/// connection. hyper answers those itself (400, 414, 431, with no body)
+/// or, to an HTTP/2 client, not at all, and then closes: no handler, and
+/// so no access log line or request metric, sees them.
+fn refused_head(error: &hyper::Error) -> Option<&'static str> {
+    if error.is_parse_version_h2() {
+        Some("http2_preface")
+    } else if error.is_parse_too_large() {
+        Some("head_too_large")
+    } else if error.is_parse() {
+        Some("malformed")
+    } else {
+        None
+    }
+}
+
 /// An HTTP/1.1 server loop with graceful shutdown: `handler` answers every
 /// request, with what is known of its connection; after `shutdown`,
-/// connections get `grace` to finish. `open` counts the connections open.
+/// connections get `grace` to finish. `metrics` counts the connections
+/// open and the request heads refused.
 ///
 /// Slow and idle clients are closed after the header timeout (hyper applies
 /// it only with a timer), oversized heads get `431`, and at most
@@ -102,7 +131,7 @@ pub(crate) async fn serve_http<H, F>(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
     limits: ConnectionLimits,
-    open: Gauge,
+    metrics: ConnectionMetrics,
     handler: H,
 ) -> std::io::Result<()>
 where
@@ -147,13 +176,19 @@ where
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
-        open.inc();
-        let open = open.clone();
+        metrics.open.inc();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
+                if let Some(cause) = refused_head(&e) {
+                    metrics
+                        .refused_heads
+                        .get_or_create(&CauseLabel { cause })
+                        .inc();
+                }
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
-            open.dec();
+            metrics.open.dec();
             drop(place);
         });
     }

@@ -9,6 +9,7 @@
 //! | `fanout_instances_in_use` (gauge) | |
 //! | `fanout_instances_idle` (gauge, instances kept for the next request) | |
 //! | `fanout_connections_open` (gauge, client connections open on the aggregator's listener; at `max_connections` it stops accepting) | |
+//! | `fanout_request_heads_refused_total` (request heads the HTTP server refused before any handler ran, answered by hyper without the JSON body, the connection then closed: `head_too_large` 431 or 414, `malformed` 400, `http2_preface` an HTTP/2 client on this HTTP/1.1 port, closed without an answer) | `cause` |
 //! | `fanout_shed_total` (requests turned away by admission, 503 with `Retry-After`, by the JSON body's `code`: `overloaded` at the adaptive limit, `pool_full` at a fixed one, `queue_full` the line too long, `queue_timeout` waited as long as allowed) | `cause` |
 //! | `fanout_shed_held_total` (shed answers held until `Retry-After`, or longer when many are held, because the client came back sooner on its connection) | |
 //! | `fanout_queue_wait_seconds` (histogram, time spent in the admission line) | |
@@ -77,6 +78,7 @@ pub struct Metrics {
     pub(crate) fuel: Histogram,
     pub(crate) instances_in_use: Gauge,
     pub(crate) connections_open: Gauge,
+    pub(crate) refused_heads: Family<CauseLabel, Counter>,
     pub(crate) instances_idle: Gauge,
     pub(crate) shed: Family<CauseLabel, Counter>,
     pub(crate) sheds_held: Counter,
@@ -167,6 +169,7 @@ impl Default for Metrics {
         let fuel = Histogram::new(exponential_buckets(10_000.0, 2.0, 15));
         let instances_in_use = Gauge::default();
         let connections_open = Gauge::default();
+        let refused_heads = Family::<CauseLabel, Counter>::default();
         let instances_idle = Gauge::default();
         let shed = Family::<CauseLabel, Counter>::default();
         let sheds_held = Counter::default();
@@ -209,6 +212,11 @@ impl Default for Metrics {
             "fanout_connections_open",
             "Client connections open on the aggregator's listener now",
             connections_open.clone(),
+        );
+        registry.register(
+            "fanout_request_heads_refused",
+            "Request heads the HTTP server refused before any handler ran, by cause: head_too_large (431 or 414), malformed (400), http2_preface (an HTTP/2 client on this HTTP/1.1 port)",
+            refused_heads.clone(),
         );
         registry.register(
             "fanout_instances_idle",
@@ -260,6 +268,7 @@ impl Default for Metrics {
             fuel,
             instances_in_use,
             connections_open,
+            refused_heads,
             instances_idle,
             shed,
             sheds_held,

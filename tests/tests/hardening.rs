@@ -212,9 +212,38 @@ async fn oversized_and_malformed_heads_are_client_errors() -> Result<()> {
     // Garbage is a 400.
     let answer = raw(b"\x16\x03\x01 not http\r\n\r\n".to_vec()).await?;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // An HTTP/2 client (prior knowledge) on this HTTP/1.1 port: closed.
+    let answer = raw(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec()).await?;
+    assert_eq!(answer, "");
+    // No handler saw those, but the metrics count each by its cause (as
+    // its connection ends, a moment after the client sees it close).
+    for (cause, count) in [
+        ("head_too_large", 2.0),
+        ("malformed", 1.0),
+        ("http2_preface", 1.0),
+    ] {
+        let series = format!("fanout_request_heads_refused_total{{cause=\"{cause}\"}}");
+        assert_eq!(
+            until_metric(&host, &series, count).await,
+            Some(count),
+            "{series}"
+        );
+    }
     // And the host still serves.
     assert_eq!(host.get("/products/1").await?.status, StatusCode::OK);
     Ok(())
+}
+
+/// The value of `series` once it is `want`, or its last within a bound.
+async fn until_metric(host: &TestHost, series: &str, want: f64) -> Option<f64> {
+    let deadline = Instant::now() + MS(2000);
+    loop {
+        let value = host.metric(series);
+        if value == Some(want) || Instant::now() >= deadline {
+            return value;
+        }
+        tokio::time::sleep(MS(1)).await;
+    }
 }
 
 #[tokio::test]
