@@ -1,6 +1,8 @@
 //! The HTTP/1.1 accept loop, shared by the aggregator, the admin endpoints
 //! and the demo upstreams' server, and what it remembers per connection.
 
+mod refused_heads;
+
 use crate::admission::{Admission, Pacing, RETRY_AFTER};
 use crate::limits::ConnectionLimits;
 use crate::metrics::CauseLabel;
@@ -9,6 +11,7 @@ use http::{Request, Response};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use refused_heads::{Answered, JsonRefusals, Turn};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -101,9 +104,10 @@ pub(crate) struct ConnectionMetrics {
 }
 
 /// Why hyper refused a request head, if that is how `error` ended its
-/// connection. hyper answers those itself (400, 414, 431, with no body)
-/// or, to an HTTP/2 client, not at all, and then closes: no handler, and
-/// so no access log line or request metric, sees them.
+/// connection. hyper answers those itself (400, 414, 431; the body is
+/// [`refused_heads`]'s) or, to an HTTP/2 client, not at all, and then
+/// closes: no handler, and so no access log line or request metric, sees
+/// them.
 fn refused_head(error: &hyper::Error) -> Option<&'static str> {
     if error.is_parse_version_h2() {
         Some("http2_preface")
@@ -122,7 +126,8 @@ fn refused_head(error: &hyper::Error) -> Option<&'static str> {
 /// open and the request heads refused.
 ///
 /// Slow and idle clients are closed after the header timeout (hyper applies
-/// it only with a timer), oversized heads get `431`, and at most
+/// it only with a timer), oversized heads get `431` and malformed ones
+/// `400`, in the JSON error shape ([`refused_heads`]), and at most
 /// `max_connections` are open at once: at the cap the loop waits for one to
 /// close before it accepts again, rather than accepting and refusing (which
 /// would spin on a client that reconnects at once).
@@ -170,11 +175,18 @@ where
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let state = Arc::new(Connection::default());
+        let turn = Arc::new(Turn::default());
+        let io = JsonRefusals::new(stream, turn.clone(), limits);
         let service = hyper::service::service_fn(move |request| {
+            turn.answering();
             let answer = handler(request, state.clone());
-            async move { Ok::<_, std::convert::Infallible>(answer.await) }
+            let turn = turn.clone();
+            async move {
+                let response = answer.await;
+                Ok::<_, std::convert::Infallible>(response.map(|body| Answered::new(body, turn)))
+            }
         });
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let connection = builder.serve_connection(TokioIo::new(io), service);
         let connection = graceful.watch(connection);
         metrics.open.inc();
         let metrics = metrics.clone();

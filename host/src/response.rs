@@ -33,6 +33,11 @@ pub(crate) fn with_body(
 
 /// The one error shape: `{"error": {"code", "message"}}` with `status`.
 pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response<ResponseBody> {
+    with_body(status, "application/json", error_json(code, message))
+}
+
+/// The one error shape's body: `{"error": {"code", "message"}}`.
+pub(crate) fn error_json(code: &str, message: &str) -> String {
     // Written straight from borrowed fields rather than through a
     // `serde_json::Value`: every shed is one of these, by the thousand a
     // second under overload.
@@ -45,11 +50,10 @@ pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response
         code: &'a str,
         message: &'a str,
     }
-    let body = serde_json::to_string(&Shape {
+    serde_json::to_string(&Shape {
         error: Detail { code, message },
     })
-    .expect("two strings always serialize");
-    with_body(status, "application/json", body)
+    .expect("two strings always serialize")
 }
 
 #[cfg(test)]
