@@ -105,7 +105,7 @@ pub(crate) struct ConnectionMetrics {
 
 /// Why hyper refused a request head, if that is how `error` ended its
 /// connection. hyper answers those itself (400, 414, 431; the body is
-/// [`refused_heads`]'s) or, to an HTTP/2 client, not at all, and then
+/// [`refused_heads`]'s, as is the GOAWAY an HTTP/2 client gets) and
 /// closes: no handler, and so no access log line or request metric, sees
 /// them.
 fn refused_head(error: &hyper::Error) -> Option<&'static str> {

@@ -16,6 +16,9 @@
 //! answer finds the turn `Idle`. Should one find it `Draining` (the last
 //! flush came before the body was dropped), it goes out as hyper wrote
 //! it: anything not recognised is passed on unchanged, never rewritten.
+//!
+//! An HTTP/2 client (an h2c proxy with prior knowledge) hyper does not
+//! answer at all; it gets HTTP/2's GOAWAY with `HTTP_1_1_REQUIRED`.
 
 use crate::limits::ConnectionLimits;
 use crate::response::error_json;
@@ -35,6 +38,27 @@ const DRAINING: u8 = 2;
 /// A head hyper writes is this long at most; past it, what was held goes
 /// out unchanged.
 const MAX_REFUSAL_HEAD: usize = 512;
+
+/// How an HTTP/2 client's connection preface begins. No HTTP/1.1 request
+/// does: HTTP/2 chose the `PRI` method for that (RFC 9113, 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+/// Why an HTTP/2 client is turned away: its GOAWAY's debug data.
+const H2_REFUSAL: &[u8] = b"this port speaks HTTP/1.1";
+
+/// What an HTTP/2 client gets instead of silence (hyper closes at once):
+/// the server's preface (an empty SETTINGS frame), then GOAWAY with
+/// `HTTP_1_1_REQUIRED` and [`H2_REFUSAL`], which an h2c proxy's log shows.
+fn h2_goaway() -> Bytes {
+    let mut frames = vec![0, 0, 0, 0x4, 0, 0, 0, 0, 0]; // SETTINGS, empty, stream 0
+    let length = (8 + H2_REFUSAL.len()) as u32;
+    frames.extend_from_slice(&length.to_be_bytes()[1..]);
+    frames.extend_from_slice(&[0x7, 0, 0, 0, 0, 0]); // GOAWAY, stream 0
+    frames.extend_from_slice(&0u32.to_be_bytes()); // last stream: none
+    frames.extend_from_slice(&0xdu32.to_be_bytes()); // HTTP_1_1_REQUIRED
+    frames.extend_from_slice(H2_REFUSAL);
+    frames.into()
+}
 
 /// Whether a handler's answer is on its way out on one connection.
 #[derive(Debug, Default)]
@@ -107,6 +131,9 @@ pub(crate) struct JsonRefusals<T> {
     /// A refusal was seen (rewritten or not): hyper closes after it, and
     /// nothing more is looked at.
     done: bool,
+    /// Whether anything was read yet: only the first read may be an
+    /// HTTP/2 preface.
+    read_any: bool,
 }
 
 impl<T> JsonRefusals<T> {
@@ -118,6 +145,7 @@ impl<T> JsonRefusals<T> {
             held: Vec::new(),
             out: Bytes::new(),
             done: false,
+            read_any: false,
         }
     }
 
@@ -205,13 +233,26 @@ fn with_json_body(head: &[u8], limits: &ConnectionLimits) -> Option<Vec<u8>> {
     Some(rewritten)
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for JsonRefusals<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for JsonRefusals<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let from = buf.filled().len();
+        ready!(Pin::new(&mut self.io).poll_read(cx, buf))?;
+        if !self.read_any && buf.filled().len() > from {
+            self.read_any = true;
+            if buf.filled()[from..].starts_with(H2_PREFACE) {
+                // hyper refuses it and drops the connection without a
+                // write: the GOAWAY goes now, into a socket that has sent
+                // nothing yet, or not at all.
+                self.out = h2_goaway();
+                self.done = true;
+                let _ = self.poll_out(cx);
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 

@@ -142,3 +142,41 @@ async fn what_is_not_a_refusal_goes_out_as_written() {
         [&long[..], b"more"].concat()
     );
 }
+
+#[tokio::test]
+async fn an_http2_client_is_told_to_use_http1() {
+    let (mut io, _turn, mut theirs) = wrapped();
+    theirs
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut read = [0u8; 24];
+    io.read_exact(&mut read).await.unwrap();
+    // What hyper reads is what was sent.
+    assert_eq!(&read, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    drop(io);
+    let mut answer = Vec::new();
+    theirs.read_to_end(&mut answer).await.unwrap();
+    // An empty SETTINGS, then GOAWAY: last stream 0, HTTP_1_1_REQUIRED.
+    assert_eq!(&answer[..9], &[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    let length = usize::from(answer[11]);
+    assert_eq!(answer[12], 0x7, "GOAWAY");
+    assert_eq!(answer.len(), 18 + length);
+    assert_eq!(&answer[18..26], &[0, 0, 0, 0, 0, 0, 0, 0xd]);
+    assert_eq!(&answer[26..], b"this port speaks HTTP/1.1");
+}
+
+#[tokio::test]
+async fn an_http1_request_reads_as_it_came() {
+    let (mut io, _turn, mut theirs) = wrapped();
+    theirs
+        .write_all(b"PRIVATE / HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    drop(theirs);
+    let mut read = Vec::new();
+    io.read_to_end(&mut read).await.unwrap();
+    assert_eq!(read, b"PRIVATE / HTTP/1.1\r\n\r\n");
+    // Nothing was written back.
+    assert!(io.out.is_empty() && !io.done);
+}
