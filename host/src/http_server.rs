@@ -104,12 +104,16 @@ pub(crate) struct ConnectionMetrics {
 }
 
 /// Why hyper refused a request head, if that is how `error` ended its
-/// connection. hyper answers those itself (400, 414, 431; the body is
+/// connection: a head not finished within the header timeout (`turn`
+/// tells a slow head from a keep-alive connection idle after its
+/// answers, which is not counted), or one hyper answered. hyper answers those itself (400, 414, 431; the body is
 /// [`refused_heads`]'s, as is the GOAWAY an HTTP/2 client gets) and
 /// closes: no handler, and so no access log line or request metric, sees
 /// them.
-fn refused_head(error: &hyper::Error) -> Option<&'static str> {
-    if error.is_parse_version_h2() {
+fn refused_head(error: &hyper::Error, turn: &Turn) -> Option<&'static str> {
+    if error.is_timeout() {
+        turn.head_unfinished().then_some("head_timeout")
+    } else if error.is_parse_version_h2() {
         Some("http2_preface")
     } else if error.is_parse_too_large() {
         Some("head_too_large")
@@ -177,6 +181,7 @@ where
         let state = Arc::new(Connection::default());
         let turn = Arc::new(Turn::default());
         let io = JsonRefusals::new(stream, turn.clone(), limits);
+        let ended = turn.clone();
         let service = hyper::service::service_fn(move |request| {
             turn.answering();
             let answer = handler(request, state.clone());
@@ -192,7 +197,7 @@ where
         let metrics = metrics.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
-                if let Some(cause) = refused_head(&e) {
+                if let Some(cause) = refused_head(&e, &ended) {
                     metrics
                         .refused_heads
                         .get_or_create(&CauseLabel { cause })

@@ -9,7 +9,7 @@
 //! | `fanout_instances_in_use` (gauge) | |
 //! | `fanout_instances_idle` (gauge, instances kept for the next request) | |
 //! | `fanout_connections_open` (gauge, client connections open on the aggregator's listener; at `max_connections` it stops accepting) | |
-//! | `fanout_request_heads_refused_total` (request heads the HTTP server refused before any handler ran, answered in the JSON error shape, the connection then closed: `head_too_large` 431 or 414, `malformed` 400, `http2_preface` an HTTP/2 client on this HTTP/1.1 port, answered with GOAWAY `HTTP_1_1_REQUIRED`) | `cause` |
+//! | `fanout_request_heads_refused_total` (request heads the HTTP server refused before any handler ran, the connection then closed: `head_timeout` a head begun, or none sent, within `header_timeout_ms` (slow clients; a keep-alive connection idle after its answers is not counted), `head_too_large` 431 or 414 and `malformed` 400 in the JSON error shape, `http2_preface` an HTTP/2 client on this HTTP/1.1 port, answered with GOAWAY `HTTP_1_1_REQUIRED`) | `cause` |
 //! | `fanout_shed_total` (requests turned away by admission, 503 with `Retry-After`, by the JSON body's `code`: `overloaded` at the adaptive limit, `pool_full` at a fixed one, `queue_full` the line too long, `queue_timeout` waited as long as allowed) | `cause` |
 //! | `fanout_shed_held_total` (shed answers held until `Retry-After`, or longer when many are held, because the client came back sooner on its connection) | |
 //! | `fanout_queue_wait_seconds` (histogram, time spent in the admission line) | |
@@ -215,7 +215,7 @@ impl Default for Metrics {
         );
         registry.register(
             "fanout_request_heads_refused",
-            "Request heads the HTTP server refused before any handler ran, by cause: head_too_large (431 or 414), malformed (400), http2_preface (an HTTP/2 client on this HTTP/1.1 port)",
+            "Request heads the HTTP server refused before any handler ran, by cause: head_timeout (not finished within the header timeout), head_too_large (431 or 414), malformed (400), http2_preface (an HTTP/2 client on this HTTP/1.1 port)",
             refused_heads.clone(),
         );
         registry.register(

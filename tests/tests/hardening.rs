@@ -121,6 +121,17 @@ async fn half_sent_heads_are_closed_after_the_header_timeout() -> Result<()> {
     }
     let took = started.elapsed();
     assert!(took >= MS(250), "closed before the timeout: {took:?}");
+    // Counted: the 50 half-sent heads and the connection that sent none;
+    // not the test client's own, idle after its answer until the timeout
+    // closes it too.
+    assert_eq!(
+        until_metric(&host, "fanout_connections_open", 0.0).await,
+        Some(0.0)
+    );
+    assert_eq!(
+        host.metric(r#"fanout_request_heads_refused_total{cause="head_timeout"}"#),
+        Some(51.0)
+    );
     Ok(())
 }
 

@@ -60,18 +60,36 @@ fn h2_goaway() -> Bytes {
     frames.into()
 }
 
-/// Whether a handler's answer is on its way out on one connection.
+/// Whether a handler's answer is on its way out on one connection, and
+/// whether a head is waited for.
 #[derive(Debug, Default)]
-pub(crate) struct Turn(AtomicU8);
+pub(crate) struct Turn {
+    state: AtomicU8,
+    /// Handlers called on the connection so far.
+    answers: std::sync::atomic::AtomicU64,
+    /// Bytes came while idle, and no handler has been called since: a
+    /// head was begun and not finished.
+    head_begun: std::sync::atomic::AtomicBool,
+}
 
 impl Turn {
     /// A handler was called: its answer comes next.
     pub(crate) fn answering(&self) {
-        self.0.store(ANSWERING, Ordering::Relaxed);
+        self.state.store(ANSWERING, Ordering::Relaxed);
+        self.answers.fetch_add(1, Ordering::Relaxed);
+        self.head_begun.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether a connection closed for the header timeout left a head
+    /// unfinished: one begun, or none ever sent. Not a keep-alive
+    /// connection idle after its answers (nor, uncounted, a pipelined
+    /// head read while an answer was still going out).
+    pub(crate) fn head_unfinished(&self) -> bool {
+        self.head_begun.load(Ordering::Relaxed) || self.answers.load(Ordering::Relaxed) == 0
     }
 
     fn is(&self, state: u8) -> bool {
-        self.0.load(Ordering::Relaxed) == state
+        self.state.load(Ordering::Relaxed) == state
     }
 }
 
@@ -92,10 +110,12 @@ impl<B> Drop for Answered<B> {
     fn drop(&mut self) {
         // Only from `Answering`: a later handler's turn is not ended by an
         // earlier body.
-        let _ =
-            self.turn
-                .0
-                .compare_exchange(ANSWERING, DRAINING, Ordering::Relaxed, Ordering::Relaxed);
+        let _ = self.turn.state.compare_exchange(
+            ANSWERING,
+            DRAINING,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -241,6 +261,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for JsonRefusals<T> {
     ) -> Poll<io::Result<()>> {
         let from = buf.filled().len();
         ready!(Pin::new(&mut self.io).poll_read(cx, buf))?;
+        if buf.filled().len() > from && self.turn.is(IDLE) {
+            self.turn.head_begun.store(true, Ordering::Relaxed);
+        }
         if !self.read_any && buf.filled().len() > from {
             self.read_any = true;
             if buf.filled()[from..].starts_with(H2_PREFACE) {
@@ -297,10 +320,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for JsonRefusals<T> {
         ready!(Pin::new(&mut self.io).poll_flush(cx))?;
         // What hyper held of the last answer is out: the next head it
         // writes unasked is a refusal.
-        let _ = self
-            .turn
-            .0
-            .compare_exchange(DRAINING, IDLE, Ordering::Relaxed, Ordering::Relaxed);
+        let _ =
+            self.turn
+                .state
+                .compare_exchange(DRAINING, IDLE, Ordering::Relaxed, Ordering::Relaxed);
         Poll::Ready(Ok(()))
     }
 

@@ -180,3 +180,26 @@ async fn an_http1_request_reads_as_it_came() {
     // Nothing was written back.
     assert!(io.out.is_empty() && !io.done);
 }
+
+#[tokio::test]
+async fn a_head_begun_and_not_finished_is_told_from_an_idle_connection() {
+    let (mut io, turn, mut theirs) = wrapped();
+    // Nothing asked yet: a connection closed now never sent a head.
+    assert!(turn.head_unfinished());
+    theirs.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let mut read = [0u8; 16];
+    io.read_exact(&mut read).await.unwrap();
+    assert!(turn.head_unfinished(), "begun");
+    // The head was whole and answered: idle after it is not unfinished.
+    turn.answering();
+    drop(Answered::new(
+        http_body_util::Empty::<Bytes>::new(),
+        turn.clone(),
+    ));
+    io.flush().await.unwrap();
+    assert!(!turn.head_unfinished(), "idle after an answer");
+    theirs.write_all(b"GET").await.unwrap();
+    let mut read = [0u8; 3];
+    io.read_exact(&mut read).await.unwrap();
+    assert!(turn.head_unfinished(), "the next one begun");
+}
