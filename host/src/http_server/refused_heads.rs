@@ -19,6 +19,10 @@
 //!
 //! An HTTP/2 client (an h2c proxy with prior knowledge) hyper does not
 //! answer at all; it gets HTTP/2's GOAWAY with `HTTP_1_1_REQUIRED`.
+//!
+//! The turn also tells a connection closed by the header timeout with a
+//! head unfinished (a slow client) from one idle after its answers, which
+//! hyper closes the same way ([`Turn::head_unfinished`]).
 
 use crate::limits::ConnectionLimits;
 use crate::response::error_json;
@@ -146,7 +150,7 @@ pub(crate) struct JsonRefusals<T> {
     limits: ConnectionLimits,
     /// What hyper wrote while idle, until its head is whole.
     held: Vec<u8>,
-    /// What goes out before anything else, and how much of it has.
+    /// What goes out before anything else (what is left of it).
     out: Bytes,
     /// A refusal was seen (rewritten or not): hyper closes after it, and
     /// nothing more is looked at.
