@@ -188,7 +188,7 @@ impl Guardrails {
 }
 
 /// Why a guardrail blocked a call before it reached the upstream. The
-/// mapping to the guest's error code is in [`error`](crate::error).
+/// mapping to the guest's error code is in the host's `error` module.
 #[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
 pub enum Blocked {
     /// The upstream's circuit breaker is open.

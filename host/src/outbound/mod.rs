@@ -2,10 +2,10 @@
 //!
 //! Each request the guest sends goes, in order, through:
 //!
-//! 1. [`hints`]: the guest's hint headers are read and stripped;
-//! 2. [`routing`]: the upstream is chosen by hinted name and authority, and
+//! 1. `hints`: the guest's hint headers are read and stripped;
+//! 2. `routing`: the upstream is chosen by hinted name and authority, and
 //!    an authority nobody registered is refused (`HttpRequestDenied`);
-//! 3. [`attempt`]: the attempt's client span, metrics and access-log record
+//! 3. `attempt`: the attempt's client span, metrics and access-log record
 //!    start (and end however the call ends);
 //! 4. the [`OutboundHooks`], whose default [`default_send_request`] sends
 //!    the call through the upstream's [guardrails](crate::guard) to its

@@ -16,9 +16,9 @@
 //! 3. **Coalesced**: a call for the key is in flight; wait for it (within
 //!    the request's own first-byte timeout and deadline) and share its
 //!    answer if reusable. A leader that fails or is cancelled hands the lead
-//!    to the next waiter ([`flight`]).
+//!    to the next waiter (`flight`).
 //! 4. **Miss**: make the call; store the answer if RFC 9111 lets a shared
-//!    cache ([`policy`]) and it fits `max_entry_kib`.
+//!    cache (`policy`) and it fits `max_entry_kib`.
 //!
 //! Coalescing is on for every `http` upstream unless turned off; storing is
 //! off unless `cache` is configured. The outcome reaches the access log
