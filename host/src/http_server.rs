@@ -103,13 +103,12 @@ pub(crate) struct ConnectionMetrics {
     pub(crate) refused_heads: Family<CauseLabel, Counter>,
 }
 
-/// Why hyper refused a request head, if that is how `error` ended its
-/// connection: a head not finished within the header timeout (`turn`
-/// tells a slow head from a keep-alive connection idle after its
-/// answers, which is not counted), or one hyper answered. hyper answers those itself (400, 414, 431; the body is
-/// [`refused_heads`]'s, as is the GOAWAY an HTTP/2 client gets) and
-/// closes: no handler, and so no access log line or request metric, sees
-/// them.
+/// Why a request head was refused, if that is how `error` ended its
+/// connection: not finished within the header timeout (`turn` tells a
+/// slow head from a keep-alive connection idle after its answers, which
+/// is not counted), or answered by hyper itself (400, 414, 431, with
+/// [`refused_heads`]'s JSON body, or the GOAWAY an HTTP/2 client gets).
+/// No handler, and so no access log line or request metric, sees them.
 fn refused_head(error: &hyper::Error, turn: &Turn) -> Option<&'static str> {
     if error.is_timeout() {
         turn.head_unfinished().then_some("head_timeout")

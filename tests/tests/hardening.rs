@@ -173,18 +173,11 @@ async fn the_connection_cap_holds_and_frees_as_connections_close() -> Result<()>
     // Every client gone (the fifth's pool with its task): the gauge
     // comes back to zero as the server sees each close.
     drop(held);
-    let deadline = Instant::now() + MS(2000);
-    loop {
-        let open = host.metric("fanout_connections_open");
-        if open == Some(0.0) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{open:?} connections still counted open"
-        );
-        tokio::time::sleep(MS(10)).await;
-    }
+    assert_eq!(
+        until_metric(&host, "fanout_connections_open", 0.0).await,
+        Some(0.0),
+        "connections still counted open"
+    );
     Ok(())
 }
 

@@ -31,7 +31,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -66,22 +66,28 @@ fn h2_goaway() -> Bytes {
 
 /// Whether a handler's answer is on its way out on one connection, and
 /// whether a head is waited for.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Turn {
     state: AtomicU8,
-    /// Handlers called on the connection so far.
-    answers: std::sync::atomic::AtomicU64,
-    /// Bytes came while idle, and no handler has been called since: a
-    /// head was begun and not finished.
-    head_begun: std::sync::atomic::AtomicBool,
+    /// A head is due and unfinished: none came yet on the connection, or
+    /// bytes came while idle and no handler has been called since.
+    head_pending: AtomicBool,
+}
+
+impl Default for Turn {
+    fn default() -> Turn {
+        Turn {
+            state: AtomicU8::new(IDLE),
+            head_pending: AtomicBool::new(true),
+        }
+    }
 }
 
 impl Turn {
     /// A handler was called: its answer comes next.
     pub(crate) fn answering(&self) {
         self.state.store(ANSWERING, Ordering::Relaxed);
-        self.answers.fetch_add(1, Ordering::Relaxed);
-        self.head_begun.store(false, Ordering::Relaxed);
+        self.head_pending.store(false, Ordering::Relaxed);
     }
 
     /// Whether a connection closed for the header timeout left a head
@@ -89,7 +95,7 @@ impl Turn {
     /// connection idle after its answers (nor, uncounted, a pipelined
     /// head read while an answer was still going out).
     pub(crate) fn head_unfinished(&self) -> bool {
-        self.head_begun.load(Ordering::Relaxed) || self.answers.load(Ordering::Relaxed) == 0
+        self.head_pending.load(Ordering::Relaxed)
     }
 
     fn is(&self, state: u8) -> bool {
@@ -265,12 +271,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for JsonRefusals<T> {
     ) -> Poll<io::Result<()>> {
         let from = buf.filled().len();
         ready!(Pin::new(&mut self.io).poll_read(cx, buf))?;
-        if buf.filled().len() > from && self.turn.is(IDLE) {
-            self.turn.head_begun.store(true, Ordering::Relaxed);
+        let read = &buf.filled()[from..];
+        if read.is_empty() {
+            return Poll::Ready(Ok(()));
         }
-        if !self.read_any && buf.filled().len() > from {
+        if self.turn.is(IDLE) {
+            self.turn.head_pending.store(true, Ordering::Relaxed);
+        }
+        if !self.read_any {
             self.read_any = true;
-            if buf.filled()[from..].starts_with(H2_PREFACE) {
+            if read.starts_with(H2_PREFACE) {
                 // hyper refuses it and drops the connection without a
                 // write: the GOAWAY goes now, into a socket that has sent
                 // nothing yet, or not at all.

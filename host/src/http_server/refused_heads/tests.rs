@@ -15,6 +15,12 @@ fn wrapped() -> (
     (JsonRefusals::new(ours, turn.clone(), limits), turn, theirs)
 }
 
+/// A handler's answer begun on `turn`, its body as hyper holds it.
+fn answer_on(turn: &Arc<Turn>) -> Answered<http_body_util::Empty<Bytes>> {
+    turn.answering();
+    Answered::new(http_body_util::Empty::new(), turn.clone())
+}
+
 async fn sent(
     mut io: JsonRefusals<tokio::io::DuplexStream>,
     mut theirs: tokio::io::DuplexStream,
@@ -89,8 +95,7 @@ async fn an_answer_and_its_tail_go_out_unchanged() {
     let (mut io, turn, theirs) = wrapped();
     // A handler's own empty 431, and the tail of its answer written after
     // hyper dropped the body: both while the answer is on its way.
-    turn.answering();
-    let body = Answered::new(http_body_util::Empty::<Bytes>::new(), turn.clone());
+    let body = answer_on(&turn);
     io.write_all(&REFUSAL[..30]).await.unwrap();
     drop(body);
     io.write_all(&REFUSAL[30..]).await.unwrap();
@@ -106,8 +111,7 @@ async fn an_answer_and_its_tail_go_out_unchanged() {
 #[tokio::test]
 async fn after_an_answer_is_flushed_a_refusal_is_rewritten() {
     let (mut io, turn, theirs) = wrapped();
-    turn.answering();
-    let body = Answered::new(http_body_util::Empty::<Bytes>::new(), turn.clone());
+    let body = answer_on(&turn);
     io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
         .await
         .unwrap();
@@ -191,11 +195,7 @@ async fn a_head_begun_and_not_finished_is_told_from_an_idle_connection() {
     io.read_exact(&mut read).await.unwrap();
     assert!(turn.head_unfinished(), "begun");
     // The head was whole and answered: idle after it is not unfinished.
-    turn.answering();
-    drop(Answered::new(
-        http_body_util::Empty::<Bytes>::new(),
-        turn.clone(),
-    ));
+    drop(answer_on(&turn));
     io.flush().await.unwrap();
     assert!(!turn.head_unfinished(), "idle after an answer");
     theirs.write_all(b"GET").await.unwrap();
